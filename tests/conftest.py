@@ -1,0 +1,34 @@
+"""Shared test setup.
+
+In CI (CI=true) a skipped test fails the run: nothing may be silently skipped there.
+Locally a skip prints its reason loudly in the summary (-ra in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+_skipped: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped:
+        _skipped.append(item.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _skipped and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is not None:
+            tr.write_line(
+                f"ERROR: {len(_skipped)} test(s) skipped in CI, where nothing may be skipped:",
+                red=True,
+            )
+            for nodeid in _skipped:
+                tr.write_line(f"  SKIPPED {nodeid}", red=True)
+        session.exitstatus = 1
