@@ -14,6 +14,8 @@ The contract between stack.py and the engine, fixed here so both can be built si
           options are the raw option bytes (parse with tcp_options.parse_tcp_options_untrusted);
           payload is a memoryview valid only during the call (copy what you keep).
     engine.get_timer() -> float | None ;  engine.handle_timer(now)
+    engine.flush_pending(now)   called by Stack.frames_to_send() before draining, so the engine
+          can emit coalesced ACKs and window updates once per batch of received frames.
 
   Glue calls (Stack delegates them to the engine):
     accept_tcp(flow, now); reject_tcp(flow, reason, now)   reason in {"refused","unreachable","timeout"}
@@ -53,6 +55,9 @@ class TcpEngine:
         return None
 
     def handle_timer(self, now):
+        pass
+
+    def flush_pending(self, now):
         pass
 
     def flows(self):
