@@ -1,0 +1,218 @@
+"""The DNS forwarder at CIDR base + 3 (and fd00::3), port 53 over UDP.
+
+Queries are forwarded to the host's resolvers (``/etc/resolv.conf``, re-read when its mtime
+changes, checked at most once a second) or to ``config.dns_upstreams`` when given. Loopback
+resolvers (127.0.0.53) work because the daemon lives in the host namespace.
+
+Design choices:
+- one host socket per query (connected to the upstream): transaction ids of concurrent guest
+  queries cannot collide and no id rewriting is needed; the reply must carry the query's id.
+- fallback: each upstream gets UPSTREAM_TIMEOUT seconds, then the next one is tried (at most
+  MAX_TRIES upstreams); when none answers, the guest gets SERVFAIL built from its query.
+- limits: a token bucket (RATE per second, BURST) and MAX_INFLIGHT concurrent queries; excess
+  queries are dropped and counted (``dns_rate_limited``, ``dns_too_many_inflight``).
+- TCP DNS to .3:53 is handled by nat.py using ``upstreams()``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import struct
+
+import trio
+
+log = logging.getLogger(__name__)
+
+RESOLV_CONF = "/etc/resolv.conf"
+UPSTREAM_TIMEOUT = 1.5
+MAX_TRIES = 3
+MAX_INFLIGHT = 256
+RATE = 200.0  # queries per second, sustained
+BURST = 400
+MAX_QUERY = 4096
+
+_HDR = struct.Struct("!HHHHHH")
+
+
+def parse_resolv_conf(text: str) -> list[tuple[str, int]]:
+    """Nameservers from resolv.conf text, in order; IPv6 ones (with %scope dropped) included."""
+    out: list[tuple[str, int]] = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].split(";", 1)[0].strip()
+        parts = line.split()
+        if len(parts) < 2 or parts[0] != "nameserver":
+            continue
+        addr = parts[1].split("%", 1)[0]
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            continue
+        if ip.is_unspecified:
+            ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+        if (str(ip), 53) not in out:
+            out.append((str(ip), 53))
+    return out
+
+
+class TokenBucket:
+    """rate tokens per second, up to burst; ``take(now)`` -> bool. Clock comes in as ``now``."""
+
+    def __init__(self, rate: float, burst: float, now: float = 0.0):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.t = now
+
+    def take(self, now: float) -> bool:
+        if now > self.t:
+            self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+            self.t = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def parse_query_untrusted(q: bytes) -> tuple[int, int] | None:
+    """(id, end of first question) if q looks like a DNS query; end is 12 when no question
+    can be quoted. None when it is not a query at all (too short, QR set)."""
+    if len(q) < 12:
+        return None
+    qid, flags, qd, _an, _ns, _ar = _HDR.unpack_from(q)
+    if flags & 0x8000:
+        return None
+    if qd < 1:
+        return qid, 12
+    off = 12
+    for _ in range(128):
+        if off >= len(q):
+            return qid, 12
+        n = q[off]
+        if n == 0:
+            off += 1
+            break
+        if n & 0xC0:
+            return qid, 12  # compression in a question: do not quote
+        off += 1 + n
+    else:
+        return qid, 12
+    if off + 4 > len(q):
+        return qid, 12
+    return qid, off + 4
+
+
+def build_servfail(q: bytes) -> bytes | None:
+    """A SERVFAIL response to query q, quoting its first question when parseable."""
+    p = parse_query_untrusted(q)
+    if p is None:
+        return None
+    qid, end = p
+    flags = _HDR.unpack_from(q)[1]
+    rflags = 0x8000 | (flags & 0x7800) | (flags & 0x0100) | 0x0080 | 2  # QR, opcode, RD, RA, rcode
+    return _HDR.pack(qid, rflags, 1 if end > 12 else 0, 0, 0, 0) + q[12:end]
+
+
+class DnsForwarder:
+    def __init__(self, daemon, resolv_conf: str = RESOLV_CONF):
+        self.daemon = daemon
+        daemon.dns = self
+        self.resolv_conf = resolv_conf
+        self.stats = getattr(daemon.stack, "stats", None)
+        if self.stats is None:
+            from slirpy.stack.stats import Stats
+            self.stats = Stats()
+        self._checked = float("-inf")
+        self._mtime: float | None = None
+        self._resolv: list[tuple[str, int]] = []
+        self.bucket = TokenBucket(RATE, BURST, daemon.now())
+        self.inflight = 0
+        self.timeout = UPSTREAM_TIMEOUT
+        self.answered = 0
+        self.servfails = 0
+
+    def upstreams(self) -> list[tuple[str, int]]:
+        cfg = self.daemon.config
+        if cfg.dns_upstreams:
+            return list(cfg.dns_upstreams)
+        now = self.daemon.now()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            try:
+                st = os.stat(self.resolv_conf)
+                if st.st_mtime != self._mtime:
+                    with open(self.resolv_conf, encoding="utf-8", errors="replace") as f:
+                        self._resolv = parse_resolv_conf(f.read(65536))
+                    self._mtime = st.st_mtime
+            except OSError as e:
+                if self._mtime is not None or not self._resolv:
+                    log.warning("cannot read %s: %s", self.resolv_conf, e)
+                self._resolv = []
+                self._mtime = None
+        return list(self._resolv)
+
+    def handle_query(self, ev) -> None:
+        """A UdpDatagram to .3:53 (called by UdpNat)."""
+        d = self.daemon
+        q = bytes(ev.payload)
+        if len(q) > MAX_QUERY or parse_query_untrusted(q) is None:
+            self.stats.drop("dns_bad_query")
+            return
+        if not self.bucket.take(d.now()):
+            self.stats.drop("dns_rate_limited")
+            return
+        if self.inflight >= MAX_INFLIGHT:
+            self.stats.drop("dns_too_many_inflight")
+            return
+        self.inflight += 1
+        d.nursery.start_soon(self._forward, ev, q)
+
+    async def _forward(self, ev, q: bytes) -> None:
+        d = self.daemon
+        try:
+            reply = None
+            for host, port in self.upstreams()[:MAX_TRIES]:
+                reply = await self._ask(host, port, q)
+                if reply is not None:
+                    break
+            if reply is None:
+                reply = build_servfail(q)
+                self.servfails += 1
+                self.stats.drop("dns_servfail")
+            else:
+                self.answered += 1
+            if reply is not None:
+                d.stack.send_udp(ev.family, ev.dst, 53, ev.src, ev.sport, reply, d.now())
+                d.flush()
+        finally:
+            self.inflight -= 1
+
+    async def _ask(self, host: str, port: int, q: bytes) -> bytes | None:
+        cfg = self.daemon.config
+        try:
+            fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        except ValueError:
+            return None
+        s = trio.socket.socket(fam, socket.SOCK_DGRAM)
+        with s:
+            try:
+                bind = cfg.outbound_addr if fam == socket.AF_INET else cfg.outbound_addr6
+                if bind is not None and not ipaddress.ip_address(host).is_loopback:
+                    await s.bind((str(bind), 0))
+                await s.connect((host, port))
+                await s.send(q)
+            except OSError as e:
+                log.debug("dns upstream %s:%d: %s", host, port, e)
+                return None
+            with trio.move_on_after(self.timeout):
+                while True:
+                    try:
+                        r = await s.recv(65535)
+                    except OSError:
+                        return None  # ECONNREFUSED etc.: next upstream now
+                    if len(r) >= 12 and r[:2] == q[:2] and r[2] & 0x80:
+                        return r
+                    self.stats.drop("dns_bad_reply")
+        return None

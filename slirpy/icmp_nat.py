@@ -1,0 +1,165 @@
+"""ICMP echo out through unprivileged ping sockets (socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP)).
+
+The kernel picks the echo identifier of a ping socket, so each (family, guest src, guest ident,
+dst) gets its own socket connected to dst; replies are sent to the guest with its original ident.
+Table: at most MAX_FLOWS sockets (LRU evicted, counted ``icmp_flow_evicted``), idle expiry 30 s.
+When the host forbids ping sockets (net.ipv4.ping_group_range excludes our gid: EACCES) we log
+once and drop (``icmp_ping_socket_denied``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+
+import trio
+
+from slirpy.stack.events import IcmpEchoRequest
+from slirpy.udp_nat import FlowTable
+
+log = logging.getLogger(__name__)
+
+ICMP_IDLE_TIMEOUT = 30.0
+MAX_FLOWS = 1024
+_ECHO = struct.Struct("!BBHHH")
+
+
+class _Ping:
+    __slots__ = ("key", "sock", "cancel")
+
+    def __init__(self, key, sock):
+        self.key = key
+        self.sock = sock
+        self.cancel = trio.CancelScope()
+
+
+def parse_echo_reply_untrusted(data: bytes, family: int) -> tuple[int, bytes] | None:
+    """(seq, payload) of an echo reply read from a ping socket, None otherwise."""
+    if len(data) < 8:
+        return None
+    typ, code, _ck, _ident, seq = _ECHO.unpack_from(data)
+    if typ != (0 if family == 4 else 129) or code != 0:
+        return None
+    return seq, bytes(data[8:])
+
+
+class IcmpNat:
+    def __init__(self, daemon, max_flows: int = MAX_FLOWS):
+        self.daemon = daemon
+        self.stats = getattr(daemon.stack, "stats", None)
+        if self.stats is None:
+            from slirpy.stack.stats import Stats
+            self.stats = Stats()
+        self.table = FlowTable(max_flows, self._close, self.stats, "icmp_flow")
+        self.denied_logged = False
+        daemon.icmp_nat = self
+        daemon.add_handler(IcmpEchoRequest, self.handle)
+
+    def _open(self, family: int, dst: str) -> socket.socket:
+        cfg = self.daemon.config
+        if family == 4:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        else:
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
+        try:
+            s.setblocking(False)
+            bind = cfg.outbound_addr if family == 4 else cfg.outbound_addr6
+            if bind is not None:
+                s.bind((str(bind), 0))
+            s.connect((dst, 0))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def handle(self, ev: IcmpEchoRequest) -> None:
+        d = self.daemon
+        now = d.now()
+        dst = ev.dst
+        cfg = d.config
+        if family_gateway(cfg, ev.family) == dst:
+            # normally answered by the stack; if it reaches us, map it like UDP does
+            if cfg.disable_host_loopback:
+                self.stats.drop("icmp_host_loopback_disabled")
+                return
+            dst = "127.0.0.1" if ev.family == 4 else "::1"
+        key = (ev.family, ev.src, ev.ident, ev.dst)
+        p = self.table.get(key, now)
+        if p is None:
+            try:
+                sock = self._open(ev.family, dst)
+            except PermissionError as e:
+                if not self.denied_logged:
+                    self.denied_logged = True
+                    log.warning("ping sockets not allowed (net.ipv4.ping_group_range): %s; "
+                                "guest echo requests are dropped", e)
+                self.stats.drop("icmp_ping_socket_denied")
+                return
+            except OSError as e:
+                log.debug("ping socket to %s failed: %s", dst, e)
+                self.stats.drop("icmp_socket_failed")
+                return
+            p = _Ping(key, sock)
+            self.table.add(key, p, now, ICMP_IDLE_TIMEOUT)
+            d.nursery.start_soon(self._reader, p)
+        typ = 8 if ev.family == 4 else 128
+        try:
+            p.sock.send(_ECHO.pack(typ, 0, 0, 0, ev.seq & 0xFFFF) + bytes(ev.payload))
+        except OSError as e:
+            log.debug("ping send to %s: %s", dst, e)
+            self.stats.drop("icmp_send_failed")
+
+    async def _reader(self, p: _Ping) -> None:
+        fam, gsrc, gident, gdst = p.key
+        d = self.daemon
+        with p.cancel:
+            while True:
+                try:
+                    await trio.lowlevel.wait_readable(p.sock)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                sent = False
+                for _ in range(64):
+                    try:
+                        data = p.sock.recv(65535)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:
+                        self.stats.drop("icmp_host_error")
+                        continue
+                    r = parse_echo_reply_untrusted(data, fam)
+                    if r is None:
+                        self.stats.drop("icmp_bad_reply")
+                        continue
+                    self.table.get(p.key, d.now())
+                    seq, payload = r
+                    d.stack.send_icmp_echo_reply(fam, gdst, gsrc, gident, seq, payload, d.now())
+                    sent = True
+                if sent:
+                    d.flush()
+
+    def _close(self, key, p: _Ping) -> None:
+        p.cancel.cancel()
+        try:
+            trio.lowlevel.notify_closing(p.sock)
+        except Exception:
+            pass
+        p.sock.close()
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(1.0)
+                self.table.expire(self.daemon.now())
+        finally:
+            for p in self.table.values():
+                self._close(p.key, p)
+
+
+def family_gateway(cfg, family: int) -> str:
+    if family == 4:
+        return str(cfg.gateway)
+    from slirpy.config import IPV6_GATEWAY
+    return str(IPV6_GATEWAY)
