@@ -1,0 +1,340 @@
+"""The Stack: dispatches guest frames to ARP/ICMP/UDP/TCP and builds frames toward the guest.
+
+Before the guest's MAC is known (no frame from it seen yet), frames toward the guest go to the
+Ethernet broadcast address; the guest's kernel accepts them for its own IP. The MAC is learned
+from any IPv4/IPv6/ARP frame whose source address is the guest's.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+
+from . import wire
+from .events import IcmpEchoRequest, UdpDatagram
+from .reassembly import Reassembler
+from .stats import Stats
+from .tcp import TcpEngine
+
+MAX_OUT_FRAMES = 4096
+MAX_EVENTS = 4096
+RA_INTERVAL = 60.0
+_ADDR_CACHE_MAX = 1024
+
+
+class Stack:
+    def __init__(self, config, now: float = 0.0):
+        self.config = config
+        self.stats = Stats()
+        self._out = collections.deque()
+        self._events = collections.deque()
+        self._last_now = now
+        self.router_mac = config.router_mac
+        self.guest_mac = wire.BROADCAST
+        self.gw4 = config.gateway.packed
+        self.dns4 = config.dns.packed
+        self.guest4 = config.guest.packed
+        self._net4 = int(config.cidr.network_address)
+        self._mask4 = int(config.cidr.netmask)
+        self._local4 = {self.gw4, self.dns4}
+        v6 = ipaddress.IPv6Address
+        self.gw6 = v6("fd00::2").packed
+        self.dns6 = v6("fd00::3").packed
+        self.ll6 = v6("fe80::2").packed
+        self._local6 = {self.gw6, self.dns6, self.ll6}
+        self._reass = Reassembler(self.stats)
+        self._ident = 0
+        self._next_ra = now
+        self._s2p: dict = {}
+        self._p2s: dict = {}
+        self.tcp = TcpEngine(config, self._emit_tcp, self._push_event, self.stats)
+        t = self.tcp
+        for name in ("accept_tcp", "reject_tcp", "send_tcp", "recv_tcp", "shutdown_tcp",
+                     "reset_tcp", "connect_tcp", "flows"):
+            setattr(self, name, getattr(t, name, self._unsupported))
+
+    @staticmethod
+    def _unsupported(*a, **k):
+        raise NotImplementedError("TCP engine lacks this call")
+
+    # ------------------------------------------------------------------------ address cache
+    def _str(self, packed: bytes) -> str:
+        s = self._p2s.get(packed)
+        if s is None:
+            s = str(ipaddress.ip_address(packed))
+            if len(self._p2s) >= _ADDR_CACHE_MAX:
+                self._p2s.clear()
+            self._p2s[packed] = s
+        return s
+
+    def _packed(self, s: str) -> bytes:
+        p = self._s2p.get(s)
+        if p is None:
+            p = ipaddress.ip_address(s).packed
+            if len(self._s2p) >= _ADDR_CACHE_MAX:
+                self._s2p.clear()
+            self._s2p[s] = p
+        return p
+
+    # ------------------------------------------------------------------------------ queues
+    def _push_event(self, ev):
+        if len(self._events) >= MAX_EVENTS:
+            self._events.popleft()
+            self.stats.drop("event_queue_full")
+        self._events.append(ev)
+
+    def _send(self, frame):
+        if len(self._out) >= MAX_OUT_FRAMES:
+            self._out.popleft()
+            self.stats.drop("out_queue_full")
+        self._out.append(frame)
+
+    def frames_to_send(self) -> list:
+        self.tcp.flush_pending(self._last_now)
+        out = list(self._out)
+        self._out.clear()
+        self.stats.frames_out += len(out)
+        self.stats.bytes_out += sum(len(f) for f in out)
+        return out
+
+    def next_event(self):
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self):
+        ts = [t for t in (self.tcp.get_timer(), self._reass.get_timer()) if t is not None]
+        if self.config.enable_ipv6:
+            ts.append(self._next_ra)
+        return min(ts) if ts else None
+
+    def handle_timer(self, now):
+        self._last_now = now
+        self._reass.expire(now)
+        self.tcp.handle_timer(now)
+        if self.config.enable_ipv6 and now >= self._next_ra:
+            self._next_ra = now + RA_INTERVAL
+            self._send_ra(b"\x33\x33\x00\x00\x00\x01", bytes.fromhex("ff02" + "00" * 13 + "01"))
+
+    # ----------------------------------------------------------------------------- input
+    def receive_frame(self, buf, now):
+        self._last_now = now
+        self.stats.frames_in += 1
+        self.stats.bytes_in += len(buf)
+        r = self._receive_untrusted(memoryview(buf), now)
+        if r is not None:
+            self.stats.drop(r)
+
+    def _receive_untrusted(self, mv, now):
+        eth = wire.parse_ethernet_untrusted(mv)
+        if type(eth) is str:
+            return eth
+        _dmac, smac, et, payload = eth
+        if et == wire.ETH_IPV4:
+            return self._ipv4_untrusted(smac, payload, now)
+        if et == wire.ETH_ARP:
+            return self._arp_untrusted(smac, payload)
+        if et == wire.ETH_IPV6:
+            if not self.config.enable_ipv6:
+                return "ipv6_disabled"
+            return self._ipv6_untrusted(smac, payload, now)
+        return "eth_unknown_type"
+
+    def _arp_untrusted(self, smac, payload):
+        a = wire.parse_arp_untrusted(payload)
+        if type(a) is str:
+            return a
+        op, sha, spa, _tha, tpa = a
+        if spa == self.guest4 and smac[0] & 1 == 0:
+            self.guest_mac = smac
+        if op != 1:
+            return "arp_not_request" if op != 2 else None
+        if tpa not in self._local4:
+            return "arp_not_for_us"
+        self._send(wire.build_arp(sha, self.router_mac, 2, self.router_mac, tpa, sha, spa))
+        return None
+
+    def _ipv4_untrusted(self, smac, payload, now):
+        ip = wire.parse_ipv4_untrusted(payload)
+        if type(ip) is str:
+            return ip
+        src, dst, proto, _ttl, ident, foff, more, data = ip
+        if src == self.guest4 and smac[0] & 1 == 0:
+            self.guest_mac = smac
+        if foff or more:
+            whole = self._reass.insert((4, bytes(src), bytes(dst), proto, ident), foff, more,
+                                       data, now)
+            if whole is None:
+                return None
+            data = memoryview(whole)
+        if proto == wire.PROTO_TCP:
+            return self._tcp_untrusted(4, src, dst, data, now)
+        if proto == wire.PROTO_UDP:
+            return self._udp_untrusted(4, src, dst, data)
+        if proto == wire.PROTO_ICMP:
+            return self._icmp4_untrusted(src, dst, data)
+        return "ipv4_unknown_proto"
+
+    def _tcp_untrusted(self, family, src, dst, data, now):
+        t = wire.parse_tcp_untrusted(data, wire.pseudo_sum(family, src, dst, 6, len(data)))
+        if type(t) is str:
+            return t
+        sport, dport, seqno, ackno, flags, win, opts, pl = t
+        self.tcp.on_segment(family, bytes(src), sport, bytes(dst), dport, seqno, ackno, flags,
+                            win, bytes(opts), pl, now)
+        return None
+
+    def _udp_untrusted(self, family, src, dst, data):
+        u = wire.parse_udp_untrusted(data, wire.pseudo_sum(family, src, dst, 17, len(data)),
+                                     family)
+        if type(u) is str:
+            return u
+        sport, dport, pl = u
+        self._push_event(UdpDatagram(family, self._str(bytes(src)), sport,
+                                     self._str(bytes(dst)), dport, bytes(pl)))
+        return None
+
+    def _icmp4_untrusted(self, src, dst, data):
+        m = wire.parse_icmp_untrusted(data)
+        if type(m) is str:
+            return m
+        typ, code, rest, body = m
+        if typ != 8:
+            return "icmp_unhandled_type"
+        if code != 0:
+            return "icmp_bad_code"
+        if dst in self._local4:
+            self._send_ip4(dst, src, wire.PROTO_ICMP, wire.icmp_message(0, 0, rest, body))
+            return None
+        self._push_event(IcmpEchoRequest(4, self._str(bytes(src)), self._str(bytes(dst)),
+                                         rest >> 16, rest & 0xFFFF, bytes(body)))
+        return None
+
+    def _ipv6_untrusted(self, smac, payload, now):
+        ip = wire.parse_ipv6_untrusted(payload)
+        if type(ip) is str:
+            return ip
+        src, dst, nh, hlim, frag, data = ip
+        if smac[0] & 1 == 0 and src[:8] == self.gw6[:8]:
+            self.guest_mac = smac
+        if frag is not None:
+            ident, off, more, _ = frag
+            if off == 0 and not more:
+                pass  # atomic fragment
+            else:
+                whole = self._reass.insert((6, bytes(src), bytes(dst), ident), off, more, data,
+                                           now)
+                if whole is None:
+                    return None
+                data = memoryview(whole)
+        if nh == wire.PROTO_TCP:
+            return self._tcp_untrusted(6, src, dst, data, now)
+        if nh == wire.PROTO_UDP:
+            return self._udp_untrusted(6, src, dst, data)
+        if nh == wire.PROTO_ICMP6:
+            return self._icmp6_untrusted(smac, src, dst, hlim, data)
+        return "ipv6_unknown_next_header"
+
+    def _icmp6_untrusted(self, smac, src, dst, hlim, data):
+        m = wire.parse_icmp_untrusted(data, wire.pseudo_sum(6, src, dst, 58, len(data)))
+        if type(m) is str:
+            return m
+        typ, code, rest, body = m
+        src, dst = bytes(src), bytes(dst)
+        if typ == 128:
+            if dst in self._local6:
+                self._send_ip6(dst, src, 58, wire.icmp6_message(dst, src, 129, 0, rest, body))
+                return None
+            self._push_event(IcmpEchoRequest(6, self._str(src), self._str(dst), rest >> 16,
+                                             rest & 0xFFFF, bytes(body)))
+            return None
+        if typ == 135:  # neighbour solicitation
+            if hlim != 255 or code != 0 or len(body) < 16:
+                return "ndp_bad_ns"
+            target = bytes(body[:16])
+            opts = wire.parse_ndp_options_untrusted(body[16:])
+            if type(opts) is str:
+                return opts
+            if target not in self._local6:
+                return "ndp_not_for_us"
+            mac = opts.get(1, smac)[:6]
+            na = wire.icmp6_message(target, src, 136, 0, 0xE0000000 if False else 0x60000000,
+                                    target + b"\x02\x01" + self.router_mac)
+            self._send_ip6(target, src, 58, na, dst_mac=mac, hlim=255)
+            return None
+        if typ == 133:  # router solicitation
+            if hlim != 255:
+                return "ndp_bad_rs"
+            self._send_ra(smac, src if any(src) else bytes.fromhex("ff02" + "00" * 13 + "01"))
+            return None
+        return "icmp6_unhandled_type"
+
+    def _send_ra(self, dmac, dst):
+        prefix = bytes(self.gw6[:8]) + b"\x00" * 8
+        body = (b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # reachable, retrans
+                + b"\x01\x01" + self.router_mac  # source link-layer address
+                + b"\x05\x01\x00\x00" + self.config.mtu.to_bytes(4, "big")
+                + b"\x03\x04\x40\xc0" + (86400).to_bytes(4, "big") + (14400).to_bytes(4, "big")
+                + b"\x00" * 4 + prefix)
+        rest = (64 << 24) | (0 << 16) | 1800  # cur hop limit, flags, router lifetime
+        msg = wire.icmp6_message(self.ll6, dst, 134, 0, rest, body)
+        self._send_ip6(self.ll6, dst, 58, msg, dst_mac=dmac, hlim=255)
+
+    # ---------------------------------------------------------------------------- output
+    def _next_ident(self):
+        self._ident = (self._ident + 1) & 0xFFFFFFFF
+        return self._ident
+
+    def _send_ip4(self, src, dst, proto, l4):
+        for f in wire.fragment_ipv4(self.guest_mac, self.router_mac, bytes(src), bytes(dst),
+                                    proto, l4, self._next_ident(), self.config.mtu):
+            self._send(f)
+
+    def _send_ip6(self, src, dst, nh, l4, dst_mac=None, hlim=64):
+        mac = dst_mac if dst_mac is not None else self.guest_mac
+        if mac == wire.BROADCAST:
+            mac = b"\x33\x33" + bytes(dst[12:16])
+        for f in wire.fragment_ipv6(mac, self.router_mac, bytes(src), bytes(dst), nh, l4,
+                                    self._next_ident(), self.config.mtu, hlim):
+            self._send(f)
+
+    def _emit_tcp(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
+                  payload):
+        seg = wire.tcp_segment(family, src, dst, sport, dport, seqno, ackno, flags, window,
+                               options, payload)
+        if family == 4:
+            self._send_ip4(src, dst, wire.PROTO_TCP, seg)
+        else:
+            self._send_ip6(src, dst, wire.PROTO_TCP, seg)
+
+    def send_udp(self, family, src: str, sport, dst: str, dport, payload, now):
+        self._last_now = now
+        s, d = self._packed(src), self._packed(dst)
+        dg = wire.udp_datagram(family, s, d, sport, dport, payload)
+        if family == 4:
+            self._send_ip4(s, d, wire.PROTO_UDP, dg)
+        else:
+            self._send_ip6(s, d, wire.PROTO_UDP, dg)
+
+    def send_icmp_echo_reply(self, family, src: str, dst: str, ident, seq, payload, now):
+        self._last_now = now
+        s, d = self._packed(src), self._packed(dst)
+        rest = ((ident & 0xFFFF) << 16) | (seq & 0xFFFF)
+        if family == 4:
+            self._send_ip4(s, d, wire.PROTO_ICMP, wire.icmp_message(0, 0, rest, payload))
+        else:
+            self._send_ip6(s, d, 58, wire.icmp6_message(s, d, 129, 0, rest, payload))
+
+    def send_udp_unreachable(self, family, src, sport, dst, dport, payload, code, now):
+        """ICMP(v6) destination unreachable to the guest ``src`` about its datagram to dst:dport.
+
+        The quoted datagram is rebuilt guest->remote and truncated (576/1280 byte limits)."""
+        self._last_now = now
+        s, d = self._packed(src), self._packed(dst)
+        dg = wire.udp_datagram(family, s, d, sport, dport, payload)
+        if family == 4:
+            orig = wire.build_ipv4(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
+            quote = bytes(orig[:576 - 28])
+            self._send_ip4(self.gw4, s, wire.PROTO_ICMP, wire.icmp_message(3, code, 0, quote))
+        else:
+            orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
+            quote = bytes(orig[:1280 - 48])
+            self._send_ip6(self.gw6, s, 58, wire.icmp6_message(self.gw6, s, 1, code, 0, quote))
