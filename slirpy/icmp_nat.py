@@ -115,9 +115,11 @@ class IcmpNat:
         d = self.daemon
         with p.cancel:
             while True:
+                if p.sock.fileno() < 0:
+                    return
                 try:
                     await trio.lowlevel.wait_readable(p.sock)
-                except (trio.ClosedResourceError, OSError):
+                except (trio.ClosedResourceError, trio.BusyResourceError, OSError):
                     return
                 sent = False
                 for _ in range(64):

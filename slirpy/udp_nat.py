@@ -307,9 +307,11 @@ class UdpNat:
         d = self.daemon
         with flow.cancel:
             while True:
+                if flow.sock.fileno() < 0:
+                    return
                 try:
                     await trio.lowlevel.wait_readable(flow.sock)
-                except (trio.ClosedResourceError, OSError):
+                except (trio.ClosedResourceError, trio.BusyResourceError, OSError):
                     return
                 sent = False
                 for _ in range(64):  # drain a batch before yielding

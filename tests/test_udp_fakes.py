@@ -1,0 +1,62 @@
+"""Fakes shared by the UDP/DNS/ICMP glue tests: a daemon and a stack that records calls."""
+
+from __future__ import annotations
+
+import trio
+
+from slirpy.config import Config
+from slirpy.stack.stats import Stats
+
+
+class FakeStack:
+    def __init__(self):
+        self.stats = Stats()
+        self.udp: list[tuple] = []
+        self.unreach: list[tuple] = []
+        self.echo: list[tuple] = []
+        self.got = trio.Event()
+
+    def _note(self):
+        self.got.set()
+        self.got = trio.Event()
+
+    def send_udp(self, family, src, sport, dst, dport, payload, now):
+        self.udp.append((family, src, sport, dst, dport, bytes(payload)))
+        self._note()
+
+    def send_udp_unreachable(self, family, src, sport, dst, dport, payload, code, now):
+        self.unreach.append((family, src, sport, dst, dport, bytes(payload), code))
+        self._note()
+
+    def send_icmp_echo_reply(self, family, src, dst, ident, seq, payload, now):
+        self.echo.append((family, src, dst, ident, seq, bytes(payload)))
+        self._note()
+
+
+class FakeDaemon:
+    def __init__(self, nursery, config: Config | None = None):
+        self.config = config or Config()
+        self.stack = FakeStack()
+        self.nursery = nursery
+        self.handlers = {}
+        self.udp_intercepts = []
+        self.flushes = 0
+        self.dns = None
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def flush(self):
+        self.flushes += 1
+
+    def add_handler(self, typ, fn):
+        self.handlers[typ] = fn
+
+
+async def wait_for(stack: FakeStack, pred, limit: float = 5.0):
+    """Wait until pred() is true; returns False after `limit` seconds (a hang guard, not timing)."""
+    with trio.move_on_after(limit):
+        while not pred():
+            await stack.got.wait()
+        return True
+    return pred()
