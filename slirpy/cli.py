@@ -1,0 +1,285 @@
+"""Command line: slirp4netns 1.2's flags, flag for flag, plus slirpy's own; builds the one Config.
+
+Three forms:
+  slirpy [OPTION]... PID [TAPNAME]
+  slirpy [OPTION]... --netns-type=path PATH [TAPNAME]
+  slirpy [OPTION]... -- CMD [ARG]...
+Every user error is one line `slirpy: error: ...` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import sys
+
+from . import __version__
+from .config import MAX_MTU, MIN_MTU, Config
+from .portspec import PortSpecError, parse_port_spec
+
+HELP = """\
+Usage: slirpy [OPTION]... PID|PATH [TAPNAME]
+       slirpy [OPTION]... -- CMD [ARG]...
+User-mode networking for unprivileged network namespaces.
+
+-c, --configure          bring up the interface
+-e, --exit-fd=FD         specify the FD for terminating slirp4netns
+-r, --ready-fd=FD        specify the FD to write to when the network is configured
+-m, --mtu=MTU            specify MTU (default=1500, max=65521)
+-6, --enable-ipv6        enable IPv6 (experimental)
+-a, --api-socket=PATH    specify API socket path
+--cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
+--disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
+--netns-type=TYPE 	 specify network namespace type ([path|pid], default=pid)
+--userns-path=PATH	 specify user namespace path
+--enable-sandbox         create a new mount namespace (and drop all caps except CAP_NET_BIND_SERVICE if running as the root)
+--enable-seccomp         enable seccomp to limit syscalls (experimental)
+--outbound-addr=IPv4     sets outbound ipv4 address to bound to (experimental)
+--outbound-addr6=IPv6    sets outbound ipv6 address to bound to (experimental)
+--disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect (experimental)
+--macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
+--target-type=TYPE       specify the target type ([netns|bess], default=netns)
+-p, --port=[HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]  forward a host port to the guest (repeatable)
+--dns-upstream=ADDR[:PORT]  DNS server to forward to instead of /etc/resolv.conf (repeatable, IPv6 in brackets)
+--pcap=FILE              write every tap frame to FILE (pcap format)
+--pcap-max-bytes=N       stop writing the pcap file after N bytes
+--log-level=LEVEL        logging level (DEBUG, INFO, WARNING, ERROR; default=ERROR)
+-h, --help               show this help and exit
+-v, --version            show version and exit
+"""
+
+# Flags parsed and stored but not working yet: the daemon refuses them up front.
+# Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
+NOT_IMPLEMENTED = {
+    "enable_ipv6": "--enable-ipv6",
+    "api_socket": "--api-socket",
+    "enable_sandbox": "--enable-sandbox",
+    "enable_seccomp": "--enable-seccomp",
+    "outbound_addr": "--outbound-addr",
+    "outbound_addr6": "--outbound-addr6",
+    "disable_dns": "--disable-dns",
+    "ports": "--port",
+    "dns_upstreams": "--dns-upstream",
+    "pcap": "--pcap",
+}
+
+_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+class UsageError(Exception):
+    """One-line message for `slirpy: error: ...`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print usage and exit 2
+        raise UsageError(message)
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(prog="slirpy", add_help=False, allow_abbrev=False)
+    a = p.add_argument
+    a("-c", "--configure", action="store_true")
+    a("-e", "--exit-fd")
+    a("-r", "--ready-fd")
+    a("-m", "--mtu")
+    a("-6", "--enable-ipv6", action="store_true")
+    a("-a", "--api-socket")
+    a("--cidr")
+    a("--disable-host-loopback", action="store_true")
+    a("--netns-type", default="pid")
+    a("--userns-path")
+    a("--enable-sandbox", action="store_true")
+    a("--enable-seccomp", action="store_true")
+    a("--outbound-addr")
+    a("--outbound-addr6")
+    a("--disable-dns", action="store_true")
+    a("--macaddress")
+    a("--target-type", default="netns")
+    a("-p", "--port", action="append", default=[])
+    a("--dns-upstream", action="append", default=[])
+    a("--pcap")
+    a("--pcap-max-bytes")
+    a("--log-level", default="ERROR")
+    a("-h", "--help", action="store_true")
+    a("-v", "--version", action="store_true")
+    a("positional", nargs="*")
+    return p
+
+
+def _fd(text: str, flag: str) -> int:
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a file descriptor number") from None
+    if n < 0:
+        raise UsageError(f"{flag}: {n} is not a file descriptor number")
+    return n
+
+
+def _dns_upstream(text: str) -> tuple[str, int]:
+    port = 53
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise UsageError(f"--dns-upstream {text}: missing ']'")
+        host, rest = text[1:end], text[end + 1:]
+        if rest:
+            if not rest.startswith(":") or not rest[1:].isdigit():
+                raise UsageError(f"--dns-upstream {text}: expected [IPV6]:PORT")
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        host, ps = text.split(":")
+        if not ps.isdigit():
+            raise UsageError(f"--dns-upstream {text}: port {ps!r} is not a number")
+        port = int(ps)
+    else:
+        host = text
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise UsageError(f"--dns-upstream {text}: {host!r} is not an IP address") from None
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--dns-upstream {text}: port {port} out of range 1..65535")
+    return host, port
+
+
+def parse_args(argv: list[str]) -> Config | str:
+    """Return a Config, or "help"/"version". Raises UsageError on bad input."""
+    command = None
+    if "--" in argv:
+        i = argv.index("--")
+        argv, command = argv[:i], tuple(argv[i + 1:])
+        if not command:
+            raise UsageError("-- needs a command to run")
+    ns = _build_parser().parse_args(argv)
+    if ns.help:
+        return "help"
+    if ns.version:
+        return "version"
+    for pos in ns.positional:
+        if pos.startswith("-") and len(pos) > 1:
+            raise UsageError(f"unrecognized arguments: {pos}")
+    if command is not None:
+        if ns.positional:
+            raise UsageError("PID|PATH cannot be combined with -- CMD")
+        target, tap = None, "tap0"
+    else:
+        if not ns.positional:
+            raise UsageError("missing PID|PATH (see --help)")
+        if len(ns.positional) > 2:
+            raise UsageError(f"too many arguments: {' '.join(ns.positional[2:])}")
+        target = ns.positional[0]
+        tap = ns.positional[1] if len(ns.positional) == 2 else "tap0"
+    if not tap or len(tap.encode()) > 15 or "/" in tap or tap in (".", "..") or any(c.isspace() for c in tap):
+        raise UsageError(f"invalid TAPNAME {tap!r} (1..15 bytes, no '/' or spaces)")
+
+    if ns.netns_type not in ("pid", "path"):
+        raise UsageError(f"--netns-type={ns.netns_type}: must be path or pid")
+    if ns.target_type == "bess":
+        raise UsageError("--target-type=bess is not supported by slirpy (only netns)")
+    if ns.target_type != "netns":
+        raise UsageError(f"--target-type={ns.target_type}: must be netns")
+    if target is not None and ns.netns_type == "pid":
+        if not target.isdigit() or int(target) <= 0:
+            raise UsageError(f"PID {target!r} is not a process id (use --netns-type=path for a path)")
+
+    mtu = 1500
+    if ns.mtu is not None:
+        try:
+            mtu = int(ns.mtu, 10)
+        except ValueError:
+            raise UsageError(f"--mtu {ns.mtu!r}: not a number") from None
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise UsageError(f"--mtu {mtu}: out of range {MIN_MTU}..{MAX_MTU}")
+
+    kw: dict = {}
+    if ns.cidr is not None:
+        try:
+            cidr = ipaddress.IPv4Network(ns.cidr, strict=False)
+        except ValueError:
+            raise UsageError(f"--cidr {ns.cidr!r}: not an IPv4 CIDR") from None
+        if not 1 <= cidr.prefixlen <= 25:
+            raise UsageError(f"--cidr {ns.cidr}: prefix must be /1../25 (room for .100)")
+        kw["cidr"] = cidr
+    if ns.macaddress is not None:
+        if not _MAC_RE.match(ns.macaddress):
+            raise UsageError(f"--macaddress {ns.macaddress!r}: not a MAC address (xx:xx:xx:xx:xx:xx)")
+        if int(ns.macaddress[:2], 16) & 1:
+            raise UsageError(f"--macaddress {ns.macaddress}: multicast MAC not allowed")
+        kw["macaddress"] = ns.macaddress.lower()
+    if ns.outbound_addr is not None:
+        try:
+            kw["outbound_addr"] = ipaddress.IPv4Address(ns.outbound_addr)
+        except ValueError:
+            raise UsageError(f"--outbound-addr {ns.outbound_addr!r}: not an IPv4 address") from None
+    if ns.outbound_addr6 is not None:
+        try:
+            kw["outbound_addr6"] = ipaddress.IPv6Address(ns.outbound_addr6)
+        except ValueError:
+            raise UsageError(f"--outbound-addr6 {ns.outbound_addr6!r}: not an IPv6 address") from None
+    ports = []
+    for spec in ns.port:
+        try:
+            ports.append(parse_port_spec(spec))
+        except PortSpecError as e:
+            raise UsageError(str(e)) from None
+    pcap_max = None
+    if ns.pcap_max_bytes is not None:
+        if not ns.pcap_max_bytes.isdigit():
+            raise UsageError(f"--pcap-max-bytes {ns.pcap_max_bytes!r}: not a number")
+        pcap_max = int(ns.pcap_max_bytes)
+    level = ns.log_level.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise UsageError(f"--log-level {ns.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
+
+    return Config(
+        target=target, tap_name=tap, netns_type=ns.netns_type, userns_path=ns.userns_path,
+        command=command, configure=ns.configure or command is not None,
+        exit_fd=_fd(ns.exit_fd, "--exit-fd") if ns.exit_fd is not None else None,
+        ready_fd=_fd(ns.ready_fd, "--ready-fd") if ns.ready_fd is not None else None,
+        mtu=mtu, enable_ipv6=ns.enable_ipv6, api_socket=ns.api_socket,
+        disable_host_loopback=ns.disable_host_loopback, enable_sandbox=ns.enable_sandbox,
+        enable_seccomp=ns.enable_seccomp, disable_dns=ns.disable_dns, ports=tuple(ports),
+        dns_upstreams=tuple(_dns_upstream(d) for d in ns.dns_upstream), pcap=ns.pcap,
+        pcap_max_bytes=pcap_max, log_level=level, **kw)
+
+
+def not_implemented(config: Config) -> str | None:
+    """The first flag in NOT_IMPLEMENTED that this config uses, or None."""
+    default = Config()
+    for field, flag in NOT_IMPLEMENTED.items():
+        if getattr(config, field) != getattr(default, field):
+            return flag
+    return None
+
+
+def fail(msg: str) -> int:
+    sys.stderr.write(f"slirpy: error: {msg}\n")
+    sys.stderr.flush()
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+    except UsageError as e:
+        return fail(str(e))
+    if cfg == "help":
+        sys.stdout.write(HELP)
+        return 0
+    if cfg == "version":
+        sys.stdout.write(f"slirpy version {__version__}\n")
+        return 0
+    flag = not_implemented(cfg)
+    if flag is not None:
+        return fail(f"{flag}: not implemented yet")
+    import logging
+    logging.basicConfig(level=cfg.log_level, format="slirpy: %(levelname)s %(name)s: %(message)s")
+    from .daemon import run
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

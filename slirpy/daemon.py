@@ -1,0 +1,271 @@
+"""The daemon: one trio loop around the tap fd and the sans-IO stack; the hub glue plugs into.
+
+Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
+    daemon.config, daemon.stack, daemon.nursery, daemon.udp_intercepts (list of fn(ev)->bool)
+    daemon.now() -> float                    trio.current_time()
+    daemon.flush()                           after ANY call into the stack: write frames,
+                                             dispatch events, re-arm the timer (re-entrant-safe)
+    daemon.add_handler(event_type, fn)       fn(ev) synchronous
+    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before ready-fd.
+Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import signal
+import sys
+
+import trio
+
+from .stack.events import TcpConnectRequest
+from .tap import Tap, TapGone
+
+log = logging.getLogger(__name__)
+
+# Dotted names; a component whose module does not exist yet is skipped.
+COMPONENTS = [
+    "slirpy.nat:TcpNat",
+    "slirpy.udp_nat:UdpNat",
+    "slirpy.icmp_nat:IcmpNat",
+    "slirpy.portfwd:PortForwarder",
+    "slirpy.api_socket:ApiServer",
+    "slirpy.pcap:PcapWriter",
+]
+
+MAX_DISPATCH = 100_000  # events per flush, a guard against a handler feeding itself forever
+
+
+def load_component(spec: str):
+    mod_name, _, attr = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            return None
+        raise
+    return getattr(mod, attr)
+
+
+class Daemon:
+    def __init__(self, config, tap_fd: int, stack=None):
+        self.config = config
+        self.tap_fd = tap_fd
+        self.stack = stack
+        self.nursery = None
+        self.udp_intercepts: list = []
+        self.components: list = []
+        self._handlers: dict = {}
+        self._flushing = False
+        self._timer_scope: trio.CancelScope | None = None
+        self._write_wakeup = trio.Event()
+        self.tap: Tap | None = None
+        self.exit_message: str | None = None
+        self.exit_code = 0
+
+    # -------------------------------------------------------------------------- contract
+    def now(self) -> float:
+        return trio.current_time()
+
+    def add_handler(self, event_type, fn) -> None:
+        self._handlers[event_type] = fn
+
+    def flush(self) -> None:
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            stack = self.stack
+            for _ in range(MAX_DISPATCH):
+                frames = stack.frames_to_send()
+                if frames:
+                    self.tap.write_frames(frames)
+                    if self.tap.queue:
+                        self._write_wakeup.set()
+                ev = stack.next_event()
+                if ev is None:
+                    break
+                self._dispatch(ev)
+            t = stack.get_timer()
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = math.inf if t is None else t
+        finally:
+            self._flushing = False
+
+    def _dispatch(self, ev) -> None:
+        fn = self._handlers.get(type(ev))
+        if fn is not None:
+            fn(ev)
+            return
+        self.stack.stats.drop(f"no_handler_{type(ev).__name__}")
+        if isinstance(ev, TcpConnectRequest):
+            self.stack.reject_tcp(ev.flow, "refused", self.now())
+
+    # ----------------------------------------------------------------------------- tasks
+    async def _reader(self):
+        tap, stack = self.tap, self.stack
+        while True:
+            frames = tap.read_batch()
+            if frames:
+                now = trio.current_time()
+                for f in frames:
+                    stack.receive_frame(f, now)
+                self.flush()
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(self.tap_fd)
+
+    async def _writer(self):
+        while True:
+            await self._write_wakeup.wait()
+            self._write_wakeup = trio.Event()
+            while not self.tap.drain():
+                await trio.lowlevel.wait_writable(self.tap_fd)
+
+    async def _timer(self):
+        while True:
+            t = self.stack.get_timer()
+            with trio.CancelScope(deadline=math.inf if t is None else t) as cs:
+                self._timer_scope = cs
+                await trio.sleep_forever()
+            self._timer_scope = None
+            now = trio.current_time()
+            t = self.stack.get_timer()
+            if t is not None and now >= t:
+                self.stack.handle_timer(now)
+                self.flush()
+
+    async def _watch_exit_fd(self, fd: int, cancel: trio.CancelScope):
+        os.set_blocking(fd, False)
+        while True:
+            try:
+                b = os.read(fd, 4096)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except OSError:
+                break
+            if not b:
+                break
+        log.info("exit fd closed")
+        cancel.cancel()
+
+    async def _watch_signals(self, cancel: trio.CancelScope, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for s in sigs:
+                log.info("signal %s", s)
+                cancel.cancel()
+                return
+
+    async def _watch_child(self, pid: int, cancel: trio.CancelScope):
+        from .netns import exit_status
+        pidfd = os.pidfd_open(pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        self.child_status = exit_status(status)
+        cancel.cancel()
+
+    async def _guard(self, fn, cancel):
+        try:
+            await fn()
+        except TapGone as e:
+            self.exit_message = str(e)
+            self.exit_code = 1
+            cancel.cancel()
+
+    async def main(self, child_pid: int | None = None, go_fd: int | None = None):
+        if self.stack is None:
+            from .stack.stack import Stack
+            self.stack = Stack(self.config, trio.current_time())
+        self.tap = Tap(self.tap_fd, self.stack.stats)
+        self.child_status = None
+        with trio.CancelScope() as cancel:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await nursery.start(self._watch_signals, cancel)
+                for spec in COMPONENTS:
+                    cls = load_component(spec)
+                    if cls is None:
+                        continue
+                    comp = cls(self)
+                    self.components.append(comp)
+                    if hasattr(comp, "serve"):
+                        await nursery.start(comp.serve)
+                nursery.start_soon(self._guard, self._reader, cancel)
+                nursery.start_soon(self._guard, self._writer, cancel)
+                nursery.start_soon(self._timer)
+                self.flush()
+                if self.config.exit_fd is not None:
+                    nursery.start_soon(self._watch_exit_fd, self.config.exit_fd, cancel)
+                if child_pid is not None:
+                    nursery.start_soon(self._watch_child, child_pid, cancel)
+                if self.config.ready_fd is not None:
+                    _write_ready(self.config.ready_fd)
+                if go_fd is not None:
+                    os.write(go_fd, b"1")
+                    os.close(go_fd)
+        if child_pid is not None and self.child_status is None:
+            # the tap died or a signal came: the command's namespace is gone or going; reap it
+            if self.exit_message is None:
+                try:
+                    os.kill(child_pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            _, status = os.waitpid(child_pid, 0)
+            from .netns import exit_status
+            self.child_status = exit_status(status)
+            self.exit_message = None
+        return self.exit_code
+
+
+def _write_ready(fd: int) -> None:
+    try:
+        os.write(fd, b"1")
+    except OSError as e:
+        log.warning("ready fd %d: %s", fd, e)
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def run(config) -> int:
+    """Entry point from the CLI: open the tap (and the command's namespace), run the loop."""
+    from .helper import HelperError, open_tap
+    from .netns import spawn_command
+    for name in ("exit_fd", "ready_fd"):
+        fd = getattr(config, name)
+        if fd is not None:
+            try:
+                os.fstat(fd)
+            except OSError:
+                sys.stderr.write(f"slirpy: error: --{name.replace('_', '-')} {fd}: bad file descriptor\n")
+                return 1
+    child_pid = go_fd = None
+    try:
+        if config.command is not None:
+            import dataclasses
+            child_pid, go_fd = spawn_command(config.command)
+            config = dataclasses.replace(config, target=str(child_pid), netns_type="pid",
+                                         userns_path=None)
+        tap_fd = open_tap(config)
+    except HelperError as e:
+        if child_pid is not None:
+            os.close(go_fd)
+            os.waitpid(child_pid, 0)
+        sys.stderr.write(f"slirpy: error: {e}\n")
+        return 1
+    d = Daemon(config, tap_fd)
+    code = trio.run(d.main, child_pid, go_fd)
+    if d.exit_message:
+        sys.stderr.write(f"slirpy: error: {d.exit_message}\n")
+    if child_pid is not None:
+        return d.child_status if d.child_status is not None else 1
+    return code

@@ -1,0 +1,150 @@
+"""The helper: a forked child enters the target's user+net namespaces, creates the tap, optionally
+configures it, and hands the fd back over a socketpair (SCM_RIGHTS). The parent never setns()es.
+
+Protocol on the socketpair: the child sends one message, either b"OK" with the tap fd attached,
+or b"ERR <one line>". Then it _exit()s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import socket
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class HelperError(Exception):
+    pass
+
+
+def setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def unshare(flags: int) -> None:
+    if _libc.unshare(flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _same_ns(a: str, b: str) -> bool:
+    sa, sb = os.stat(a), os.stat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def _ns_paths(config) -> tuple[str | None, str]:
+    """(userns path to join or None, netns path)."""
+    if config.netns_type == "pid":
+        pid = config.target
+        netns = f"/proc/{pid}/ns/net"
+        if not os.path.exists(f"/proc/{pid}"):
+            raise HelperError(f"no such process: PID {pid}")
+        userns = f"/proc/{pid}/ns/user"
+        try:
+            if _same_ns(userns, "/proc/self/ns/user"):
+                userns = None
+        except OSError as e:
+            raise HelperError(f"cannot inspect {userns}: {e.strerror}") from None
+        return userns, netns
+    return config.userns_path, config.target
+
+
+def _join(path: str, nstype: int, what: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise HelperError(f"cannot open {what} namespace {path}: {e.strerror}") from None
+    try:
+        setns(fd, nstype)
+    except OSError as e:
+        hint = " (not a network namespace?)" if e.errno == errno.EINVAL else ""
+        raise HelperError(f"cannot join {what} namespace {path}: {e.strerror}{hint}") from None
+    finally:
+        os.close(fd)
+
+
+def _create_tap(name: str) -> int:
+    import pytun
+    if not os.path.exists("/dev/net/tun"):
+        raise HelperError("/dev/net/tun does not exist (load the tun module or bind-mount it)")
+    try:
+        tap = pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI)
+    except pytun.Error as e:
+        msg = str(e)
+        if "Device or resource busy" in msg or "Invalid argument" in msg:
+            msg += f" (does {name!r} already exist?)"
+        raise HelperError(f"cannot create tap {name!r}: {msg}") from None
+    return os.dup(tap.fileno())  # keep ours even when the pytun object is collected
+
+
+def _configure(config) -> None:
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    try:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")
+            if lo:
+                ipr.link("set", index=lo[0], state="up")
+            idx = ipr.link_lookup(ifname=config.tap_name)[0]
+            if config.macaddress:
+                ipr.link("set", index=idx, address=config.macaddress)
+            ipr.link("set", index=idx, mtu=config.mtu)
+            ipr.link("set", index=idx, state="up")
+            ipr.addr("add", index=idx, address=str(config.guest), prefixlen=config.prefixlen)
+            ipr.route("add", dst="0.0.0.0/0", gateway=str(config.gateway), oif=idx)
+    except NetlinkError as e:
+        raise HelperError(f"configuring {config.tap_name}: netlink error {e.code}: "
+                          f"{os.strerror(e.code) if e.code else e}") from None
+
+
+def _child(config, sock: socket.socket) -> None:
+    try:
+        userns, netns = _ns_paths(config)
+        if userns:
+            _join(userns, CLONE_NEWUSER, "user")
+        _join(netns, CLONE_NEWNET, "network")
+        fd = _create_tap(config.tap_name)
+        if config.configure:
+            _configure(config)
+        socket.send_fds(sock, [b"OK"], [fd])
+    except HelperError as e:
+        sock.sendall(b"ERR " + str(e).replace("\n", " ").encode(errors="replace"))
+    except BaseException as e:  # noqa: BLE001 - anything else still becomes one line
+        sock.sendall(f"ERR helper: {type(e).__name__}: {e}".replace("\n", " ").encode(errors="replace"))
+
+
+def open_tap(config) -> int:
+    """Fork the helper, return the tap fd (non-blocking). Raises HelperError with one line."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            parent.close()
+            _child(config, child)
+        except BaseException:  # noqa: BLE001
+            code = 1
+        finally:
+            os._exit(code)
+    child.close()
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(parent, 4096, 4)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    if msg == b"OK" and len(fds) == 1:
+        os.set_blocking(fds[0], False)
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    if msg.startswith(b"ERR "):
+        raise HelperError(msg[4:].decode(errors="replace"))
+    raise HelperError("helper died without a reply")

@@ -1,0 +1,85 @@
+"""Batched, non-blocking I/O on the tap fd (one Ethernet frame per read/write, IFF_NO_PI)."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+
+READ_SIZE = 65536 + 14
+MAX_READ_BATCH = 256
+MAX_WRITE_QUEUE = 1024
+
+
+class TapGone(Exception):
+    """The tap fd failed: the guest network namespace is most likely gone."""
+
+
+class Tap:
+    def __init__(self, fd: int, stats=None):
+        self.fd = fd
+        self.stats = stats
+        self.queue: collections.deque = collections.deque()
+
+    def read_batch(self) -> list[bytes]:
+        """Frames until EAGAIN (at most MAX_READ_BATCH). Raises TapGone on a fatal error."""
+        out = []
+        fd = self.fd
+        for _ in range(MAX_READ_BATCH):
+            try:
+                b = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            except InterruptedError:
+                continue
+            except OSError as e:
+                raise TapGone(f"tap read: {e.strerror} (guest network namespace gone?)") from None
+            if not b:
+                raise TapGone("tap read: end of file (guest network namespace gone?)")
+            out.append(b)
+        return out
+
+    def write_frames(self, frames) -> None:
+        """Write now what the fd takes; queue the rest (bounded, oldest dropped and counted)."""
+        q = self.queue
+        if q:
+            q.extend(frames)
+        else:
+            fd = self.fd
+            it = iter(frames)
+            for f in it:
+                try:
+                    os.write(fd, f)
+                except BlockingIOError:
+                    q.append(f)
+                    q.extend(it)
+                    break
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                        self._drop("tap_write_invalid")
+                        continue
+                    raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
+        while len(q) > MAX_WRITE_QUEUE:
+            q.popleft()
+            self._drop("tap_write_queue_full")
+
+    def drain(self) -> bool:
+        """Write queued frames until EAGAIN. True when the queue is empty."""
+        q = self.queue
+        while q:
+            try:
+                os.write(self.fd, q[0])
+            except BlockingIOError:
+                return False
+            except OSError as e:
+                if e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                    q.popleft()
+                    self._drop("tap_write_invalid")
+                    continue
+                raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
+            q.popleft()
+        return True
+
+    def _drop(self, reason: str) -> None:
+        if self.stats is not None:
+            self.stats.drop(reason)
