@@ -1,0 +1,109 @@
+"""Reassembly: every order, duplicates, overlaps, timeouts, caps, the libslirp 3+dup case."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from hypothesis import given, settings, strategies as st
+
+from slirpy.stack.reassembly import Reassembler
+from slirpy.stack.stats import Stats
+
+KEY = (4, b"\x0a\0\2\x64", b"\x01\2\3\4", 17, 1)
+
+
+def frags(data, step=8):
+    return [(o, o + step < len(data), data[o:o + step]) for o in range(0, len(data), step)]
+
+
+def test_every_order_of_four_fragments():
+    data = os.urandom(30)
+    fs = frags(data)
+    for perm in itertools.permutations(fs):
+        r = Reassembler(Stats())
+        results = [r.insert(KEY, o, m, d, 0.0) for o, m, d in perm]
+        assert results[:-1] == [None] * 3 and results[-1] == data
+        assert len(r) == 0 and r.bytes_held == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=1, max_size=200), st.randoms(), st.integers(1, 5))
+def test_random_order_with_duplicates(data, rnd, step8):
+    fs = frags(data, 8 * step8)
+    seq = fs + [rnd.choice(fs) for _ in range(3)]
+    rnd.shuffle(seq)
+    r = Reassembler(Stats())
+    out = [x for x in (r.insert(KEY, o, m, d, 0.0) for o, m, d in seq) if x is not None]
+    # a duplicate after completion opens a fresh (incomplete or single-piece) entry
+    assert out[0] == data
+    assert all(x == data for x in out)
+    assert r.bytes_held == sum(len(e.pieces and b"".join(e.pieces.values()))
+                               for e in r._t.values())
+
+
+def test_libslirp_three_fragments_then_duplicate_last():
+    data = os.urandom(24)
+    st_ = Stats()
+    r = Reassembler(st_)
+    fs = frags(data)
+    assert r.insert(KEY, *fs[0], 0.0) is None
+    assert r.insert(KEY, *fs[1], 0.0) is None
+    assert r.insert(KEY, *fs[2], 0.0) == data
+    assert len(r) == 0
+    assert r.insert(KEY, *fs[2], 0.0) is None  # late duplicate: new entry, no crash
+    assert len(r) == 1
+    r.expire(31.0)
+    assert len(r) == 0 and r.bytes_held == 0 and st_.dropped["reass_timeout"] == 1
+
+
+def test_overlap_drops_whole_datagram():
+    st_ = Stats()
+    r = Reassembler(st_)
+    assert r.insert(KEY, 0, True, b"a" * 16, 0.0) is None
+    assert r.insert(KEY, 8, True, b"b" * 16, 0.0) is None
+    assert len(r) == 0 and st_.dropped["reass_overlap"] == 1
+    # the rest arriving later does not complete anything
+    assert r.insert(KEY, 24, False, b"c", 0.0) is None
+
+
+def test_exact_duplicate_ignored():
+    st_ = Stats()
+    r = Reassembler(st_)
+    r.insert(KEY, 0, True, b"a" * 8, 0.0)
+    r.insert(KEY, 0, True, b"a" * 8, 0.0)
+    assert st_.dropped["reass_duplicate"] == 1
+    assert r.insert(KEY, 8, False, b"z", 0.0) == b"a" * 8 + b"z"
+
+
+def test_missing_piece_times_out():
+    st_ = Stats()
+    r = Reassembler(st_)
+    r.insert(KEY, 0, True, b"a" * 8, 0.0)
+    assert r.get_timer() == 30.0
+    r.expire(29.9)
+    assert len(r) == 1
+    r.expire(30.0)
+    assert len(r) == 0 and st_.dropped["reass_timeout"] == 1 and r.get_timer() is None
+
+
+def test_caps_entries_bytes_size():
+    st_ = Stats()
+    r = Reassembler(st_, max_entries=64, max_bytes=1 << 20)
+    for i in range(100):
+        r.insert((4, b"a", b"b", 17, i), 0, True, b"x" * 8, 0.0)
+    assert len(r) == 64 and st_.dropped["reass_table_full"] == 36
+    r2 = Reassembler(st_, max_entries=1000)
+    for i in range(40):
+        r2.insert((4, b"a", b"b", 17, i), 0, True, b"x" * 32768, 0.0)
+    assert r2.bytes_held <= 1 << 20 and st_.dropped["reass_memory_full"] >= 8
+    assert r.insert(KEY, 65528, False, b"x" * 16, 0.0) is None
+    assert st_.dropped["reass_too_big"] == 1
+
+
+def test_inconsistent_last_fragment():
+    st_ = Stats()
+    r = Reassembler(st_)
+    r.insert(KEY, 16, True, b"x" * 8, 0.0)
+    assert r.insert(KEY, 8, False, b"y" * 8, 0.0) is None
+    assert st_.dropped["reass_inconsistent_length"] == 1 and len(r) == 0
