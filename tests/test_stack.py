@@ -1,0 +1,202 @@
+"""Stack dispatcher: ARP, ICMP echo, UDP events, TCP hand-off, garbage counted not raised."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given, settings, strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, UDPerror, fragment
+from scapy.layers.inet6 import (ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6ND_NA, ICMPv6ND_NS,
+                                ICMPv6ND_RA, ICMPv6ND_RS, ICMPv6NDOptSrcLLAddr, IPv6)
+from scapy.layers.l2 import ARP, Ether
+
+from slirpy.config import Config
+from slirpy.stack import events
+from slirpy.stack.stack import Stack
+
+GUEST_MAC = "02:11:22:33:44:55"
+ROUTER_MAC = "52:55:0a:00:02:02"
+
+
+def eth(pkt):
+    return bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / pkt)
+
+
+def drain_events(s):
+    out = []
+    while (ev := s.next_event()) is not None:
+        out.append(ev)
+    return out
+
+
+def test_arp_for_gateway_and_dns():
+    s = Stack(Config())
+    for ip in ("10.0.2.2", "10.0.2.3"):
+        s.receive_frame(bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
+                              / ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst=ip)), 0.0)
+        (f,) = s.frames_to_send()
+        p = Ether(bytes(f))
+        assert p.dst == GUEST_MAC and p.src == ROUTER_MAC
+        assert p[ARP].op == 2 and p[ARP].psrc == ip and p[ARP].hwsrc == ROUTER_MAC
+        assert p[ARP].pdst == "10.0.2.100" and p[ARP].hwdst == GUEST_MAC
+    s.receive_frame(bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
+                          / ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.50")),
+                    0.0)
+    assert s.frames_to_send() == [] and s.stats.dropped["arp_not_for_us"] == 1
+
+
+def test_ping_gateway_and_dns():
+    s = Stack(Config())
+    for ip in ("10.0.2.2", "10.0.2.3"):
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=ip) / ICMP(id=0x1234, seq=7) / b"abc"),
+                        1.0)
+        (f,) = s.frames_to_send()
+        p = Ether(bytes(f))
+        assert p.dst == GUEST_MAC
+        assert p[IP].src == ip and p[IP].dst == "10.0.2.100"
+        assert p[ICMP].type == 0 and p[ICMP].id == 0x1234 and p[ICMP].seq == 7
+        assert bytes(p[ICMP].payload) == b"abc"
+        ck = p[ICMP].chksum
+        del p[ICMP].chksum
+        assert Ether(bytes(p))[ICMP].chksum == ck
+
+
+def test_ping_elsewhere_is_event_and_reply_built():
+    s = Stack(Config())
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1") / ICMP(id=9, seq=1) / b"x"), 0.0)
+    assert s.frames_to_send() == []
+    (ev,) = drain_events(s)
+    assert ev == events.IcmpEchoRequest(4, "10.0.2.100", "127.0.0.1", 9, 1, b"x")
+    s.send_icmp_echo_reply(4, "127.0.0.1", "10.0.2.100", 9, 1, b"x", 0.1)
+    p = Ether(bytes(s.frames_to_send()[0]))
+    assert p[IP].src == "127.0.0.1" and p[ICMP].type == 0 and p[ICMP].id == 9
+
+
+def test_udp_event_and_fragmented_udp():
+    s = Stack(Config())
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="10.0.2.3") / UDP(sport=5000, dport=53)
+                        / b"query"), 0.0)
+    big = bytes(range(256)) * 20
+    for frag in fragment(IP(src="10.0.2.100", dst="127.0.0.1", id=99) / UDP(sport=1, dport=2)
+                         / big, fragsize=1000)[::-1]:
+        s.receive_frame(eth(frag), 0.0)
+    evs = drain_events(s)
+    assert evs[0] == events.UdpDatagram(4, "10.0.2.100", 5000, "10.0.2.3", 53, b"query")
+    assert evs[1] == events.UdpDatagram(4, "10.0.2.100", 1, "127.0.0.1", 2, big)
+
+
+def test_send_udp_fragments_to_guest():
+    s = Stack(Config(mtu=1500))
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="10.0.2.3") / UDP() / b""), 0.0)
+    drain_events(s)
+    payload = bytes(range(256)) * 16
+    s.send_udp(4, "10.0.2.3", 53, "10.0.2.100", 5000, payload, 0.0)
+    from scapy.layers.inet import defragment
+    frames = s.frames_to_send()
+    assert len(frames) == 3 and all(len(f) <= 1514 for f in frames)
+    (whole,) = defragment([Ether(bytes(f))[IP] for f in frames])
+    assert bytes(whole[UDP].payload) == payload and whole[UDP].sport == 53
+
+
+def test_udp_unreachable_quotes_original():
+    s = Stack(Config())
+    s.send_udp_unreachable(4, "10.0.2.100", 4000, "127.0.0.1", 9, b"hello", 3, 0.0)
+    p = Ether(bytes(s.frames_to_send()[0]))
+    assert p[IP].src == "10.0.2.2" and p[ICMP].type == 3 and p[ICMP].code == 3
+    inner = p[ICMP].payload
+    assert inner.src == "10.0.2.100" and inner.dst == "127.0.0.1"
+    assert inner[UDPerror].sport == 4000 and inner[UDPerror].dport == 9
+    assert bytes(inner[UDPerror].payload) == b"hello"
+
+
+def test_tcp_syn_reaches_engine():
+    s = Stack(Config())
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1")
+                        / TCP(sport=40000, dport=80, seq=2**32 - 1, flags="S")), 0.0)
+    frames = s.frames_to_send()
+    # the stub answers RST|ACK; the real engine may answer SYN-ACK or raise an event
+    evs = drain_events(s)
+    assert frames or evs
+    if frames:
+        p = Ether(bytes(frames[0]))
+        assert p[IP].src == "127.0.0.1" and p[TCP].sport == 80 and p[TCP].dport == 40000
+        ck = p[TCP].chksum
+        del p[TCP].chksum
+        assert Ether(bytes(p))[TCP].chksum == ck
+
+
+def test_bad_tcp_checksum_counted():
+    s = Stack(Config())
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1") / TCP(chksum=1)), 0.0)
+    assert s.frames_to_send() == [] and s.stats.dropped["tcp_bad_checksum"] == 1
+
+
+def test_ipv6_disabled_and_enabled():
+    s = Stack(Config())
+    f = eth(IPv6(src="fd00::100", dst="fd00::2") / ICMPv6EchoRequest(id=1, seq=2, data=b"q"))
+    s.receive_frame(f, 0.0)
+    assert s.stats.dropped["ipv6_disabled"] == 1
+    s6 = Stack(Config(enable_ipv6=True))
+    s6.receive_frame(f, 0.0)
+    p = Ether(bytes(s6.frames_to_send()[-1]))
+    assert p[IPv6].src == "fd00::2" and p[ICMPv6EchoReply].id == 1
+    assert p[ICMPv6EchoReply].data == b"q"
+    ck = p[ICMPv6EchoReply].cksum
+    del p[ICMPv6EchoReply].cksum
+    assert Ether(bytes(p))[ICMPv6EchoReply].cksum == ck
+
+
+def test_ndp_ns_and_rs():
+    s = Stack(Config(enable_ipv6=True))
+    s.frames_to_send()
+    ns = eth(IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255)
+             / ICMPv6ND_NS(tgt="fd00::2") / ICMPv6NDOptSrcLLAddr(lladdr=GUEST_MAC))
+    s.receive_frame(ns, 0.0)
+    (f,) = s.frames_to_send()
+    p = Ether(bytes(f))
+    assert p.dst == GUEST_MAC and p[ICMPv6ND_NA].tgt == "fd00::2"
+    assert bytes(p[ICMPv6ND_NA].payload)[2:8] == bytes.fromhex(ROUTER_MAC.replace(":", ""))
+    s.receive_frame(eth(IPv6(src="fe80::1", dst="ff02::2", hlim=255) / ICMPv6ND_RS()), 0.0)
+    (f,) = s.frames_to_send()
+    p = Ether(bytes(f))
+    assert ICMPv6ND_RA in p and p[IPv6].src == "fe80::2"
+    ck = p[ICMPv6ND_RA].cksum
+    del p[ICMPv6ND_RA].cksum
+    assert Ether(bytes(p))[ICMPv6ND_RA].cksum == ck
+
+
+def test_out_queue_bounded():
+    s = Stack(Config())
+    for i in range(5000):
+        s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
+    assert len(s.frames_to_send()) == 4096 and s.stats.dropped["out_queue_full"] == 5000 - 4096
+
+
+def test_reassembly_timer_combined():
+    s = Stack(Config())
+    (f1, _f2) = fragment(IP(src="10.0.2.100", dst="127.0.0.1") / UDP() / (b"z" * 100),
+                         fragsize=64)
+    s.receive_frame(eth(f1), 5.0)
+    assert s.get_timer() == 35.0
+    s.handle_timer(35.0)
+    assert s.stats.dropped["reass_timeout"] == 1 and s.get_timer() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from([b"\x08\x00", b"\x08\x06", b"\x86\xdd", b"\0\0"]))
+def test_garbage_frames_counted_not_raised(body, et):
+    for v6 in (False, True):
+        s = Stack(Config(enable_ipv6=v6))
+        s.receive_frame(b"\x52\x55\x0a\0\2\2" + b"\x02" * 6 + et + body, 0.0)
+        s.frames_to_send()
+        assert s.stats.frames_in == 1
+
+
+def test_mac_learned_from_ip():
+    s = Stack(Config())
+    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
+    assert Ether(bytes(s.frames_to_send()[0])).dst == "ff:ff:ff:ff:ff:ff"
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="10.0.2.3") / UDP() / b""), 0.0)
+    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
+    assert Ether(bytes(s.frames_to_send()[0])).dst == GUEST_MAC
+    assert str(ipaddress.ip_address("10.0.2.100")) == "10.0.2.100"
