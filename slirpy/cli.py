@@ -58,9 +58,7 @@ NOT_IMPLEMENTED = {
     "enable_seccomp": "--enable-seccomp",
     "outbound_addr": "--outbound-addr",
     "outbound_addr6": "--outbound-addr6",
-    "disable_dns": "--disable-dns",
     "ports": "--port",
-    "dns_upstreams": "--dns-upstream",
     "pcap": "--pcap",
 }
 
