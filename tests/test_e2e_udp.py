@@ -156,3 +156,57 @@ def test_dns_via_resolv_conf_loopback_stub(tmp_path):
         assert len(srv.seen) == 1
     finally:
         srv.close()
+
+
+GUEST_PING = """
+import socket, struct, os
+def csum(b):
+    if len(b) % 2: b += b"\\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(4)
+payload = bytes(range(48))
+for seq in range(3):
+    h = struct.pack("!BBHHH", 8, 0, 0, 0x3131, seq)
+    h = struct.pack("!BBHHH", 8, 0, csum(h + payload), 0x3131, seq)
+    r.sendto(h + payload, ("192.0.2.2", 0))
+    while True:
+        d, a = r.recvfrom(2000)
+        icmp = d[(d[0] & 15) * 4:]
+        t, c, ck, ident, sq = struct.unpack("!BBHHH", icmp[:8])
+        if t == 0:
+            print("REPLY", a[0], hex(ident), sq, icmp[8:] == payload, csum(icmp) == 0)
+            break
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(4)
+u.connect(("192.0.2.2", 9)); u.send(b"anyone?")
+try:
+    u.recv(10); print("NOERR")
+except ConnectionRefusedError:
+    print("WORLD_REFUSED")
+"""
+
+
+def test_ping_and_closed_port_in_world_netns():
+    """slirpy's parent runs in a netns the test made (A), with a veth to a "world" netns
+    (192.0.2.2); ping_group_range is opened in A only."""
+    _need()
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
+    script = textwrap.dedent(f"""
+        set -e
+        ip link set lo up
+        echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range
+        unshare -n sleep 60 & W=$!
+        trap 'kill $W' EXIT
+        sleep 0.3
+        ip link add v0 type veth peer name v1 netns $W
+        ip addr add 192.0.2.1/24 dev v0
+        ip link set v0 up
+        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
+        {sys.executable} -m slirpy -c -- {sys.executable} -c "$0"
+    """)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, textwrap.dedent(GUEST_PING)],
+                       capture_output=True, text=True, timeout=40, cwd=ROOT)
+    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
+    lines = r.stdout.strip().splitlines()
+    assert lines == [f"REPLY 192.0.2.2 0x3131 {seq} True True" for seq in range(3)] + ["WORLD_REFUSED"]
