@@ -185,3 +185,23 @@ async def test_forward_through_resolv_conf_loopback_upstream(tmp_path):
         assert await wait_for(d.stack, lambda: d.stack.udp)
         assert d.stack.udp[0][5] == answer(q, "198.51.100.1")
         n.cancel_scope.cancel()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600))
+def test_hostile_queries_never_raise(data):
+    p = parse_query_untrusted(data)
+    r = build_servfail(data)
+    assert (p is None) == (r is None)
+    if r is not None:
+        assert r[:2] == data[:2] and len(r) <= len(data) and r[2] & 0x80
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_resolv_conf_never_raises(text):
+    for host, port in parse_resolv_conf(text):
+        assert port == 53 and (":" in host or "." in host)
