@@ -187,3 +187,20 @@ async def test_serve_expires_idle_flows(autojump_clock):
         await trio.sleep(50)
         assert len(nat.table) == 0 and sock.fileno() == -1
         n.cancel_scope.cancel()
+
+
+async def test_ipv6_gateway_maps_to_ipv6_loopback():
+    try:
+        srv = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        await srv.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"LOUD: no ::1 on this host: {e}")
+    port = srv.getsockname()[1]
+    async with trio.open_nursery() as n:
+        await n.start(_serve_echo, srv)
+        d = FakeDaemon(n)
+        nat = UdpNat(d)
+        nat.handle(UdpDatagram(6, "fd00::100", 4242, "fd00::2", port, b"six"))
+        assert await wait_for(d.stack, lambda: d.stack.udp)
+        assert d.stack.udp == [(6, "fd00::2", port, "fd00::100", 4242, b"xis")]
+        n.cancel_scope.cancel()
