@@ -1,0 +1,20 @@
+"""atheris harness: ipv6 parser. Invariant: parses or returns a drop reason, never raises."""
+
+from __future__ import annotations
+
+import atheris
+
+with atheris.instrument_imports():
+    from slirpy.stack import wire, tcp_options
+
+from _harness import run
+
+
+def TARGET(data: bytes) -> None:
+    mv = memoryview(data)
+    r = wire.parse_ipv6_untrusted(mv)
+    assert isinstance(r, (str, tuple))
+
+
+if __name__ == "__main__":
+    run(TARGET)

@@ -1,0 +1,21 @@
+"""atheris harness: tcp parser. Invariant: parses or returns a drop reason, never raises."""
+
+from __future__ import annotations
+
+import atheris
+
+with atheris.instrument_imports():
+    from slirpy.stack import wire, tcp_options
+
+from _harness import run
+
+
+def TARGET(data: bytes) -> None:
+    mv = memoryview(data)
+    r = wire.parse_tcp_untrusted(mv, None)
+    if isinstance(r, tuple):
+        assert 20 + len(r[6]) + len(r[7]) == len(data)
+
+
+if __name__ == "__main__":
+    run(TARGET)

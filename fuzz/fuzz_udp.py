@@ -1,0 +1,20 @@
+"""atheris harness: udp parser. Invariant: parses or returns a drop reason, never raises."""
+
+from __future__ import annotations
+
+import atheris
+
+with atheris.instrument_imports():
+    from slirpy.stack import wire, tcp_options
+
+from _harness import run
+
+
+def TARGET(data: bytes) -> None:
+    mv = memoryview(data)
+    wire.parse_udp_untrusted(mv, 0, 4)
+    wire.parse_udp_untrusted(mv, 0x1234, 6)
+
+
+if __name__ == "__main__":
+    run(TARGET)
