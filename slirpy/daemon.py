@@ -172,6 +172,21 @@ class Daemon:
         self.child_status = exit_status(status)
         cancel.cancel()
 
+    async def _watch_target(self, pid: int, cancel: trio.CancelScope):
+        """PID form: our tap fd pins the netns, so the tap never errors; the target dying is the
+        sign that the guest network is gone."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self.exit_message = f"target process {pid} exited (guest network namespace gone)"
+        self.exit_code = 1
+        cancel.cancel()
+
     async def _guard(self, fn, cancel):
         try:
             await fn()
@@ -206,6 +221,8 @@ class Daemon:
                     nursery.start_soon(self._watch_exit_fd, self.config.exit_fd, cancel)
                 if child_pid is not None:
                     nursery.start_soon(self._watch_child, child_pid, cancel)
+                elif self.config.netns_type == "pid" and self.config.target:
+                    nursery.start_soon(self._watch_target, int(self.config.target), cancel)
                 if self.config.ready_fd is not None:
                     _write_ready(self.config.ready_fd)
                 if go_fd is not None:
