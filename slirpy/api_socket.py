@@ -1,0 +1,223 @@
+"""The slirp4netns-compatible API socket (`-a/--api-socket PATH`).
+
+One JSON request per connection: read until EOF (or 64 KiB), reply with one JSON object, close.
+Replies and error strings follow slirp4netns api.c byte for byte (compact JSON, no newline).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import socket as _socket
+import stat
+
+import trio
+
+from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 64 * 1024
+READ_TIMEOUT = 5.0
+MAX_CLIENTS = 64
+
+
+def _dump(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _err(desc: str) -> bytes:
+    return _dump({"error": {"desc": desc}})
+
+
+def _is_port(v) -> bool:
+    return type(v) is int and 1 <= v <= 65535
+
+
+def handle_request(daemon, raw: bytes) -> bytes:
+    """Pure request -> reply bytes (the socket plumbing is in ApiServer)."""
+    try:
+        req = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _err("bad request: cannot parse JSON")
+    if not isinstance(req, dict):
+        return _err("bad request: cannot parse JSON")
+    execute = req.get("execute")
+    if not isinstance(execute, str):
+        return _err("bad request: no execute found")
+    args = req.get("arguments")
+    if execute == "add_hostfwd":
+        return _add(daemon, args)
+    if execute == "list_hostfwd":
+        pf = getattr(daemon, "portfwd", None)
+        return _dump({"entries": pf.list() if pf is not None else []})
+    if execute == "remove_hostfwd":
+        if not isinstance(args, dict) or type(args.get("id")) is not int:
+            return _err("bad request: remove_hostfwd: bad arguments.id")
+        pf = getattr(daemon, "portfwd", None)
+        try:
+            if pf is None:
+                raise ForwardError("no port forwarder")
+            pf.remove(args["id"])
+        except ForwardError:
+            return _err("bad request: remove_hostfwd: bad arguments.id")
+        return _dump({"return": {}})
+    if execute == "get_stats":
+        stack = getattr(daemon, "stack", None)
+        stats = stack.stats.as_dict() if stack is not None else {}
+        return _dump({"return": stats})
+    return _err("bad request: unknown execute")
+
+
+def _add(daemon, args) -> bytes:
+    p = "bad request: add_hostfwd: "
+    if not isinstance(args, dict):
+        return _err(p + "bad arguments")
+    proto = args.get("proto")
+    if proto not in ("tcp", "udp") or not isinstance(proto, str):
+        return _err(p + "bad arguments.proto")
+    host_addr = args.get("host_addr", "0.0.0.0")
+    if not isinstance(host_addr, str) or host_addr not in ALLOWED_HOST_ADDRS:
+        return _err(p + "bad arguments.host_addr")
+    if not _is_port(args.get("host_port")):
+        return _err(p + "bad arguments.host_port")
+    cfg = daemon.config
+    guest_addr = args.get("guest_addr", None)
+    if guest_addr is None and "guest_addr" not in args:
+        guest_addr = str(cfg.guest)
+    if not isinstance(guest_addr, str):
+        return _err(p + "bad arguments.guest_addr")
+    try:
+        g = ipaddress.ip_address(guest_addr)
+    except ValueError:
+        return _err(p + "bad arguments.guest_addr")
+    if isinstance(g, ipaddress.IPv4Address):
+        ok = g in cfg.cidr and g not in (cfg.cidr.network_address, cfg.cidr.broadcast_address,
+                                         cfg.gateway, cfg.dns)
+    else:
+        from .config import IPV6_DNS, IPV6_GATEWAY, IPV6_PREFIX
+        ok = cfg.enable_ipv6 and g in IPV6_PREFIX and g not in (IPV6_GATEWAY, IPV6_DNS)
+    if not ok:
+        return _err(p + "bad arguments.guest_addr")
+    if not _is_port(args.get("guest_port")):
+        return _err(p + "bad arguments.guest_port")
+    pf = getattr(daemon, "portfwd", None)
+    try:
+        if pf is None:
+            raise ForwardError("no port forwarder")
+        fid = pf.add(proto, host_addr, args["host_port"], str(g), args["guest_port"])
+    except ForwardError as e:
+        log.info("add_hostfwd: %s", e)
+        return _err(p + "slirp_add_hostfwd failed")
+    return _dump({"return": {"id": fid}})
+
+
+def _live(path: str) -> bool:
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s.settimeout(0.5)
+    try:
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def open_listener(path: str) -> _socket.socket:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"--api-socket {path}: exists and is not a socket")
+        if _live(path):
+            raise StartupError(f"--api-socket {path}: another daemon is listening on it")
+        os.unlink(path)  # stale
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(path)
+    except OSError as e:
+        s.close()
+        raise StartupError(f"--api-socket {path}: {e.strerror or e}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    s.listen(64)
+    s.setblocking(False)
+    return s
+
+
+class ApiServer:
+    def __init__(self, daemon, path: str | None = None):
+        self.daemon = daemon
+        self.path = path if path is not None else daemon.config.api_socket
+        self.active = 0
+        self.served = 0
+        self.refused = 0
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        if not self.path:
+            task_status.started()
+            return
+        raw = open_listener(self.path)
+        ino = os.stat(self.path).st_ino
+        sock = trio.socket.from_stdlib_socket(raw)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                while True:
+                    try:
+                        conn, _ = await sock.accept()
+                    except OSError as e:
+                        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                            await trio.sleep(0.1)
+                            continue
+                        raise
+                    if self.active >= MAX_CLIENTS:
+                        self.refused += 1
+                        conn.close()
+                        continue
+                    self.active += 1
+                    nursery.start_soon(self._client, conn)
+        finally:
+            sock.close()
+            try:
+                if os.stat(self.path).st_ino == ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+
+    async def _client(self, conn):
+        try:
+            with conn:
+                buf = bytearray()
+                too_big = False
+                with trio.move_on_after(READ_TIMEOUT) as cs:
+                    while True:
+                        chunk = await conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                        if len(buf) > MAX_REQUEST:
+                            too_big = True
+                            break
+                if cs.cancelled_caught:
+                    return
+                reply = _err("bad request: too large message") if too_big else \
+                    handle_request(self.daemon, bytes(buf))
+                self.served += 1
+                with trio.move_on_after(READ_TIMEOUT):
+                    view = memoryview(reply)
+                    while view:
+                        n = await conn.send(view)
+                        view = view[n:]
+        except OSError:
+            pass
+        finally:
+            self.active -= 1

@@ -1,0 +1,266 @@
+"""Host-to-guest port forwarding (`-p/--port` and the API socket's add/list/remove_hostfwd).
+
+TCP: a listener per forward; each accepted socket goes to daemon.tcp_nat.forward_inbound in its
+own task (the TCP bridge is the NAT's job). UDP: a socket per forward, a per-client mapping to a
+guest-side source port, replies caught through daemon.udp_intercepts.
+
+Source address seen by the guest: a client on the host loopback appears as the gateway
+(CIDR base + 2, or fd00::2); any other client keeps its own address.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket as _socket
+
+import trio
+
+from .config import IPV6_GATEWAY
+
+log = logging.getLogger(__name__)
+
+UDP_IDLE = 60.0
+UDP_MAX_MAPPINGS = 1024  # per forward
+UDP_PORT_LO, UDP_PORT_HI = 32768, 60999
+ALLOWED_HOST_ADDRS = ("0.0.0.0", "127.0.0.1", "::", "::1")
+
+
+class StartupError(Exception):
+    """A forward from the command line that cannot be set up; the CLI prints it and exits 1."""
+
+
+class ForwardError(Exception):
+    """add()/remove() refused; str(e) says why."""
+
+
+def unprivileged_port_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return 1024
+
+
+def guest_visible_source(config, family: int, addr: str) -> str:
+    """The address a host client appears from inside the guest."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return str(config.gateway) if family == 4 else str(IPV6_GATEWAY)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return str(config.gateway) if family == 4 else str(IPV6_GATEWAY)
+    return str(ip)
+
+
+class _UdpMap:
+    __slots__ = ("client", "gport", "src", "last")
+
+    def __init__(self, client, gport, src, last):
+        self.client, self.gport, self.src, self.last = client, gport, src, last
+
+
+class Forward:
+    def __init__(self, fid, proto, host_addr, host_port, guest_addr, guest_port, sock):
+        self.id = fid
+        self.proto = proto
+        self.host_addr = host_addr
+        self.host_port = host_port
+        self.guest_addr = guest_addr
+        self.guest_port = guest_port
+        self.raw = sock  # stdlib socket: sync sendto from the intercept
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.cancel = trio.CancelScope()
+        self.by_client: dict = {}
+        self.by_gport: dict = {}
+
+    def entry(self) -> dict:
+        return {"id": self.id, "proto": self.proto, "host_addr": self.host_addr,
+                "host_port": self.host_port, "guest_addr": self.guest_addr,
+                "guest_port": self.guest_port}
+
+
+class PortForwarder:
+    def __init__(self, daemon):
+        self.daemon = daemon
+        daemon.portfwd = self
+        self.forwards: dict[int, Forward] = {}
+        self._next_id = 1
+        self._nursery = None
+        self._next_udp_port = UDP_PORT_LO
+        daemon.udp_intercepts.append(self._intercept)
+
+    # ------------------------------------------------------------------------------ table
+    def list(self) -> list[dict]:
+        return [f.entry() for f in sorted(self.forwards.values(), key=lambda f: f.id)]
+
+    def _bind(self, proto: str, host_addr: str, host_port: int):
+        if host_port < unprivileged_port_start():
+            raise ForwardError(f"port {host_port}: below ip_unprivileged_port_start "
+                               f"({unprivileged_port_start()}), refusing privileged port")
+        family = _socket.AF_INET6 if ":" in host_addr else _socket.AF_INET
+        kind = _socket.SOCK_STREAM if proto == "tcp" else _socket.SOCK_DGRAM
+        s = _socket.socket(family, kind)
+        try:
+            if proto == "tcp":
+                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            if family == _socket.AF_INET6:
+                # as libslirp: "::" is v6 only, "0.0.0.0" is v4 only
+                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+            s.bind((host_addr, host_port))
+            if proto == "tcp":
+                s.listen(128)
+            s.setblocking(False)
+        except OSError as e:
+            s.close()
+            why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ForwardError(f"port {host_addr}:{host_port}/{proto}: {why}") from None
+        return s
+
+    def add(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
+        if proto not in ("tcp", "udp"):
+            raise ForwardError(f"bad proto {proto!r}")
+        for f in self.forwards.values():
+            if f.proto == proto and f.host_port == host_port and (
+                    f.host_addr == host_addr or "0.0.0.0" in (f.host_addr, host_addr)
+                    and ":" not in f.host_addr + host_addr
+                    or "::" in (f.host_addr, host_addr) and ":" in f.host_addr and ":" in host_addr):
+                raise ForwardError(f"port {host_addr}:{host_port}/{proto}: already forwarded")
+        sock = self._bind(proto, host_addr, host_port)
+        fwd = Forward(self._next_id, proto, host_addr, host_port, str(guest_addr), guest_port, sock)
+        self._next_id += 1
+        self.forwards[fwd.id] = fwd
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run, fwd)
+        return fwd.id
+
+    def remove(self, fid) -> None:
+        fwd = self.forwards.pop(fid, None)
+        if fwd is None:
+            raise ForwardError(f"no forward with id {fid}")
+        fwd.cancel.cancel()
+        fwd.sock.close()  # the host port is closed now; accepted connections live on
+
+    # ------------------------------------------------------------------------------ tasks
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        cfg = self.daemon.config
+        for pf in cfg.ports:
+            guest = pf.guest_addr or str(cfg.guest)
+            try:
+                self.add(pf.proto, pf.host_addr, pf.host_port, guest, pf.guest_port)
+            except ForwardError as e:
+                for fid in list(self.forwards):
+                    self.remove(fid)
+                raise StartupError(f"--port {pf.host_port}: {e}") from None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for fwd in list(self.forwards.values()):
+                nursery.start_soon(self._run, fwd)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _run(self, fwd: Forward):
+        with fwd.cancel:
+            try:
+                if fwd.proto == "tcp":
+                    await self._accept_loop(fwd)
+                else:
+                    await self._udp_loop(fwd)
+            except (OSError, trio.ClosedResourceError) as e:
+                if fwd.id in self.forwards:
+                    log.warning("forward %d stopped: %s", fwd.id, e)
+
+    async def _accept_loop(self, fwd: Forward):
+        while True:
+            try:
+                conn, peer = await fwd.sock.accept()
+            except OSError as e:
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.daemon.stack.stats.drop("portfwd_accept_" + errno.errorcode[e.errno])
+                    await trio.sleep(0.1)
+                    continue
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            self._nursery.start_soon(self._inbound, fwd, conn, peer)
+
+    async def _inbound(self, fwd, conn, peer):
+        d = self.daemon
+        nat = getattr(d, "tcp_nat", None)
+        if nat is None:
+            d.stack.stats.drop("portfwd_no_tcp_nat")
+            conn.close()
+            return
+        family = 6 if conn.family == _socket.AF_INET6 else 4
+        gfamily = 6 if ":" in fwd.guest_addr else 4
+        src = guest_visible_source(d.config, gfamily, peer[0])
+        if (":" in src) != (gfamily == 6):  # a v6 client to a v4 guest: appear as the gateway
+            src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
+        try:
+            await nat.forward_inbound(conn, gfamily, src, peer[1], fwd.guest_addr, fwd.guest_port)
+        except Exception:  # a bridge failure must not take the forwarder down
+            log.exception("forward_inbound %s -> %s:%d", peer, fwd.guest_addr, fwd.guest_port)
+            conn.close()
+
+    # ------------------------------------------------------------------------------- UDP
+    def _alloc_udp_port(self, fwd: Forward) -> int | None:
+        span = UDP_PORT_HI - UDP_PORT_LO + 1
+        for _ in range(span):
+            p = self._next_udp_port
+            self._next_udp_port = UDP_PORT_LO + (p + 1 - UDP_PORT_LO) % span
+            if p not in fwd.by_gport:
+                return p
+        return None
+
+    def _expire(self, fwd: Forward, now: float) -> None:
+        for key, m in list(fwd.by_client.items()):
+            if now - m.last > UDP_IDLE:
+                del fwd.by_client[key]
+                fwd.by_gport.pop(m.gport, None)
+
+    async def _udp_loop(self, fwd: Forward):
+        d = self.daemon
+        gfamily = 6 if ":" in fwd.guest_addr else 4
+        while True:
+            data, peer = await fwd.sock.recvfrom(65535)
+            now = d.now()
+            client = peer[:2]
+            m = fwd.by_client.get(client)
+            if m is None:
+                self._expire(fwd, now)
+                if len(fwd.by_client) >= UDP_MAX_MAPPINGS:
+                    oldest = min(fwd.by_client.values(), key=lambda x: x.last)
+                    del fwd.by_client[oldest.client]
+                    fwd.by_gport.pop(oldest.gport, None)
+                    d.stack.stats.drop("portfwd_udp_evict")
+                gport = self._alloc_udp_port(fwd)
+                if gport is None:
+                    d.stack.stats.drop("portfwd_udp_no_port")
+                    continue
+                src = guest_visible_source(d.config, gfamily, peer[0])
+                if (":" in src) != (gfamily == 6):
+                    src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
+                m = _UdpMap(client, gport, src, now)
+                fwd.by_client[client] = m
+                fwd.by_gport[gport] = m
+            m.last = now
+            d.stack.send_udp(gfamily, m.src, m.gport, fwd.guest_addr, fwd.guest_port, data, now)
+            d.flush()
+
+    def _intercept(self, ev) -> bool:
+        for fwd in self.forwards.values():
+            if fwd.proto != "udp" or ev.sport != fwd.guest_port or ev.src != fwd.guest_addr:
+                continue
+            m = fwd.by_gport.get(ev.dport)
+            if m is None or m.src != ev.dst:
+                continue
+            m.last = self.daemon.now()
+            try:
+                fwd.raw.sendto(ev.payload, m.client)
+            except OSError:
+                self.daemon.stack.stats.drop("portfwd_udp_send")
+            return True
+        return False
