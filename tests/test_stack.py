@@ -200,3 +200,31 @@ def test_mac_learned_from_ip():
     s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
     assert Ether(bytes(s.frames_to_send()[0])).dst == GUEST_MAC
     assert str(ipaddress.ip_address("10.0.2.100")) == "10.0.2.100"
+
+
+def test_ipv6_fragmented_udp_reassembled():
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+    s = Stack(Config(enable_ipv6=True))
+    big = bytes(range(256)) * 12
+    pkt = IPv6(src="fd00::100", dst="fd00::3") / IPv6ExtHdrFragment(id=77) / UDP(
+        sport=7, dport=53) / big
+    frs = fragment6(pkt, 1280)
+    assert len(frs) >= 3
+    for f in reversed(frs):
+        s.receive_frame(eth(f), 0.0)
+    evs = [e for e in drain_events(s) if isinstance(e, events.UdpDatagram)]
+    assert evs == [events.UdpDatagram(6, "fd00::100", 7, "fd00::3", 53, big)]
+
+
+def test_send_udp6_fragments_to_guest():
+    from scapy.layers.inet6 import defragment6
+    s = Stack(Config(enable_ipv6=True, mtu=1500))
+    payload = bytes(range(256)) * 10
+    s.send_udp(6, "fd00::3", 53, "fd00::100", 5000, payload, 0.0)
+    frames = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert len(frames) == 2 and all(len(f) <= 1514 for f in frames)
+    whole = IPv6(bytes(defragment6([f[IPv6] for f in frames])))
+    assert bytes(whole[UDP].payload) == payload and whole[UDP].dport == 5000
+    ck = whole[UDP].chksum
+    del whole[UDP].chksum
+    assert IPv6(bytes(whole))[UDP].chksum == ck

@@ -290,8 +290,6 @@ class Stack:
 
     def _send_ip6(self, src, dst, nh, l4, dst_mac=None, hlim=64):
         mac = dst_mac if dst_mac is not None else self.guest_mac
-        if mac == wire.BROADCAST:
-            mac = b"\x33\x33" + bytes(dst[12:16])
         for f in wire.fragment_ipv6(mac, self.router_mac, bytes(src), bytes(dst), nh, l4,
                                     self._next_ident(), self.config.mtu, hlim):
             self._send(f)

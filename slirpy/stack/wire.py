@@ -79,7 +79,8 @@ def parse_ipv6_untrusted(buf):
 
     The extension-header chain is walked (at most MAX_EXT_HEADERS); ``frag`` is None or
     (ident, offset_bytes, more_frags, unfragmentable_len) and payload starts after the
-    fragment header (for fragments) or after the last extension header.
+    fragment header (for fragments: the fragmentable part, ``next_header`` taken from the
+    fragment header) or after the last extension header.
     """
     n = len(buf)
     if n < 40:
@@ -91,21 +92,15 @@ def parse_ipv6_untrusted(buf):
     if end > n:
         return "ipv6_length_exceeds_frame"
     off = 40
-    frag = None
     for _ in range(MAX_EXT_HEADERS + 1):
         if nh == 44:
-            if frag is not None:
-                return "ipv6_two_fragment_headers"
             if off + 8 > end:
                 return "ipv6_truncated_ext"
             nnh, _r, offmf, ident = FRAG6.unpack_from(buf, off)
             frag = (ident, offmf & 0xFFF8, bool(offmf & 1), off)
-            off += 8
-            nh = nnh
-            if frag[1] != 0:
-                # a non-first fragment: the rest is opaque data
-                return src, dst, nh, hlim, frag, buf[off:end]
-            continue
+            # Everything after the fragment header is the fragmentable part (offsets count
+            # from here); headers inside it are walked, if at all, after reassembly.
+            return src, dst, nnh, hlim, frag, buf[off + 8:end]
         if nh in _EXT_HDRS:
             if off + 2 > end:
                 return "ipv6_truncated_ext"
@@ -116,7 +111,7 @@ def parse_ipv6_untrusted(buf):
             off += size
             nh = nnh
             continue
-        return src, dst, nh, hlim, frag, buf[off:end]
+        return src, dst, nh, hlim, None, buf[off:end]
     return "ipv6_too_many_ext_headers"
 
 
