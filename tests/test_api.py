@@ -1,0 +1,260 @@
+"""API socket: exact reply bytes (compat doc table), bad input, limits; real unix socket, fake daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+import trio
+
+from slirpy import api_socket
+from slirpy.api_socket import ApiServer, handle_request
+from slirpy.config import Config
+from slirpy.portfwd import PortForwarder, StartupError
+from slirpy.stack.stats import Stats
+
+
+class FakeStack:
+    def __init__(self):
+        self.stats = Stats()
+        self.sent = []
+
+    def send_udp(self, *a):
+        self.sent.append(a)
+
+
+class FakeDaemon:
+    def __init__(self, **cfg):
+        self.config = Config(**cfg)
+        self.stack = FakeStack()
+        self.udp_intercepts = []
+
+    def now(self):
+        return trio.current_time()
+
+    def flush(self):
+        pass
+
+
+def free_port(kind=socket.SOCK_STREAM, addr="127.0.0.1"):
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    s = socket.socket(fam, kind)
+    s.bind((addr, 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+async def call(path, data: bytes) -> bytes:
+    s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with s:
+        await s.connect(path)
+        await s.send(data)
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while True:
+            b = await s.recv(65536)
+            if not b:
+                return out
+            out += b
+
+
+async def start(nursery, tmp_path, **cfg):
+    d = FakeDaemon(**cfg)
+    pf = PortForwarder(d)
+    await nursery.start(pf.serve)
+    path = str(tmp_path / "api.sock")
+    srv = ApiServer(d, path)
+    await nursery.start(srv.serve)
+    return d, pf, srv, path
+
+
+async def test_compat_table_exact_bytes(tmp_path):
+    port = free_port()
+    async with trio.open_nursery() as n:
+        d, pf, srv, path = await start(n, tmp_path)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        add = ('{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"0.0.0.0",'
+               f'"host_port":{port},"guest_addr":"10.0.2.100","guest_port":80}}}}').encode()
+        assert await call(path, add) == b'{"return":{"id":1}}'
+        assert await call(path, add) == \
+            b'{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}'
+        assert await call(path, b'{"execute":"list_hostfwd"}') == (
+            '{"entries":[{"id":1,"proto":"tcp","host_addr":"0.0.0.0",'
+            f'"host_port":{port},"guest_addr":"10.0.2.100","guest_port":80}}]}}').encode()
+        # the host port is really bound
+        c = socket.socket()
+        c.connect(("127.0.0.1", port))
+        c.close()
+        assert await call(path, b'{"execute":"remove_hostfwd","arguments":{"id":1}}') == \
+            b'{"return":{}}'
+        assert await call(path, b'{"execute":"remove_hostfwd","arguments":{"id":1}}') == \
+            b'{"error":{"desc":"bad request: remove_hostfwd: bad arguments.id"}}'
+        assert await call(path, b'{"execute":"nosuch"}') == \
+            b'{"error":{"desc":"bad request: unknown execute"}}'
+        assert await call(path, b'not json') == \
+            b'{"error":{"desc":"bad request: cannot parse JSON"}}'
+        assert await call(path, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+        # after remove the host port is closed
+        c = socket.socket()
+        with pytest.raises(ConnectionRefusedError):
+            c.connect(("127.0.0.1", port))
+        c.close()
+        # ids keep counting (slirp4netns numbering), guest_addr defaults to the guest
+        port2 = free_port(socket.SOCK_DGRAM)
+        r = await call(path, json.dumps({"execute": "add_hostfwd", "arguments": {
+            "proto": "udp", "host_addr": "127.0.0.1", "host_port": port2, "guest_port": 53}}).encode())
+        assert r == b'{"return":{"id":2}}'
+        assert json.loads(await call(path, b'{"execute":"list_hostfwd"}'))["entries"] == [
+            {"id": 2, "proto": "udp", "host_addr": "127.0.0.1", "host_port": port2,
+             "guest_addr": "10.0.2.100", "guest_port": 53}]
+        d.stack.stats.drop("x_reason", 3)
+        st = json.loads(await call(path, b'{"execute":"get_stats"}'))
+        assert st["return"]["dropped"] == {"portfwd_no_tcp_nat": 1, "x_reason": 3}
+        n.cancel_scope.cancel()
+    assert not os.path.exists(path)
+
+
+BAD = [
+    ({"proto": "sctp", "host_port": 1, "guest_port": 80}, "add_hostfwd: bad arguments.proto"),
+    ({"host_port": 40000, "guest_port": 80}, "add_hostfwd: bad arguments.proto"),
+    ({"proto": None, "host_port": 40000, "guest_port": 80}, "add_hostfwd: bad arguments.proto"),
+    ({"proto": "tcp", "host_port": 0, "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": 65536, "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": "40000", "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": True, "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": None, "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": 40000.0, "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "guest_port": 80}, "add_hostfwd: bad arguments.host_port"),
+    ({"proto": "tcp", "host_port": 40000}, "add_hostfwd: bad arguments.guest_port"),
+    ({"proto": "tcp", "host_port": 40000, "guest_port": 0}, "add_hostfwd: bad arguments.guest_port"),
+    ({"proto": "tcp", "host_port": 40000, "guest_port": False}, "add_hostfwd: bad arguments.guest_port"),
+    ({"proto": "tcp", "host_addr": "8.8.8.8", "host_port": 40000, "guest_port": 80},
+     "add_hostfwd: bad arguments.host_addr"),
+    ({"proto": "tcp", "host_addr": 7, "host_port": 40000, "guest_port": 80},
+     "add_hostfwd: bad arguments.host_addr"),
+    ({"proto": "tcp", "host_port": 40000, "guest_addr": "192.168.1.5", "guest_port": 80},
+     "add_hostfwd: bad arguments.guest_addr"),
+    ({"proto": "tcp", "host_port": 40000, "guest_addr": "10.0.2.2", "guest_port": 80},
+     "add_hostfwd: bad arguments.guest_addr"),
+    ({"proto": "tcp", "host_port": 40000, "guest_addr": None, "guest_port": 80},
+     "add_hostfwd: bad arguments.guest_addr"),
+    ({"proto": "tcp", "host_port": 40000, "guest_addr": "nonsense", "guest_port": 80},
+     "add_hostfwd: bad arguments.guest_addr"),
+    ({"proto": "tcp", "host_port": 40000, "guest_addr": "fd00::100", "guest_port": 80},
+     "add_hostfwd: bad arguments.guest_addr"),  # IPv6 not enabled
+    ("notadict", "add_hostfwd: bad arguments"),
+]
+
+
+async def test_bad_inputs_error_and_keep_serving(tmp_path):
+    async with trio.open_nursery() as n:
+        d, pf, srv, path = await start(n, tmp_path)
+        for args, desc in BAD:
+            req = json.dumps({"execute": "add_hostfwd", "arguments": args}).encode()
+            assert await call(path, req) == api_socket._err("bad request: " + desc), args
+        for req, desc in [
+            (b'{"execute":"remove_hostfwd"}', "remove_hostfwd: bad arguments.id"),
+            (b'{"execute":"remove_hostfwd","arguments":{"id":"1"}}', "remove_hostfwd: bad arguments.id"),
+            (b'{"execute":"remove_hostfwd","arguments":{"id":99}}', "remove_hostfwd: bad arguments.id"),
+            (b'{"arguments":{}}', "no execute found"),
+            (b'{"execute":5}', "no execute found"),
+            (b'[1,2]', "cannot parse JSON"),
+            (b'', "cannot parse JSON"),
+            (b'\xff\xfe', "cannot parse JSON"),
+            (b'[' * 100000, None),
+        ]:
+            r = await call(path, req)
+            if desc:
+                assert r == api_socket._err("bad request: " + desc), req
+            else:
+                assert b'"error"' in r
+        # privileged port: refused (slirpy rule even as root)
+        assert await call(path, b'{"execute":"add_hostfwd","arguments":{"proto":"tcp",'
+                          b'"host_port":80,"guest_port":80}}') == \
+            api_socket._err("bad request: add_hostfwd: slirp_add_hostfwd failed")
+        assert pf.list() == []
+        # still serving good requests
+        p = free_port()
+        r = await call(path, json.dumps({"execute": "add_hostfwd", "arguments": {
+            "proto": "tcp", "host_addr": "127.0.0.1", "host_port": p, "guest_port": 80}}).encode())
+        assert r == b'{"return":{"id":1}}'
+        n.cancel_scope.cancel()
+
+
+async def test_large_request_silent_client_and_many_clients(tmp_path, monkeypatch):
+    monkeypatch.setattr(api_socket, "READ_TIMEOUT", 0.3)
+    async with trio.open_nursery() as n:
+        d, pf, srv, path = await start(n, tmp_path)
+        big = b'{"execute":"list_hostfwd","pad":"' + b"x" * 70000 + b'"}'
+        assert await call(path, big) == b'{"error":{"desc":"bad request: too large message"}}'
+        # a silent client is dropped without a reply after the timeout
+        s = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await s.connect(path)
+        with trio.fail_after(5):
+            assert await s.recv(100) == b""
+        s.close()
+        # 100 idle clients at once: beyond the cap they are closed; others still get answers
+        idle = []
+        for _ in range(100):
+            c = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await c.connect(path)
+            idle.append(c)
+        await trio.sleep(0.05)
+        assert srv.active <= api_socket.MAX_CLIENTS
+        assert srv.refused >= 100 - api_socket.MAX_CLIENTS
+        for c in idle:
+            c.close()
+        await trio.sleep(0.5)  # the silent ones time out (patched to 0.3 s)
+        assert srv.active == 0
+        assert await call(path, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+        n.cancel_scope.cancel()
+
+
+async def test_stale_socket_replaced_live_refused(tmp_path):
+    path = str(tmp_path / "s.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # file left behind, nobody listening
+    d = FakeDaemon()
+    async with trio.open_nursery() as n:
+        srv = ApiServer(d, path)
+        await n.start(srv.serve)
+        assert await call(path, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+        with pytest.raises(StartupError, match="another daemon"):
+            await ApiServer(d, path).serve()
+        n.cancel_scope.cancel()
+    assert not os.path.exists(path)
+    open(path, "w").close()
+    with pytest.raises(StartupError, match="not a socket"):
+        await ApiServer(d, path).serve()
+
+
+def test_handle_request_without_forwarder():
+    d = FakeDaemon()
+    assert handle_request(d, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+
+
+async def test_client_cli(tmp_path, capsys):
+    from slirpy import api_client
+    async with trio.open_nursery() as n:
+        d, pf, srv, path = await start(n, tmp_path)
+        p = free_port()
+        rc = await trio.to_thread.run_sync(api_client.main, ["--socket", path, "add", "tcp", f"127.0.0.1:{p}:80"])
+        assert rc == 0
+        rc2 = await trio.to_thread.run_sync(api_client.main, ["--socket", path, "add", "tcp", f"127.0.0.1:{p}:80"])
+        assert rc2 == 1
+        rc3 = await trio.to_thread.run_sync(api_client.main, ["--socket", path, "list"])
+        rc4 = await trio.to_thread.run_sync(api_client.main, ["--socket", path, "remove", "1"])
+        rc5 = await trio.to_thread.run_sync(api_client.main, ["--socket", path, "raw", "{}"])
+        assert (rc3, rc4, rc5) == (0, 0, 1)
+        n.cancel_scope.cancel()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == '{"return":{"id":1}}'
+    assert out[1] == '{"error":{"desc":"bad request: add_hostfwd: slirp_add_hostfwd failed"}}'
+    assert json.loads(out[2])["entries"][0]["host_port"] == p
+    assert out[3] == '{"return":{}}'
+    assert out[4] == '{"error":{"desc":"bad request: no execute found"}}'
