@@ -54,7 +54,14 @@ def _ns_paths(config) -> tuple[str | None, str]:
         except OSError as e:
             raise HelperError(f"cannot inspect {userns}: {e.strerror}") from None
         return userns, netns
-    return config.userns_path, config.target
+    userns = config.userns_path
+    if userns:
+        try:
+            if _same_ns(userns, "/proc/self/ns/user"):
+                userns = None  # setns() into our own user namespace would fail with EINVAL
+        except OSError as e:
+            raise HelperError(f"cannot open user namespace {userns}: {e.strerror}") from None
+    return userns, config.target
 
 
 def _join(path: str, nstype: int, what: str) -> None:

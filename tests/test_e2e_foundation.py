@@ -138,3 +138,36 @@ def test_command_form_sigterm_to_slirpy():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_no_dev_net_tun():
+    # a private mount namespace where /dev/net is an empty tmpfs: no tun device
+    p = subprocess.run(["unshare", "-Urm", "sh", "-c",
+                        'mount -t tmpfs none /dev/net && exec "$@"', "sh",
+                        *slirpy_cmd("--", "true")], capture_output=True, text=True, timeout=30, env=_env())
+    assert p.returncode == 1, p.stderr
+    assert p.stderr == "slirpy: error: /dev/net/tun does not exist (load the tun module or bind-mount it)\n"
+
+
+def test_path_form_userns_same_as_ours():
+    # --userns-path naming our own user namespace is skipped, not an EINVAL from setns
+    with NsHolder() as ns:
+        ready_r, ready_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        proc = subprocess.Popen(["nsenter", "-t", str(ns.pid), "-U", "--preserve-credentials",
+                                 *slirpy_cmd("-c", "--netns-type=path", "--userns-path=/proc/self/ns/user",
+                                             "-r", str(ready_w), "-e", str(exit_r),
+                                             f"/proc/{ns.pid}/ns/net", "tap0")],
+                                pass_fds=(ready_w, exit_r), stderr=subprocess.PIPE, text=True, env=_env())
+        os.close(ready_w)
+        os.close(exit_r)
+        try:
+            assert os.read(ready_r, 1) == b"1"
+            addrs = [a["local"] for l in ns.ip_json("addr", "show", "dev", "tap0") for a in l["addr_info"]
+                     if a["family"] == "inet"]
+            assert addrs == ["10.0.2.100"]
+        finally:
+            os.close(exit_w)
+            os.close(ready_r)
+            rc = proc.wait(timeout=10)
+        assert rc == 0, proc.stderr.read()
