@@ -248,3 +248,33 @@ def test_parsers_never_raise(b):
     wire.parse_tcp_untrusted(mv, 0)
     wire.parse_icmp_untrusted(mv)
     wire.parse_ndp_options_untrusted(mv)
+
+
+def test_ndp_codecs_against_scapy():
+    from scapy.layers.inet6 import (ICMPv6ND_NA, ICMPv6ND_NS, ICMPv6ND_RA,
+                                    ICMPv6NDOptMTU, ICMPv6NDOptPrefixInfo,
+                                    ICMPv6NDOptSrcLLAddr)
+    a6 = lambda s: ipaddress.IPv6Address(s).packed  # noqa: E731
+    mac = _mac(MAC_B)
+    na = wire.build_ndp_na(a6("fd00::2"), a6("fe80::1"), a6("fd00::2"), mac,
+                           wire.NA_ROUTER | wire.NA_SOLICITED | wire.NA_OVERRIDE)
+    p = Ether(bytes(wire.build_ipv6(_mac(MAC_A), mac, a6("fd00::2"), a6("fe80::1"), 58, na,
+                                    255)))
+    n = p[ICMPv6ND_NA]
+    assert (n.R, n.S, n.O, n.tgt) == (1, 1, 1, "fd00::2")
+    ck = n.cksum
+    del n.cksum
+    assert Ether(bytes(p))[ICMPv6ND_NA].cksum == ck
+    ra = wire.build_ndp_ra(a6("fe80::2"), wire.ALL_NODES6, mac, 1500, a6("fd00::"))
+    p = Ether(bytes(wire.build_ipv6(wire.ALL_NODES_MAC, mac, a6("fe80::2"), wire.ALL_NODES6,
+                                    58, ra, 255)))
+    assert p[ICMPv6ND_RA].routerlifetime == 1800 and p[ICMPv6ND_RA].chlim == 64
+    assert p[ICMPv6NDOptMTU].mtu == 1500 and p[ICMPv6NDOptSrcLLAddr].lladdr == MAC_B
+    pi = p[ICMPv6NDOptPrefixInfo]
+    assert (pi.prefix, pi.prefixlen, pi.L, pi.A) == ("fd00::", 64, 1, 1)
+    ns = bytes(ICMPv6ND_NS(tgt="fd00::3") / ICMPv6NDOptSrcLLAddr(lladdr=MAC_A))
+    assert wire.parse_ndp_ns_untrusted(0, 255, memoryview(ns)[8:]) == (a6("fd00::3"),
+                                                                        {1: _mac(MAC_A)})
+    assert wire.parse_ndp_ns_untrusted(0, 64, memoryview(ns)[8:]) == "ndp_ns_not_link_local"
+    err = wire.build_icmp6_error(a6("fd00::2"), a6("fd00::100"), 1, 4, b"\x60" + b"\0" * 2000)
+    assert len(err) == 1280 - 40 and err[0] == 1 and err[1] == 4

@@ -112,7 +112,7 @@ class Stack:
         self.tcp.handle_timer(now)
         if self.config.enable_ipv6 and now >= self._next_ra:
             self._next_ra = now + RA_INTERVAL
-            self._send_ra(b"\x33\x33\x00\x00\x00\x01", bytes.fromhex("ff02" + "00" * 13 + "01"))
+            self._send_ra(wire.ALL_NODES_MAC, wire.ALL_NODES6)
 
     # ----------------------------------------------------------------------------- input
     def receive_frame(self, buf, now):
@@ -247,35 +247,39 @@ class Stack:
                                              rest & 0xFFFF, bytes(body)))
             return None
         if typ == 135:  # neighbour solicitation
-            if hlim != 255 or code != 0 or len(body) < 16:
-                return "ndp_bad_ns"
-            target = bytes(body[:16])
-            opts = wire.parse_ndp_options_untrusted(body[16:])
-            if type(opts) is str:
-                return opts
+            ns = wire.parse_ndp_ns_untrusted(code, hlim, body)
+            if type(ns) is str:
+                return ns
+            target, opts = ns
             if target not in self._local6:
                 return "ndp_not_for_us"
-            mac = opts.get(1, smac)[:6]
-            na = wire.icmp6_message(target, src, 136, 0, 0xE0000000 if False else 0x60000000,
-                                    target + b"\x02\x01" + self.router_mac)
-            self._send_ip6(target, src, 58, na, dst_mac=mac, hlim=255)
+            mac = opts.get(1, b"")[:6]
+            if len(mac) != 6:
+                mac = bytes(smac)
+            if any(src):
+                na = wire.build_ndp_na(target, src, target, self.router_mac,
+                                       wire.NA_ROUTER | wire.NA_SOLICITED | wire.NA_OVERRIDE)
+                self._send_ip6(target, src, 58, na, dst_mac=mac, hlim=255)
+            else:  # DAD probe from "::": answer to all-nodes, unsolicited
+                na = wire.build_ndp_na(target, wire.ALL_NODES6, target, self.router_mac,
+                                       wire.NA_ROUTER | wire.NA_OVERRIDE)
+                self._send_ip6(target, wire.ALL_NODES6, 58, na, dst_mac=wire.ALL_NODES_MAC,
+                               hlim=255)
             return None
         if typ == 133:  # router solicitation
-            if hlim != 255:
-                return "ndp_bad_rs"
-            self._send_ra(smac, src if any(src) else bytes.fromhex("ff02" + "00" * 13 + "01"))
+            rs = wire.parse_ndp_rs_untrusted(code, hlim, body)
+            if type(rs) is str:
+                return rs
+            if any(src):
+                self._send_ra(bytes(smac), src)
+            else:
+                self._send_ra(wire.ALL_NODES_MAC, wire.ALL_NODES6)
             return None
         return "icmp6_unhandled_type"
 
     def _send_ra(self, dmac, dst):
-        prefix = bytes(self.gw6[:8]) + b"\x00" * 8
-        body = (b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # reachable, retrans
-                + b"\x01\x01" + self.router_mac  # source link-layer address
-                + b"\x05\x01\x00\x00" + self.config.mtu.to_bytes(4, "big")
-                + b"\x03\x04\x40\xc0" + (86400).to_bytes(4, "big") + (14400).to_bytes(4, "big")
-                + b"\x00" * 4 + prefix)
-        rest = (64 << 24) | (0 << 16) | 1800  # cur hop limit, flags, router lifetime
-        msg = wire.icmp6_message(self.ll6, dst, 134, 0, rest, body)
+        msg = wire.build_ndp_ra(self.ll6, dst, self.router_mac, self.config.mtu,
+                                bytes(self.gw6[:8]) + b"\x00" * 8)
         self._send_ip6(self.ll6, dst, 58, msg, dst_mac=dmac, hlim=255)
 
     # ---------------------------------------------------------------------------- output
@@ -330,9 +334,7 @@ class Stack:
         dg = wire.udp_datagram(family, s, d, sport, dport, payload)
         if family == 4:
             orig = wire.build_ipv4(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
-            quote = bytes(orig[:576 - 28])
-            self._send_ip4(self.gw4, s, wire.PROTO_ICMP, wire.icmp_message(3, code, 0, quote))
+            self._send_ip4(self.gw4, s, wire.PROTO_ICMP, wire.build_icmp4_error(3, code, orig))
         else:
             orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
-            quote = bytes(orig[:1280 - 48])
-            self._send_ip6(self.gw6, s, 58, wire.icmp6_message(self.gw6, s, 1, code, 0, quote))
+            self._send_ip6(self.gw6, s, 58, wire.build_icmp6_error(self.gw6, s, 1, code, orig))

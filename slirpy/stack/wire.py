@@ -284,3 +284,61 @@ def fragment_ipv6(dst_mac, src_mac, src, dst, nh, l4, ident, mtu, hlim=64):
         out.append(build_ipv6(dst_mac, src_mac, src, dst, nh, mv[off:off + step], hlim,
                               (ident, off, off + step < len(l4))))
     return out
+
+
+# ------------------------------------------------------------------------- ICMPv6 / NDP codecs
+NA_ROUTER, NA_SOLICITED, NA_OVERRIDE = 0x80000000, 0x40000000, 0x20000000
+ALL_NODES6 = bytes.fromhex("ff020000000000000000000000000001")
+ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
+
+
+def parse_ndp_ns_untrusted(code: int, hlim: int, body):
+    """Neighbour solicitation body (after the 8-byte ICMPv6 header).
+    -> (target: bytes, options dict) or reason (RFC 4861 7.1.1 checks)."""
+    if hlim != 255 or code != 0:
+        return "ndp_ns_not_link_local"
+    if len(body) < 16:
+        return "ndp_ns_truncated"
+    opts = parse_ndp_options_untrusted(body[16:])
+    if type(opts) is str:
+        return opts
+    target = bytes(body[:16])
+    if target[0] == 0xFF:
+        return "ndp_ns_multicast_target"
+    return target, opts
+
+
+def parse_ndp_rs_untrusted(code: int, hlim: int, body):
+    """Router solicitation body (after the reserved word). -> options dict or reason."""
+    if hlim != 255 or code != 0:
+        return "ndp_rs_not_link_local"
+    return parse_ndp_options_untrusted(body)
+
+
+def build_ndp_na(src: bytes, dst: bytes, target: bytes, mac: bytes, flags: int) -> bytearray:
+    """Neighbour advertisement with a target link-layer address option."""
+    return icmp6_message(src, dst, 136, 0, flags, target + b"\x02\x01" + mac)
+
+
+def build_ndp_ra(src: bytes, dst: bytes, mac: bytes, mtu: int, prefix: bytes,
+                 prefixlen: int = 64, router_lifetime: int = 1800, hop_limit: int = 64,
+                 valid: int = 86400, preferred: int = 14400) -> bytearray:
+    """Router advertisement: source link-layer, MTU and prefix information (on-link, SLAAC)."""
+    body = (b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # reachable time, retrans timer
+            + b"\x01\x01" + mac
+            + b"\x05\x01\x00\x00" + mtu.to_bytes(4, "big")
+            + bytes([3, 4, prefixlen, 0xC0]) + valid.to_bytes(4, "big")
+            + preferred.to_bytes(4, "big") + b"\x00" * 4 + prefix)
+    rest = (hop_limit << 24) | router_lifetime
+    return icmp6_message(src, dst, 134, 0, rest, body)
+
+
+def build_icmp4_error(typ: int, code: int, quoted_ip: bytes, rest: int = 0) -> bytearray:
+    """ICMPv4 error quoting the offending datagram, truncated so the reply fits 576 bytes."""
+    return icmp_message(typ, code, rest, bytes(quoted_ip[:576 - 28]))
+
+
+def build_icmp6_error(src: bytes, dst: bytes, typ: int, code: int, quoted_ip: bytes,
+                      rest: int = 0) -> bytearray:
+    """ICMPv6 error (RFC 4443: as much of the invoking packet as fits in 1280 bytes)."""
+    return icmp6_message(src, dst, typ, code, rest, bytes(quoted_ip[:1280 - 48]))
