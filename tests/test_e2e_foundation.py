@@ -162,6 +162,8 @@ def test_path_form_userns_same_as_ours():
         os.close(ready_w)
         os.close(exit_r)
         try:
+            import select
+            assert select.select([ready_r], [], [], 15)[0], "slirpy never became ready"
             assert os.read(ready_r, 1) == b"1"
             addrs = [a["local"] for l in ns.ip_json("addr", "show", "dev", "tap0") for a in l["addr_info"]
                      if a["family"] == "inet"]
