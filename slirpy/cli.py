@@ -53,12 +53,10 @@ User-mode networking for unprivileged network namespaces.
 # Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
 NOT_IMPLEMENTED = {
     "enable_ipv6": "--enable-ipv6",
-    "api_socket": "--api-socket",
     "enable_sandbox": "--enable-sandbox",
     "enable_seccomp": "--enable-seccomp",
     "outbound_addr": "--outbound-addr",
     "outbound_addr6": "--outbound-addr6",
-    "ports": "--port",
     "pcap": "--pcap",
 }
 
@@ -276,7 +274,25 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     logging.basicConfig(level=cfg.log_level, format="slirpy: %(levelname)s %(name)s: %(message)s")
     from .daemon import run
-    return run(cfg)
+    try:
+        return run(cfg)
+    except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)
+        msg = _startup_error(e)
+        if msg is None:
+            raise
+        return fail(msg)
+
+
+def _startup_error(e: BaseException) -> str | None:
+    from .portfwd import StartupError
+    if isinstance(e, StartupError):
+        return str(e)
+    if isinstance(e, BaseExceptionGroup):
+        for sub in e.exceptions:
+            m = _startup_error(sub)
+            if m is not None:
+                return m
+    return None
 
 
 if __name__ == "__main__":
