@@ -228,3 +228,16 @@ def test_send_udp6_fragments_to_guest():
     ck = whole[UDP].chksum
     del whole[UDP].chksum
     assert IPv6(bytes(whole))[UDP].chksum == ck
+
+
+def test_multicast_and_broadcast_never_become_events():
+    s = Stack(Config(enable_ipv6=True))
+    for dst in ("224.0.0.251", "255.255.255.255", "10.0.2.255"):
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / UDP(sport=5353, dport=5353) / b"m"),
+                        0.0)
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / ICMP()), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="ff02::fb") / UDP() / b"m"), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="ff02::1") / ICMPv6EchoRequest()), 0.0)
+    assert drain_events(s) == [] and s.frames_to_send() == []
+    assert s.stats.dropped["ipv4_multicast_or_broadcast"] == 6
+    assert s.stats.dropped["ipv6_multicast"] == 1 and s.stats.dropped["icmp6_echo_multicast"] == 1

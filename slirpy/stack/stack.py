@@ -165,6 +165,8 @@ class Stack:
             if whole is None:
                 return None
             data = memoryview(whole)
+        if dst[0] >= 224 or int.from_bytes(dst, "big") | self._mask4 == 0xFFFFFFFF:
+            return "ipv4_multicast_or_broadcast"  # mDNS, IGMP, DHCP...: never leave the stack
         if proto == wire.PROTO_TCP:
             return self._tcp_untrusted(4, src, dst, data, now)
         if proto == wire.PROTO_UDP:
@@ -225,6 +227,8 @@ class Stack:
                 if whole is None:
                     return None
                 data = memoryview(whole)
+        if dst[0] == 0xFF and nh != wire.PROTO_ICMP6:
+            return "ipv6_multicast"
         if nh == wire.PROTO_TCP:
             return self._tcp_untrusted(6, src, dst, data, now)
         if nh == wire.PROTO_UDP:
@@ -240,6 +244,8 @@ class Stack:
         typ, code, rest, body = m
         src, dst = bytes(src), bytes(dst)
         if typ == 128:
+            if dst[0] == 0xFF:
+                return "icmp6_echo_multicast"
             if dst in self._local6:
                 self._send_ip6(dst, src, 58, wire.icmp6_message(dst, src, 129, 0, rest, body))
                 return None
