@@ -44,7 +44,7 @@ def handle_request(daemon, raw: bytes) -> bytes:
     except (ValueError, UnicodeDecodeError, RecursionError):
         return _err("bad request: cannot parse JSON")
     if not isinstance(req, dict):
-        return _err("bad request: cannot parse JSON")
+        return _err("bad request: json_object() failed")
     execute = req.get("execute")
     if not isinstance(execute, str):
         return _err("bad request: no execute found")
@@ -74,8 +74,8 @@ def handle_request(daemon, raw: bytes) -> bytes:
 
 def _add(daemon, args) -> bytes:
     p = "bad request: add_hostfwd: "
-    if not isinstance(args, dict):
-        return _err(p + "bad arguments")
+    if not isinstance(args, dict):  # as api.c: arguments.proto is the first lookup to fail
+        return _err(p + "bad arguments.proto")
     proto = args.get("proto")
     if proto not in ("tcp", "udp") or not isinstance(proto, str):
         return _err(p + "bad arguments.proto")

@@ -146,7 +146,7 @@ BAD = [
      "add_hostfwd: bad arguments.guest_addr"),
     ({"proto": "tcp", "host_port": 40000, "guest_addr": "fd00::100", "guest_port": 80},
      "add_hostfwd: bad arguments.guest_addr"),  # IPv6 not enabled
-    ("notadict", "add_hostfwd: bad arguments"),
+    ("notadict", "add_hostfwd: bad arguments.proto"),
 ]
 
 
@@ -162,7 +162,8 @@ async def test_bad_inputs_error_and_keep_serving(tmp_path):
             (b'{"execute":"remove_hostfwd","arguments":{"id":99}}', "remove_hostfwd: bad arguments.id"),
             (b'{"arguments":{}}', "no execute found"),
             (b'{"execute":5}', "no execute found"),
-            (b'[1,2]', "cannot parse JSON"),
+            (b'[1,2]', "json_object() failed"),
+            (b'{"execute":"add_hostfwd"}', "add_hostfwd: bad arguments.proto"),
             (b'', "cannot parse JSON"),
             (b'\xff\xfe', "cannot parse JSON"),
             (b'[' * 100000, None),
