@@ -259,3 +259,44 @@ async def test_client_cli(tmp_path, capsys):
     assert json.loads(out[2])["entries"][0]["host_port"] == p
     assert out[3] == '{"return":{}}'
     assert out[4] == '{"error":{"desc":"bad request: no execute found"}}'
+
+
+from hypothesis import given, settings, strategies as hs  # noqa: E402
+
+_json = hs.recursive(hs.none() | hs.booleans() | hs.integers() | hs.floats() | hs.text(max_size=8),
+                     lambda c: hs.lists(c, max_size=4) | hs.dictionaries(hs.text(max_size=8), c, max_size=4),
+                     max_leaves=12)
+_args = hs.fixed_dictionaries({}, optional={
+    "proto": hs.sampled_from(["tcp", "udp", "x", 1, None]),
+    "host_addr": hs.sampled_from(["0.0.0.0", "::1", "1.2.3.4", "", 5]),
+    "host_port": hs.integers(-5, 70000) | _json, "guest_port": hs.integers(-5, 70000) | _json,
+    "guest_addr": hs.sampled_from(["10.0.2.100", "10.0.2.50", "10.0.3.1", "fd00::5", ""]),
+    "id": _json})
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=hs.binary(max_size=200) | _json.map(lambda v: json.dumps(v).encode())
+       | hs.tuples(hs.sampled_from(["add_hostfwd", "remove_hostfwd", "list_hostfwd", "get_stats"]),
+                   _args).map(lambda t: json.dumps({"execute": t[0], "arguments": t[1]}).encode()))
+def test_handle_request_never_raises(raw):
+    d = FakeDaemon()
+
+    class NoBind:  # table stand-in: never binds real ports (hypothesis picks privileged ones too)
+        def __init__(self):
+            self.n = 0
+
+        def add(self, *a):
+            self.n += 1
+            return self.n
+
+        def remove(self, fid):
+            from slirpy.portfwd import ForwardError
+            raise ForwardError("none")
+
+        def list(self):
+            return []
+
+    d.portfwd = NoBind()
+    out = json.loads(handle_request(d, raw))
+    assert isinstance(out, dict) and len(out) == 1
+    assert set(out) <= {"return", "error", "entries"}
