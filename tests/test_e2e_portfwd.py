@@ -223,3 +223,48 @@ def test_tcp_forward_50mb_each_way_and_100_concurrent():
         finally:
             srv.kill()
             srv.wait()
+
+
+WORLD_CLIENT = r"""
+import socket, sys
+for src in sys.argv[2:]:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind((src, 0)); c.settimeout(0.5)
+    for _ in range(20):
+        c.sendto(b"hi", (sys.argv[1].split(":")[0], int(sys.argv[1].split(":")[1])))
+        try:
+            print(c.recvfrom(100)[0].decode(), flush=True); break
+        except socket.timeout:
+            pass
+    else:
+        print("NO_REPLY", flush=True)
+"""
+
+
+def test_udp_forward_keeps_world_source_address():
+    """slirpy runs in a netns the test made (A) with a veth to a "world" netns (192.0.2.2): a
+    world client is seen by the guest with its real address, a loopback client as 10.0.2.2."""
+    require_netns()
+    import shutil
+    import textwrap
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("LOUD: need root and ip(8) to build the world netns")
+    script = textwrap.dedent(f"""
+        set -e
+        ip link set lo up
+        unshare -n sleep 60 & W=$!
+        sleep 0.3
+        ip link add v0 type veth peer name v1 netns $W
+        ip addr add 192.0.2.1/24 dev v0
+        ip link set v0 up
+        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
+        {sys.executable} -m slirpy -c --port 0.0.0.0:40123:9000/udp -- {sys.executable} -c "$0" 9000 &
+        S=$!
+        trap 'kill $S $W; wait $S || true' EXIT
+        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:40123 192.0.2.2
+        {sys.executable} -c "$1" 127.0.0.1:40123 127.0.0.1
+    """)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, UDP_ECHO.replace(
+        'print("ready", flush=True)', ""), WORLD_CLIENT], capture_output=True, text=True, timeout=40)
+    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
+    assert r.stdout.splitlines() == ["echo:192.0.2.2:hi", "echo:10.0.2.2:hi"], r.stderr
