@@ -225,7 +225,15 @@ class PortForwarder:
         d = self.daemon
         gfamily = 6 if ":" in fwd.guest_addr else 4
         while True:
-            data, peer = await fwd.sock.recvfrom(65535)
+            try:
+                data, peer = await fwd.sock.recvfrom(65535)
+            except OSError as e:
+                # a queued ICMP error from an earlier reply to a vanished client must not end
+                # the forward: count it and keep serving
+                if e.errno == errno.EBADF:
+                    raise
+                d.stack.stats.drop("portfwd_udp_recv_" + errno.errorcode.get(e.errno, "err"))
+                continue
             now = d.now()
             client = peer[:2]
             m = fwd.by_client.get(client)

@@ -208,3 +208,33 @@ def test_port_spec_ok(spec, expect):
 def test_port_spec_bad(spec):
     with pytest.raises(PortSpecError):
         parse_port_spec(spec)
+
+
+async def test_udp_forward_survives_icmp_error_from_gone_client():
+    d = FakeDaemon()
+    async with trio.open_nursery() as n:
+        pf = PortForwarder(d)
+        await n.start(pf.serve)
+        p = free_port(socket.SOCK_DGRAM)
+        pf.add("udp", "127.0.0.1", p, "10.0.2.100", 9000)
+        gone = trio.socket.socket(type=socket.SOCK_DGRAM)
+        await gone.bind(("127.0.0.1", 0))
+        await gone.sendto(b"x", ("127.0.0.1", p))
+        with trio.fail_after(5):
+            while not d.stack.sent:
+                await trio.sleep(0.01)
+        gport = d.stack.sent[0][2]
+        gone.close()
+        # the guest replies to a client that is gone: the kernel queues ECONNREFUSED on the socket
+        assert d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", gport, b"late"))
+        await trio.sleep(0.05)
+        ok = trio.socket.socket(type=socket.SOCK_DGRAM)
+        await ok.bind(("127.0.0.1", 0))
+        await ok.sendto(b"still", ("127.0.0.1", p))
+        with trio.fail_after(5):
+            while len(d.stack.sent) < 2:
+                await trio.sleep(0.01)
+        assert d.stack.sent[1][5] == b"still"
+        assert 1 in pf.forwards
+        assert d.stack.stats.dropped["portfwd_udp_recv_ECONNREFUSED"] == 1
+        n.cancel_scope.cancel()
