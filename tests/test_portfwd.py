@@ -225,7 +225,7 @@ async def test_udp_forward_survives_icmp_error_from_gone_client():
                 await trio.sleep(0.01)
         gport = d.stack.sent[0][2]
         gone.close()
-        # the guest replies to a client that is gone: the kernel queues ECONNREFUSED on the socket
+        # the guest replies to a client that is gone
         assert d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", gport, b"late"))
         await trio.sleep(0.05)
         ok = trio.socket.socket(type=socket.SOCK_DGRAM)
@@ -236,5 +236,6 @@ async def test_udp_forward_survives_icmp_error_from_gone_client():
                 await trio.sleep(0.01)
         assert d.stack.sent[1][5] == b"still"
         assert 1 in pf.forwards
-        assert d.stack.stats.dropped["portfwd_udp_recv_ECONNREFUSED"] == 1
+        # (Linux reports no ICMP errors on an unconnected socket without IP_RECVERR, so the
+        # guard in _udp_loop is defensive; this test pins that the forward keeps working)
         n.cancel_scope.cancel()
