@@ -1,4 +1,4 @@
-"""Sans-IO TCP engine (STUB: answers every SYN with RST until the real engine lands).
+"""Sans-IO TCP engine: terminates the guest's TCP (RFC 9293 subset a NAT endpoint needs).
 
 The contract between stack.py and the engine, fixed here so both can be built side by side:
 
@@ -27,9 +27,62 @@ The contract between stack.py and the engine, fixed here so both can be built si
 
 from __future__ import annotations
 
+import heapq
+import ipaddress
+import random
+
 from . import seq
+from .events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
+                     TcpReset, TcpWritable)
+from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+
+BUF = 256 * 1024
+MAX_FLOWS = 10000
+MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
+MAX_RETRIES = 8
+TIME_WAIT = 2.0
+PERSIST_MAX = 30.0
+
+
+class _Flow:
+    __slots__ = ("id", "family", "key", "raddr", "rport", "gaddr", "gport", "state", "iss",
+                 "snd_una", "snd_nxt", "snd_wnd", "snd_ws", "rcv_ws", "rcv_nxt", "mss",
+                 "sbuf", "rbuf", "ooo", "fin_pending", "fin_seq", "fin_acked", "their_fin",
+                 "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
+                 "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
+                 "bytes_out", "sack_ok", "last_adv", "retransmitted")
+
+    def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
+        self.id, self.family, self.key = fid, family, key
+        self.raddr, self.rport, self.gaddr, self.gport = raddr, rport, gaddr, gport
+        self.state = "CLOSED"
+        self.iss = self.snd_una = self.snd_nxt = self.rcv_nxt = 0
+        self.snd_wnd = 0
+        self.snd_ws = self.rcv_ws = 0
+        self.mss = 536
+        self.sbuf = None  # bytearray, allocated lazily
+        self.rbuf = None
+        self.ooo = None  # dict seq -> bytes
+        self.fin_pending = False
+        self.fin_seq = None
+        self.fin_acked = False
+        self.their_fin = False
+        self.eof_pushed = False
+        self.rto, self.srtt, self.rttvar = INIT_RTO, None, 0.0
+        self.retries = 0
+        self.rtt_seq = self.rtt_t = None
+        self.dupacks = 0
+        self.ack_pending = False
+        self.unacked = 0
+        self.gen = 0
+        self.deadline = None
+        self.want_writable = False
+        self.bytes_in = self.bytes_out = 0
+        self.sack_ok = False
+        self.last_adv = 0
+        self.retransmitted = False
 
 
 class TcpEngine:
@@ -38,27 +91,569 @@ class TcpEngine:
         self._emit = emit
         self._push = push_event
         self.stats = stats
+        self.sndbuf = getattr(config, "tcp_sndbuf", BUF)
+        self.rcvbuf = getattr(config, "tcp_rcvbuf", BUF)
+        self.max_flows = getattr(config, "max_tcp_flows", MAX_FLOWS)
+        self.isn = lambda: random.getrandbits(32)
+        self._flows: dict[int, _Flow] = {}
+        self._by_key: dict = {}
+        self._next_id = 1
+        self._heap: list = []
+        self._ack_set: dict[int, _Flow] = {}
+        ws = 0
+        while (self.rcvbuf >> ws) > 0xFFFF and ws < 14:
+            ws += 1
+        self._my_ws = ws
 
-    def on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
-                   payload, now):
+    # ------------------------------------------------------------------ helpers
+    def _mss_for(self, family):
+        return self.config.mss if family == 4 else self.config.mss6
+
+    def _adv(self, f):
+        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
+        w = room >> f.rcv_ws
+        return min(w, 0xFFFF)
+
+    def _send(self, f, seqno, flags, payload=b"", options=b""):
+        w = self._adv(f)
+        f.last_adv = w << f.rcv_ws
+        if flags & ACK:
+            f.ack_pending = False
+            f.unacked = 0
+            self._ack_set.pop(f.id, None)
+        self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno, f.rcv_nxt if flags & ACK else 0,
+                   flags, w, options, payload)
+
+    def _arm(self, f, deadline):
+        f.gen += 1
+        f.deadline = deadline
+        if deadline is not None:
+            heapq.heappush(self._heap, (deadline, f.id, f.gen))
+
+    def _syn_options(self, f, peer_ws_ok=True):
+        return build_tcp_options(mss=self._mss_for(f.family), wscale=self._my_ws if peer_ws_ok else None,
+                                 sack_perm=True)
+
+    def _remove(self, f, events=()):
+        self._flows.pop(f.id, None)
+        self._by_key.pop(f.key, None)
+        self._ack_set.pop(f.id, None)
+        f.gen += 1
+        f.state = "CLOSED"
+        f.sbuf = f.rbuf = f.ooo = None
+        for ev in events:
+            self._push(ev)
+
+    def _abort(self, f, now, reason):
+        self.stats.drop(reason)
+        self._send(f, f.snd_nxt, RST | ACK)
+        self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+
+    def _rst_for(self, family, src, sport, dst, dport, seqno, ackno, flags, plen):
         if flags & RST:
             return
-        # RFC 9293 3.10.7.1 reset generation for a segment to a closed port.
         if flags & ACK:
             self._emit(family, dst, dport, src, sport, ackno, 0, RST, 0, b"", b"")
         else:
-            n = len(payload) + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+            n = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
             self._emit(family, dst, dport, src, sport, 0, seq.add(seqno, n), RST | ACK, 0, b"", b"")
-        self.stats.drop("tcp_not_implemented")
 
+    def _new_flow(self, family, gaddr, gport, raddr, rport):
+        fid = self._next_id
+        self._next_id += 1
+        key = (family, gaddr, gport, raddr, rport)
+        f = _Flow(fid, family, key, raddr, rport, gaddr, gport)
+        self._flows[fid] = f
+        self._by_key[key] = f
+        return f
+
+    # ------------------------------------------------------------------ guest segments
+    def on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
+                   payload, now):
+        try:
+            self._on_segment(family, bytes(src), sport, bytes(dst), dport, seqno, ackno, flags,
+                             window, options, payload, now)
+        except Exception:  # guest bytes never make us raise
+            self.stats.drop("tcp_internal_error")
+
+    def _on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
+                    payload, now):
+        f = self._by_key.get((family, src, sport, dst, dport))
+        plen = len(payload)
+        if f is None:
+            if (flags & (SYN | ACK | RST)) == SYN:
+                if len(self._flows) >= self.max_flows:
+                    self.stats.drop("tcp_flow_cap")
+                    self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
+                    return
+                opts = parse_tcp_options_untrusted(options)
+                if isinstance(opts, str):
+                    self.stats.drop(opts)
+                    return
+                f = self._new_flow(family, src, sport, dst, dport)
+                f.state = "SYN_PENDING"
+                f.rcv_nxt = seq.add(seqno, 1)
+                f.mss = min(opts.mss or 536, self._mss_for(family))
+                if opts.wscale is not None:
+                    f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
+                f.sack_ok = opts.sack_perm
+                f.snd_wnd = window
+                self._push(TcpConnectRequest(f.id, family, str(ipaddress.ip_address(src)), sport,
+                                             str(ipaddress.ip_address(dst)), dport))
+                return
+            self.stats.drop("tcp_no_flow")
+            self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
+            return
+        st = f.state
+        if st == "SYN_PENDING":
+            return  # retransmitted SYN (or anything) while the host connect is pending
+        if st == "SYN_SENT":
+            if flags & ACK and ackno != seq.add(f.iss, 1):
+                if not flags & RST:
+                    self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
+                return
+            if flags & RST:
+                if flags & ACK:
+                    self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+                return
+            if flags & SYN and flags & ACK:
+                opts = parse_tcp_options_untrusted(options)
+                if isinstance(opts, str):
+                    opts = parse_tcp_options_untrusted(b"")
+                f.mss = min(opts.mss or 536, self._mss_for(family))
+                if opts.wscale is not None:
+                    f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
+                f.sack_ok = opts.sack_perm
+                f.rcv_nxt = seq.add(seqno, 1)
+                f.snd_una = f.snd_nxt = seq.add(f.iss, 1)
+                f.snd_wnd = window << f.snd_ws
+                f.state = "ESTABLISHED"
+                f.retries = 0
+                self._arm(f, None)
+                self._send(f, f.snd_nxt, ACK)
+                self._push(TcpConnected(f.id))
+                self._output(f, now)
+            return
+        # synchronized states (and SYN_RCVD)
+        wnd = self.rcvbuf >> 0
+        in_window = seq.between(f.rcv_nxt, seqno, seq.add(f.rcv_nxt, max(wnd, 1))) or seqno == f.rcv_nxt
+        if flags & RST:
+            if seqno == f.rcv_nxt:
+                self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+            elif in_window:
+                self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK
+            return
+        if st == "TIME_WAIT":
+            if flags & FIN:
+                self._send(f, f.snd_nxt, ACK)
+            return
+        if flags & SYN:
+            if st == "SYN_RCVD" and seqno == seq.sub(f.rcv_nxt, 1) and not flags & ACK:
+                self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
+                return
+            self._send(f, f.snd_nxt, ACK)  # challenge ACK
+            return
+        if not flags & ACK:
+            return
+        if st == "SYN_RCVD":
+            if ackno != seq.add(f.iss, 1):
+                self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
+                return
+            f.state = "ESTABLISHED"
+            f.snd_una = f.snd_nxt = ackno
+            f.retries = 0
+            f.snd_wnd = window << f.snd_ws
+            self._arm(f, None)
+        self._process_ack(f, ackno, window, options, plen, flags, now)
+        if f.state == "CLOSED":
+            return
+        if plen or flags & FIN:
+            self._process_data(f, seqno, payload, flags, now)
+        if f.state != "CLOSED":
+            self._output(f, now)
+            self._maybe_done(f, now)
+
+    def _process_ack(self, f, ackno, window, options, plen, flags, now):
+        if seq.gt(ackno, f.snd_nxt):
+            self.stats.drop("tcp_ack_future")
+            self._send(f, f.snd_nxt, ACK)
+            return
+        new_wnd = window << f.snd_ws
+        if seq.gt(ackno, f.snd_una):
+            n = seq.sub(ackno, f.snd_una)
+            data_n = min(n, len(f.sbuf) if f.sbuf else 0)
+            if data_n:
+                del f.sbuf[:data_n]
+            if f.fin_seq is not None and seq.gt(ackno, f.fin_seq):
+                f.fin_acked = True
+            f.snd_una = ackno
+            f.dupacks = 0
+            f.retries = 0
+            if f.rtt_seq is not None and seq.ge(ackno, f.rtt_seq):
+                r = now - f.rtt_t
+                if f.srtt is None:
+                    f.srtt, f.rttvar = r, r / 2
+                else:
+                    f.rttvar = 0.75 * f.rttvar + 0.25 * abs(f.srtt - r)
+                    f.srtt = 0.875 * f.srtt + 0.125 * r
+                f.rto = min(MAX_RTO, max(MIN_RTO, f.srtt + 4 * f.rttvar))
+                f.rtt_seq = None
+            f.snd_wnd = new_wnd
+            if f.snd_una == f.snd_nxt:
+                self._arm(f, None)
+            else:
+                self._arm(f, now + f.rto)
+            if f.want_writable and self.sndbuf - len(f.sbuf or b"") > 0:
+                f.want_writable = False
+                self._push(TcpWritable(f.id))
+        elif ackno == f.snd_una:
+            if plen == 0 and not flags & FIN and f.snd_una != f.snd_nxt and new_wnd == f.snd_wnd:
+                f.dupacks += 1
+                if f.dupacks == 3:
+                    self._fast_retransmit(f, options, now)
+            f.snd_wnd = new_wnd
+
+    def _fast_retransmit(self, f, options, now):
+        opts = parse_tcp_options_untrusted(options)
+        blocks = opts.sack_blocks if not isinstance(opts, str) and f.sack_ok else ()
+        f.rtt_seq = None
+        # retransmit the holes below the highest SACKed byte (at most 8 segments), else snd_una
+        holes = [(f.snd_una, None)]
+        if blocks:
+            bl = sorted(((l, r) for l, r in blocks if seq.gt(r, f.snd_una) and seq.le(r, f.snd_nxt)),
+                        key=lambda b: seq.sub(b[0], f.snd_una))
+            holes, cur = [], f.snd_una
+            for l, r in bl:
+                if seq.lt(cur, l):
+                    holes.append((cur, l))
+                cur = seq.max_seq(cur, r)
+            if not holes:
+                holes = [(f.snd_una, None)]
+        sent = 0
+        for l, r in holes:
+            while sent < 8:
+                end = r if r is not None else seq.add(l, f.mss)
+                if not self._resend_range(f, l, min(f.mss, seq.sub(end, l))):
+                    break
+                sent += 1
+                l = seq.add(l, f.mss)
+                if r is None or not seq.lt(l, r):
+                    break
+
+    def _resend_range(self, f, start, n):
+        off = seq.sub(start, f.snd_una)
+        blen = len(f.sbuf) if f.sbuf else 0
+        if off < 0:
+            return False
+        if off < blen:
+            chunk = bytes(f.sbuf[off:off + min(n, f.mss)])
+            fl = ACK | PSH
+            if f.fin_seq is not None and seq.add(start, len(chunk)) == f.fin_seq and off + len(chunk) == blen:
+                fl |= FIN
+            self._send(f, start, fl, chunk)
+            return True
+        if f.fin_seq is not None and start == f.fin_seq:
+            self._send(f, start, ACK | FIN)
+            return True
+        return False
+
+    def _process_data(self, f, seqno, payload, flags, now):
+        if f.their_fin:
+            if plen_or_fin(payload, flags):
+                self._send(f, f.snd_nxt, ACK)
+            return
+        data = payload
+        off = seq.sub(f.rcv_nxt, seqno)
+        fin = bool(flags & FIN)
+        if off > 0:
+            if off >= len(data) + (1 if fin else 0):
+                self._send(f, f.snd_nxt, ACK)  # duplicate
+                return
+            if off >= len(data):
+                data = b""
+            else:
+                data = data[off:]
+            seqno = f.rcv_nxt
+        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
+        if seqno != f.rcv_nxt:
+            ahead = seq.sub(seqno, f.rcv_nxt)
+            if ahead + len(data) > room:
+                self.stats.drop("tcp_beyond_window")
+            elif f.ooo is None or len(f.ooo) < 64:
+                if f.ooo is None:
+                    f.ooo = {}
+                f.ooo[seqno] = (bytes(data), fin)
+            else:
+                self.stats.drop("tcp_ooo_cap")
+            self._send(f, f.snd_nxt, ACK)
+            return
+        if len(data) > room:
+            data = data[:room]
+            fin = False
+            self.stats.drop("tcp_beyond_window")
+        was_empty = not f.rbuf
+        self._accept(f, data, fin)
+        while f.ooo:
+            hit = None
+            for s in list(f.ooo):
+                d = seq.sub(f.rcv_nxt, s)
+                b, fn = f.ooo[s]
+                if d >= 0:
+                    del f.ooo[s]
+                    if d < len(b) or (fn and d == len(b)):
+                        hit = (b[d:], fn)
+                        break
+            if hit is None:
+                break
+            room = self.rcvbuf - len(f.rbuf or b"")
+            self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
+        if not f.ooo:
+            f.ooo = None
+        if was_empty and f.rbuf:
+            self._push(TcpReadable(f.id))
+        if fin or f.their_fin:
+            self._send(f, f.snd_nxt, ACK)
+        else:
+            f.unacked += 1
+            if f.unacked >= 2:
+                self._send(f, f.snd_nxt, ACK)
+            else:
+                f.ack_pending = True
+                self._ack_set[f.id] = f
+        if f.their_fin and not f.rbuf and not f.eof_pushed:
+            f.eof_pushed = True
+            self._push(TcpGuestEof(f.id))
+
+    def _accept(self, f, data, fin):
+        if data:
+            if f.rbuf is None:
+                f.rbuf = bytearray()
+            f.rbuf += data
+            f.rcv_nxt = seq.add(f.rcv_nxt, len(data))
+            f.bytes_in += len(data)
+        if fin:
+            f.their_fin = True
+            f.rcv_nxt = seq.add(f.rcv_nxt, 1)
+
+    # ------------------------------------------------------------------ output
+    def _output(self, f, now):
+        if f.state not in ("ESTABLISHED",):
+            return
+        blen = len(f.sbuf) if f.sbuf else 0
+        while True:
+            off = seq.sub(f.snd_nxt, f.snd_una)
+            if f.fin_seq is not None:
+                break
+            avail = blen - off
+            win_room = f.snd_wnd - off
+            if avail > 0 and win_room > 0:
+                n = min(avail, win_room, f.mss)
+                chunk = bytes(f.sbuf[off:off + n])
+                fl = ACK | PSH
+                fin_now = f.fin_pending and off + n == blen
+                if fin_now:
+                    fl |= FIN
+                    f.fin_seq = seq.add(f.snd_nxt, n)
+                self._send(f, f.snd_nxt, fl, chunk)
+                f.bytes_out += n
+                if f.rtt_seq is None:
+                    f.rtt_seq, f.rtt_t = seq.add(f.snd_nxt, n), now
+                f.snd_nxt = seq.add(f.snd_nxt, n + (1 if fin_now else 0))
+                if f.deadline is None:
+                    self._arm(f, now + f.rto)
+                continue
+            if avail <= 0 and f.fin_pending and f.fin_seq is None:
+                f.fin_seq = f.snd_nxt
+                self._send(f, f.snd_nxt, ACK | FIN)
+                f.snd_nxt = seq.add(f.snd_nxt, 1)
+                if f.deadline is None:
+                    self._arm(f, now + f.rto)
+            break
+        if avail_unsent(f) and f.snd_una == f.snd_nxt and f.snd_wnd == 0 and f.deadline is None:
+            self._arm(f, now + f.rto)  # persist timer
+
+    def _maybe_done(self, f, now):
+        if f.state == "ESTABLISHED" and f.fin_acked and f.their_fin and f.eof_pushed:
+            f.state = "TIME_WAIT"
+            f.sbuf = f.rbuf = f.ooo = None
+            self._arm(f, now + TIME_WAIT)
+            self._push(TcpClosed(f.id))
+
+    # ------------------------------------------------------------------ timers
     def get_timer(self):
+        h = self._heap
+        while h:
+            d, fid, gen = h[0]
+            f = self._flows.get(fid)
+            if f is None or f.gen != gen:
+                heapq.heappop(h)
+                continue
+            return d
         return None
 
     def handle_timer(self, now):
-        pass
+        h = self._heap
+        while h and h[0][0] <= now:
+            d, fid, gen = heapq.heappop(h)
+            f = self._flows.get(fid)
+            if f is None or f.gen != gen:
+                continue
+            f.deadline = None
+            try:
+                self._fire(f, now)
+            except Exception:
+                self.stats.drop("tcp_internal_error")
+
+    def _fire(self, f, now):
+        if f.state == "TIME_WAIT":
+            self._remove(f)
+            return
+        if f.state in ("SYN_SENT", "SYN_RCVD"):
+            f.retries += 1
+            if f.retries > MAX_RETRIES // 2 + 1:
+                self._abort(f, now, "tcp_handshake_timeout")
+                return
+            if f.state == "SYN_SENT":
+                self._send(f, f.iss, SYN, options=self._syn_options(f))
+            else:
+                self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
+            f.rto = min(MAX_RTO, f.rto * 2)
+            self._arm(f, now + f.rto)
+            return
+        if f.state != "ESTABLISHED":
+            return
+        if f.snd_una == f.snd_nxt:
+            if avail_unsent(f) and f.snd_wnd == 0:  # zero-window probe: one byte past the edge
+                self._send(f, f.snd_una, ACK, bytes(f.sbuf[:1]))
+                f.rto = min(PERSIST_MAX, f.rto * 2)
+                self._arm(f, now + f.rto)
+            return
+        f.retries += 1
+        if f.retries > MAX_RETRIES and f.snd_wnd != 0:
+            self._abort(f, now, "tcp_retransmit_timeout")
+            return
+        f.rtt_seq = None
+        f.rto = min(MAX_RTO, f.rto * 2)
+        # go back N: resend from snd_una
+        f.snd_nxt = f.snd_una
+        if f.fin_seq is not None:
+            f.fin_seq = None
+        self._arm(f, None)
+        self._output(f, now)
+        if f.deadline is None:
+            self._arm(f, now + f.rto)
 
     def flush_pending(self, now):
-        pass
+        if not self._ack_set:
+            return
+        for f in list(self._ack_set.values()):
+            if f.ack_pending and f.state != "CLOSED":
+                self._send(f, f.snd_nxt, ACK)
+        self._ack_set.clear()
+
+    # ------------------------------------------------------------------ glue API
+    def accept_tcp(self, flow, now):
+        f = self._flows.get(flow)
+        if f is None or f.state != "SYN_PENDING":
+            return
+        f.iss = self.isn() & seq.MASK
+        f.snd_una = f.iss
+        f.snd_nxt = seq.add(f.iss, 1)
+        f.state = "SYN_RCVD"
+        self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws != 0 or f.snd_ws != 0))
+        self._arm(f, now + INIT_RTO)
+
+    def reject_tcp(self, flow, reason, now):
+        f = self._flows.get(flow)
+        if f is None:
+            return
+        self.stats.drop("tcp_connect_" + str(reason))
+        if f.state == "SYN_PENDING":
+            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+        else:
+            self._send(f, f.snd_nxt, RST | ACK)
+        self._remove(f, (TcpClosed(f.id),))
+
+    def send_tcp(self, flow, data, now):
+        f = self._flows.get(flow)
+        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+            return 0
+        if f.sbuf is None:
+            f.sbuf = bytearray()
+        room = self.sndbuf - len(f.sbuf)
+        n = min(room, len(data))
+        if n < len(data):
+            f.want_writable = True
+        if n > 0:
+            f.sbuf += data[:n]
+            self._output(f, now)
+        return n
+
+    def recv_tcp(self, flow, n, now):
+        f = self._flows.get(flow)
+        if f is None or not f.rbuf:
+            return b""
+        out = bytes(f.rbuf[:n])
+        del f.rbuf[:len(out)]
+        new_adv = self._adv(f) << f.rcv_ws
+        if f.state == "ESTABLISHED" and not f.their_fin and (
+                new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2) or (f.last_adv < f.mss and new_adv >= f.mss)):
+            self._send(f, f.snd_nxt, ACK)
+        if not f.rbuf:
+            f.rbuf = None
+            if f.their_fin and not f.eof_pushed:
+                f.eof_pushed = True
+                self._push(TcpGuestEof(f.id))
+                self._maybe_done(f, now)
+        return out
+
+    def shutdown_tcp(self, flow, now):
+        f = self._flows.get(flow)
+        if f is None or f.fin_pending:
+            return
+        f.fin_pending = True
+        self._output(f, now)
+        self._maybe_done(f, now)
+
+    def reset_tcp(self, flow, now):
+        f = self._flows.get(flow)
+        if f is None:
+            return
+        if f.state == "SYN_PENDING":
+            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+        elif f.state != "TIME_WAIT":
+            self._send(f, f.snd_nxt, RST | ACK)
+        self._remove(f, () if f.state == "TIME_WAIT" else (TcpClosed(f.id),))
+
+    def connect_tcp(self, family, src, sport, dst, dport, now):
+        raddr = ipaddress.ip_address(src).packed
+        gaddr = ipaddress.ip_address(dst).packed
+        if len(self._flows) >= self.max_flows or (family, gaddr, dport, raddr, sport) in self._by_key:
+            self.stats.drop("tcp_flow_cap")
+            return None
+        f = self._new_flow(family, gaddr, dport, raddr, sport)
+        f.state = "SYN_SENT"
+        f.mss = self._mss_for(family)
+        f.iss = self.isn() & seq.MASK
+        f.snd_una = f.iss
+        f.snd_nxt = seq.add(f.iss, 1)
+        self._send(f, f.iss, SYN, options=self._syn_options(f))
+        self._arm(f, now + INIT_RTO)
+        return f.id
 
     def flows(self):
-        return []
+        out = []
+        for f in self._flows.values():
+            out.append({"id": f.id, "family": f.family,
+                        "src": str(ipaddress.ip_address(f.gaddr)), "sport": f.gport,
+                        "dst": str(ipaddress.ip_address(f.raddr)), "dport": f.rport,
+                        "state": f.state, "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
+        return out
+
+
+def plen_or_fin(payload, flags):
+    return len(payload) or flags & FIN
+
+
+def avail_unsent(f):
+    return f.sbuf is not None and len(f.sbuf) > seq.sub(f.snd_nxt, f.snd_una)
