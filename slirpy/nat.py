@@ -1,0 +1,240 @@
+"""Outbound TCP NAT glue: a guest SYN becomes a non-blocking host socket; bytes are bridged
+between the trio socket and the sans-IO stack flow with flow control on both sides."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import struct
+
+import trio
+
+from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
+                           TcpReset, TcpWritable)
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 15.0
+CHUNK = 65536
+
+
+class _Bridge:
+    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset")
+
+    def __init__(self, flow, sock=None):
+        self.flow, self.sock = flow, sock
+        self.readable = trio.Event()
+        self.writable = trio.Event()
+        self.connected = trio.Event()
+        self.closed = False
+        self.reset = False
+
+
+class TcpNat:
+    def __init__(self, daemon):
+        self.d = daemon
+        daemon.tcp_nat = self
+        self.bridges: dict[int, _Bridge] = {}
+        daemon.add_handler(TcpConnectRequest, self._on_request)
+        daemon.add_handler(TcpConnected, self._on_connected)
+        daemon.add_handler(TcpReadable, lambda ev: self._wake(ev.flow, "readable"))
+        daemon.add_handler(TcpGuestEof, lambda ev: self._wake(ev.flow, "readable"))
+        daemon.add_handler(TcpWritable, lambda ev: self._wake(ev.flow, "writable"))
+        daemon.add_handler(TcpReset, self._on_reset)
+        daemon.add_handler(TcpClosed, self._on_closed)
+
+    # ----------------------------------------------------------------- events
+    def _wake(self, flow, what):
+        b = self.bridges.get(flow)
+        if b is not None:
+            getattr(b, what).set()
+
+    def _on_connected(self, ev):
+        b = self.bridges.get(ev.flow)
+        if b is not None:
+            b.connected.set()
+
+    def _on_reset(self, ev):
+        b = self.bridges.get(ev.flow)
+        if b is not None:
+            b.reset = True
+            self._linger0(b.sock)
+
+    def _on_closed(self, ev):
+        b = self.bridges.pop(ev.flow, None)
+        if b is not None:
+            b.closed = True
+            b.readable.set()
+            b.writable.set()
+            b.connected.set()
+
+    @staticmethod
+    def _linger0(sock):
+        if sock is None:
+            return
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
+    def _map(self, ev):
+        cfg = self.d.config
+        dst = ipaddress.ip_address(ev.dst)
+        if ev.family == 4:
+            if dst == cfg.gateway:
+                return None if cfg.disable_host_loopback else "127.0.0.1"
+            if dst == cfg.dns:
+                dns = getattr(self.d, "dns", None)
+                if ev.dport == 53 and dns is not None and not cfg.disable_dns:
+                    ups = dns.upstreams()
+                    return str(ups[0][0] if isinstance(ups[0], tuple) else ups[0]) if ups else None
+                return None
+        else:
+            if str(dst) == "fd00::2":
+                return None if cfg.disable_host_loopback else "::1"
+            if str(dst) == "fd00::3":
+                return None
+        return ev.dst
+
+    def _on_request(self, ev):
+        self.bridges[ev.flow] = _Bridge(ev.flow)
+        self.d.nursery.start_soon(self._outbound, ev)
+
+    # ----------------------------------------------------------------- outbound
+    async def _outbound(self, ev):
+        d, st = self.d, self.d.stack
+        b = self.bridges.get(ev.flow)
+        if b is None:
+            return
+        target = None
+        try:
+            target = self._map(ev)
+        except Exception:
+            target = None
+        if target is None:
+            st.reject_tcp(ev.flow, "refused", d.now())
+            d.flush()
+            self.bridges.pop(ev.flow, None)
+            return
+        fam = socket.AF_INET if ":" not in target else socket.AF_INET6
+        sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+        b.sock = sock
+        reason = None
+        try:
+            bind = self.d.config.outbound_addr if fam == socket.AF_INET else self.d.config.outbound_addr6
+            if bind is not None:
+                await sock.bind((str(bind), 0))
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await sock.connect((target, ev.dport))
+        except ConnectionRefusedError:
+            reason = "refused"
+        except trio.TooSlowError:
+            reason = "timeout"
+        except OSError:
+            reason = "unreachable"
+        if reason is not None or b.closed:
+            sock.close()
+            self.bridges.pop(ev.flow, None)
+            if reason is not None:
+                st.reject_tcp(ev.flow, reason, d.now())
+                d.flush()
+            return
+        st.accept_tcp(ev.flow, d.now())
+        d.flush()
+        await self._bridge(b)
+
+    async def forward_inbound(self, sock, family, src, sport, guest_addr, guest_port):
+        d, st = self.d, self.d.stack
+        flow = st.connect_tcp(family, src, sport, guest_addr, guest_port, d.now())
+        d.flush()
+        if flow is None:
+            self._linger0(sock)
+            sock.close()
+            return
+        b = self.bridges.setdefault(flow, _Bridge(flow, sock))
+        b.sock = sock
+        await b.connected.wait()
+        if b.closed:
+            self._linger0(sock)
+            sock.close()
+            return
+        await self._bridge(b)
+
+    # ----------------------------------------------------------------- bridge
+    async def _bridge(self, b):
+        try:
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                b.sock.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+        except OSError:
+            pass
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._host_to_guest, b)
+                await self._guest_to_host(b)
+                n.cancel_scope.cancel()
+        finally:
+            b.sock.close()
+            self.bridges.pop(b.flow, None)
+
+    async def _host_to_guest(self, b):
+        d, st = self.d, self.d.stack
+        pending = b""
+        while not b.closed:
+            if not pending:
+                try:
+                    data = await b.sock.recv(CHUNK)
+                except OSError:
+                    if not b.closed:
+                        st.reset_tcp(b.flow, d.now())
+                        d.flush()
+                    return
+                if b.closed:
+                    return
+                if not data:
+                    st.shutdown_tcp(b.flow, d.now())
+                    d.flush()
+                    return
+                pending = data
+            b.writable = trio.Event()
+            n = st.send_tcp(b.flow, pending, d.now())
+            d.flush()
+            pending = pending[n:]
+            if pending:
+                await b.writable.wait()
+
+    async def _guest_to_host(self, b):
+        d, st = self.d, self.d.stack
+        while not b.closed:
+            b.readable = trio.Event()
+            data = st.recv_tcp(b.flow, CHUNK, d.now())
+            d.flush()
+            if data:
+                try:
+                    await b.sock.send_all(data) if hasattr(b.sock, "send_all") else await _sendall(b.sock, data)
+                except OSError:
+                    if not b.closed:
+                        st.reset_tcp(b.flow, d.now())
+                        d.flush()
+                    return
+                continue
+            if self._guest_eof(b):
+                try:
+                    b.sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                while not b.closed:  # keep the socket open until the stack says closed
+                    await b.readable.wait()
+                    b.readable = trio.Event()
+                return
+            await b.readable.wait()
+
+    def _guest_eof(self, b):
+        f = self.d.stack.tcp._flows.get(b.flow)
+        return f is None or f.eof_pushed
+
+
+async def _sendall(sock, data):
+    view = memoryview(data)
+    while view:
+        n = await sock.send(view)
+        view = view[n:]
