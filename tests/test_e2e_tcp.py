@@ -15,7 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N = 8 * 1024 * 1024
+N = 50 * 1024 * 1024
 
 
 def run_guest(code, *args, timeout=60):
