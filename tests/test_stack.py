@@ -22,6 +22,14 @@ def eth(pkt):
     return bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / pkt)
 
 
+def learned(s):
+    """Teach the stack the guest's MAC (as any guest frame does) and discard what it sends."""
+    s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / ARP(
+        op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", hwdst=ROUTER_MAC, pdst="10.0.2.2")), 0.0)
+    s.frames_to_send()
+    return s
+
+
 def drain_events(s):
     out = []
     while (ev := s.next_event()) is not None:
@@ -99,7 +107,7 @@ def test_send_udp_fragments_to_guest():
 
 
 def test_udp_unreachable_quotes_original():
-    s = Stack(Config())
+    s = learned(Stack(Config()))
     s.send_udp_unreachable(4, "10.0.2.100", 4000, "127.0.0.1", 9, b"hello", 3, 0.0)
     p = Ether(bytes(s.frames_to_send()[0]))
     assert p[IP].src == "10.0.2.2" and p[ICMP].type == 3 and p[ICMP].code == 3
@@ -166,7 +174,7 @@ def test_ndp_ns_and_rs():
 
 
 def test_out_queue_bounded():
-    s = Stack(Config())
+    s = learned(Stack(Config()))
     for i in range(5000):
         s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
     assert len(s.frames_to_send()) == 4096 and s.stats.dropped["out_queue_full"] == 5000 - 4096
@@ -192,14 +200,42 @@ def test_garbage_frames_counted_not_raised(body, et):
         assert s.stats.frames_in == 1
 
 
-def test_mac_learned_from_ip():
+def test_unknown_guest_mac_is_resolved_before_sending():
+    # Linux TCP drops segments that arrive as broadcast, so nothing goes out to ff:ff:...: the
+    # stack asks who-has 10.0.2.100 (at most once a second) and holds the frames until told.
     s = Stack(Config())
     s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
-    assert Ether(bytes(s.frames_to_send()[0])).dst == "ff:ff:ff:ff:ff:ff"
-    s.receive_frame(eth(IP(src="10.0.2.100", dst="10.0.2.3") / UDP() / b""), 0.0)
-    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
+    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"y", 0.5)
+    (req,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert req.dst == "ff:ff:ff:ff:ff:ff" and req[ARP].op == 1
+    assert (req[ARP].psrc, req[ARP].pdst, req[ARP].hwsrc) == ("10.0.2.2", "10.0.2.100", ROUTER_MAC)
+    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"z", 1.0)
+    (again,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert again[ARP].op == 1
+    s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / ARP(
+        op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", hwdst=ROUTER_MAC, pdst="10.0.2.2")), 1.1)
+    held = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert [p.dst for p in held] == [GUEST_MAC] * 3
+    assert [bytes(p[UDP].payload) for p in held] == [b"x", b"y", b"z"]
+    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"w", 2.0)
     assert Ether(bytes(s.frames_to_send()[0])).dst == GUEST_MAC
-    assert str(ipaddress.ip_address("10.0.2.100")) == "10.0.2.100"
+
+
+def test_unresolved_queue_bounded_and_v6_solicits():
+    s = Stack(Config(enable_ipv6=True))
+    for i in range(300):
+        s.send_udp(6, "fd00::2", 1, "fd00::100", 2, b"%d" % i, 0.0)
+    (ns,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert ns.dst == "33:33:ff:00:01:00" and ns[IPv6].dst == "ff02::1:ff00:100"
+    assert ns[ICMPv6ND_NS].tgt == "fd00::100" and ns[IPv6].hlim == 255
+    ck = ns[ICMPv6ND_NS].cksum
+    del ns[ICMPv6ND_NS].cksum
+    assert Ether(bytes(ns))[ICMPv6ND_NS].cksum == ck
+    assert s.stats.dropped["guest_mac_unresolved"] == 300 - 256
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="fd00::2") / UDP() / b""), 0.1)
+    held = [Ether(bytes(f)) for f in s.frames_to_send()]
+    assert len(held) == 256 and bytes(held[0][UDP].payload) == b"44"
+    assert all(p.dst == GUEST_MAC for p in held)
 
 
 def test_ipv6_fragmented_udp_reassembled():
@@ -218,7 +254,7 @@ def test_ipv6_fragmented_udp_reassembled():
 
 def test_send_udp6_fragments_to_guest():
     from scapy.layers.inet6 import defragment6
-    s = Stack(Config(enable_ipv6=True, mtu=1500))
+    s = learned(Stack(Config(enable_ipv6=True, mtu=1500)))
     payload = bytes(range(256)) * 10
     s.send_udp(6, "fd00::3", 53, "fd00::100", 5000, payload, 0.0)
     frames = [Ether(bytes(f)) for f in s.frames_to_send()]

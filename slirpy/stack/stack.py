@@ -1,8 +1,10 @@
 """The Stack: dispatches guest frames to ARP/ICMP/UDP/TCP and builds frames toward the guest.
 
-Before the guest's MAC is known (no frame from it seen yet), frames toward the guest go to the
-Ethernet broadcast address; the guest's kernel accepts them for its own IP. The MAC is learned
-from any IPv4/IPv6/ARP frame whose source address is the guest's.
+The guest's MAC is learned from any IPv4/IPv6/ARP frame whose source address is the guest's.
+Before it is known (a port forward can be the first traffic), frames toward the guest are held in
+a bounded queue and the guest is asked (ARP who-has for IPv4, a neighbour solicitation for IPv6,
+at most once a second); its answer releases them. Broadcasting instead does not work: Linux TCP
+discards segments that did not arrive as PACKET_HOST.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from .stats import Stats
 from .tcp import TcpEngine
 
 MAX_OUT_FRAMES = 4096
+MAX_UNRESOLVED = 256  # frames held while the guest's MAC is being resolved
+SOLICIT_INTERVAL = 1.0
 MAX_EVENTS = 4096
 RA_INTERVAL = 60.0
 _ADDR_CACHE_MAX = 1024
@@ -30,7 +34,9 @@ class Stack:
         self._events = collections.deque()
         self._last_now = now
         self.router_mac = config.router_mac
-        self.guest_mac = wire.BROADCAST
+        self.guest_mac = wire.BROADCAST  # BROADCAST = not known yet
+        self._unresolved = collections.deque()
+        self._solicit_at = -1.0
         self.gw4 = config.gateway.packed
         self.dns4 = config.dns.packed
         self.guest4 = config.guest.packed
@@ -89,6 +95,35 @@ class Stack:
             self.stats.drop("out_queue_full")
         self._out.append(frame)
 
+    def _learn_mac(self, smac):
+        self.guest_mac = smac
+        q = self._unresolved
+        while q:
+            self._send(smac + q.popleft()[6:])
+
+    def _hold(self, frame):
+        """Keep a frame for the guest until its MAC is known (bounded, oldest dropped)."""
+        if len(self._unresolved) >= MAX_UNRESOLVED:
+            self._unresolved.popleft()
+            self.stats.drop("guest_mac_unresolved")
+        self._unresolved.append(frame)
+
+    def _solicit(self, family, dst):
+        now = self._last_now
+        if now < self._solicit_at:
+            return
+        self._solicit_at = now + SOLICIT_INTERVAL
+        if family == 4:
+            self._send(wire.build_arp(wire.BROADCAST, self.router_mac, 1, self.router_mac,
+                                      self.gw4, b"\0" * 6, self.guest4))
+        else:
+            snm = bytes.fromhex("ff0200000000000000000001ff") + dst[13:]
+            ns = wire.icmp6_message(self.ll6, snm, 135, 0, 0,
+                                    dst + b"\x01\x01" + self.router_mac)
+            for f in wire.fragment_ipv6(b"\x33\x33" + snm[12:], self.router_mac, self.ll6, snm,
+                                        58, ns, 0, self.config.mtu, 255):
+                self._send(f)
+
     def frames_to_send(self) -> list:
         self.tcp.flush_pending(self._last_now)
         out = list(self._out)
@@ -144,7 +179,7 @@ class Stack:
             return a
         op, sha, spa, _tha, tpa = a
         if spa == self.guest4 and smac[0] & 1 == 0:
-            self.guest_mac = smac
+            self._learn_mac(smac)
         if op != 1:
             return "arp_not_request" if op != 2 else None
         if tpa not in self._local4:
@@ -157,8 +192,8 @@ class Stack:
         if type(ip) is str:
             return ip
         src, dst, proto, _ttl, ident, foff, more, data = ip
-        if src == self.guest4 and smac[0] & 1 == 0:
-            self.guest_mac = smac
+        if src == self.guest4 and smac[0] & 1 == 0 and smac != self.guest_mac:
+            self._learn_mac(smac)
         if foff or more:
             whole = self._reass.insert((4, bytes(src), bytes(dst), proto, ident), foff, more,
                                        data, now)
@@ -215,8 +250,8 @@ class Stack:
         if type(ip) is str:
             return ip
         src, dst, nh, hlim, frag, data = ip
-        if smac[0] & 1 == 0 and src[:8] == self.gw6[:8]:
-            self.guest_mac = smac
+        if smac[0] & 1 == 0 and src[:8] == self.gw6[:8] and smac != self.guest_mac:
+            self._learn_mac(smac)
         if frag is not None:
             ident, off, more, _ = frag
             if off == 0 and not more:
@@ -294,15 +329,24 @@ class Stack:
         return self._ident
 
     def _send_ip4(self, src, dst, proto, l4):
-        for f in wire.fragment_ipv4(self.guest_mac, self.router_mac, bytes(src), bytes(dst),
+        mac = self.guest_mac
+        unknown = mac is wire.BROADCAST
+        out = self._hold if unknown else self._send
+        for f in wire.fragment_ipv4(mac, self.router_mac, bytes(src), bytes(dst),
                                     proto, l4, self._next_ident(), self.config.mtu):
-            self._send(f)
+            out(f)
+        if unknown:
+            self._solicit(4, bytes(dst))
 
     def _send_ip6(self, src, dst, nh, l4, dst_mac=None, hlim=64):
         mac = dst_mac if dst_mac is not None else self.guest_mac
+        unknown = mac is wire.BROADCAST
+        out = self._hold if unknown else self._send
         for f in wire.fragment_ipv6(mac, self.router_mac, bytes(src), bytes(dst), nh, l4,
                                     self._next_ident(), self.config.mtu, hlim):
-            self._send(f)
+            out(f)
+        if unknown:
+            self._solicit(6, bytes(dst))
 
     def _emit_tcp(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                   payload):

@@ -226,7 +226,7 @@ class TcpEngine:
                 f.sack_ok = opts.sack_perm
                 f.rcv_nxt = seq.add(seqno, 1)
                 f.snd_una = f.snd_nxt = seq.add(f.iss, 1)
-                f.snd_wnd = window << f.snd_ws
+                f.snd_wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
                 f.state = "ESTABLISHED"
                 f.retries = 0
                 self._arm(f, None)
