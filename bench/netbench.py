@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Side-by-side network benchmark: slirpy vs slirp4netns, same machine, same run, alternating.
+
+Each round, for each implementation: a fresh `unshare -Urn` namespace, the daemon attached with
+`-c --mtu=M -r FD -e FD`, then the measurements below against servers on the host's 127.0.0.1
+reached from the guest through the gateway 10.0.2.2. Prints one table of medians with the ratio
+slirpy/slirp4netns and appends it to bench/results/.
+
+  python3 bench/netbench.py [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss] [--flows 10000]
+
+Traffic goes only to loopback and to the namespaces made here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# Runs inside the guest namespace: request/response and connect/request/response clients, and
+# a client that opens N connections and holds them.
+GUEST_CLIENT = r"""
+import socket, sys, time
+mode, host, port, secs = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+if mode == "rr":
+    s = socket.create_connection((host, port)); s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    n = 0; end = time.monotonic() + secs
+    while time.monotonic() < end:
+        for _ in range(100):
+            s.sendall(b"x"); assert s.recv(1) == b"x"
+        n += 100
+    print(n / secs)
+elif mode == "crr":
+    n = 0; end = time.monotonic() + secs
+    while time.monotonic() < end:
+        s = socket.create_connection((host, port)); s.sendall(b"x"); assert s.recv(1) == b"x"; s.close(); n += 1
+    print(n / secs)
+elif mode == "hold":
+    import resource
+    count = int(secs)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count + 100, count + 100))
+    socks = [socket.create_connection((host, port)) for _ in range(count)]
+    print("open", flush=True); sys.stdin.readline()
+"""
+
+
+class EchoServer:
+    """Threaded 1-byte echo server on 127.0.0.1 (for RR, CRR and held flows)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.conns.append(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            while True:
+                b = c.recv(65536)
+                if not b:
+                    break
+                c.sendall(b)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def attached(binary: list[str], mtu: int):
+    """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s)."""
+    holder = subprocess.Popen(["unshare", "-Urn", "sleep", "infinity"])
+    time.sleep(0.05)
+    ready_r, ready_w = os.pipe()
+    exit_r, exit_w = os.pipe()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        binary + ["-c", f"--mtu={mtu}", "-r", str(ready_w), "-e", str(exit_r), str(holder.pid), "tap0"],
+        pass_fds=(ready_w, exit_r), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(ready_w)
+    os.close(exit_r)
+    try:
+        got = os.read(ready_r, 1)
+        ready_s = time.monotonic() - t0
+        if got != b"1":
+            raise RuntimeError(f"{binary[0]} never became ready: {proc.stderr.read().decode()[-500:]}")
+        yield proc.pid, holder.pid, ready_s
+    finally:
+        os.close(exit_w)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        os.close(ready_r)
+        holder.kill()
+        holder.wait()
+
+
+def in_ns(ns_pid: int, *cmd: str) -> list[str]:
+    return ["nsenter", "-t", str(ns_pid), "-U", "-n", "--preserve-credentials", *cmd]
+
+
+def iperf(ns_pid: int, seconds: float, reverse: bool) -> float:
+    port = free_port()
+    srv = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.2)
+        args = ["iperf3", "-c", "10.0.2.2", "-p", str(port), "-t", str(seconds), "-J"]
+        if reverse:
+            args.append("-R")
+        out = subprocess.run(in_ns(ns_pid, *args), capture_output=True, text=True,
+                             timeout=seconds + 30)
+        data = json.loads(out.stdout)
+        if "error" in data:
+            raise RuntimeError(data["error"])
+        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def guest_client(ns_pid: int, mode: str, port: int, secs: float) -> float:
+    out = subprocess.run(in_ns(ns_pid, sys.executable, "-c", GUEST_CLIENT, mode, "10.0.2.2",
+                               str(port), str(secs)), capture_output=True, text=True,
+                         timeout=secs + 60)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-500:])
+    return float(out.stdout.strip())
+
+
+def rss_with_flows(daemon_pid: int, ns_pid: int, port: int, flows: int) -> float:
+    p = subprocess.Popen(in_ns(ns_pid, sys.executable, "-c", GUEST_CLIENT, "hold", "10.0.2.2",
+                               str(port), str(flows)),
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline()
+        if line.strip() != "open":
+            raise RuntimeError(p.stderr.read()[-500:])
+        return rss_kb(daemon_pid) / 1024
+    finally:
+        p.stdin.close()
+        p.wait(60)
+
+
+IMPLS = {
+    "slirp4netns": lambda: [shutil.which("slirp4netns") or "slirp4netns"],
+    "slirpy": lambda: [shutil.which("slirpy") or "slirpy"],
+}
+
+
+def run(args) -> dict:
+    only = set(args.only.split(","))
+    results: dict[tuple[str, str], list[float]] = {}
+
+    def rec(impl, name, value):
+        results.setdefault((name, impl), []).append(value)
+        print(f"  {impl:12s} {name:28s} {value:10.3f}", flush=True)
+
+    echo = EchoServer()
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.flows + 1000)), hard))
+    for rnd in range(args.rounds):
+        print(f"round {rnd + 1}/{args.rounds}", flush=True)
+        for impl, binary in IMPLS.items():
+            for mtu in (65520, 1500):
+                if not ({"tput"} & only) and mtu == 1500:
+                    continue
+                try:
+                    with attached(binary(), mtu) as (dpid, nspid, ready_s):
+                        if mtu == 65520:
+                            if "ready" in only:
+                                rec(impl, "start to ready (ms)", ready_s * 1000)
+                            if "rss" in only:
+                                rec(impl, "RSS idle (MB)", rss_kb(dpid) / 1024)
+                            if "rr" in only:
+                                rec(impl, "TCP_RR (trans/s)", guest_client(nspid, "rr", echo.port, args.seconds))
+                            if "crr" in only:
+                                rec(impl, "TCP_CRR (conn/s)", guest_client(nspid, "crr", echo.port, args.seconds))
+                        if "tput" in only:
+                            rec(impl, f"guest->host MTU {mtu} (Gb/s)", iperf(nspid, args.seconds, False))
+                            rec(impl, f"host->guest MTU {mtu} (Gb/s)", iperf(nspid, args.seconds, True))
+                        if mtu == 65520 and "rss" in only and args.flows:
+                            rec(impl, f"RSS {args.flows} flows (MB)",
+                                rss_with_flows(dpid, nspid, echo.port, args.flows))
+                except Exception as e:  # a failing implementation is reported, not fatal
+                    print(f"  {impl} MTU {mtu}: FAILED: {e}", flush=True)
+    echo.close()
+    return results
+
+
+def table(results) -> str:
+    names = []
+    for name, _ in results:
+        if name not in names:
+            names.append(name)
+    lines = [f"| figure | slirpy | slirp4netns | slirpy/slirp4netns |", "|---|---:|---:|---:|"]
+    for name in names:
+        a = results.get((name, "slirpy"))
+        b = results.get((name, "slirp4netns"))
+        ma = statistics.median(a) if a else None
+        mb = statistics.median(b) if b else None
+        ratio = f"{ma / mb:.2f}x" if ma is not None and mb else "-"
+        fa = f"{ma:.3f}" if ma is not None else "failed"
+        fb = f"{mb:.3f}" if mb is not None else "failed"
+        lines.append(f"| {name} | {fa} | {fb} | {ratio} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus ({cpu}), "
+            f"kernel {platform.release()}, Python {platform.python_version()}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5)
+    ap.add_argument("--flows", type=int, default=10000)
+    ap.add_argument("--only", default="tput,rr,crr,ready,rss")
+    args = ap.parse_args()
+    if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
+        ap.error("--rounds 1..20, --seconds (0, 60]")
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    res = run(args)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    out = (f"# slirpy vs slirp4netns, {stamp}\n\nmachine: {machine()}\n"
+           f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, medians\n\n"
+           f"{table(res)}\n")
+    print()
+    print(out)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"net-{stamp}.md").write_text(out)
+
+
+if __name__ == "__main__":
+    main()
