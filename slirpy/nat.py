@@ -78,23 +78,30 @@ class TcpNat:
             pass
 
     def _map(self, ev):
+        """(host, port) to dial for a guest SYN, or None to refuse it."""
         cfg = self.d.config
         dst = ipaddress.ip_address(ev.dst)
         if ev.family == 4:
             if dst == cfg.gateway:
-                return None if cfg.disable_host_loopback else "127.0.0.1"
+                return None if cfg.disable_host_loopback else ("127.0.0.1", ev.dport)
             if dst == cfg.dns:
-                dns = getattr(self.d, "dns", None)
-                if ev.dport == 53 and dns is not None and not cfg.disable_dns:
-                    ups = dns.upstreams()
-                    return str(ups[0][0] if isinstance(ups[0], tuple) else ups[0]) if ups else None
-                return None
+                return self._dns_upstream(ev)
         else:
             if str(dst) == "fd00::2":
-                return None if cfg.disable_host_loopback else "::1"
+                return None if cfg.disable_host_loopback else ("::1", ev.dport)
             if str(dst) == "fd00::3":
-                return None
-        return ev.dst
+                return self._dns_upstream(ev)
+        return ev.dst, ev.dport
+
+    def _dns_upstream(self, ev):
+        """DNS over TCP at .3:53 goes to the first upstream, at the upstream's own port."""
+        dns = getattr(self.d, "dns", None)
+        if ev.dport != 53 or dns is None or self.d.config.disable_dns:
+            return None
+        ups = dns.upstreams()
+        if not ups:
+            return None
+        return (str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple) else (str(ups[0]), 53)
 
     def _on_request(self, ev):
         self.bridges[ev.flow] = _Bridge(ev.flow)
@@ -116,7 +123,8 @@ class TcpNat:
             d.flush()
             self.bridges.pop(ev.flow, None)
             return
-        fam = socket.AF_INET if ":" not in target else socket.AF_INET6
+        host, port = target
+        fam = socket.AF_INET if ":" not in host else socket.AF_INET6
         sock = trio.socket.socket(fam, socket.SOCK_STREAM)
         b.sock = sock
         reason = None
@@ -125,7 +133,7 @@ class TcpNat:
             if bind is not None:
                 await sock.bind((str(bind), 0))
             with trio.fail_after(CONNECT_TIMEOUT):
-                await sock.connect((target, ev.dport))
+                await sock.connect((host, port))
         except ConnectionRefusedError:
             reason = "refused"
         except trio.TooSlowError:

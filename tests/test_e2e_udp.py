@@ -140,6 +140,49 @@ def test_dns_via_dns_upstream_and_disable_dns():
         srv.close()
 
 
+GUEST_DNS_TCP = """
+import socket, struct
+q = struct.pack("!HHHHHH", 0x5151, 0x0100, 1, 0, 0, 0) + b"\\x04test\\x07example\\x00\\x00\\x01\\x00\\x01"
+s = socket.create_connection(("10.0.2.3", 53), timeout=4)
+s.sendall(struct.pack("!H", len(q)) + q)
+n = struct.unpack("!H", s.recv(2, socket.MSG_WAITALL))[0]
+r = s.recv(n, socket.MSG_WAITALL)
+print("ANSWER", r[:2].hex(), socket.inet_ntoa(r[-4:]), r[3] & 15, len(r) == n)
+"""
+
+
+def test_dns_over_tcp_goes_to_the_upstream_port():
+    # a TCP DNS server on a non-53 loopback port: --dns-upstream's port must be used for TCP too
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(4)
+    lsn.settimeout(10)
+    port = lsn.getsockname()[1]
+    seen = []
+
+    def serve():
+        try:
+            c, _ = lsn.accept()
+        except OSError:
+            return
+        with c:
+            n = struct.unpack("!H", c.recv(2, socket.MSG_WAITALL))[0]
+            q = c.recv(n, socket.MSG_WAITALL)
+            seen.append(q)
+            a = dns_answer(q, "192.0.2.54")
+            c.sendall(struct.pack("!H", len(a)) + a)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        out = run_guest(GUEST_DNS_TCP, f"--dns-upstream=127.0.0.1:{port}")
+    finally:
+        t.join(10)
+        lsn.close()
+    assert "ANSWER 5151 192.0.2.54 0 True" in out, out
+    assert len(seen) == 1 and b"\x04test\x07example" in seen[0]
+
+
 def test_dns_via_resolv_conf_loopback_stub(tmp_path):
     # a stub resolver on a private loopback address, port 53, named by a resolv.conf that only
     # slirpy's private mount namespace sees
