@@ -268,3 +268,56 @@ def test_udp_forward_keeps_world_source_address():
         'print("ready", flush=True)', ""), WORLD_CLIENT], capture_output=True, text=True, timeout=40)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     assert r.stdout.splitlines() == ["echo:192.0.2.2:hi", "echo:10.0.2.2:hi"], r.stderr
+
+
+TCP_WHO = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(8)
+while True:
+    c, a = s.accept()
+    c.sendall(b"peer:" + a[0].encode() + b":" + c.recv(100)); c.close()
+"""
+
+WORLD_TCP_CLIENT = r"""
+import socket, sys, time
+host, port = sys.argv[1].split(":")
+for src in sys.argv[2:]:
+    for _ in range(50):  # bounded: the guest server may not be listening yet
+        try:
+            c = socket.create_connection((host, int(port)), timeout=3, source_address=(src, 0))
+            c.sendall(b"hi"); print(c.recv(100).decode(), flush=True); c.close(); break
+        except (ConnectionRefusedError, ConnectionResetError, socket.timeout):
+            time.sleep(0.1)
+    else:
+        print("NO_REPLY", flush=True)
+"""
+
+
+def test_tcp_forward_keeps_world_source_address():
+    """As the UDP test: a TCP client in the world netns is seen by the guest server with its real
+    address (192.0.2.2); a loopback client as the gateway 10.0.2.2."""
+    require_netns()
+    import shutil
+    import textwrap
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("LOUD: need root and ip(8) to build the world netns")
+    script = textwrap.dedent(f"""
+        set -e
+        ip link set lo up
+        unshare -n sleep 60 & W=$!
+        sleep 0.3
+        ip link add v0 type veth peer name v1 netns $W
+        ip addr add 192.0.2.1/24 dev v0
+        ip link set v0 up
+        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
+        {sys.executable} -m slirpy -c --port 0.0.0.0:40124:9000 -- {sys.executable} -c "$0" 9000 &
+        S=$!
+        trap 'kill $S $W; wait $S || true' EXIT
+        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:40124 192.0.2.2
+        {sys.executable} -c "$1" 127.0.0.1:40124 127.0.0.1
+    """)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, TCP_WHO, WORLD_TCP_CLIENT],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
+    assert r.stdout.splitlines() == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], r.stderr
