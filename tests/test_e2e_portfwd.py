@@ -241,14 +241,16 @@ for src in sys.argv[2:]:
 """
 
 
-def test_udp_forward_keeps_world_source_address():
-    """slirpy runs in a netns the test made (A) with a veth to a "world" netns (192.0.2.2): a
-    world client is seen by the guest with its real address, a loopback client as 10.0.2.2."""
+def run_world(port_spec, server, client, host_port):
+    """Run slirpy (with `--port port_spec`, the guest running `server GUESTPORT`) inside a netns
+    the test made (A) with a veth to a "world" netns (192.0.2.2 <-> A's 192.0.2.1); then run
+    `client` from the world (source 192.0.2.2) and from A's loopback. Returns its output lines."""
     require_netns()
     import shutil
     import textwrap
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("LOUD: need root and ip(8) to build the world netns")
+    guest_port = port_spec.split(":")[-1].split("/")[0]
     script = textwrap.dedent(f"""
         set -e
         ip link set lo up
@@ -258,17 +260,23 @@ def test_udp_forward_keeps_world_source_address():
         ip addr add 192.0.2.1/24 dev v0
         ip link set v0 up
         nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
-        {sys.executable} -m slirpy -c --port 0.0.0.0:40123:9000/udp -- {sys.executable} -c "$0" 9000 &
+        {sys.executable} -m slirpy -c --port {port_spec} -- {sys.executable} -c "$0" {guest_port} &
         S=$!
         trap 'kill $S $W; wait $S || true' EXIT
-        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:40123 192.0.2.2
-        {sys.executable} -c "$1" 127.0.0.1:40123 127.0.0.1
+        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:{host_port} 192.0.2.2
+        {sys.executable} -c "$1" 127.0.0.1:{host_port} 127.0.0.1
     """)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", script, UDP_ECHO.replace(
-        'print("ready", flush=True)', ""), WORLD_CLIENT], capture_output=True, text=True, timeout=40)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, server, client],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
-    assert r.stdout.splitlines() == ["echo:192.0.2.2:hi", "echo:10.0.2.2:hi"], r.stderr
+    return r.stdout.splitlines(), r.stderr
 
+
+def test_udp_forward_keeps_world_source_address():
+    """A world client is seen by the guest with its real address, a loopback client as 10.0.2.2."""
+    lines, err = run_world("0.0.0.0:40123:9000/udp", UDP_ECHO.replace('print("ready", flush=True)', ""),
+                           WORLD_CLIENT, 40123)
+    assert lines == ["echo:192.0.2.2:hi", "echo:10.0.2.2:hi"], err
 
 TCP_WHO = r"""
 import socket, sys
@@ -297,27 +305,5 @@ for src in sys.argv[2:]:
 def test_tcp_forward_keeps_world_source_address():
     """As the UDP test: a TCP client in the world netns is seen by the guest server with its real
     address (192.0.2.2); a loopback client as the gateway 10.0.2.2."""
-    require_netns()
-    import shutil
-    import textwrap
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("LOUD: need root and ip(8) to build the world netns")
-    script = textwrap.dedent(f"""
-        set -e
-        ip link set lo up
-        unshare -n sleep 60 & W=$!
-        sleep 0.3
-        ip link add v0 type veth peer name v1 netns $W
-        ip addr add 192.0.2.1/24 dev v0
-        ip link set v0 up
-        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
-        {sys.executable} -m slirpy -c --port 0.0.0.0:40124:9000 -- {sys.executable} -c "$0" 9000 &
-        S=$!
-        trap 'kill $S $W; wait $S || true' EXIT
-        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:40124 192.0.2.2
-        {sys.executable} -c "$1" 127.0.0.1:40124 127.0.0.1
-    """)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", script, TCP_WHO, WORLD_TCP_CLIENT],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
-    assert r.stdout.splitlines() == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], r.stderr
+    lines, err = run_world("0.0.0.0:40124:9000", TCP_WHO, WORLD_TCP_CLIENT, 40124)
+    assert lines == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], err
