@@ -16,6 +16,7 @@ import stat
 
 import trio
 
+from .observe import collect_flows, collect_stats
 from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,10 @@ def handle_request(daemon, raw: bytes) -> bytes:
         except ForwardError:
             return _err("bad request: remove_hostfwd: bad arguments.id")
         return _dump({"return": {}})
-    if execute == "get_stats":
-        stack = getattr(daemon, "stack", None)
-        stats = stack.stats.as_dict() if stack is not None else {}
-        return _dump({"return": stats})
+    if execute == "get_stats":  # slirpy's own: counters, flows by state, buffers, uptime
+        return _dump({"return": collect_stats(daemon)})
+    if execute == "list_flows":  # slirpy's own: open TCP/UDP/ICMP flows
+        return _dump({"return": {"flows": collect_flows(daemon)}})
     return _err("bad request: unknown execute")
 
 
@@ -110,7 +111,7 @@ def _add(daemon, args) -> bytes:
             raise ForwardError("no port forwarder")
         fid = pf.add(proto, host_addr, args["host_port"], str(g), args["guest_port"])
     except ForwardError as e:
-        log.info("add_hostfwd: %s", e)
+        log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")
     return _dump({"return": {"id": fid}})
 

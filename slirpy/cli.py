@@ -57,7 +57,6 @@ NOT_IMPLEMENTED = {
     "enable_seccomp": "--enable-seccomp",
     "outbound_addr": "--outbound-addr",
     "outbound_addr6": "--outbound-addr6",
-    "pcap": "--pcap",
 }
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -271,8 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     flag = not_implemented(cfg)
     if flag is not None:
         return fail(f"{flag}: not implemented yet")
-    import logging
-    logging.basicConfig(level=cfg.log_level, format="slirpy: %(levelname)s %(name)s: %(message)s")
+    from .logutil import setup_logging
+    setup_logging(cfg.log_level)
     from .daemon import run
     try:
         return run(cfg)

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Dotted names; a component whose module does not exist yet is skipped.
 COMPONENTS = [
+    "slirpy.observe:Observer",
     "slirpy.nat:TcpNat",
     "slirpy.udp_nat:UdpNat",
     "slirpy.icmp_nat:IcmpNat",
@@ -63,6 +64,7 @@ class Daemon:
         self._timer_scope: trio.CancelScope | None = None
         self._write_wakeup = trio.Event()
         self.tap: Tap | None = None
+        self.pcap = None  # slirpy.pcap.PcapWriter when --pcap is given: sees every frame
         self.exit_message: str | None = None
         self.exit_code = 0
 
@@ -82,6 +84,8 @@ class Daemon:
             for _ in range(MAX_DISPATCH):
                 frames = stack.frames_to_send()
                 if frames:
+                    if self.pcap is not None:
+                        self.pcap.write(frames)
                     self.tap.write_frames(frames)
                     if self.tap.queue:
                         self._write_wakeup.set()
@@ -111,6 +115,8 @@ class Daemon:
             frames = tap.read_batch()
             if frames:
                 now = trio.current_time()
+                if self.pcap is not None:
+                    self.pcap.write(frames)
                 for f in frames:
                     stack.receive_frame(f, now)
                 self.flush()
@@ -225,6 +231,8 @@ class Daemon:
                     nursery.start_soon(self._watch_target, int(self.config.target), cancel)
                 if self.config.ready_fd is not None:
                     _write_ready(self.config.ready_fd)
+                log.info("ready: %d components, guest %s via tap %s", len(self.components),
+                         self.config.guest, self.config.tap_name)
                 if go_fd is not None:
                     os.write(go_fd, b"1")
                     os.close(go_fd)

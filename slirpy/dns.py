@@ -24,7 +24,10 @@ import struct
 
 import trio
 
+from .logutil import RateLimited
+
 log = logging.getLogger(__name__)
+_problem = RateLimited(log, logging.WARNING, interval=30.0)  # resolver problems, per kind
 
 RESOLV_CONF = "/etc/resolv.conf"
 UPSTREAM_TIMEOUT = 1.5
@@ -148,7 +151,7 @@ class DnsForwarder:
                     self._mtime = st.st_mtime
             except OSError as e:
                 if self._mtime is not None or not self._resolv:
-                    log.warning("cannot read %s: %s", self.resolv_conf, e)
+                    _problem.log("resolv", "cannot read %s: %s", self.resolv_conf, e)
                 self._resolv = []
                 self._mtime = None
         return list(self._resolv)
@@ -178,6 +181,10 @@ class DnsForwarder:
                 if reply is not None:
                     break
             if reply is None:
+                ups = self.upstreams()
+                _problem.log("servfail", "dns: no upstream answered (%s); guest gets SERVFAIL",
+                             ", ".join(f"{h}:{p}" for h, p in ups[:MAX_TRIES]) or
+                             f"none configured: --dns-upstream or nameserver in {self.resolv_conf}")
                 reply = build_servfail(q)
                 self.servfails += 1
                 self.stats.drop("dns_servfail")
@@ -204,7 +211,7 @@ class DnsForwarder:
                 await s.connect((host, port))
                 await s.send(q)
             except OSError as e:
-                log.debug("dns upstream %s:%d: %s", host, port, e)
+                _problem.log(("send", host, port), "dns upstream %s:%d: %s", host, port, e)
                 return None
             with trio.move_on_after(self.timeout):
                 while True:

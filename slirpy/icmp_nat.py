@@ -26,10 +26,11 @@ _ECHO = struct.Struct("!BBHHH")
 
 
 class _Ping:
-    __slots__ = ("key", "sock", "cancel")
+    __slots__ = ("key", "sock", "cancel", "bytes_in", "bytes_out")
 
     def __init__(self, key, sock):
         self.key = key
+        self.bytes_in = self.bytes_out = 0  # echo payload bytes from / to the guest (list_flows)
         self.sock = sock
         self.cancel = trio.CancelScope()
 
@@ -104,6 +105,7 @@ class IcmpNat:
             self.table.add(key, p, now, ICMP_IDLE_TIMEOUT)
             d.nursery.start_soon(self._reader, p)
         typ = 8 if ev.family == 4 else 128
+        p.bytes_in += len(ev.payload)
         try:
             p.sock.send(_ECHO.pack(typ, 0, 0, 0, ev.seq & 0xFFFF) + bytes(ev.payload))
         except OSError as e:
@@ -137,6 +139,7 @@ class IcmpNat:
                     self.table.get(p.key, d.now())
                     seq, payload = r
                     d.stack.send_icmp_echo_reply(fam, gdst, gsrc, gident, seq, payload, d.now())
+                    p.bytes_out += len(payload)
                     sent = True
                 if sent:
                     d.flush()

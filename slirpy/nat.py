@@ -10,10 +10,12 @@ import struct
 
 import trio
 
+from .logutil import RateLimited
 from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
                            TcpReset, TcpWritable)
 
 log = logging.getLogger(__name__)
+_refused = RateLimited(log, logging.INFO, interval=10.0)  # one line per reason per 10 s
 CONNECT_TIMEOUT = 15.0
 CHUNK = 65536
 
@@ -119,6 +121,8 @@ class TcpNat:
         except Exception:
             target = None
         if target is None:
+            _refused.log("policy", "tcp %s:%d -> %s:%d refused: no host mapping (host loopback disabled "
+                         "or DNS address)", ev.src, ev.sport, ev.dst, ev.dport)
             st.reject_tcp(ev.flow, "refused", d.now())
             d.flush()
             self.bridges.pop(ev.flow, None)
@@ -144,6 +148,8 @@ class TcpNat:
             sock.close()
             self.bridges.pop(ev.flow, None)
             if reason is not None:
+                _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s: %s", ev.src, ev.sport,
+                             ev.dst, ev.dport, target, reason)
                 st.reject_tcp(ev.flow, reason, d.now())
                 d.flush()
             return

@@ -135,6 +135,8 @@ class PortForwarder:
         self.forwards[fwd.id] = fwd
         if self._nursery is not None:
             self._nursery.start_soon(self._run, fwd)
+        log.info("forward %d added: %s %s:%d -> %s:%d", fwd.id, proto, host_addr, host_port,
+                 fwd.guest_addr, guest_port)
         return fwd.id
 
     def remove(self, fid) -> None:
@@ -143,6 +145,7 @@ class PortForwarder:
             raise ForwardError(f"no forward with id {fid}")
         fwd.cancel.cancel()
         fwd.sock.close()  # the host port is closed now; accepted connections live on
+        log.info("forward %d removed: %s %s:%d", fid, fwd.proto, fwd.host_addr, fwd.host_port)
 
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):

@@ -83,6 +83,10 @@ class FlowTable:
     def values(self):
         return [e[0] for e in self._entries.values()]
 
+    def items(self):
+        """[(key, value, deadline, timeout)] for introspection (list_flows)."""
+        return [(k, e[0], e[1], e[2]) for k, e in self._entries.items()]
+
     def get(self, key, now: float | None = None):
         """The value for key (None if absent); with ``now``, also refreshes its deadline."""
         e = self._entries.get(key)
@@ -200,10 +204,11 @@ def open_udp_socket(family: int, dst: str, dport: int, bind_addr: str | None) ->
 
 
 class _Flow:
-    __slots__ = ("key", "sock", "quote", "cancel", "host_dst")
+    __slots__ = ("key", "sock", "quote", "cancel", "host_dst", "bytes_in", "bytes_out")
 
     def __init__(self, key, sock, host_dst):
         self.key = key
+        self.bytes_in = self.bytes_out = 0  # payload bytes from / to the guest (list_flows)
         self.sock = sock
         self.host_dst = host_dst
         self.quote = b""
@@ -278,6 +283,7 @@ class UdpNat:
             self.table.add(key, flow, now, timeout)
             d.nursery.start_soon(self._reader, flow)
         flow.quote = ev.payload[:QUOTE_BYTES]
+        flow.bytes_in += len(ev.payload)
         try:
             flow.sock.send(ev.payload)
         except BlockingIOError:
@@ -326,6 +332,7 @@ class UdpNat:
                     if self.table.get(flow.key, d.now()) is not flow:
                         return
                     d.stack.send_udp(fam, gdst, gdport, gsrc, gsport, data, d.now())
+                    flow.bytes_out += len(data)
                     sent = True
                 if sent:
                     d.flush()

@@ -1,0 +1,168 @@
+"""Introspection for the API (`get_stats`, `list_flows`) and the `Observer` daemon component.
+
+Everything here reads the daemon's parts through getattr with defaults, so it works on a partial
+daemon (a test's fake, or a build where a component is missing) and costs nothing per packet: it
+runs only when a client asks, or once every WATCH_INTERVAL seconds.
+
+The Observer logs the start, a one-line summary at exit, and -- from a periodic diff of the drop
+counters, not from the packet path -- "cap reached" warnings (rate-limited per reason).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+
+import trio
+
+from . import __version__
+from .logutil import RateLimited
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 2.0
+# drop reasons that mean a limit was hit (a cap, a full queue, an eviction, a rate limit)
+_CAP_WORDS = ("cap", "full", "evict", "rate_limited", "too_many", "no_port", "denied")
+
+
+def is_cap_reason(reason: str) -> bool:
+    return any(w in reason for w in _CAP_WORDS)
+
+
+def _started(daemon) -> float | None:
+    return getattr(daemon, "started_monotonic", None)
+
+
+def collect_stats(daemon) -> dict:
+    stack = getattr(daemon, "stack", None)
+    st = stack.stats.as_dict() if stack is not None and hasattr(stack, "stats") else {}
+    out = dict(st)
+    started = _started(daemon)
+    out["uptime"] = round(time.monotonic() - started, 3) if started is not None else 0.0
+    out["dropped_total"] = sum(st.get("dropped", {}).values())
+
+    flows = {}
+    tcp = getattr(stack, "tcp", None)
+    states: collections.Counter = collections.Counter()
+    sbuf = rbuf = ooo = 0
+    if tcp is not None:
+        for f in getattr(tcp, "_flows", {}).values():
+            states[f.state] += 1
+            sbuf += len(f.sbuf) if f.sbuf is not None else 0
+            rbuf += len(f.rbuf) if f.rbuf is not None else 0
+            if f.ooo:
+                ooo += sum(len(v) for v in f.ooo.values())
+    flows["tcp"] = {"open": sum(states.values()), "states": dict(sorted(states.items())),
+                    "max": getattr(tcp, "max_flows", None)}
+    for proto in ("udp", "icmp"):
+        nat = getattr(daemon, f"{proto}_nat", None)
+        table = getattr(nat, "table", None)
+        flows[proto] = {"open": len(table) if table is not None else 0,
+                        "max": getattr(table, "cap", None),
+                        "expired": getattr(table, "expired", 0),
+                        "evicted": getattr(table, "evicted", 0)}
+    out["flows"] = flows
+
+    pf = getattr(daemon, "portfwd", None)
+    fwds = list(getattr(pf, "forwards", {}).values())
+    out["forwards"] = {"tcp": sum(1 for f in fwds if f.proto == "tcp"),
+                       "udp": sum(1 for f in fwds if f.proto == "udp"),
+                       "udp_mappings": sum(len(f.by_client) for f in fwds)}
+
+    reass = getattr(stack, "_reass", None)
+    out["reassembly"] = {"entries": len(reass) if reass is not None else 0,
+                         "bytes": getattr(reass, "bytes_held", 0),
+                         "max_entries": getattr(reass, "max_entries", None),
+                         "max_bytes": getattr(reass, "max_bytes", None)}
+
+    tap = getattr(daemon, "tap", None)
+    out["buffers"] = {"tcp_send_bytes": sbuf, "tcp_recv_bytes": rbuf, "tcp_ooo_bytes": ooo,
+                      "tap_write_queue": len(tap.queue) if tap is not None else 0,
+                      "stack_frames_queued": len(getattr(stack, "_out", ())),
+                      "stack_events_queued": len(getattr(stack, "_events", ())),
+                      "unresolved_frames": len(getattr(stack, "_unresolved", ()))}
+
+    dns = getattr(daemon, "dns", None)
+    if dns is not None:
+        out["dns"] = {"answered": getattr(dns, "answered", 0),
+                      "servfail": getattr(dns, "servfails", 0),
+                      "inflight": getattr(dns, "inflight", 0)}
+    pcap = getattr(daemon, "pcap_writer", None)
+    out["pcap"] = pcap.status() if pcap is not None else None
+    return out
+
+
+def collect_flows(daemon) -> list[dict]:
+    """Open flows: TCP from the engine, UDP and ICMP from their NAT tables.
+    bytes_in: payload from the guest; bytes_out: payload to the guest."""
+    out = []
+    stack = getattr(daemon, "stack", None)
+    tcp = getattr(stack, "tcp", None)
+    if tcp is not None and hasattr(tcp, "flows"):
+        for f in tcp.flows():
+            out.append({"proto": "tcp", **f})
+    now = daemon.now() if hasattr(daemon, "now") else None
+    for proto in ("udp", "icmp"):
+        nat = getattr(daemon, f"{proto}_nat", None)
+        table = getattr(nat, "table", None)
+        if table is None or not hasattr(table, "items"):
+            continue
+        for key, v, deadline, timeout in table.items():
+            if proto == "udp":
+                fam, src, sport, dst, dport = key
+            else:
+                fam, src, ident, dst = key
+                sport, dport = ident, None
+            e = {"proto": proto, "family": fam, "src": src, "sport": sport, "dst": dst,
+                 "dport": dport, "state": "ACTIVE",
+                 "bytes_in": getattr(v, "bytes_in", 0), "bytes_out": getattr(v, "bytes_out", 0)}
+            if now is not None:
+                e["idle"] = round(max(0.0, now - (deadline - timeout)), 3)
+                e["expires_in"] = round(max(0.0, deadline - now), 3)
+            out.append(e)
+    return out
+
+
+class Observer:
+    """Daemon component: start line, cap warnings from counter diffs, exit summary."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        daemon.started_monotonic = time.monotonic()
+        self._last: dict = {}
+        self._caps = RateLimited(log, logging.WARNING, interval=30.0)
+        self._other = RateLimited(log, logging.DEBUG, interval=30.0)
+        cfg = daemon.config
+        where = cfg.target if cfg.command is None else "-- " + " ".join(cfg.command)
+        log.info("slirpy %s starting: %s tap=%s mtu=%d cidr=%s%s%s", __version__, where,
+                 cfg.tap_name, cfg.mtu, cfg.cidr, " ipv6" if cfg.enable_ipv6 else "",
+                 f" api={cfg.api_socket}" if cfg.api_socket else "")
+
+    def check(self) -> None:
+        """Diff the drop counters since the last check; log limits that were hit."""
+        stats = getattr(getattr(self.daemon, "stack", None), "stats", None)
+        if stats is None:
+            return
+        for reason, n in list(stats.dropped.items()):
+            delta = n - self._last.get(reason, 0)
+            if delta <= 0:
+                continue
+            self._last[reason] = n
+            if is_cap_reason(reason):
+                self._caps.log(reason, "limit reached: %s (+%d, %d in total)", reason, delta, n)
+            else:
+                self._other.log(reason, "dropped: %s (+%d, %d in total)", reason, delta, n)
+
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        try:
+            while True:
+                await trio.sleep(WATCH_INTERVAL)
+                self.check()
+        finally:
+            self.check()
+            s = collect_stats(self.daemon)
+            log.info("exit after %.1fs: frames in/out %d/%d, bytes in/out %d/%d, %d dropped",
+                     s["uptime"], s.get("frames_in", 0), s.get("frames_out", 0),
+                     s.get("bytes_in", 0), s.get("bytes_out", 0), s["dropped_total"])

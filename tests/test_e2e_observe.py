@@ -1,0 +1,274 @@
+"""Observability end to end through the real daemon: --pcap (read back by dpkt and tcpdump),
+get_stats / list_flows over the API socket, and the log lines (events yes, packets no)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import dpkt
+import pytest
+
+from nsutil import Slirpy, require_netns
+from slirpy.api_client import call
+
+pytestmark = pytest.mark.netns
+
+ROUTER_MAC = bytes.fromhex("52550a000202")  # 52:55 + 10.0.2.2: source of every guest-bound frame
+EXIT_RE = re.compile(r"exit after [\d.]+s: frames in/out (\d+)/(\d+), bytes in/out (\d+)/(\d+), (\d+) dropped")
+
+
+@pytest.fixture(autouse=True)
+def _netns():
+    require_netns()
+
+
+def api(path, execute, **arguments):
+    req = {"execute": execute}
+    if arguments:
+        req["arguments"] = arguments
+    return json.loads(call(path, json.dumps(req).encode()))
+
+
+def read_pcap(path):
+    with open(path, "rb") as f:
+        return [(ts, bytes(buf)) for ts, buf in dpkt.pcap.Reader(f)]
+
+
+def icmp_echoes(frames):
+    """[(type, src, dst, ident, seq, data)] of the IPv4 ICMP echo frames."""
+    out = []
+    for _, buf in frames:
+        eth = dpkt.ethernet.Ethernet(buf)
+        ip = eth.data
+        if isinstance(ip, dpkt.ip.IP) and isinstance(ip.data, dpkt.icmp.ICMP) and ip.data.type in (0, 8):
+            e = ip.data.data
+            out.append((ip.data.type, socket.inet_ntoa(ip.src), socket.inet_ntoa(ip.dst), e.id, e.seq,
+                        bytes(e.data)))
+    return out
+
+
+def tcpdump(path, *args):
+    p = subprocess.run(["tcpdump", "-nn", "-r", path, *args], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.splitlines()
+
+
+def exit_counters(stderr):
+    m = EXIT_RE.findall(stderr)
+    assert len(m) == 1, stderr
+    return tuple(int(x) for x in m[0])
+
+
+def test_pcap_matches_frames_dpkt_and_tcpdump(tmp_path):
+    pcap = str(tmp_path / "cap.pcap")
+    with Slirpy(f"--pcap={pcap}", "--log-level=INFO") as s:
+        p = s.run_in_ns("ping", "-c", "3", "-i", "0.2", "-s", "100", "-p", "a5", "10.0.2.2")
+        assert p.returncode == 0, p.stdout + p.stderr
+    frames_in, frames_out, bytes_in, bytes_out, _ = exit_counters(s.stderr)
+
+    frames = read_pcap(pcap)
+    # every frame of the run, both directions, exactly as the daemon counted them
+    to_guest = [b for _, b in frames if b[6:12] == ROUTER_MAC]
+    from_guest = [b for _, b in frames if b[6:12] != ROUTER_MAC]
+    assert (len(from_guest), len(to_guest)) == (frames_in, frames_out)
+    assert (sum(map(len, from_guest)), sum(map(len, to_guest))) == (bytes_in, bytes_out)
+    ts = [t for t, _ in frames]
+    assert ts == sorted(ts) and abs(ts[0] - time.time()) < 120
+
+    ech = icmp_echoes(frames)
+    reqs = [e for e in ech if e[0] == 8]
+    reps = [e for e in ech if e[0] == 0]
+    assert len(reqs) == 3 and len(reps) == 3
+    assert {(e[1], e[2]) for e in reqs} == {("10.0.2.100", "10.0.2.2")}
+    assert {(e[1], e[2]) for e in reps} == {("10.0.2.2", "10.0.2.100")}
+    assert [e[4] for e in reqs] == [e[4] for e in reps] == [1, 2, 3]
+    for q, r in zip(reqs, reps):
+        assert len(q[5]) == 100 and q[5] == r[5] and q[5][-4:] == b"\xa5" * 4  # payload echoed
+    # 14 eth + 20 ip + 8 icmp + 100 data
+    assert all(len(b) == 142 for _, b in frames if b[12:14] == b"\x08\x00" and b[23] == 1)
+
+    # tcpdump reads the same file: same frame count, same echoes
+    lines = tcpdump(pcap)
+    assert len(lines) == len(frames)
+    assert sum("10.0.2.100 > 10.0.2.2: ICMP echo request" in ln for ln in lines) == 3
+    assert sum("10.0.2.2 > 10.0.2.100: ICMP echo reply" in ln for ln in lines) == 3
+    assert sum(", length 108" in ln and "ICMP echo" in ln for ln in lines) == 6
+    # and as raw ethernet with MACs
+    elines = tcpdump(pcap, "-e", "icmp")
+    assert len(elines) == 6
+    assert sum(ln.split()[1] == "52:55:0a:00:02:02" for ln in elines) == 3
+
+
+def test_pcap_max_bytes_stops_with_one_log_line(tmp_path):
+    pcap = str(tmp_path / "cap.pcap")
+    cap = 600
+    sock = str(tmp_path / "api.sock")
+    with Slirpy(f"--pcap={pcap}", f"--pcap-max-bytes={cap}", "--log-level=WARNING", "-a", sock) as s:
+        p = s.run_in_ns("ping", "-c", "8", "-i", "0.05", "-s", "200", "10.0.2.2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        st = api(sock, "get_stats")["return"]
+        assert st["pcap"]["stopped"] is True and st["pcap"]["max_bytes"] == cap
+        assert st["pcap"]["bytes"] <= cap
+    size = os.path.getsize(pcap)
+    assert size <= cap and size == st["pcap"]["bytes"]
+    frames = read_pcap(pcap)
+    assert len(frames) == st["pcap"]["frames"] >= 1
+    assert len(tcpdump(pcap)) == len(frames)
+    assert s.stderr.count("--pcap-max-bytes 600 reached") == 1, s.stderr
+    assert len(s.stderr.splitlines()) == 1, s.stderr  # WARNING level: nothing else to say
+
+
+GUEST_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    tport, uport, closed, n = (int(a) for a in sys.argv[1:5])
+    c = socket.create_connection(("10.0.2.2", tport), timeout=5)
+    c.sendall(b"g" * n)
+    assert c.recv(100) == b"ok"
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.sendto(b"u" * 77, ("10.0.2.2", uport))
+    refused = 0
+    for _ in range(4):
+        try:
+            socket.create_connection(("10.0.2.2", closed), timeout=5).close()
+        except ConnectionRefusedError:
+            refused += 1
+    raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    raw.bind(("tap0", 0))
+    for _ in range(5):  # unknown ethertype: a counted drop in the stack
+        raw.send(b"\\x52\\x55\\x0a\\x00\\x02\\x02" + b"\\x02" * 6 + b"\\x88\\xb5" + b"x" * 50)
+    print(refused, c.getsockname()[1], u.getsockname()[1], flush=True)
+    sys.stdin.read()  # hold the connection open until the test says so
+""")
+
+
+def test_stats_and_flows_follow_traffic(tmp_path):
+    sock = str(tmp_path / "api.sock")
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+    tport = lst.getsockname()[1]
+    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    usock.bind(("127.0.0.1", 0))
+    uport = usock.getsockname()[1]
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed = probe.getsockname()[1]  # bound, never listening: connections are refused
+    script = tmp_path / "client.py"
+    script.write_text(GUEST_CLIENT)
+    n = 30000
+    with Slirpy("-a", sock, "-p", f"127.0.0.1:{_free()}:80") as s:
+        before = api(sock, "get_stats")["return"]
+        assert before["flows"]["tcp"]["open"] == 0 and before["forwards"] == {
+            "tcp": 1, "udp": 0, "udp_mappings": 0}
+        assert api(sock, "list_flows") == {"return": {"flows": []}}
+        proc = subprocess.Popen(["nsenter", "-t", str(s.ns.pid), "-U", "-n", "--preserve-credentials",
+                                 sys.executable, str(script), str(tport), str(uport), str(closed), str(n)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            lst.settimeout(10)
+            conn, _ = lst.accept()
+            got = b""
+            conn.settimeout(10)
+            while len(got) < n:
+                got += conn.recv(65536)
+            conn.sendall(b"ok")
+            usock.settimeout(10)
+            assert usock.recvfrom(100)[0] == b"u" * 77
+            line = proc.stdout.readline().split()
+            assert line and int(line[0]) == 4, line
+            gtport, guport = int(line[1]), int(line[2])
+            st = api(sock, "get_stats")["return"]
+            flows = api(sock, "list_flows")["return"]["flows"]
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=10)
+            conn.close()
+    assert got == b"g" * n
+    tcp = [f for f in flows if f["proto"] == "tcp"]
+    udp = [f for f in flows if f["proto"] == "udp"]
+    assert len(tcp) == 1, flows
+    t = tcp[0]
+    assert (t["family"], t["src"], t["sport"], t["dst"], t["dport"]) == (4, "10.0.2.100", gtport, "10.0.2.2", tport)
+    assert t["state"] == "ESTABLISHED" and t["bytes_in"] == n and t["bytes_out"] == 2
+    assert len(udp) == 1, flows
+    u = udp[0]
+    assert (u["src"], u["sport"], u["dst"], u["dport"], u["bytes_in"], u["bytes_out"]) == (
+        "10.0.2.100", guport, "10.0.2.2", uport, 77, 0)
+    assert 0 <= u["idle"] < 10 and 0 < u["expires_in"] <= 60
+    # counters moved
+    assert st["frames_in"] > before["frames_in"] + 20 and st["bytes_in"] > before["bytes_in"] + n
+    assert st["frames_out"] > before["frames_out"] + 10
+    assert st["dropped"].get("eth_unknown_type", 0) - before["dropped"].get("eth_unknown_type", 0) == 5
+    assert st["dropped"].get("tcp_connect_refused", 0) - before["dropped"].get("tcp_connect_refused", 0) == 4
+    assert st["flows"]["tcp"]["open"] == 1 and st["flows"]["tcp"]["states"] == {"ESTABLISHED": 1}
+    assert st["flows"]["udp"]["open"] == 1
+    assert st["uptime"] > before["uptime"] >= 0
+    assert st["reassembly"]["entries"] == 0 and st["buffers"]["tap_write_queue"] == 0
+    assert st["dropped_total"] == sum(st["dropped"].values())
+    lst.close()
+    usock.close()
+    probe.close()
+
+
+def _free():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def test_logs_events_not_packets(tmp_path):
+    sock = str(tmp_path / "api.sock")
+    fport = _free()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed = probe.getsockname()[1]
+    with Slirpy("--log-level=INFO", "-a", sock, "-p", f"127.0.0.1:{fport}:80") as s:
+        p = s.run_in_ns("ping", "-c", "60", "-i", "0.01", "-q", "10.0.2.2")
+        assert p.returncode == 0, p.stdout + p.stderr
+        # 10 refused connections: one log line (rate-limited)
+        code = ("import socket\nfor _ in range(10):\n    try: socket.create_connection"
+                f"(('10.0.2.2', {closed}), timeout=5)\n    except ConnectionRefusedError: pass\n")
+        assert s.run_in_ns(sys.executable, "-c", code).returncode == 0
+        p2 = _free()
+        r = api(sock, "add_hostfwd", proto="udp", host_addr="127.0.0.1", host_port=p2, guest_port=53)
+        assert r == {"return": {"id": 2}}
+        assert api(sock, "remove_hostfwd", id=2) == {"return": {}}
+        assert "error" in api(sock, "add_hostfwd", proto="tcp", host_addr="127.0.0.1", host_port=fport,
+                              guest_port=80)
+    err = s.stderr.splitlines()
+    assert all(ln.startswith("slirpy: ") for ln in err), err
+    text = s.stderr
+    assert text.count(" starting: ") == 1
+    assert text.count("slirpy.daemon: ready") == 1
+    assert f"forward 1 added: tcp 127.0.0.1:{fport} -> 10.0.2.100:80" in text
+    assert f"forward 2 added: udp 127.0.0.1:{p2} -> 10.0.2.100:53" in text
+    assert f"forward 2 removed: udp 127.0.0.1:{p2}" in text
+    assert text.count("add_hostfwd refused") == 1
+    assert len(re.findall(rf"-> 10\.0\.2\.2:{closed} refused: connect to 127\.0\.0\.1: refused", text)) == 1
+    assert text.count("exit after") == 1
+    # 60 pings + 10 SYNs + ARP: still a handful of lines, none per packet
+    assert len(err) <= 12, text
+    assert "ICMP" not in text and "echo" not in text
+    probe.close()
+
+
+def test_quiet_by_default_and_debug_is_ours_only(tmp_path):
+    with Slirpy() as s:
+        assert s.run_in_ns("ping", "-c", "5", "-i", "0.01", "-q", "10.0.2.2").returncode == 0
+    assert s.stderr == ""
+    with Slirpy("--log-level=DEBUG") as s:
+        assert s.run_in_ns("ping", "-c", "50", "-i", "0.01", "-q", "10.0.2.2").returncode == 0
+    lines = s.stderr.splitlines()
+    assert lines and all(ln.startswith("slirpy: ") for ln in lines), s.stderr
+    # pyroute2's per-netlink-message debug output stays off; only slirpy.* loggers speak
+    assert all(re.match(r"slirpy: \w+ slirpy(\.\w+)*: ", ln) for ln in lines), s.stderr
+    assert len(lines) <= 12, s.stderr
