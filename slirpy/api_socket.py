@@ -16,10 +16,12 @@ import stat
 
 import trio
 
+from .logutil import RateLimited
 from .observe import collect_flows, collect_stats
 from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
 
 log = logging.getLogger(__name__)
+_busy = RateLimited(log, logging.WARNING, interval=30.0)
 
 MAX_REQUEST = 64 * 1024
 READ_TIMEOUT = 5.0
@@ -182,6 +184,7 @@ class ApiServer:
                         raise
                     if self.active >= MAX_CLIENTS:
                         self.refused += 1
+                        _busy.log("busy", "api socket: %d clients at once, connection refused", MAX_CLIENTS)
                         conn.close()
                         continue
                     self.active += 1

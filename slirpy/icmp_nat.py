@@ -15,10 +15,12 @@ import struct
 
 import trio
 
+from slirpy.logutil import RateLimited
 from slirpy.stack.events import IcmpEchoRequest
 from slirpy.udp_nat import FlowTable
 
 log = logging.getLogger(__name__)
+_debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
 
 ICMP_IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 1024
@@ -98,7 +100,7 @@ class IcmpNat:
                 self.stats.drop("icmp_ping_socket_denied")
                 return
             except OSError as e:
-                log.debug("ping socket to %s failed: %s", dst, e)
+                _debug.log(("socket", e.errno), "ping socket to %s failed: %s", dst, e)
                 self.stats.drop("icmp_socket_failed")
                 return
             p = _Ping(key, sock)
@@ -109,7 +111,7 @@ class IcmpNat:
         try:
             p.sock.send(_ECHO.pack(typ, 0, 0, 0, ev.seq & 0xFFFF) + bytes(ev.payload))
         except OSError as e:
-            log.debug("ping send to %s: %s", dst, e)
+            _debug.log(("send", e.errno), "ping send to %s: %s", dst, e)
             self.stats.drop("icmp_send_failed")
 
     async def _reader(self, p: _Ping) -> None:

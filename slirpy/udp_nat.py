@@ -28,9 +28,11 @@ from typing import Any, Callable, Hashable
 
 import trio
 
+from slirpy.logutil import RateLimited
 from slirpy.stack.events import UdpDatagram
 
 log = logging.getLogger(__name__)
+_debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
 
 UDP_IDLE_TIMEOUT = 60.0
 DNS_IDLE_TIMEOUT = 10.0
@@ -273,7 +275,7 @@ class UdpNat:
             try:
                 sock = open_udp_socket(ev.family, host_dst, ev.dport, bind)
             except OSError as e:
-                log.debug("udp socket to %s:%d failed: %s", host_dst, ev.dport, e)
+                _debug.log(("socket", e.errno), "udp socket to %s:%d failed: %s", host_dst, ev.dport, e)
                 self.stats.drop("udp_socket_failed")
                 if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
                     self._unreachable(ev, ICMP_HOST_UNREACH if ev.family == 4 else ICMP6_ADDR_UNREACH)

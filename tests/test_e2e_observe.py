@@ -231,13 +231,25 @@ def test_logs_events_not_packets(tmp_path):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     closed = probe.getsockname()[1]
-    with Slirpy("--log-level=INFO", "-a", sock, "-p", f"127.0.0.1:{fport}:80") as s:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    u.bind(("127.0.0.1", 0))
+    dead_dns = u.getsockname()[1]
+    u.close()  # nothing listens there: every query gets SERVFAIL
+    with Slirpy("--log-level=INFO", "-a", sock, "-p", f"127.0.0.1:{fport}:80",
+                f"--dns-upstream=127.0.0.1:{dead_dns}") as s:
         p = s.run_in_ns("ping", "-c", "60", "-i", "0.01", "-q", "10.0.2.2")
         assert p.returncode == 0, p.stdout + p.stderr
         # 10 refused connections: one log line (rate-limited)
         code = ("import socket\nfor _ in range(10):\n    try: socket.create_connection"
                 f"(('10.0.2.2', {closed}), timeout=5)\n    except ConnectionRefusedError: pass\n")
         assert s.run_in_ns(sys.executable, "-c", code).returncode == 0
+        # 6 DNS queries to a dead upstream: SERVFAIL each time, one resolver-problem line
+        dns = ("import socket\nq = b'\\x12\\x34\\x01\\x00\\x00\\x01' + bytes(6) + b'\\x07example\\x03com\\x00'"
+               " + b'\\x00\\x01\\x00\\x01'\nn = 0\nfor _ in range(6):\n    s = socket.socket(socket.AF_INET,"
+               " socket.SOCK_DGRAM)\n    s.settimeout(5)\n    s.sendto(q, ('10.0.2.3', 53))\n"
+               "    r = s.recv(512)\n    n += r[:2] == q[:2] and r[3] & 15 == 2\nprint(n)\n")
+        pd = s.run_in_ns(sys.executable, "-c", dns)
+        assert pd.returncode == 0 and pd.stdout.strip() == "6", pd.stdout + pd.stderr
         p2 = _free()
         r = api(sock, "add_hostfwd", proto="udp", host_addr="127.0.0.1", host_port=p2, guest_port=53)
         assert r == {"return": {"id": 2}}
@@ -254,6 +266,7 @@ def test_logs_events_not_packets(tmp_path):
     assert f"forward 2 removed: udp 127.0.0.1:{p2}" in text
     assert text.count("add_hostfwd refused") == 1
     assert len(re.findall(rf"-> 10\.0\.2\.2:{closed} refused: connect to 127\.0\.0\.1: refused", text)) == 1
+    assert text.count(f"dns: no upstream answered (127.0.0.1:{dead_dns}); guest gets SERVFAIL") == 1
     assert text.count("exit after") == 1
     # 60 pings + 10 SYNs + ARP: still a handful of lines, none per packet
     assert len(err) <= 12, text
