@@ -148,8 +148,8 @@ class TcpNat:
             sock.close()
             self.bridges.pop(ev.flow, None)
             if reason is not None:
-                _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s: %s", ev.src, ev.sport,
-                             ev.dst, ev.dport, target, reason)
+                _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s port %d: %s", ev.src,
+                             ev.sport, ev.dst, ev.dport, host, port, reason)
                 st.reject_tcp(ev.flow, reason, d.now())
                 d.flush()
             return

@@ -265,7 +265,7 @@ def test_logs_events_not_packets(tmp_path):
     assert f"forward 2 added: udp 127.0.0.1:{p2} -> 10.0.2.100:53" in text
     assert f"forward 2 removed: udp 127.0.0.1:{p2}" in text
     assert text.count("add_hostfwd refused") == 1
-    assert len(re.findall(rf"-> 10\.0\.2\.2:{closed} refused: connect to 127\.0\.0\.1: refused", text)) == 1
+    assert len(re.findall(rf"-> 10\.0\.2\.2:{closed} refused: connect to 127\.0\.0\.1 port {closed}: refused", text)) == 1
     assert text.count(f"dns: no upstream answered (127.0.0.1:{dead_dns}); guest gets SERVFAIL") == 1
     assert text.count("exit after") == 1
     # 60 pings + 10 SYNs + ARP: still a handful of lines, none per packet
