@@ -285,3 +285,31 @@ def test_quiet_by_default_and_debug_is_ours_only(tmp_path):
     # pyroute2's per-netlink-message debug output stays off; only slirpy.* loggers speak
     assert all(re.match(r"slirpy: \w+ slirpy(\.\w+)*: ", ln) for ln in lines), s.stderr
     assert len(lines) <= 12, s.stderr
+
+
+def test_limit_reached_logged_once_with_counts(tmp_path):
+    """A burst of 500 DNS queries to an upstream that never answers hits the in-flight cap (and the
+    rate limit): hundreds of drops, one warning line per limit, counters in get_stats agree."""
+    sock = str(tmp_path / "api.sock")
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))  # bound, never read: queries wait for the upstream timeout
+    code = ("import socket, struct\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "for i in range(500):\n    s.sendto(struct.pack('!HHHHHH', i, 0x100, 1, 0, 0, 0) + "
+            "b'\\x01a\\x00\\x00\\x01\\x00\\x01', ('10.0.2.3', 53))\n")
+    with Slirpy("--log-level=WARNING", "-a", sock,
+                f"--dns-upstream=127.0.0.1:{silent.getsockname()[1]}") as s:
+        assert s.run_in_ns(sys.executable, "-c", code).returncode == 0
+        for _ in range(100):
+            st = api(sock, "get_stats")["return"]
+            d = st["dropped"]
+            if d.get("dns_too_many_inflight", 0) + d.get("dns_rate_limited", 0) + 256 >= 500:
+                break
+            time.sleep(0.05)
+    silent.close()
+    assert d.get("dns_too_many_inflight", 0) > 0, d
+    assert d.get("dns_too_many_inflight", 0) + d.get("dns_rate_limited", 0) + 256 == 500, d
+    lines = s.stderr.splitlines()
+    assert sum("limit reached: dns_too_many_inflight" in ln for ln in lines) == 1, s.stderr
+    assert sum("limit reached: dns_rate_limited" in ln for ln in lines) == (1 if d.get("dns_rate_limited") else 0)
+    assert all(ln.startswith("slirpy: WARNING ") for ln in lines), s.stderr
+    assert len(lines) <= 3, s.stderr
