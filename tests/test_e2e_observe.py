@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_pcap_matches_frames_dpkt_and_tcpdump(tmp_path):
     elines = tcpdump(pcap, "-e", "icmp")
     assert len(elines) == 6
     assert sum(ln.split()[1] == "52:55:0a:00:02:02" for ln in elines) == 3
+    if shutil.which("tshark"):  # Wireshark's reader too, where it is installed (not in CI)
+        t = subprocess.run(["tshark", "-n", "-r", pcap, "-Y", "icmp.type == 0"], capture_output=True,
+                           text=True, timeout=60)
+        assert t.returncode == 0 and len(t.stdout.splitlines()) == 3, t.stdout + t.stderr
 
 
 def test_pcap_max_bytes_stops_with_one_log_line(tmp_path):
