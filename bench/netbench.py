@@ -6,7 +6,11 @@ Each round, for each implementation: a fresh `unshare -Urn` namespace, the daemo
 reached from the guest through the gateway 10.0.2.2. Prints one table of medians with the ratio
 slirpy/slirp4netns and appends it to bench/results/.
 
-  python3 bench/netbench.py [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss] [--flows 10000]
+  bench/run [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss,parse] [--flows 10000]
+
+Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest), RR/CRR a
+1-byte echo from the guest, "start to ready" from exec to the ready-fd byte, RSS from /proc.
+slirpy runs as `python3 -m slirpy` from this tree (PYTHONPATH), never the console script.
 
 Traffic goes only to loopback and to the namespaces made here.
 """
@@ -106,16 +110,22 @@ def rss_kb(pid: int) -> int:
 
 
 @contextlib.contextmanager
-def attached(binary: list[str], mtu: int):
+def attached(impl, mtu: int):
     """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s)."""
+    binary, env = impl
     holder = subprocess.Popen(["unshare", "-Urn", "sleep", "infinity"])
-    time.sleep(0.05)
+    mine = os.stat("/proc/self/ns/net").st_ino
+    for _ in range(200):  # wait until unshare has made the namespace
+        with contextlib.suppress(OSError):
+            if os.stat(f"/proc/{holder.pid}/ns/net").st_ino != mine:
+                break
+        time.sleep(0.01)
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
     t0 = time.monotonic()
     proc = subprocess.Popen(
         binary + ["-c", f"--mtu={mtu}", "-r", str(ready_w), "-e", str(exit_r), str(holder.pid), "tap0"],
-        pass_fds=(ready_w, exit_r), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        pass_fds=(ready_w, exit_r), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     os.close(ready_w)
     os.close(exit_r)
     try:
@@ -190,9 +200,19 @@ def rss_with_flows(daemon_pid: int, ns_pid: int, port: int, flows: int) -> float
         p.wait(60)
 
 
+REPO = HERE.parent
+
+
+def _slirpy_env() -> dict:
+    # this tree's code, not the `slirpy` console script (which may point at another checkout)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 IMPLS = {
-    "slirp4netns": lambda: [shutil.which("slirp4netns") or "slirp4netns"],
-    "slirpy": lambda: [shutil.which("slirpy") or "slirpy"],
+    "slirp4netns": lambda: ([shutil.which("slirp4netns") or "slirp4netns"], None),
+    "slirpy": lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env()),
 }
 
 
@@ -210,7 +230,10 @@ def run(args) -> dict:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.flows + 1000)), hard))
     for rnd in range(args.rounds):
         print(f"round {rnd + 1}/{args.rounds}", flush=True)
-        for impl, binary in IMPLS.items():
+        order = list(IMPLS.items())
+        if rnd % 2:
+            order.reverse()  # alternate who goes first
+        for impl, binary in order:
             for mtu in (65520, 1500):
                 if not ({"tput"} & only) and mtu == 1500:
                     continue
@@ -271,16 +294,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--flows", type=int, default=10000)
-    ap.add_argument("--only", default="tput,rr,crr,ready,rss")
+    ap.add_argument("--only", default="tput,rr,crr,ready,rss,parse")
     args = ap.parse_args()
     if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
         ap.error("--rounds 1..20, --seconds (0, 60]")
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     res = run(args)
+    parse_out = ""
+    if "parse" in args.only.split(","):
+        p = subprocess.run([sys.executable, str(HERE / "parse.py")], capture_output=True, text=True,
+                           timeout=600, env=_slirpy_env())
+        parse_out = ("\nparser frames/s (Ethernet+IPv4+L4, slirpy verifies checksums):\n\n```\n"
+                     + (p.stdout or p.stderr[-1000:]) + "```\n")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     out = (f"# slirpy vs slirp4netns, {stamp}\n\nmachine: {machine()}\n"
            f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, medians\n\n"
-           f"{table(res)}\n")
+           f"{table(res)}\n{parse_out}")
     print()
     print(out)
     RESULTS.mkdir(exist_ok=True)
