@@ -52,9 +52,10 @@ def load_component(spec: str):
 
 
 class Daemon:
-    def __init__(self, config, tap_fd: int, stack=None):
+    def __init__(self, config, tap_fd: int, stack=None, offload: int = -1):
         self.config = config
         self.tap_fd = tap_fd
+        self.offload = offload  # TUN_F_* flags the tap accepted; -1: no virtio-net header
         self.stack = stack
         self.nursery = None
         self.udp_intercepts: list = []
@@ -204,7 +205,7 @@ class Daemon:
     async def main(self, child_pid: int | None = None, go_fd: int | None = None):
         if self.stack is None:
             from .stack.stack import Stack
-            self.stack = Stack(self.config, trio.current_time())
+            self.stack = Stack(self.config, trio.current_time(), offload=self.offload)
         self.tap = Tap(self.tap_fd, self.stack.stats)
         self.child_status = None
         with trio.CancelScope() as cancel:
@@ -280,14 +281,16 @@ def run(config) -> int:
             child_pid, go_fd = spawn_command(config.command)
             config = dataclasses.replace(config, target=str(child_pid), netns_type="pid",
                                          userns_path=None)
-        tap_fd = open_tap(config)
+        tap_fd, offload = open_tap(config)
     except HelperError as e:
         if child_pid is not None:
             os.close(go_fd)
             os.waitpid(child_pid, 0)
         sys.stderr.write(f"slirpy: error: {e}\n")
         return 1
-    d = Daemon(config, tap_fd)
+    log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
+             f"virtio-net header, offload flags {offload:#x}")
+    d = Daemon(config, tap_fd, offload=offload)
     code = trio.run(d.main, child_pid, go_fd)
     if d.exit_message:
         sys.stderr.write(f"slirpy: error: {d.exit_message}\n")

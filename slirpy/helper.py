@@ -78,18 +78,82 @@ def _join(path: str, nstype: int, what: str) -> None:
         os.close(fd)
 
 
-def _create_tap(name: str) -> int:
-    import pytun
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+TUNGETFEATURES = 0x800454CF
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+TUN_F_UFO, TUN_F_USO4, TUN_F_USO6 = 0x10, 0x20, 0x40
+TXQUEUELEN = 1000  # the tap's queue toward slirpy (frames); tun's default, set explicitly
+VNET_HDR_LEN = 10  # struct virtio_net_hdr (no num_buffers)
+# What we ask for, best first: the kernel refuses flags it does not know (EINVAL), so step down.
+# UFO/USO are not requested: slirpy does not split guest UDP super-packets (yet), and without
+# them the guest's kernel segments UDP itself.
+OFFLOAD_STEPS = (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
+                 TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+                 TUN_F_CSUM | TUN_F_TSO4,
+                 TUN_F_CSUM,
+                 0)
+
+
+def vnet_wanted() -> bool:
+    """SLIRPY_VNET_HDR=0 in the environment turns the virtio-net header path off (plain frames)."""
+    return os.environ.get("SLIRPY_VNET_HDR", "1") != "0"
+
+
+def set_offload(fd: int, ioctl=None) -> int:
+    """TUNSETOFFLOAD with the best flag set the kernel accepts; returns the flags set."""
+    import fcntl
+    ioctl = ioctl or fcntl.ioctl
+    for flags in OFFLOAD_STEPS:
+        try:
+            ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError:
+            continue
+    return 0
+
+
+def _tunsetiff(name: str, flags: int) -> int:
+    import fcntl
+    import struct
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
+    """-> (fd, offload flags or -1 when the fd carries no virtio-net header)."""
     if not os.path.exists("/dev/net/tun"):
         raise HelperError("/dev/net/tun does not exist (load the tun module or bind-mount it)")
+    fd = None
+    if vnet:
+        try:
+            fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        except OSError:
+            fd = None  # a kernel without IFF_VNET_HDR: plain frames below
+        if fd is not None:
+            import fcntl
+            import struct
+            try:
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            except OSError:
+                pass  # 10 is the default
+            return fd, set_offload(fd)
     try:
-        tap = pytun.TunTapDevice(name=name, flags=pytun.IFF_TAP | pytun.IFF_NO_PI)
-    except pytun.Error as e:
-        msg = str(e)
-        if "Device or resource busy" in msg or "Invalid argument" in msg:
+        fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI)
+    except OSError as e:
+        msg = e.strerror or str(e)
+        if e.errno in (errno.EBUSY, errno.EINVAL):
             msg += f" (does {name!r} already exist?)"
         raise HelperError(f"cannot create tap {name!r}: {msg}") from None
-    return os.dup(tap.fileno())  # keep ours even when the pytun object is collected
+    return fd, -1
 
 
 def _configure(config) -> None:
@@ -104,6 +168,7 @@ def _configure(config) -> None:
             if config.macaddress:
                 ipr.link("set", index=idx, address=config.macaddress)
             ipr.link("set", index=idx, mtu=config.mtu)
+            ipr.link("set", index=idx, txqlen=TXQUEUELEN)
             ipr.link("set", index=idx, state="up")
             ipr.addr("add", index=idx, address=str(config.guest), prefixlen=config.prefixlen)
             ipr.route("add", dst="0.0.0.0/0", gateway=str(config.gateway), oif=idx)
@@ -118,18 +183,19 @@ def _child(config, sock: socket.socket) -> None:
         if userns:
             _join(userns, CLONE_NEWUSER, "user")
         _join(netns, CLONE_NEWNET, "network")
-        fd = _create_tap(config.tap_name)
+        fd, offload = _create_tap(config.tap_name, vnet_wanted())
         if config.configure:
             _configure(config)
-        socket.send_fds(sock, [b"OK"], [fd])
+        socket.send_fds(sock, [b"OK %d" % offload], [fd])
     except HelperError as e:
         sock.sendall(b"ERR " + str(e).replace("\n", " ").encode(errors="replace"))
     except BaseException as e:  # noqa: BLE001 - anything else still becomes one line
         sock.sendall(f"ERR helper: {type(e).__name__}: {e}".replace("\n", " ").encode(errors="replace"))
 
 
-def open_tap(config) -> int:
-    """Fork the helper, return the tap fd (non-blocking). Raises HelperError with one line."""
+def open_tap(config) -> tuple[int, int]:
+    """Fork the helper, return (tap fd (non-blocking), offload flags or -1 for no virtio-net
+    header). Raises HelperError with one line."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -147,9 +213,13 @@ def open_tap(config) -> int:
     finally:
         parent.close()
         os.waitpid(pid, 0)
-    if msg == b"OK" and len(fds) == 1:
+    if msg.startswith(b"OK") and len(fds) == 1:
         os.set_blocking(fds[0], False)
-        return fds[0]
+        try:
+            offload = int(msg[3:] or b"-1")
+        except ValueError:
+            offload = -1
+        return fds[0], offload
     for fd in fds:
         os.close(fd)
     if msg.startswith(b"ERR "):

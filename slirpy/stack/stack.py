@@ -27,8 +27,15 @@ _ADDR_CACHE_MAX = 1024
 
 
 class Stack:
-    def __init__(self, config, now: float = 0.0):
+    def __init__(self, config, now: float = 0.0, offload: int = -1):
+        """``offload``: -1 for plain Ethernet frames on the tap; otherwise every frame in and out
+        starts with a virtio-net header (IFF_VNET_HDR) and the value is the TUN_F_* flags the
+        tap accepted. Then TCP toward the guest goes out as GSO frames of up to 64 KiB with the
+        checksum left to the kernel, and guest checksums the kernel vouches for are not redone."""
         self.config = config
+        self.vnet = offload >= 0
+        self.vnet_hdr_len = wire.VNET_LEN if self.vnet else 0
+        self._csum_trusted = False  # the frame being parsed had NEEDS_CSUM or DATA_VALID
         self.stats = Stats()
         self._out = collections.deque()
         self._events = collections.deque()
@@ -55,6 +62,8 @@ class Stack:
         self._p2s: dict = {}
         self.tcp = TcpEngine(config, self._emit_tcp, self._push_event, self.stats)
         t = self.tcp
+        if self.vnet:
+            t.seg_max = wire.GSO_MAX_PAYLOAD
         for name in ("accept_tcp", "reject_tcp", "send_tcp", "recv_tcp", "shutdown_tcp",
                      "reset_tcp", "connect_tcp", "flows"):
             setattr(self, name, getattr(t, name, self._unsupported))
@@ -90,6 +99,8 @@ class Stack:
         self._events.append(ev)
 
     def _send(self, frame):
+        if self.vnet:
+            frame = wire.VNET_NONE + frame
         if len(self._out) >= MAX_OUT_FRAMES:
             self._out.popleft()
             self.stats.drop("out_queue_full")
@@ -154,7 +165,16 @@ class Stack:
         self._last_now = now
         self.stats.frames_in += 1
         self.stats.bytes_in += len(buf)
-        r = self._receive_untrusted(memoryview(buf), now)
+        mv = memoryview(buf)
+        if self.vnet:
+            if len(mv) < wire.VNET_LEN:
+                self.stats.drop("vnet_truncated")
+                return
+            # NEEDS_CSUM: the guest's kernel left the L4 checksum to us (offload), it was never
+            # computed; DATA_VALID: already verified. Either way there is nothing to check.
+            self._csum_trusted = mv[0] & (wire.VNET_F_NEEDS_CSUM | wire.VNET_F_DATA_VALID) != 0
+            mv = mv[wire.VNET_LEN:]
+        r = self._receive_untrusted(mv, now)
         if r is not None:
             self.stats.drop(r)
 
@@ -211,7 +231,8 @@ class Stack:
         return "ipv4_unknown_proto"
 
     def _tcp_untrusted(self, family, src, dst, data, now):
-        t = wire.parse_tcp_untrusted(data, wire.pseudo_sum(family, src, dst, 6, len(data)))
+        t = wire.parse_tcp_untrusted(data, None if self._csum_trusted else
+                                     wire.pseudo_sum(family, src, dst, 6, len(data)))
         if type(t) is str:
             return t
         sport, dport, seqno, ackno, flags, win, opts, pl = t
@@ -220,8 +241,8 @@ class Stack:
         return None
 
     def _udp_untrusted(self, family, src, dst, data):
-        u = wire.parse_udp_untrusted(data, wire.pseudo_sum(family, src, dst, 17, len(data)),
-                                     family)
+        u = wire.parse_udp_untrusted(data, None if self._csum_trusted else
+                                     wire.pseudo_sum(family, src, dst, 17, len(data)), family)
         if type(u) is str:
             return u
         sport, dport, pl = u
@@ -350,6 +371,16 @@ class Stack:
 
     def _emit_tcp(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                   payload):
+        if self.vnet and self.guest_mac is not wire.BROADCAST:
+            cfg = self.config
+            frame = wire.build_tcp_vnet(self.guest_mac, self.router_mac, family, src, dst, sport,
+                                        dport, seqno, ackno, flags, window, options, payload,
+                                        self._next_ident(), cfg.mss if family == 4 else cfg.mss6)
+            if len(self._out) >= MAX_OUT_FRAMES:
+                self._out.popleft()
+                self.stats.drop("out_queue_full")
+            self._out.append(frame)
+            return
         seg = wire.tcp_segment(family, src, dst, sport, dport, seqno, ackno, flags, window,
                                options, payload)
         if family == 4:

@@ -100,6 +100,7 @@ class TcpEngine:
         self._next_id = 1
         self._heap: list = []
         self._ack_set: dict[int, _Flow] = {}
+        self.seg_max = 0  # > mss: the stack can hand the guest GSO segments this large (TSO)
         ws = 0
         while (self.rcvbuf >> ws) > 0xFFFF and ws < 14:
             ws += 1
@@ -447,8 +448,11 @@ class TcpEngine:
             avail = blen - off
             win_room = f.snd_wnd - off
             if avail > 0 and win_room > 0:
-                n = min(avail, win_room, f.mss)
-                chunk = bytes(f.sbuf[off:off + n])
+                seg = f.mss
+                if self.seg_max > seg:
+                    seg = self.seg_max - self.seg_max % seg
+                n = min(avail, win_room, seg)
+                chunk = f.sbuf[off:off + n]
                 fl = ACK | PSH
                 fin_now = f.fin_pending and off + n == blen
                 if fin_now:

@@ -28,6 +28,65 @@ MAX_EXT_HEADERS = 8
 _EXT_HDRS = {0, 43, 60, 51}  # hop-by-hop, routing, dst options, AH (fragment handled apart)
 
 
+# virtio-net header (struct virtio_net_hdr, 10 bytes, the host's byte order: a legacy tap) that
+# precedes every frame on a tap opened with IFF_VNET_HDR.
+VNET = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_LEN = 10
+VNET_F_NEEDS_CSUM, VNET_F_DATA_VALID = 0x01, 0x02
+VNET_GSO_NONE, VNET_GSO_TCPV4, VNET_GSO_UDP, VNET_GSO_TCPV6, VNET_GSO_ECN = 0, 1, 3, 4, 0x80
+VNET_NONE = bytes(VNET_LEN)  # a frame that is complete: no checksum to finish, no segmentation
+# Largest TCP payload slirpy puts in one GSO frame: IPv4 total length (16 bits) minus IP and
+# TCP headers with room for options.
+GSO_MAX_PAYLOAD = 65535 - 20 - 60
+
+
+def parse_vnet_untrusted(buf):
+    """-> (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, frame) or reason."""
+    if len(buf) < VNET_LEN:
+        return "vnet_truncated"
+    return VNET.unpack_from(buf, 0) + (buf[VNET_LEN:],)
+
+
+def build_tcp_vnet(dst_mac, src_mac, family, src, dst, sport, dport, seq, ack, flags, window,
+                   options, payload, ident, gso_size) -> bytearray:
+    """virtio-net header + Ethernet + IPv4/IPv6 + TCP in one buffer, one copy of the payload.
+
+    The TCP checksum is left to the kernel (NEEDS_CSUM: the field holds the pseudo-header sum);
+    a payload longer than ``gso_size`` is marked TCPV4/TCPV6 GSO so the kernel segments it if it
+    ever leaves the guest's stack (delivered locally, it is taken whole, like a GRO packet)."""
+    olen = len(options)
+    if olen & 3:
+        options = bytes(options) + b"\x00" * (4 - (olen & 3))
+        olen = len(options)
+    hl = 20 + olen
+    n = len(payload)
+    l4len = hl + n
+    iphl = 20 if family == 4 else 40
+    l4off = VNET_LEN + 14 + iphl
+    out = bytearray(l4off + l4len)
+    gso = n > gso_size
+    if family == 4:
+        VNET.pack_into(out, 0, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4 if gso else VNET_GSO_NONE,
+                       14 + iphl + hl, gso_size if gso else 0, 14 + iphl, 16)
+        ETH.pack_into(out, VNET_LEN, dst_mac, src_mac, ETH_IPV4)
+        IP4.pack_into(out, VNET_LEN + 14, 0x45, 0, 20 + l4len, ident & 0xFFFF, 0x4000, 64,
+                      PROTO_TCP, 0, src, dst)
+        struct.pack_into("!H", out, VNET_LEN + 24,
+                         checksum(memoryview(out)[VNET_LEN + 14:VNET_LEN + 34]))
+    else:
+        VNET.pack_into(out, 0, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV6 if gso else VNET_GSO_NONE,
+                       14 + iphl + hl, gso_size if gso else 0, 14 + iphl, 16)
+        ETH.pack_into(out, VNET_LEN, dst_mac, src_mac, ETH_IPV6)
+        IP6.pack_into(out, VNET_LEN + 14, 6 << 28, l4len, PROTO_TCP, 64, src, dst)
+    TCP.pack_into(out, l4off, sport, dport, seq & 0xFFFFFFFF, ack & 0xFFFFFFFF, (hl // 4) << 4,
+                  flags & 0xFF, window & 0xFFFF, ones_sum(bytes(src) + bytes(dst), PROTO_TCP + l4len),
+                  0)
+    if olen:
+        out[l4off + 20:l4off + hl] = options
+    out[l4off + hl:] = payload
+    return out
+
+
 # ---------------------------------------------------------------------------------- parsers
 def parse_ethernet_untrusted(buf):
     """-> (dst_mac, src_mac, ethertype, payload memoryview) or reason."""
