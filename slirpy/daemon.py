@@ -86,7 +86,7 @@ class Daemon:
                 frames = stack.frames_to_send()
                 if frames:
                     if self.pcap is not None:
-                        self.pcap.write(frames)
+                        self._capture(frames)
                     self.tap.write_frames(frames)
                     if self.tap.queue:
                         self._write_wakeup.set()
@@ -99,6 +99,10 @@ class Daemon:
                 self._timer_scope.deadline = math.inf if t is None else t
         finally:
             self._flushing = False
+
+    def _capture(self, frames) -> None:
+        h = self.stack.vnet_hdr_len  # the capture holds Ethernet frames, never virtio-net headers
+        self.pcap.write([f[h:] for f in frames] if h else frames)
 
     def _dispatch(self, ev) -> None:
         fn = self._handlers.get(type(ev))
@@ -117,7 +121,7 @@ class Daemon:
             if frames:
                 now = trio.current_time()
                 if self.pcap is not None:
-                    self.pcap.write(frames)
+                    self._capture(frames)
                 for f in frames:
                     stack.receive_frame(f, now)
                 self.flush()

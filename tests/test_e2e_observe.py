@@ -208,7 +208,8 @@ def test_stats_and_flows_follow_traffic(tmp_path):
         "10.0.2.100", guport, "10.0.2.2", uport, 77, 0)
     assert 0 <= u["idle"] < 10 and 0 < u["expires_in"] <= 60
     # counters moved
-    assert st["frames_in"] > before["frames_in"] + 20 and st["bytes_in"] > before["bytes_in"] + n
+    # with TSO (virtio-net header) the 30 kB arrive in one or two frames, not 21
+    assert st["frames_in"] > before["frames_in"] + 10 and st["bytes_in"] > before["bytes_in"] + n
     assert st["frames_out"] > before["frames_out"] + 10
     assert st["dropped"].get("eth_unknown_type", 0) - before["dropped"].get("eth_unknown_type", 0) == 5
     assert st["dropped"].get("tcp_connect_refused", 0) - before["dropped"].get("tcp_connect_refused", 0) == 4

@@ -140,7 +140,7 @@ class Stack:
         out = list(self._out)
         self._out.clear()
         self.stats.frames_out += len(out)
-        self.stats.bytes_out += sum(len(f) for f in out)
+        self.stats.bytes_out += sum(len(f) for f in out) - self.vnet_hdr_len * len(out)
         return out
 
     def next_event(self):
@@ -164,7 +164,6 @@ class Stack:
     def receive_frame(self, buf, now):
         self._last_now = now
         self.stats.frames_in += 1
-        self.stats.bytes_in += len(buf)
         mv = memoryview(buf)
         if self.vnet:
             if len(mv) < wire.VNET_LEN:
@@ -174,6 +173,7 @@ class Stack:
             # computed; DATA_VALID: already verified. Either way there is nothing to check.
             self._csum_trusted = mv[0] & (wire.VNET_F_NEEDS_CSUM | wire.VNET_F_DATA_VALID) != 0
             mv = mv[wire.VNET_LEN:]
+        self.stats.bytes_in += len(mv)  # Ethernet bytes
         r = self._receive_untrusted(mv, now)
         if r is not None:
             self.stats.drop(r)
