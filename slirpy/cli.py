@@ -224,6 +224,8 @@ def parse_args(argv: list[str]) -> Config | str:
         if not ns.pcap_max_bytes.isdigit():
             raise UsageError(f"--pcap-max-bytes {ns.pcap_max_bytes!r}: not a number")
         pcap_max = int(ns.pcap_max_bytes)
+        if ns.pcap is None:
+            raise UsageError("--pcap-max-bytes needs --pcap=FILE")
     level = ns.log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise UsageError(f"--log-level {ns.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")

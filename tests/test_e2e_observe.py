@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 import dpkt
 import pytest
 
-from nsutil import Slirpy, require_netns
+from nsutil import NsHolder, Slirpy, require_netns
 from slirpy.api_client import call
 
 pytestmark = pytest.mark.netns
@@ -128,6 +129,26 @@ def test_pcap_max_bytes_stops_with_one_log_line(tmp_path):
     assert len(tcpdump(pcap)) == len(frames)
     assert s.stderr.count("--pcap-max-bytes 600 reached") == 1, s.stderr
     assert len(s.stderr.splitlines()) == 1, s.stderr  # WARNING level: nothing else to say
+
+
+def test_pcap_complete_after_sigterm(tmp_path):
+    pcap = str(tmp_path / "cap.pcap")
+    with Slirpy(f"--pcap={pcap}") as s:
+        assert s.run_in_ns("ping", "-c", "2", "-i", "0.2", "10.0.2.2").returncode == 0
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait(10) == 0
+    ech = icmp_echoes(read_pcap(pcap))
+    assert [(e[0], e[4]) for e in ech] == [(8, 1), (0, 1), (8, 2), (0, 2)]
+
+
+def test_pcap_errors_are_one_line(tmp_path):
+    from nsutil import run_slirpy
+    p = run_slirpy("--pcap-max-bytes=100", "1", timeout=10)
+    assert (p.returncode, p.stderr) == (1, "slirpy: error: --pcap-max-bytes needs --pcap=FILE\n")
+    with NsHolder() as ns:
+        p = run_slirpy(f"--pcap={tmp_path}/no/such/dir/x.pcap", str(ns.pid), timeout=20)
+    assert p.returncode == 1 and p.stderr.startswith("slirpy: error: --pcap ") and \
+        p.stderr.count("\n") == 1, p.stderr
 
 
 GUEST_CLIENT = textwrap.dedent("""
