@@ -89,8 +89,12 @@ def _add(daemon, args) -> bytes:
         return _err(p + "bad arguments.host_port")
     cfg = daemon.config
     guest_addr = args.get("guest_addr", None)
+    follow = False
     if guest_addr is None and "guest_addr" not in args:
         guest_addr = str(cfg.guest)
+        pf = getattr(daemon, "portfwd", None)
+        if pf is not None and hasattr(pf, "default_guest_addr"):
+            guest_addr, follow = pf.default_guest_addr(host_addr)  # IPv6 with -6: fd00::100
     if not isinstance(guest_addr, str):
         return _err(p + "bad arguments.guest_addr")
     try:
@@ -111,7 +115,7 @@ def _add(daemon, args) -> bytes:
     try:
         if pf is None:
             raise ForwardError("no port forwarder")
-        fid = pf.add(proto, host_addr, args["host_port"], str(g), args["guest_port"])
+        fid = pf.add(proto, host_addr, args["host_port"], str(g), args["guest_port"], follow)
     except ForwardError as e:
         log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")

@@ -52,11 +52,8 @@ User-mode networking for unprivileged network namespaces.
 # Flags parsed and stored but not working yet: the daemon refuses them up front.
 # Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
 NOT_IMPLEMENTED = {
-    "enable_ipv6": "--enable-ipv6",
     "enable_sandbox": "--enable-sandbox",
     "enable_seccomp": "--enable-seccomp",
-    "outbound_addr": "--outbound-addr",
-    "outbound_addr6": "--outbound-addr6",
 }
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -139,6 +136,57 @@ def _dns_upstream(text: str) -> tuple[str, int]:
     return host, port
 
 
+def _interface_addr(name: str, family: int):
+    """The first address of host interface ``name`` (as slirp4netns, which also takes a name)."""
+    import socket
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return None
+    from pyroute2 import IPRoute
+    af = socket.AF_INET if family == 4 else socket.AF_INET6
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)
+        if not idx:
+            return None
+        addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=af, index=idx[0])]
+    addrs = [ipaddress.ip_address(a) for a in addrs if a]
+    # prefer a global address to a link-local one (a link-local bind would need a scope id)
+    addrs.sort(key=lambda a: a.is_link_local)
+    return addrs[0] if addrs else None
+
+
+def _outbound(text: str, family: int):
+    """--outbound-addr(6): an address of that family, or a host interface name; it must be an
+    address of this host (checked by binding a UDP socket to it), else one clear error now
+    instead of every later connection failing with EADDRNOTAVAIL."""
+    import socket
+    flag = "--outbound-addr" if family == 4 else "--outbound-addr6"
+    cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
+    try:
+        addr = cls(text)
+    except ValueError:
+        try:
+            ipaddress.ip_address(text)
+            raise UsageError(f"{flag} {text!r}: not an IPv{family} address") from None
+        except ValueError:
+            pass
+        addr = _interface_addr(text, family) if re.fullmatch(r"[^/\s]{1,15}", text) else None
+        if addr is None:
+            raise UsageError(f"{flag} {text!r}: neither an IPv{family} address nor a host "
+                             f"interface with one") from None
+    if addr.is_multicast or addr.is_unspecified or addr.is_link_local:
+        raise UsageError(f"{flag} {addr}: must be a unicast, non-link-local address of this host")
+    s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        s.bind((str(addr), 0))
+    except OSError as e:
+        raise UsageError(f"{flag} {addr}: cannot bind to it: {e.strerror}") from None
+    finally:
+        s.close()
+    return addr
+
+
 def parse_args(argv: list[str]) -> Config | str:
     """Return a Config, or "help"/"version". Raises UsageError on bad input."""
     command = None
@@ -204,15 +252,11 @@ def parse_args(argv: list[str]) -> Config | str:
             raise UsageError(f"--macaddress {ns.macaddress}: multicast MAC not allowed")
         kw["macaddress"] = ns.macaddress.lower()
     if ns.outbound_addr is not None:
-        try:
-            kw["outbound_addr"] = ipaddress.IPv4Address(ns.outbound_addr)
-        except ValueError:
-            raise UsageError(f"--outbound-addr {ns.outbound_addr!r}: not an IPv4 address") from None
+        kw["outbound_addr"] = _outbound(ns.outbound_addr, 4)
     if ns.outbound_addr6 is not None:
-        try:
-            kw["outbound_addr6"] = ipaddress.IPv6Address(ns.outbound_addr6)
-        except ValueError:
-            raise UsageError(f"--outbound-addr6 {ns.outbound_addr6!r}: not an IPv6 address") from None
+        kw["outbound_addr6"] = _outbound(ns.outbound_addr6, 6)
+    if ns.enable_ipv6 and mtu < 1280:
+        raise UsageError(f"--mtu {mtu}: IPv6 (-6) needs an MTU of at least 1280")
     ports = []
     for spec in ns.port:
         try:

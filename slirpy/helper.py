@@ -156,6 +156,39 @@ def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
     return fd, -1
 
 
+GUEST_IPV6_TOKEN = "::100"  # SLAAC gives fd00::100, the IPv6 twin of 10.0.2.100
+
+
+def _sysctl6(tap: str, name: str, value: str) -> None:
+    # /proc/sys/net is the calling task's network namespace: ours is the guest's by now
+    path = f"/proc/sys/net/ipv6/conf/{tap}/{name}"
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except FileNotFoundError:
+        raise HelperError(f"-6: {path} does not exist (IPv6 disabled in the kernel or on "
+                          f"{tap}?)") from None
+    except OSError as e:
+        raise HelperError(f"-6: cannot write {path}: {e.strerror}") from None
+
+
+def _configure_ipv6(ipr, idx: int, tap: str) -> None:
+    """Leave the guest ready for SLAAC from our router advertisements, before the link goes up:
+    IPv6 on, RAs accepted even if someone turns forwarding on (accept_ra=2), no DAD (nothing
+    else is on this link; DAD would hold the link-local address, hence the first RS, and then
+    the SLAAC address for a second each), and the interface token ::100 so the SLAAC address is
+    fd00::100 (predictable, and the default target of IPv6 port forwards)."""
+    _sysctl6(tap, "disable_ipv6", "0")
+    _sysctl6(tap, "accept_dad", "0")
+    _sysctl6(tap, "accept_ra", "2")
+    try:
+        _sysctl6(tap, "router_solicitation_delay", "0")
+    except HelperError:
+        pass  # an old kernel without it: the first RS comes up to a second later, that is all
+    ipr.link("set", index=idx, IFLA_AF_SPEC={"attrs": [
+        ("AF_INET6", {"attrs": [("IFLA_INET6_TOKEN", GUEST_IPV6_TOKEN)]})]})
+
+
 def _configure(config) -> None:
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
@@ -169,6 +202,8 @@ def _configure(config) -> None:
                 ipr.link("set", index=idx, address=config.macaddress)
             ipr.link("set", index=idx, mtu=config.mtu)
             ipr.link("set", index=idx, txqlen=TXQUEUELEN)
+            if config.enable_ipv6:
+                _configure_ipv6(ipr, idx, config.tap_name)
             ipr.link("set", index=idx, state="up")
             ipr.addr("add", index=idx, address=str(config.guest), prefixlen=config.prefixlen)
             ipr.route("add", dst="0.0.0.0/0", gateway=str(config.gateway), oif=idx)

@@ -6,6 +6,14 @@ guest-side source port, replies caught through daemon.udp_intercepts.
 
 Source address seen by the guest: a client on the host loopback appears as the gateway
 (CIDR base + 2, or fd00::2); any other client keeps its own address.
+
+Guest address: IPv4 forwards go to CIDR base + 100 unless told otherwise. With -6, a forward
+on an IPv6 host address (`[::]:P:G`, `[::1]:P:G`, API host_addr "::"/"::1") without an explicit
+guest address goes to the guest's IPv6 address: fd00::100 (listed as such), which is what `-c`
+makes the guest's SLAAC address (interface token ::100); if the guest is seen using other
+fd00::/64 addresses and never fd00::100 (configured by someone else: EUI-64 or privacy
+addresses), each new connection/mapping goes to the one it most recently used as a source
+(stack.guest_ipv6). Without -6, IPv6 listeners lead to the IPv4 guest.
 """
 
 from __future__ import annotations
@@ -17,7 +25,9 @@ import socket as _socket
 
 import trio
 
-from .config import IPV6_GATEWAY
+from .config import IPV6_GATEWAY, IPV6_PREFIX
+
+GUEST_IPV6 = str(IPV6_PREFIX.network_address + 0x100)  # fd00::100
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +67,18 @@ def guest_visible_source(config, family: int, addr: str) -> str:
 
 
 class _UdpMap:
-    __slots__ = ("client", "gport", "src", "last")
+    __slots__ = ("client", "gport", "src", "last", "gaddr")
 
-    def __init__(self, client, gport, src, last):
+    def __init__(self, client, gport, src, last, gaddr=None):
         self.client, self.gport, self.src, self.last = client, gport, src, last
+        self.gaddr = gaddr  # the guest address this mapping sends to
 
 
 class Forward:
-    def __init__(self, fid, proto, host_addr, host_port, guest_addr, guest_port, sock):
+    def __init__(self, fid, proto, host_addr, host_port, guest_addr, guest_port, sock,
+                 default_guest=False):
         self.id = fid
+        self.default_guest = default_guest  # an IPv6 default: follow the guest's address
         self.proto = proto
         self.host_addr = host_addr
         self.host_port = host_port
@@ -120,7 +133,23 @@ class PortForwarder:
             raise ForwardError(f"port {host_addr}:{host_port}/{proto}: {why}") from None
         return s
 
-    def add(self, proto, host_addr, host_port, guest_addr, guest_port) -> int:
+    def guest_for(self, fwd: Forward) -> str:
+        """The guest address a new connection/mapping of ``fwd`` goes to now."""
+        if fwd.default_guest:
+            g = getattr(self.daemon.stack, "guest_ipv6", None)
+            if g is not None:
+                return g(fwd.guest_addr) or fwd.guest_addr
+        return fwd.guest_addr
+
+    def default_guest_addr(self, host_addr: str) -> tuple[str, bool]:
+        """(guest address, follows the guest) for a forward given without one."""
+        cfg = self.daemon.config
+        if cfg.enable_ipv6 and ":" in host_addr:
+            return GUEST_IPV6, True
+        return str(cfg.guest), False
+
+    def add(self, proto, host_addr, host_port, guest_addr, guest_port,
+            default_guest=False) -> int:
         if proto not in ("tcp", "udp"):
             raise ForwardError(f"bad proto {proto!r}")
         for f in self.forwards.values():
@@ -130,7 +159,8 @@ class PortForwarder:
                     or "::" in (f.host_addr, host_addr) and ":" in f.host_addr and ":" in host_addr):
                 raise ForwardError(f"port {host_addr}:{host_port}/{proto}: already forwarded")
         sock = self._bind(proto, host_addr, host_port)
-        fwd = Forward(self._next_id, proto, host_addr, host_port, str(guest_addr), guest_port, sock)
+        fwd = Forward(self._next_id, proto, host_addr, host_port, str(guest_addr), guest_port, sock,
+                      default_guest)
         self._next_id += 1
         self.forwards[fwd.id] = fwd
         if self._nursery is not None:
@@ -151,9 +181,12 @@ class PortForwarder:
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
         cfg = self.daemon.config
         for pf in cfg.ports:
-            guest = pf.guest_addr or str(cfg.guest)
+            if pf.guest_addr:
+                guest, follow = pf.guest_addr, False
+            else:
+                guest, follow = self.default_guest_addr(pf.host_addr)
             try:
-                self.add(pf.proto, pf.host_addr, pf.host_port, guest, pf.guest_port)
+                self.add(pf.proto, pf.host_addr, pf.host_port, guest, pf.guest_port, follow)
             except ForwardError as e:
                 for fid in list(self.forwards):
                     self.remove(fid)
@@ -202,10 +235,11 @@ class PortForwarder:
         src = guest_visible_source(d.config, gfamily, peer[0])
         if (":" in src) != (gfamily == 6):  # a v6 client to a v4 guest: appear as the gateway
             src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
+        gaddr = self.guest_for(fwd)
         try:
-            await nat.forward_inbound(conn, gfamily, src, peer[1], fwd.guest_addr, fwd.guest_port)
+            await nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
         except Exception:  # a bridge failure must not take the forwarder down
-            log.exception("forward_inbound %s -> %s:%d", peer, fwd.guest_addr, fwd.guest_port)
+            log.exception("forward_inbound %s -> %s:%d", peer, gaddr, fwd.guest_port)
             conn.close()
 
     # ------------------------------------------------------------------------------- UDP
@@ -254,19 +288,22 @@ class PortForwarder:
                 src = guest_visible_source(d.config, gfamily, peer[0])
                 if (":" in src) != (gfamily == 6):
                     src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
-                m = _UdpMap(client, gport, src, now)
+                m = _UdpMap(client, gport, src, now, self.guest_for(fwd))
                 fwd.by_client[client] = m
                 fwd.by_gport[gport] = m
             m.last = now
-            d.stack.send_udp(gfamily, m.src, m.gport, fwd.guest_addr, fwd.guest_port, data, now)
+            d.stack.send_udp(gfamily, m.src, m.gport, m.gaddr or fwd.guest_addr, fwd.guest_port,
+                             data, now)
             d.flush()
 
     def _intercept(self, ev) -> bool:
         for fwd in self.forwards.values():
-            if fwd.proto != "udp" or ev.sport != fwd.guest_port or ev.src != fwd.guest_addr:
+            if fwd.proto != "udp" or ev.sport != fwd.guest_port:
+                continue
+            if ev.src != fwd.guest_addr and not fwd.default_guest:
                 continue
             m = fwd.by_gport.get(ev.dport)
-            if m is None or m.src != ev.dst:
+            if m is None or m.src != ev.dst or ev.src != (m.gaddr or fwd.guest_addr):
                 continue
             m.last = self.daemon.now()
             try:

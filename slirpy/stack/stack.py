@@ -22,7 +22,10 @@ MAX_OUT_FRAMES = 4096
 MAX_UNRESOLVED = 256  # frames held while the guest's MAC is being resolved
 SOLICIT_INTERVAL = 1.0
 MAX_EVENTS = 4096
-RA_INTERVAL = 60.0
+RA_INTERVAL = 60.0  # periodic router advertisements (router lifetime 1800 s)
+RA_INITIAL = (0.0, 1.0, 3.0)  # plus a few early ones after start (RFC 4861 6.2.4)
+MAX_GUEST6 = 16  # IPv6 addresses of the guest remembered (fd00::/64 only)
+_LL6 = b"\xfe\x80" + b"\x00" * 6
 _ADDR_CACHE_MAX = 1024
 
 
@@ -55,6 +58,12 @@ class Stack:
         self.dns6 = v6("fd00::3").packed
         self.ll6 = v6("fe80::2").packed
         self._local6 = {self.gw6, self.dns6, self.ll6}
+        self.prefix6 = self.gw6[:8]
+        # the guest's addresses in fd00::/64, learned from its traffic and NDP; last = the one
+        # it most recently used as a source (see guest_ipv6)
+        self._guest6: collections.OrderedDict = collections.OrderedDict()
+        self._last_src6 = None
+        self._ra_count = 0
         self._reass = Reassembler(self.stats)
         self._ident = 0
         self._next_ra = now
@@ -157,8 +166,67 @@ class Stack:
         self._reass.expire(now)
         self.tcp.handle_timer(now)
         if self.config.enable_ipv6 and now >= self._next_ra:
-            self._next_ra = now + RA_INTERVAL
+            self._ra_count += 1
+            if self._ra_count < len(RA_INITIAL):
+                self._next_ra = now + RA_INITIAL[self._ra_count] - RA_INITIAL[self._ra_count - 1]
+            else:
+                self._next_ra = now + RA_INTERVAL
             self._send_ra(wire.ALL_NODES_MAC, wire.ALL_NODES6)
+
+    # ------------------------------------------------------------------ guest IPv6 addresses
+    def guest_addrs6(self) -> list:
+        """The guest's learned fd00::/64 addresses, most recently used as a source last."""
+        return [self._str(a) for a in self._guest6]
+
+    def guest_ipv6(self, preferred: str | None = None) -> str | None:
+        """Where to open a connection into the guest over IPv6: ``preferred`` (fd00::100, what
+        -c makes SLAAC produce) when the guest has used it or no address is known yet, else
+        the address the guest most recently used as a source."""
+        if not self._guest6:
+            return preferred
+        if preferred is not None and self._packed(preferred) in self._guest6:
+            return preferred
+        return self._str(next(reversed(self._guest6)))
+
+    def _learn6(self, addr: bytes) -> None:
+        if addr[:8] != self.prefix6 or addr in self._local6:
+            return
+        g = self._guest6
+        if addr in g:
+            g.move_to_end(addr)
+            return
+        if len(g) >= MAX_GUEST6:
+            g.popitem(last=False)
+            self.stats.drop("guest6_addr_forgotten")
+        g[addr] = True
+
+    def _note_src6(self, smac, src: bytes) -> None:
+        """Slow path, taken when the source address or MAC differs from the last frame's."""
+        self._last_src6 = src
+        if smac[0] & 1:
+            return
+        if src[:8] == self.prefix6:
+            if src in self._local6:
+                return
+            self._learn6(src)
+        elif src[:8] != _LL6 or src in self._local6:
+            return
+        if smac != self.guest_mac:
+            self._learn_mac(smac)
+
+    def _dst6_untrusted(self, dst: bytes):
+        """Destinations that must never be dialled on the host: our own prefix (only fd00::2
+        and ::3 exist in it), link-local, ::, ::1, v4-mapped/compatible (a way around
+        --disable-host-loopback). None = fine."""
+        if dst in self._local6:
+            return None
+        if dst[:8] == self.prefix6:
+            return "ipv6_dst_in_guest_prefix"
+        if dst[0] == 0xFE and dst[1] & 0xC0 == 0x80:
+            return "ipv6_dst_link_local"
+        if dst[0] == 0 and not any(dst[1:10]):
+            return "ipv6_dst_reserved"  # ::, ::1, ::ffff:a.b.c.d, ::a.b.c.d
+        return None
 
     # ----------------------------------------------------------------------------- input
     def receive_frame(self, buf, now):
@@ -271,8 +339,8 @@ class Stack:
         if type(ip) is str:
             return ip
         src, dst, nh, hlim, frag, data = ip
-        if smac[0] & 1 == 0 and src[:8] == self.gw6[:8] and smac != self.guest_mac:
-            self._learn_mac(smac)
+        if src != self._last_src6 or smac != self.guest_mac:
+            self._note_src6(smac, src)
         if frag is not None:
             ident, off, more, _ = frag
             if off == 0 and not more:
@@ -283,8 +351,13 @@ class Stack:
                 if whole is None:
                     return None
                 data = memoryview(whole)
-        if dst[0] == 0xFF and nh != wire.PROTO_ICMP6:
-            return "ipv6_multicast"
+        if dst[0] == 0xFF:
+            if nh != wire.PROTO_ICMP6:
+                return "ipv6_multicast"
+        elif dst[0] in (0xFD, 0xFE, 0):
+            r = self._dst6_untrusted(dst)
+            if r is not None:
+                return r
         if nh == wire.PROTO_TCP:
             return self._tcp_untrusted(6, src, dst, data, now)
         if nh == wire.PROTO_UDP:
@@ -314,6 +387,8 @@ class Stack:
                 return ns
             target, opts = ns
             if target not in self._local6:
+                if not any(src):
+                    self._learn6(target)  # the guest's DAD probe for its new address
                 return "ndp_not_for_us"
             mac = opts.get(1, b"")[:6]
             if len(mac) != 6:
@@ -337,11 +412,19 @@ class Stack:
             else:
                 self._send_ra(wire.ALL_NODES_MAC, wire.ALL_NODES6)
             return None
+        if typ == 136:  # neighbour advertisement: the guest answering our NS, or announcing
+            na = wire.parse_ndp_na_untrusted(code, hlim, body)
+            if type(na) is str:
+                return na
+            self._learn6(na[0])
+            return None
+        if typ in (130, 131, 132, 143):
+            return "icmp6_mld"  # multicast listener reports: nothing to do on this link
         return "icmp6_unhandled_type"
 
     def _send_ra(self, dmac, dst):
         msg = wire.build_ndp_ra(self.ll6, dst, self.router_mac, self.config.mtu,
-                                bytes(self.gw6[:8]) + b"\x00" * 8)
+                                bytes(self.prefix6) + b"\x00" * 8, rdnss=self.dns6)
         self._send_ip6(self.ll6, dst, 58, msg, dst_mac=dmac, hlim=255)
 
     # ---------------------------------------------------------------------------- output

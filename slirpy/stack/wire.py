@@ -381,15 +381,34 @@ def build_ndp_na(src: bytes, dst: bytes, target: bytes, mac: bytes, flags: int) 
 
 def build_ndp_ra(src: bytes, dst: bytes, mac: bytes, mtu: int, prefix: bytes,
                  prefixlen: int = 64, router_lifetime: int = 1800, hop_limit: int = 64,
-                 valid: int = 86400, preferred: int = 14400) -> bytearray:
-    """Router advertisement: source link-layer, MTU and prefix information (on-link, SLAAC)."""
+                 valid: int = 86400, preferred: int = 14400, rdnss: bytes | None = None,
+                 rdnss_lifetime: int = 1800) -> bytearray:
+    """Router advertisement (RFC 4861 4.2): source link-layer, MTU, prefix information
+    (on-link + autonomous: SLAAC) and, when given, one recursive DNS server (RFC 8106)."""
     body = (b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"  # reachable time, retrans timer
             + b"\x01\x01" + mac
             + b"\x05\x01\x00\x00" + mtu.to_bytes(4, "big")
             + bytes([3, 4, prefixlen, 0xC0]) + valid.to_bytes(4, "big")
             + preferred.to_bytes(4, "big") + b"\x00" * 4 + prefix)
+    if rdnss is not None:
+        body += b"\x19\x03\x00\x00" + rdnss_lifetime.to_bytes(4, "big") + rdnss
     rest = (hop_limit << 24) | router_lifetime
     return icmp6_message(src, dst, 134, 0, rest, body)
+
+
+def parse_ndp_na_untrusted(code: int, hlim: int, body):
+    """Neighbour advertisement body (after the flags word). -> (target, options) or reason."""
+    if hlim != 255 or code != 0:
+        return "ndp_na_not_link_local"
+    if len(body) < 16:
+        return "ndp_na_truncated"
+    opts = parse_ndp_options_untrusted(body[16:])
+    if type(opts) is str:
+        return opts
+    target = bytes(body[:16])
+    if target[0] == 0xFF:
+        return "ndp_na_multicast_target"
+    return target, opts
 
 
 def build_icmp4_error(typ: int, code: int, quoted_ip: bytes, rest: int = 0) -> bytearray:
