@@ -5,10 +5,17 @@ dst) gets its own socket connected to dst; replies are sent to the guest with it
 Table: at most MAX_FLOWS sockets (LRU evicted, counted ``icmp_flow_evicted``), idle expiry 30 s.
 When the host forbids ping sockets (net.ipv4.ping_group_range excludes our gid: EACCES) we log
 once and drop (``icmp_ping_socket_denied``).
+
+Errors: the sockets have IP_RECVERR/IPV6_RECVERR, so ICMP(v6) destination unreachable and time
+exceeded about our echo requests arrive on the error queue; each is sent to the guest from the
+reporting host (SO_EE_OFFENDER) quoting the guest's own request. A send that fails at once
+(ENETUNREACH/EHOSTUNREACH: no route on the host) becomes "no route" / "network unreachable".
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import socket
 import struct
@@ -17,7 +24,7 @@ import trio
 
 from slirpy.logutil import RateLimited
 from slirpy.stack.events import IcmpEchoRequest
-from slirpy.udp_nat import FlowTable
+from slirpy.udp_nat import IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE, FlowTable
 
 log = logging.getLogger(__name__)
 _debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
@@ -25,6 +32,35 @@ _debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
 ICMP_IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 1024
 _ECHO = struct.Struct("!BBHHH")
+_EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
+SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6 = 2, 3
+# ICMP types passed on to the guest: (v4) unreachable, time exceeded; (v6) same
+_PASS = {4: (3, 11), 6: (1, 3)}
+
+
+def parse_icmp_errqueue(cdata: bytes, family: int):
+    """(type, code, offender address or None) from an IP(V6)_RECVERR cmsg, or None if it is
+    not an ICMP error of a kind we pass on."""
+    if len(cdata) < _EXT_ERR.size:
+        return None
+    _errno, origin, typ, code, _pad, _info, _data = _EXT_ERR.unpack_from(cdata)
+    if origin != (SO_EE_ORIGIN_ICMP if family == 4 else SO_EE_ORIGIN_ICMP6):
+        return None
+    if typ not in _PASS[family]:
+        return None
+    off = cdata[_EXT_ERR.size:]
+    who = None
+    try:
+        if family == 4 and len(off) >= 8 and int.from_bytes(off[:2], "little") == socket.AF_INET:
+            who = str(ipaddress.IPv4Address(bytes(off[4:8])))
+        elif family == 6 and len(off) >= 24 and \
+                int.from_bytes(off[:2], "little") == socket.AF_INET6:
+            who = str(ipaddress.IPv6Address(bytes(off[8:24])))
+    except ValueError:
+        who = None
+    if who in ("0.0.0.0", "::"):
+        who = None
+    return typ, code, who
 
 
 class _Ping:
@@ -67,6 +103,10 @@ class IcmpNat:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
         try:
             s.setblocking(False)
+            if family == 4:
+                s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+            else:
+                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
             bind = cfg.outbound_addr if family == 4 else cfg.outbound_addr6
             if bind is not None:
                 s.bind((str(bind), 0))
@@ -102,6 +142,7 @@ class IcmpNat:
             except OSError as e:
                 _debug.log(("socket", e.errno), "ping socket to %s failed: %s", dst, e)
                 self.stats.drop("icmp_socket_failed")
+                self._no_route(ev, e)
                 return
             p = _Ping(key, sock)
             self.table.add(key, p, now, ICMP_IDLE_TIMEOUT)
@@ -113,6 +154,18 @@ class IcmpNat:
         except OSError as e:
             _debug.log(("send", e.errno), "ping send to %s: %s", dst, e)
             self.stats.drop("icmp_send_failed")
+            self._no_route(ev, e)
+
+    def _no_route(self, ev: IcmpEchoRequest, e: OSError) -> None:
+        """No route on the host: net unreachable (v4) / no route to destination (v6) from the
+        gateway, so the guest's ping fails at once instead of timing out."""
+        if e.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return
+        d = self.daemon
+        gw = family_gateway(d.config, ev.family)
+        d.stack.send_icmp_echo_error(ev.family, gw, ev.src, ev.dst, ev.ident, ev.seq,
+                                     bytes(ev.payload), 3 if ev.family == 4 else 1, 0, d.now())
+        d.flush()
 
     async def _reader(self, p: _Ping) -> None:
         fam, gsrc, gident, gdst = p.key
@@ -132,7 +185,7 @@ class IcmpNat:
                     except (BlockingIOError, InterruptedError):
                         break
                     except OSError:
-                        self.stats.drop("icmp_host_error")
+                        sent |= self._errors(p)
                         continue
                     r = parse_echo_reply_untrusted(data, fam)
                     if r is None:
@@ -145,6 +198,34 @@ class IcmpNat:
                     sent = True
                 if sent:
                     d.flush()
+
+    def _errors(self, p: _Ping) -> bool:
+        """Drain the socket's error queue; ICMP errors go to the guest. True if any did."""
+        fam, gsrc, gident, gdst = p.key
+        d = self.daemon
+        sent = False
+        for _ in range(16):
+            try:
+                data, anc, _flags, _addr = p.sock.recvmsg(65535, 512, MSG_ERRQUEUE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            for level, typ, cdata in anc:
+                if (level, typ) not in ((socket.IPPROTO_IP, IP_RECVERR),
+                                        (socket.IPPROTO_IPV6, IPV6_RECVERR)):
+                    continue
+                e = parse_icmp_errqueue(cdata, fam)
+                if e is None:
+                    self.stats.drop("icmp_host_error")
+                    continue
+                etype, ecode, who = e
+                seq = int.from_bytes(data[6:8], "big") if len(data) >= 8 else 0
+                self.stats.drop("icmp_host_error_forwarded")
+                d.stack.send_icmp_echo_error(fam, who or gdst, gsrc, gdst, gident, seq,
+                                             bytes(data[8:]), etype, ecode, d.now())
+                sent = True
+        return sent
 
     def _close(self, key, p: _Ping) -> None:
         p.cancel.cancel()

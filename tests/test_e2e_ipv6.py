@@ -73,6 +73,21 @@ def ping6(addr, n=2, timeout=3):
     except socket.timeout:
         pass
     return ok
+
+def ping6_err(addr, timeout=3):
+    """(type, code, source) of the ICMPv6 error quoting our echo request to addr, or None."""
+    r = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+    r.settimeout(timeout)
+    r.sendto(struct.pack("!BBHHH", 128, 0, 0, 0x4343, 5) + b"probe", (addr, 0))
+    try:
+        while True:
+            d, a = r.recvfrom(2000)
+            q = d[8:]
+            if d[0] in (1, 3) and len(q) >= 48 and q[40] == 128 and \
+                    struct.unpack("!HH", q[44:48]) == (0x4343, 5) and q[48:] == b"probe":
+                return d[0], d[1], a[0]
+    except socket.timeout:
+        return None
 '''
 
 
@@ -413,6 +428,8 @@ def test_ipv6_port_forwards_cli_and_api(tmp_path):
 GUEST_WORLD = r"""
 wait_slaac()
 print("PINGW", ping6("2001:db8:1::2"))
+print("ERR3", ping6_err("2001:db8:3::1"))
+print("ERR4", ping6_err("2001:db8:4::1"))
 s = socket.create_connection(("2001:db8:1::2", 7000), timeout=10)
 s.sendall(b"over v6"); s.shutdown(socket.SHUT_WR)
 r = b""
@@ -460,7 +477,9 @@ def test_world_namespace_over_ipv6_with_outbound_addr6():
         ip link set v0 up
         ip addr add 2001:db8:1::1/64 dev v0 nodad
         ip addr add 2001:db8:1::10/64 dev v0 nodad
-        nsenter -t $W -n sh -c 'ip link set lo up; ip link set v1 up; ip addr add 2001:db8:1::2/64 dev v1 nodad'
+        ip -6 route add 2001:db8:3::/64 via 2001:db8:1::2
+        nsenter -t $W -n sh -c 'ip link set lo up; ip link set v1 up; ip addr add 2001:db8:1::2/64 dev v1 nodad
+            echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; ip -6 route add unreachable 2001:db8:3::/64'
         nsenter -t $W -n {sys.executable} -c "$1" & S=$!
         sleep 0.5
         {sys.executable} -m slirpy -c -6 --outbound-addr6=2001:db8:1::10 -- {sys.executable} -c "$0"
@@ -472,6 +491,10 @@ def test_world_namespace_over_ipv6_with_outbound_addr6():
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     _slaac_ok(r.stdout)
     assert "PINGW 2" in r.stdout
+    # an ICMPv6 error from the world router (no route: type 1 code 0) reaches the guest from
+    # the router's address; no route on slirpy's host: from fd00::2
+    assert "ERR3 (1, 0, '2001:db8:1::2')" in r.stdout
+    assert "ERR4 (1, 0, 'fd00::2')" in r.stdout
     assert "WORLD OVER V6 from 2001:db8:1::10" in r.stdout
     assert "WORLD_UDP_REFUSED" in r.stdout
 

@@ -502,3 +502,19 @@ class Stack:
         else:
             orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
             self._send_ip6(self.gw6, s, 58, wire.build_icmp6_error(self.gw6, s, 1, code, orig))
+
+    def send_icmp_echo_error(self, family, err_src: str, guest: str, dst: str, ident, seq,
+                             payload, typ, code, now):
+        """An ICMP(v6) error (unreachable, time exceeded...) from ``err_src`` to the guest about
+        its echo request to ``dst``, quoting that request (rebuilt with the guest's ident)."""
+        self._last_now = now
+        e, g, d = self._packed(err_src), self._packed(guest), self._packed(dst)
+        rest = ((ident & 0xFFFF) << 16) | (seq & 0xFFFF)
+        if family == 4:
+            req = wire.icmp_message(8, 0, rest, payload)
+            orig = wire.build_ipv4(b"\0" * 6, b"\0" * 6, g, d, wire.PROTO_ICMP, req)[14:]
+            self._send_ip4(e, g, wire.PROTO_ICMP, wire.build_icmp4_error(typ, code, orig))
+        else:
+            req = wire.icmp6_message(g, d, 128, 0, rest, payload)
+            orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, g, d, 58, req)[14:]
+            self._send_ip6(e, g, 58, wire.build_icmp6_error(e, g, typ, code, orig))
