@@ -3,6 +3,7 @@ between the trio socket and the sans-IO stack flow with flow control on both sid
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -21,7 +22,7 @@ CHUNK = 65536
 
 
 class _Bridge:
-    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset")
+    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset", "scope")
 
     def __init__(self, flow, sock=None):
         self.flow, self.sock = flow, sock
@@ -30,6 +31,7 @@ class _Bridge:
         self.connected = trio.Event()
         self.closed = False
         self.reset = False
+        self.scope = trio.CancelScope()  # cancelled when the stack drops the flow (e.g. evicted)
 
 
 class TcpNat:
@@ -69,6 +71,7 @@ class TcpNat:
             b.readable.set()
             b.writable.set()
             b.connected.set()
+            b.scope.cancel()
 
     @staticmethod
     def _linger0(sock):
@@ -129,22 +132,30 @@ class TcpNat:
             return
         host, port = target
         fam = socket.AF_INET if ":" not in host else socket.AF_INET6
-        sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+        try:
+            sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+        except OSError as e:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, the others go on
+            self.bridges.pop(ev.flow, None)
+            st.reject_tcp(ev.flow, "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE) else "socket",
+                          d.now())
+            d.flush()
+            return
         b.sock = sock
         reason = None
-        try:
-            bind = self.d.config.outbound_addr if fam == socket.AF_INET else self.d.config.outbound_addr6
-            if bind is not None:
-                await sock.bind((str(bind), 0))
-            with trio.fail_after(CONNECT_TIMEOUT):
-                await sock.connect((host, port))
-        except ConnectionRefusedError:
-            reason = "refused"
-        except trio.TooSlowError:
-            reason = "timeout"
-        except OSError:
-            reason = "unreachable"
-        if reason is not None or b.closed:
+        with b.scope:
+            try:
+                bind = self.d.config.outbound_addr if fam == socket.AF_INET else self.d.config.outbound_addr6
+                if bind is not None:
+                    await sock.bind((str(bind), 0))
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await sock.connect((host, port))
+            except ConnectionRefusedError:
+                reason = "refused"
+            except trio.TooSlowError:
+                reason = "timeout"
+            except OSError as e:
+                reason = "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE) else "unreachable"
+        if reason is not None or b.closed or b.scope.cancelled_caught:
             sock.close()
             self.bridges.pop(ev.flow, None)
             if reason is not None:

@@ -1,100 +1,203 @@
-"""End to end TCP: a guest in a fresh namespace (slirpy's `--` form) talks to a host server on
-127.0.0.1 through 10.0.2.2; bytes checked with sha256."""
+"""End to end TCP: the kernel's TCP in a fresh namespace is the guest (slirpy's `--` form, or a
+holder namespace); servers are on the host's loopback or in a test-made "world" namespace behind
+a veth. Every byte is checked with sha256; counts and fds are read from the daemon itself through
+tests/slirpy_shim.py (a wrapper that monkeypatches, no product code)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import select
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
+from nsutil import NsHolder, _env, require_netns
+
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIM = os.path.join(ROOT, "tests", "slirpy_shim.py")
 N = 50 * 1024 * 1024
 
 
-def run_guest(code, *args, timeout=60):
+def _need():
     if shutil.which("unshare") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("LOUD: unshare or /dev/net/tun missing: TCP end-to-end tests cannot run")
-    cmd = [sys.executable, "-m", "slirpy", "-c", *args, "--", sys.executable, "-c",
-           textwrap.dedent(code)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def run_guest(code, *args, timeout=90, env=None, shim=False):
+    _need()
+    head = [sys.executable, SHIM] if shim else [sys.executable, "-m", "slirpy"]
+    cmd = [*head, "-c", *args, "--", sys.executable, "-c", textwrap.dedent(code)]
+    e = _env()
+    e.update(env or {})
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=e)
     assert r.returncode == 0, f"rc={r.returncode}\nstdout={r.stdout}\nstderr={r.stderr[-3000:]}"
-    return r.stdout
+    return r.stdout, r.stderr
 
 
-def _blob(n, seed):
-    return hashlib.shake_256(seed).digest(n)
+def blob(n, seed):
+    return hashlib.shake_256(seed if isinstance(seed, bytes) else seed.encode()).digest(n)
 
 
-def test_bulk_both_ways_and_refused():
-    up = _blob(N, b"up")
-    down = _blob(N, b"down")
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    port = srv.getsockname()[1]
-    got = {}
+def sha(b):
+    return hashlib.sha256(b).hexdigest()
 
-    def serve():
-        c, a = srv.accept()
-        got["peer"] = a[0]
-        t = threading.Thread(target=c.sendall, args=(down,))
-        t.start()
-        h, n = hashlib.sha256(), 0
+
+# Guest-side copy of the helpers (the guest is a separate interpreter).
+GUEST_LIB = """
+import socket, hashlib, threading, time, sys, os, errno
+def blob(n, seed):
+    return hashlib.shake_256(seed.encode()).digest(n)
+def recv_all(s):
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            return n, h.hexdigest()
+        h.update(b); n += len(b)
+def both_ways(addr, cmd, up):
+    s = socket.create_connection(addr, timeout=60)
+    s.sendall(cmd)
+    t = threading.Thread(target=lambda: (s.sendall(up), s.shutdown(socket.SHUT_WR)))
+    t.start()
+    r = recv_all(s)
+    t.join()
+    s.close()
+    return r
+"""
+
+
+class HostServer:
+    """Threaded TCP server. The first line of each connection is a command:
+      BOTH n seed   send blob(n, seed) while reading to EOF; record (bytes, sha) of what came
+      ECHO          echo until EOF
+      SRC n seed    send blob(n, seed), close
+      RST n seed    send blob(n, seed), then reset the connection (SO_LINGER 0)
+      HOLD          read until EOF (keeps the connection open meanwhile)
+    """
+
+    def __init__(self, addr="127.0.0.1"):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((addr, 0))
+        self.sock.listen(4096)
+        self.port = self.sock.getsockname()[1]
+        self.got, self.peers, self.errors = [], [], []
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
         while True:
-            b = c.recv(1 << 16)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-        t.join()
-        c.shutdown(socket.SHUT_WR)
-        c.close()
-        got["up"] = (n, h.hexdigest())
-
-    th = threading.Thread(target=serve, daemon=True)
-    th.start()
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    cport = closed.getsockname()[1]
-    closed.close()
-    try:
-        out = run_guest(f"""
-            import socket, hashlib, threading
-            up = hashlib.shake_256(b"up").digest({N})
-            s = socket.create_connection(("10.0.2.2", {port}), timeout=30)
-            t = threading.Thread(target=lambda: (s.sendall(up), s.shutdown(socket.SHUT_WR)))
-            t.start()
-            h, n = hashlib.sha256(), 0
-            while True:
-                b = s.recv(1 << 16)
-                if not b:
-                    break
-                h.update(b); n += len(b)
-            t.join()
-            print("DOWN", n, h.hexdigest())
             try:
-                socket.create_connection(("10.0.2.2", {cport}), timeout=10); print("OPEN")
-            except ConnectionRefusedError:
-                print("REFUSED")
-        """)
-    finally:
-        srv.close()
-    th.join(10)
-    assert f"DOWN {N} {hashlib.sha256(down).hexdigest()}" in out
-    assert got["up"] == (N, hashlib.sha256(up).hexdigest())
-    assert got["peer"] == "127.0.0.1"
-    assert "REFUSED" in out
+                c, a = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.peers.append(a[0])
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            line = b""
+            while not line.endswith(b"\n"):
+                b = c.recv(1)
+                if not b:
+                    return
+                line += b
+            cmd, *a = line.decode().split()
+            if cmd == "BOTH":
+                t = threading.Thread(target=c.sendall, args=(blob(int(a[0]), a[1]),))
+                t.start()
+                h, n = hashlib.sha256(), 0
+                while True:
+                    b = c.recv(1 << 16)
+                    if not b:
+                        break
+                    h.update(b)
+                    n += len(b)
+                t.join()
+                self.got.append((n, h.hexdigest()))
+                c.shutdown(socket.SHUT_WR)
+            elif cmd == "ECHO":
+                while True:
+                    b = c.recv(1 << 16)
+                    if not b:
+                        break
+                    c.sendall(b)
+                c.shutdown(socket.SHUT_WR)
+            elif cmd in ("SRC", "RST"):
+                c.sendall(blob(int(a[0]), a[1]))
+                if cmd == "RST":
+                    time.sleep(0.2)
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    c.shutdown(socket.SHUT_WR)
+                    while c.recv(1 << 16):
+                        pass
+            elif cmd == "HOLD":
+                while c.recv(1 << 16):
+                    pass
+        except OSError as e:
+            self.errors.append(repr(e))
+        finally:
+            c.close()
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def server():
+    s = HostServer()
+    yield s
+    s.close()
+
+
+def _closed_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mtu", [1500, 65520])
+def test_bulk_both_ways_and_refused(server, mtu):
+    """50 MB each way at once through 10.0.2.2 (-> 127.0.0.1); a closed port is refused fast."""
+    cport = _closed_port()
+    out, _ = run_guest(GUEST_LIB + f"""
+t0 = time.monotonic()
+n, h = both_ways(("10.0.2.2", {server.port}), b"BOTH {N} down\\n", blob({N}, "up"))
+print("DOWN", n, h, "%.2fs" % (time.monotonic() - t0))
+t0 = time.monotonic()
+try:
+    socket.create_connection(("10.0.2.2", {cport}), timeout=10); print("OPEN")
+except ConnectionRefusedError:
+    print("REFUSED", "%.3f" % (time.monotonic() - t0))
+import fcntl, struct
+r = fcntl.ioctl(socket.socket(), 0x8921, struct.pack("16si12x", b"tap0", 0))  # SIOCGIFMTU
+print("MTU", struct.unpack("16si12x", r)[1])
+""", f"--mtu={mtu}")
+    print(out)
+    assert f"DOWN {N} {sha(blob(N, 'down'))}" in out
+    assert server.got == [(N, sha(blob(N, "up")))]
+    assert server.peers == ["127.0.0.1"]
+    assert f"MTU {mtu}" in out
+    refused = [ln for ln in out.splitlines() if ln.startswith("REFUSED")]
+    assert refused and float(refused[0].split()[1]) < 0.5
 
 
 def test_disable_host_loopback_refuses():
-    out = run_guest("""
+    out, _ = run_guest("""
         import socket
         try:
             socket.create_connection(("10.0.2.2", 1), timeout=10); print("OPEN")
@@ -102,3 +205,246 @@ def test_disable_host_loopback_refuses():
             print("REFUSED")
     """, "--disable-host-loopback")
     assert "REFUSED" in out
+
+
+def test_200_concurrent_connections_each_checked(server):
+    out, _ = run_guest(GUEST_LIB + f"""
+res = {{}}
+def one(i):
+    try:
+        data = blob(65536 + i * 97, "c%d" % i)
+        s = socket.create_connection(("10.0.2.2", {server.port}), timeout=60)
+        s.sendall(b"ECHO\\n")
+        t = threading.Thread(target=lambda: (s.sendall(data), s.shutdown(socket.SHUT_WR)))
+        t.start()
+        n, h = recv_all(s)
+        t.join(); s.close()
+        res[i] = (n == len(data) and h == hashlib.sha256(data).hexdigest())
+    except Exception as e:
+        res[i] = repr(e)
+ts = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+for t in ts: t.start()
+for t in ts: t.join(120)
+bad = {{k: v for k, v in res.items() if v is not True}}
+print("OK", sum(1 for v in res.values() if v is True), "BAD", bad)
+""", timeout=150)
+    assert "OK 200 BAD {}" in out, out
+    assert server.accepted == 200
+
+
+def test_host_reset_midstream_resets_guest(server):
+    out, _ = run_guest(GUEST_LIB + f"""
+s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+s.sendall(b"RST 1000000 r\\n")
+buf = bytearray()
+try:
+    while True:
+        b = s.recv(1 << 16)
+        if not b:
+            print("EOF"); break
+        buf += b
+except ConnectionResetError:
+    print("RESET")
+print("GOT", len(buf), buf == blob(1000000, "r")[:len(buf)])
+""")
+    assert "RESET" in out and "GOT 1000000 True" in out, out
+
+
+# ---------------------------------------------------------------------------------------------
+class ShimDaemon:
+    """slirpy (through tests/slirpy_shim.py) attached to a holder namespace; .query() returns
+    {"flows": n, "fds": n} from inside the daemon."""
+
+    def __init__(self, *flags, env=None):
+        self.flags, self.env = flags, env or {}
+
+    def __enter__(self):
+        require_netns()
+        self.ns = NsHolder().__enter__()
+        ready_r, ready_w = os.pipe()
+        self.q_r, q_w = os.pipe()  # daemon reads queries
+        a_r, a_w = os.pipe()  # daemon writes answers
+        self.q_w, self.a_r = q_w, a_r
+        env = _env()
+        env.update(self.env)
+        env["SHIM_CTL"] = f"{self.q_r},{a_w}"
+        self.proc = subprocess.Popen(
+            [sys.executable, SHIM, "-c", "-r", str(ready_w), *self.flags, str(self.ns.pid), "tap0"],
+            pass_fds=(ready_w, self.q_r, a_w), env=env, stderr=subprocess.PIPE, text=True)
+        os.close(ready_w)
+        os.close(a_w)
+        os.close(self.q_r)
+        r, _, _ = select.select([ready_r], [], [], 10)
+        ok = os.read(ready_r, 1) if r else b""
+        os.close(ready_r)
+        if ok != b"1":
+            self.__exit__(None, None, None)
+            raise AssertionError("slirpy not ready")
+        self.af = os.fdopen(self.a_r, "r")
+        return self
+
+    def query(self):
+        os.write(self.q_w, b"q\n")
+        r, _, _ = select.select([self.a_r], [], [], 10)
+        assert r, "shim did not answer"
+        return json.loads(self.af.readline())
+
+    def wait_for(self, pred, timeout=10):
+        end = time.monotonic() + timeout
+        while True:
+            q = self.query()
+            if pred(q) or time.monotonic() > end:
+                return q
+            time.sleep(0.2)
+
+    def guest(self, code, timeout=120):
+        r = self.ns.run(sys.executable, "-c", textwrap.dedent(code), timeout=timeout)
+        assert r.returncode == 0, f"rc={r.returncode}\nstdout={r.stdout}\nstderr={r.stderr[-3000:]}"
+        return r.stdout
+
+    def __exit__(self, *exc):
+        try:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+            self.stderr = self.proc.stderr.read()
+        finally:
+            os.close(self.q_w)
+            self.ns.__exit__(None, None, None)
+
+
+def test_churn_2000_connections_leaks_nothing(server):
+    with ShimDaemon() as d:
+        warm = d.guest(GUEST_LIB + f"""
+print(both_ways(("10.0.2.2", {server.port}), b"BOTH 10 w\\n", b"x"))
+""")
+        assert "(10," in warm
+        base = d.wait_for(lambda q: q["flows"] == 0)
+        assert base["flows"] == 0
+        t0 = time.monotonic()
+        out = d.guest(GUEST_LIB + f"""
+ok = 0
+for i in range(2000):
+    s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+    if i % 2:   # the host closes first
+        s.sendall(b"SRC 100 s%d\\n" % i)
+        n, h = recv_all(s)
+        s.close()
+        ok += (h == hashlib.sha256(blob(100, "s%d" % i)).hexdigest())
+    else:       # the guest closes first
+        s.sendall(b"ECHO\\nhello")
+        s.shutdown(socket.SHUT_WR)
+        ok += (recv_all(s)[0] == 5)
+        s.close()
+print("OK", ok)
+""", timeout=240)
+        took = time.monotonic() - t0
+        assert "OK 2000" in out, out
+        end = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=15)
+        print(f"2000 connections in {took:.1f}s; fds {base['fds']} -> {end['fds']}; {end}")
+        assert (end["flows"], end["fds"]) == (0, base["fds"]), (base, end)
+        assert server.accepted == 2001
+
+
+def test_fd_exhaustion_refuses_new_flows_keeps_old(server):
+    """RLIMIT_NOFILE 200 in the daemon, 5000 flows attempted while one old flow stays open:
+    new flows beyond the limit are refused (RST), the old one still echoes, and once the guest
+    lets go everything works again."""
+    with ShimDaemon(env={"SHIM_NOFILE": "200"}) as d:
+        out = d.guest(GUEST_LIB + f"""
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+A = ("10.0.2.2", {server.port})
+old = socket.create_connection(A, timeout=20); old.sendall(b"ECHO\\n")
+held, refused, other = [], 0, {{}}
+t0 = time.monotonic()
+for i in range(5000):
+    try:
+        s = socket.create_connection(A, timeout=20)
+        s.sendall(b"HOLD\\n")
+        held.append(s)
+    except ConnectionRefusedError:
+        refused += 1
+    except OSError as e:
+        other[e.errno] = other.get(e.errno, 0) + 1
+print("HELD", len(held), "REFUSED", refused, "OTHER", other, "%.1fs" % (time.monotonic() - t0))
+old.sendall(b"still here")
+print("OLD", old.recv(100))
+for s in held: s.close()
+time.sleep(1)
+print("AFTER", both_ways(A, b"BOTH 100000 a\\n", b"y" * 1000))
+""", timeout=300)
+        print(out)
+        line = [ln for ln in out.splitlines() if ln.startswith("HELD")][0].split()
+        held, refused = int(line[1]), int(line[3])
+        assert 50 < held < 200 and held + refused == 5000, out
+        assert "OLD b'still here'" in out
+        assert f"AFTER (100000, '{sha(blob(100000, 'a'))}')" in out
+        assert d.proc.poll() is None  # alive
+        q = d.wait_for(lambda q: q["flows"] == 0)
+        assert q["flows"] == 0
+        assert q["dropped"].get("tcp_connect_no_fd", 0) == refused, q
+
+
+def test_impaired_link_20mb_each_way(server):
+    """Drop, duplicate and reorder 2% of frames each, both directions, between tap and stack."""
+    n = 20 * 1024 * 1024
+    out, err = run_guest(GUEST_LIB + f"""
+t0 = time.monotonic()
+n, h = both_ways(("10.0.2.2", {server.port}), b"BOTH {n} imp\\n", blob({n}, "iup"))
+print("DOWN", n, h, "%.2fs" % (time.monotonic() - t0))
+""", shim=True, env={"SHIM_IMPAIR": "7,0.02,0.02,0.02"}, timeout=240)
+    print(out, err[-500:])
+    assert f"DOWN {n} {sha(blob(n, 'imp'))}" in out
+    assert server.got == [(n, sha(blob(n, "iup")))]
+    counts = dict(kv.split("=") for kv in err.split("SHIM ")[-1].split())
+    assert all(int(v) > 100 for v in counts.values()), counts
+
+
+def test_world_namespace_download_50mb():
+    """slirpy's parent runs in a netns the test made (A) with a veth to a "world" netns
+    (192.0.2.2) serving 50 MB; the guest downloads it through slirpy intact."""
+    _need()
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
+    srv = textwrap.dedent(f"""
+        import socket, hashlib
+        s = socket.socket(); s.bind(("192.0.2.2", 8080)); s.listen(1)
+        print("LISTENING", flush=True)
+        c, a = s.accept()
+        c.sendall(hashlib.shake_256(b"world").digest({N})); c.close()
+        print("PEER", a[0], flush=True)
+    """)
+    guest = GUEST_LIB + """
+t0 = time.monotonic()
+s = socket.create_connection(("192.0.2.2", 8080), timeout=30)
+print("WORLD", *recv_all(s), "%.2fs" % (time.monotonic() - t0))
+"""
+    script = textwrap.dedent(f"""
+        set -e
+        ip link set lo up
+        unshare -n sleep 120 & W=$!
+        trap 'kill $W' EXIT
+        sleep 0.3
+        ip link add v0 type veth peer name v1 netns $W
+        ip addr add 192.0.2.1/24 dev v0
+        ip link set v0 up
+        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
+        nsenter -t $W -n {sys.executable} -c "$1" > "$3" &
+        for i in $(seq 50); do grep -q LISTENING "$3" && break; sleep 0.1; done
+        {sys.executable} -m slirpy -c -- {sys.executable} -c "$2"
+        wait %2 || true
+        cat "$3"
+    """)
+    import tempfile
+    with tempfile.NamedTemporaryFile("r") as log:
+        r = subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", srv, guest, log.name],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+    print(r.stdout)
+    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
+    assert f"WORLD {N} {sha(blob(N, b'world'))}" in r.stdout
+    assert "PEER 192.0.2.1" in r.stdout

@@ -40,8 +40,10 @@ FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x4
 
 BUF = 256 * 1024
 MAX_FLOWS = 10000
+MAX_HALF_OPEN = 1024
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
 MAX_RETRIES = 8
+MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
 TIME_WAIT = 2.0
 PERSIST_MAX = 30.0
 
@@ -52,7 +54,8 @@ class _Flow:
                  "sbuf", "rbuf", "ooo", "fin_pending", "fin_seq", "fin_acked", "their_fin",
                  "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
                  "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
-                 "bytes_out", "sack_ok", "last_adv", "retransmitted")
+                 "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
+                 "rexmit_hi", "sacked", "last_ooo")
 
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
@@ -83,6 +86,11 @@ class _Flow:
         self.sack_ok = False
         self.last_adv = 0
         self.retransmitted = False
+        self.snd_max = 0  # highest sequence number sent (snd_nxt goes back on RTO; this never)
+        self.recover = None  # fast recovery until snd_una reaches this (RFC 6582)
+        self.rexmit_hi = 0  # highest byte retransmitted in this recovery
+        self.sacked = ()  # the guest's latest SACK blocks within (snd_una, snd_max]
+        self.last_ooo = None  # seq of the most recent out-of-order segment (first SACK block)
 
 
 class TcpEngine:
@@ -101,6 +109,9 @@ class TcpEngine:
         self._heap: list = []
         self._ack_set: dict[int, _Flow] = {}
         self.seg_max = 0  # > mss: the stack can hand the guest GSO segments this large (TSO)
+        # half-open flows (SYN_PENDING, SYN_RCVD, SYN_SENT) oldest first: a SYN flood evicts these
+        self._half_open: dict[int, _Flow] = {}
+        self.max_half_open = getattr(config, "max_tcp_half_open", MAX_HALF_OPEN)
         ws = 0
         while (self.rcvbuf >> ws) > 0xFFFF and ws < 14:
             ws += 1
@@ -116,6 +127,8 @@ class TcpEngine:
         return min(w, 0xFFFF)
 
     def _send(self, f, seqno, flags, payload=b"", options=b""):
+        if f.ooo and f.sack_ok and not options and flags & ACK and not flags & SYN:
+            options = build_tcp_options(sack_blocks=self._sack_blocks(f))
         w = self._adv(f)
         f.last_adv = w << f.rcv_ws
         if flags & ACK:
@@ -124,6 +137,24 @@ class TcpEngine:
             self._ack_set.pop(f.id, None)
         self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno, f.rcv_nxt if flags & ACK else 0,
                    flags, w, options, payload)
+
+    def _sack_blocks(self, f):
+        """RFC 2018: the block holding the most recent out-of-order segment first, then the
+        others in sequence order; contiguous queued segments merge into one block."""
+        base = f.rcv_nxt
+        spans = sorted((seq.sub(s, base), seq.sub(s, base) + len(b)) for s, (b, _) in f.ooo.items())
+        merged = []
+        for lo, hi in spans:
+            if lo <= 0 and hi <= 0:
+                continue
+            if merged and lo <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        if f.last_ooo is not None:
+            k = seq.sub(f.last_ooo, base)
+            merged.sort(key=lambda m: not (m[0] <= k < m[1]))
+        return [(seq.add(base, lo), seq.add(base, hi)) for lo, hi in merged[:4]]
 
     def _arm(self, f, deadline):
         f.gen += 1
@@ -139,6 +170,7 @@ class TcpEngine:
         self._flows.pop(f.id, None)
         self._by_key.pop(f.key, None)
         self._ack_set.pop(f.id, None)
+        self._half_open.pop(f.id, None)
         f.gen += 1
         f.state = "CLOSED"
         f.sbuf = f.rbuf = f.ooo = None
@@ -183,16 +215,22 @@ class TcpEngine:
         plen = len(payload)
         if f is None:
             if (flags & (SYN | ACK | RST)) == SYN:
-                if len(self._flows) >= self.max_flows:
-                    self.stats.drop("tcp_flow_cap")
-                    self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
-                    return
+                if len(self._flows) >= self.max_flows or len(self._half_open) >= self.max_half_open:
+                    if not self._half_open:
+                        self.stats.drop("tcp_flow_cap")
+                        self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
+                        return
+                    # SYN flood: the oldest half-open flow makes room (RST to it, glue told)
+                    old = next(iter(self._half_open.values()))
+                    self.stats.drop("tcp_half_open_evicted")
+                    self.reset_tcp(old.id, now)
                 opts = parse_tcp_options_untrusted(options)
                 if isinstance(opts, str):
                     self.stats.drop(opts)
                     return
                 f = self._new_flow(family, src, sport, dst, dport)
                 f.state = "SYN_PENDING"
+                self._half_open[f.id] = f
                 f.rcv_nxt = seq.add(seqno, 1)
                 f.mss = min(opts.mss or 536, self._mss_for(family))
                 if opts.wscale is not None:
@@ -226,10 +264,11 @@ class TcpEngine:
                     f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
                 f.sack_ok = opts.sack_perm
                 f.rcv_nxt = seq.add(seqno, 1)
-                f.snd_una = f.snd_nxt = seq.add(f.iss, 1)
+                f.snd_una = f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
                 f.snd_wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
                 f.state = "ESTABLISHED"
                 f.retries = 0
+                self._half_open.pop(f.id, None)
                 self._arm(f, None)
                 self._send(f, f.snd_nxt, ACK)
                 self._push(TcpConnected(f.id))
@@ -245,6 +284,11 @@ class TcpEngine:
                 self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK
             return
         if st == "TIME_WAIT":
+            if (flags & (SYN | ACK)) == SYN and seq.gt(seqno, f.rcv_nxt):
+                self._remove(f)  # RFC 9293 3.10.7.4 / 6191: a new incarnation of the 4-tuple
+                self._on_segment(family, src, sport, dst, dport, seqno, ackno, flags, window,
+                                 options, payload, now)
+                return
             if flags & FIN:
                 self._send(f, f.snd_nxt, ACK)
             return
@@ -261,7 +305,8 @@ class TcpEngine:
                 self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                 return
             f.state = "ESTABLISHED"
-            f.snd_una = f.snd_nxt = ackno
+            f.snd_una = f.snd_nxt = f.snd_max = ackno
+            self._half_open.pop(f.id, None)
             f.retries = 0
             f.snd_wnd = window << f.snd_ws
             self._arm(f, None)
@@ -275,11 +320,20 @@ class TcpEngine:
             self._maybe_done(f, now)
 
     def _process_ack(self, f, ackno, window, options, plen, flags, now):
-        if seq.gt(ackno, f.snd_nxt):
+        if seq.gt(ackno, f.snd_max):
             self.stats.drop("tcp_ack_future")
             self._send(f, f.snd_nxt, ACK)
             return
+        if seq.gt(ackno, f.snd_nxt):  # after a go-back-N: the guest already had these bytes
+            f.snd_nxt = ackno
         new_wnd = window << f.snd_ws
+        blocks = ()
+        if f.sack_ok and options and f.snd_una != f.snd_max:
+            opts = parse_tcp_options_untrusted(options)
+            if not isinstance(opts, str) and opts.sack_blocks:
+                blocks = tuple((l, r) for l, r in opts.sack_blocks
+                               if seq.lt(l, r) and seq.gt(l, ackno) and seq.le(r, f.snd_max))
+                f.sacked = blocks
         if seq.gt(ackno, f.snd_una):
             n = seq.sub(ackno, f.snd_una)
             data_n = min(n, len(f.sbuf) if f.sbuf else 0)
@@ -300,7 +354,14 @@ class TcpEngine:
                 f.rto = min(MAX_RTO, max(MIN_RTO, f.srtt + 4 * f.rttvar))
                 f.rtt_seq = None
             f.snd_wnd = new_wnd
-            if f.snd_una == f.snd_nxt:
+            if f.snd_una == f.snd_max:
+                f.sacked = ()
+            if f.recover is not None:
+                if seq.ge(ackno, f.recover):
+                    f.recover = None
+                else:  # partial ACK: the next hole is lost too (RFC 6582), no need to wait
+                    self._retransmit_holes(f, now)
+            if f.snd_una == f.snd_nxt and not avail_unsent(f):
                 self._arm(f, None)
             else:
                 self._arm(f, now + f.rto)
@@ -308,38 +369,43 @@ class TcpEngine:
                 f.want_writable = False
                 self._push(TcpWritable(f.id))
         elif ackno == f.snd_una:
-            if plen == 0 and not flags & FIN and f.snd_una != f.snd_nxt and new_wnd == f.snd_wnd:
+            if plen == 0 and not flags & FIN and f.snd_una != f.snd_max and (
+                    new_wnd == f.snd_wnd or blocks):
                 f.dupacks += 1
-                if f.dupacks == 3:
-                    self._fast_retransmit(f, options, now)
+                if f.dupacks == 3 and f.recover is None:
+                    f.recover = f.snd_max
+                    f.rexmit_hi = f.snd_una
+                    f.rtt_seq = None
+                    self._retransmit_holes(f, now)
+                elif f.dupacks > 3 and f.recover is not None and blocks:
+                    self._retransmit_holes(f, now)  # SACK moved on: newly revealed holes
+            if f.snd_wnd == 0 and new_wnd:
+                f.retries = 0
             f.snd_wnd = new_wnd
 
-    def _fast_retransmit(self, f, options, now):
-        opts = parse_tcp_options_untrusted(options)
-        blocks = opts.sack_blocks if not isinstance(opts, str) and f.sack_ok else ()
-        f.rtt_seq = None
-        # retransmit the holes below the highest SACKed byte (at most 8 segments), else snd_una
-        holes = [(f.snd_una, None)]
-        if blocks:
-            bl = sorted(((l, r) for l, r in blocks if seq.gt(r, f.snd_una) and seq.le(r, f.snd_nxt)),
-                        key=lambda b: seq.sub(b[0], f.snd_una))
-            holes, cur = [], f.snd_una
-            for l, r in bl:
-                if seq.lt(cur, l):
-                    holes.append((cur, l))
-                cur = seq.max_seq(cur, r)
-            if not holes:
-                holes = [(f.snd_una, None)]
-        sent = 0
-        for l, r in holes:
-            while sent < 8:
-                end = r if r is not None else seq.add(l, f.mss)
-                if not self._resend_range(f, l, min(f.mss, seq.sub(end, l))):
-                    break
-                sent += 1
-                l = seq.add(l, f.mss)
-                if r is None or not seq.lt(l, r):
-                    break
+    def _retransmit_holes(self, f, now, budget=16):
+        """Resend what the guest has not SACKed between max(snd_una, rexmit_hi) and its highest
+        SACKed byte (or the one segment at snd_una without SACK), each hole once per recovery."""
+        start = f.snd_una if seq.ge(f.snd_una, f.rexmit_hi) else f.rexmit_hi
+        blocks = sorted((b for b in f.sacked if seq.gt(b[1], start)), key=lambda b: seq.sub(b[0], start))
+        if not blocks:
+            if start == f.snd_una:
+                self._resend_range(f, start, f.mss)
+                f.rexmit_hi = seq.add(start, f.mss)
+            return
+        cur = start
+        for l, r in blocks:
+            while seq.lt(cur, l) and budget > 0:
+                n = min(f.mss, seq.sub(l, cur))
+                if not self._resend_range(f, cur, n):
+                    return
+                budget -= 1
+                cur = seq.add(cur, n)
+                f.rexmit_hi = cur
+            if seq.gt(r, cur):
+                cur = r
+            if budget <= 0:
+                return
 
     def _resend_range(self, f, start, n):
         off = seq.sub(start, f.snd_una)
@@ -380,10 +446,13 @@ class TcpEngine:
             ahead = seq.sub(seqno, f.rcv_nxt)
             if ahead + len(data) > room:
                 self.stats.drop("tcp_beyond_window")
-            elif f.ooo is None or len(f.ooo) < 64:
+            elif f.ooo is None or len(f.ooo) < MAX_OOO:
                 if f.ooo is None:
                     f.ooo = {}
-                f.ooo[seqno] = (bytes(data), fin)
+                old = f.ooo.get(seqno)
+                if old is None or len(old[0]) < len(data):
+                    f.ooo[seqno] = (bytes(data), fin)
+                f.last_ooo = seqno
             else:
                 self.stats.drop("tcp_ooo_cap")
             self._send(f, f.snd_nxt, ACK)
@@ -395,15 +464,16 @@ class TcpEngine:
         was_empty = not f.rbuf
         self._accept(f, data, fin)
         while f.ooo:
-            hit = None
-            for s in list(f.ooo):
-                d = seq.sub(f.rcv_nxt, s)
-                b, fn = f.ooo[s]
-                if d >= 0:
-                    del f.ooo[s]
-                    if d < len(b) or (fn and d == len(b)):
-                        hit = (b[d:], fn)
-                        break
+            hit = f.ooo.pop(f.rcv_nxt, None)
+            if hit is None:
+                for s in list(f.ooo):
+                    d = seq.sub(f.rcv_nxt, s)
+                    b, fn = f.ooo[s]
+                    if d >= 0:
+                        del f.ooo[s]
+                        if d < len(b) or (fn and d == len(b)):
+                            hit = (b[d:], fn)
+                            break
             if hit is None:
                 break
             room = self.rcvbuf - len(f.rbuf or b"")
@@ -443,7 +513,7 @@ class TcpEngine:
         blen = len(f.sbuf) if f.sbuf else 0
         while True:
             off = seq.sub(f.snd_nxt, f.snd_una)
-            if f.fin_seq is not None:
+            if f.fin_seq is not None and seq.gt(f.snd_nxt, f.fin_seq):
                 break
             avail = blen - off
             win_room = f.snd_wnd - off
@@ -459,19 +529,22 @@ class TcpEngine:
                     fl |= FIN
                     f.fin_seq = seq.add(f.snd_nxt, n)
                 self._send(f, f.snd_nxt, fl, chunk)
-                f.bytes_out += n
-                if f.rtt_seq is None:
+                if f.rtt_seq is None and f.snd_nxt == f.snd_max:
                     f.rtt_seq, f.rtt_t = seq.add(f.snd_nxt, n), now
-                f.snd_nxt = seq.add(f.snd_nxt, n + (1 if fin_now else 0))
-                if f.deadline is None:
+                if f.deadline is None or f.snd_una == f.snd_nxt:
                     self._arm(f, now + f.rto)
+                f.snd_nxt = seq.add(f.snd_nxt, n + (1 if fin_now else 0))
+                if seq.gt(f.snd_nxt, f.snd_max):
+                    f.bytes_out += seq.sub(f.snd_nxt, f.snd_max) - (1 if fin_now else 0)
+                    f.snd_max = f.snd_nxt
                 continue
-            if avail <= 0 and f.fin_pending and f.fin_seq is None:
+            if avail <= 0 and f.fin_pending and (f.fin_seq is None or f.snd_nxt == f.fin_seq):
                 f.fin_seq = f.snd_nxt
                 self._send(f, f.snd_nxt, ACK | FIN)
-                f.snd_nxt = seq.add(f.snd_nxt, 1)
-                if f.deadline is None:
+                if f.deadline is None or f.snd_una == f.snd_nxt:
                     self._arm(f, now + f.rto)
+                f.snd_nxt = seq.add(f.snd_nxt, 1)
+                f.snd_max = seq.max_seq(f.snd_max, f.snd_nxt)
             break
         if avail_unsent(f) and f.snd_una == f.snd_nxt and f.snd_wnd == 0 and f.deadline is None:
             self._arm(f, now + f.rto)  # persist timer
@@ -526,11 +599,16 @@ class TcpEngine:
             return
         if f.state != "ESTABLISHED":
             return
-        if f.snd_una == f.snd_nxt:
-            if avail_unsent(f) and f.snd_wnd == 0:  # zero-window probe: one byte past the edge
-                self._send(f, f.snd_una, ACK, bytes(f.sbuf[:1]))
-                f.rto = min(PERSIST_MAX, f.rto * 2)
-                self._arm(f, now + f.rto)
+        if f.snd_wnd == 0 and avail_unsent(f) and seq.sub(f.snd_max, f.snd_una) <= 1:
+            # zero-window probe: one byte past the edge; its ACK is accepted if the guest takes it
+            self._send(f, f.snd_una, ACK, bytes(f.sbuf[:1]))
+            f.snd_max = seq.add(f.snd_una, 1)
+            f.retries = min(f.retries + 1, 16)
+            self._arm(f, now + min(PERSIST_MAX, f.rto * (1 << f.retries)))
+            return
+        if f.snd_una == f.snd_max:
+            if avail_unsent(f):
+                self._output(f, now)
             return
         f.retries += 1
         if f.retries > MAX_RETRIES and f.snd_wnd != 0:
@@ -538,10 +616,11 @@ class TcpEngine:
             return
         f.rtt_seq = None
         f.rto = min(MAX_RTO, f.rto * 2)
-        # go back N: resend from snd_una
+        # go back N: resend from snd_una (the guest's ACKs move snd_nxt past what it holds)
         f.snd_nxt = f.snd_una
-        if f.fin_seq is not None:
-            f.fin_seq = None
+        f.recover = None
+        f.dupacks = 0
+        f.sacked = ()
         self._arm(f, None)
         self._output(f, now)
         if f.deadline is None:
@@ -562,7 +641,7 @@ class TcpEngine:
             return
         f.iss = self.isn() & seq.MASK
         f.snd_una = f.iss
-        f.snd_nxt = seq.add(f.iss, 1)
+        f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
         f.state = "SYN_RCVD"
         self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws != 0 or f.snd_ws != 0))
         self._arm(f, now + INIT_RTO)
@@ -637,10 +716,11 @@ class TcpEngine:
             return None
         f = self._new_flow(family, gaddr, dport, raddr, sport)
         f.state = "SYN_SENT"
+        self._half_open[f.id] = f
         f.mss = self._mss_for(family)
         f.iss = self.isn() & seq.MASK
         f.snd_una = f.iss
-        f.snd_nxt = seq.add(f.iss, 1)
+        f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
         self._send(f, f.iss, SYN, options=self._syn_options(f))
         self._arm(f, now + INIT_RTO)
         return f.id
