@@ -6,7 +6,7 @@ from slirpy.stack import events as E
 from slirpy.stack import seq
 from slirpy.stack.stats import Stats
 from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
-from slirpy.stack.tcp_options import build_tcp_options
+from slirpy.stack.tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 G = bytes([10, 0, 2, 100])
 R = bytes([127, 0, 0, 9])
@@ -125,17 +125,49 @@ def test_guest_rst_and_unknown_flow_rst():
     assert r[7] == RST and r[5] == 77
 
 
-def test_reject_and_flow_cap():
+def test_reject_and_flow_cap_rst_when_nothing_half_open():
     h = H(max_flows=2)
-    h.seg(1, 0, SYN, sport=1)
+    est(h)
+    h.ev.clear()
     h.seg(1, 0, SYN, sport=2)
-    h.seg(1, 0, SYN, sport=3)
-    assert len(h.e.flows()) == 2
+    (req,) = h.ev
+    h.e.reject_tcp(req.flow, "refused", 0.0)
     (r,) = h.pop()
     assert r[7] == RST | ACK and r[6] == 2
-    h.e.reject_tcp(h.ev[0].flow, "refused", 0.0)
-    assert h.pop()[0][7] == RST | ACK
-    assert len(h.e.flows()) == 1
+    h.ev.clear()
+    h.seg(1, 0, SYN, sport=3)
+    h.e.accept_tcp(h.ev[0].flow, 0.0)
+    sa = h.pop()[0]
+    h.seg(2, seq.add(sa[5], 1), ACK, sport=3)
+    assert len(h.e.flows()) == 2 and not h.e._half_open
+    h.seg(1, 0, SYN, sport=4)  # table full of established flows: RST, counted
+    (r,) = h.pop()
+    assert r[7] == RST | ACK and r[6] == 2 and r[4] == 4
+    assert h.stats.dropped["tcp_flow_cap"] == 1 and h.stats.dropped["tcp_connect_refused"] == 1
+    assert len(h.e.flows()) == 2
+
+
+def test_syn_flood_evicts_oldest_half_open():
+    h = H(max_half_open=4)
+    fl, s = est(h)
+    h.ev.clear()
+    h.pop()
+    for p in range(1, 11):
+        h.seg(p * 1000, 0, SYN, sport=p)
+    reqs = [e for e in h.ev if isinstance(e, E.TcpConnectRequest)]
+    assert [r.sport for r in reqs] == list(range(1, 11))
+    alive = {f["sport"] for f in h.e.flows()}
+    assert alive == {40000, 7, 8, 9, 10}  # the established flow and the 4 newest SYNs
+    closed = [e.flow for e in h.ev if isinstance(e, E.TcpClosed)]
+    assert closed == [r.flow for r in reqs[:6]]
+    rsts = [o for o in h.pop() if o[7] & RST]
+    assert [(o[4], o[6]) for o in rsts] == [(p, p * 1000 + 1) for p in range(1, 7)]
+    assert h.stats.dropped["tcp_half_open_evicted"] == 6
+    # the evicted flow's late connect result is ignored; the established flow still works
+    h.e.accept_tcp(reqs[0].flow, 0.0)
+    assert h.pop() == []
+    h.seg(1001, s, ACK | PSH, b"ok")
+    assert h.e.recv_tcp(fl, 10, 0.0) == b"ok"
 
 
 def test_connect_tcp_both_outcomes():
@@ -167,3 +199,363 @@ def test_garbage_never_raises():
     fl, s = est(h)
     for fl_ in range(256):
         h.seg(fl_ * 7919, fl_ * 104729, fl_, b"\xff" * (fl_ % 7), options=b"\x02\x01")
+
+
+def test_window_scaling_both_ways():
+    h = H()
+    h.seg(100, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=True))
+    h.e.accept_tcp(h.ev[0].flow, 0.0)
+    (sa,) = h.pop()
+    opts = parse_tcp_options_untrusted(sa[9])
+    assert opts.wscale == 3 and opts.sack_perm and opts.mss == 1460
+    assert sa[8] == 0xFFFF  # a SYN-ACK's window is never scaled
+    fl = h.ev[0].flow
+    s = seq.add(sa[5], 1)
+    h.seg(101, s, ACK, window=1000)  # 1000 << 7 = 128000 bytes
+    h.e.send_tcp(fl, b"w" * 200000, 0.0)
+    assert sum(len(o[10]) for o in h.pop()) == 128000
+    # our window toward the guest is the room in the buffer >> 3
+    h.seg(101, s, ACK | PSH, b"a" * 1000, window=0)
+    h.e.flush_pending(0.0)
+    (ack,) = h.pop()
+    assert ack[8] == (256 * 1024 - 1000) >> 3
+    # without the option in the SYN, neither side scales
+    h2 = H()
+    h2.seg(100, 0, SYN, options=build_tcp_options(mss=1460))
+    h2.e.accept_tcp(h2.ev[0].flow, 0.0)
+    (sa,) = h2.pop()
+    assert parse_tcp_options_untrusted(sa[9]).wscale is None
+    fl = h2.ev[0].flow
+    h2.seg(101, seq.add(sa[5], 1), ACK, window=3000)
+    h2.e.send_tcp(fl, b"w" * 10000, 0.0)
+    assert sum(len(o[10]) for o in h2.pop()) == 3000
+    h2.seg(101, seq.add(sa[5], 1), ACK | PSH, b"b" * 10, window=3000)
+    h2.e.flush_pending(0.0)
+    assert h2.pop()[-1][8] == 0xFFFF  # unscaled, capped at 65535
+
+
+def test_duplicate_segments_delivered_once():
+    h = H()
+    fl, s = est(h)
+    for _ in range(3):
+        h.seg(1001, s, ACK | PSH, b"abc")
+    h.seg(1004, s, ACK | PSH, b"def")
+    h.seg(1004, s, ACK | PSH, b"def")
+    h.seg(1001, s, ACK | PSH, b"abcdefgh")  # overlap: only "gh" is new
+    h.e.flush_pending(0.0)
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"abcdefgh"
+    assert h.ev.count(E.TcpReadable(fl)) == 1
+    acks = [o for o in h.pop() if o[7] == ACK]
+    assert acks and acks[-1][6] == 1009
+    # a duplicate of the handshake's ACK and of old data changes nothing
+    h.seg(1001, s, ACK)
+    h.seg(1001, s, ACK | PSH, b"abc")
+    assert h.e.recv_tcp(fl, 100, 0.0) == b""
+    assert h.pop()[-1][6] == 1009
+
+
+def _rst_removes(h, fl, seqno, s):
+    h.ev.clear()
+    h.seg(seqno, s, RST)
+    assert h.ev == [E.TcpReset(fl), E.TcpClosed(fl)]
+    assert h.e.flows() == []
+
+
+def test_rst_in_every_state():
+    # SYN_PENDING: the host connect is cancelled
+    h = H()
+    h.seg(1000, 0, SYN)
+    fl = h.ev[0].flow
+    h.seg(5000, 0, RST)  # not at rcv_nxt: ignored
+    assert len(h.e.flows()) == 1
+    _rst_removes(h, fl, 1001, 0)
+    h.e.accept_tcp(fl, 0.0)
+    assert h.pop() == []
+    # SYN_RCVD
+    h = H()
+    h.seg(1000, 0, SYN)
+    fl = h.ev[0].flow
+    h.e.accept_tcp(fl, 0.0)
+    h.pop()
+    _rst_removes(h, fl, 1001, 0)
+    # ESTABLISHED: in window but not exact -> challenge ACK (RFC 5961), exact -> gone
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    h.seg(1500, s, RST)
+    (ch,) = h.pop()
+    assert ch[7] == ACK and ch[6] == 1001 and len(h.e.flows()) == 1
+    _rst_removes(h, fl, 1001, s)
+    # guest half-closed (CLOSE_WAIT on our side)
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    _rst_removes(h, fl, 1002, s)
+    # we half-closed (FIN_WAIT on our side), FIN not yet acked
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    _rst_removes(h, fl, 1001, s)
+    # TIME_WAIT: removed quietly (TcpClosed was already given)
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.seg(1001, seq.add(s, 1), ACK | FIN)
+    assert E.TcpGuestEof(fl) in h.ev and E.TcpClosed(fl) in h.ev
+    assert h.e.flows()[0]["state"] == "TIME_WAIT"
+    h.ev.clear()
+    h.seg(1002, seq.add(s, 1), RST)
+    assert h.ev == [] and h.e.flows() == []
+    # SYN_SENT (port forward): RST|ACK with the right ack
+    h = H(isn=9)
+    fl = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40000, 0.0)
+    h.seg(0, 99, RST | ACK)  # wrong ack: ignored
+    assert len(h.e.flows()) == 1
+    h.seg(0, 10, RST | ACK)
+    assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)] and h.e.flows() == []
+    # our RST toward the guest (host reset) in ESTABLISHED and SYN_PENDING
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    h.e.reset_tcp(fl, 0.0)
+    (r,) = h.pop()
+    assert r[7] & RST and r[5] == s and h.e.flows() == []
+    h.seg(1000, 0, SYN, sport=5)
+    h.e.reset_tcp(h.ev[-1].flow, 0.0)
+    (r,) = h.pop()
+    assert r[7] == RST | ACK and r[6] == 1001 and h.e.flows() == []
+
+
+def test_half_close_guest_first_then_host_keeps_sending():
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH | FIN, b"req")
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"req"
+    assert E.TcpGuestEof(fl) in h.ev
+    assert h.pop()[-1][6] == 1005  # FIN acked
+    for i in range(3):
+        assert h.e.send_tcp(fl, b"resp%d" % i, 0.0) == 5
+    out = h.pop()
+    assert b"".join(bytes(o[10]) for o in out) == b"resp0resp1resp2"
+    h.seg(1005, seq.add(s, 15), ACK)
+    h.e.shutdown_tcp(fl, 0.0)
+    (fin,) = h.pop()
+    assert fin[7] & FIN and fin[5] == seq.add(s, 15)
+    assert E.TcpClosed(fl) not in h.ev
+    h.seg(1005, seq.add(s, 16), ACK)
+    assert E.TcpClosed(fl) in h.ev
+    h.e.handle_timer(100.0)
+    assert h.e.flows() == []
+
+
+def test_half_close_host_first_then_guest_keeps_sending():
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"banner", 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    out = h.pop()
+    assert out[-1][7] & FIN and seq.add(out[-1][5], len(out[-1][10])) == seq.add(s, 6)
+    h.seg(1001, seq.add(s, 7), ACK)  # data and FIN acked
+    for i in range(4):
+        h.seg(1001 + 4 * i, seq.add(s, 7), ACK | PSH, b"up%02d" % i)
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"up00up01up02up03"
+    assert E.TcpClosed(fl) not in h.ev
+    h.seg(1017, seq.add(s, 7), ACK | FIN)
+    assert E.TcpGuestEof(fl) in h.ev and E.TcpClosed(fl) in h.ev
+    assert h.pop()[-1][6] == 1018
+
+
+def test_zero_window_both_ways():
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=0)
+    assert h.e.send_tcp(fl, b"q" * 100, 0.0) == 100
+    assert h.pop() == []
+    gaps, t0 = [], 0.0
+    for _ in range(4):  # probes back off
+        t = h.e.get_timer()
+        gaps.append(t - t0)
+        t0 = t
+        h.e.handle_timer(t)
+        (p,) = h.pop()
+        assert p[5] == s and bytes(p[10]) == b"q"
+        h.seg(1001, s, ACK, window=0)  # still closed
+    assert gaps[1] < gaps[2] < gaps[3]
+    # the guest takes the probe byte and opens its window: the ACK beyond snd_nxt is accepted
+    h.seg(1001, seq.add(s, 1), ACK, window=100)
+    out = h.pop()
+    assert out[0][5] == seq.add(s, 1) and bytes(out[0][10]) == b"q" * 99
+    assert h.stats.dropped["tcp_ack_future"] == 0
+    # our side: the host does not read, the buffer fills, the window closes, reading reopens it
+    h2 = H()
+    fl, s = est(h2)
+    chunk = b"z" * 1460
+    n = 0
+    while n < 256 * 1024:
+        h2.seg(seq.add(1001, n), s, ACK | PSH, chunk[:256 * 1024 - n])
+        n += min(len(chunk), 256 * 1024 - n)
+    h2.e.flush_pending(0.0)
+    assert h2.pop()[-1][8] == 0
+    h2.seg(seq.add(1001, 256 * 1024), s, ACK | PSH, b"over")  # beyond the window: dropped
+    assert h2.stats.dropped["tcp_beyond_window"] >= 1
+    got = h2.e.recv_tcp(fl, 65536, 0.0)
+    assert len(got) == 65536
+    upd = h2.pop()
+    assert upd and upd[-1][7] == ACK and upd[-1][8] == 65536 >> 3
+
+
+def test_isn_near_wrap_bulk_with_loss():
+    h = H(isn=2**32 - 1000)
+    fl, s = est(h, gisn=2**32 - 10)
+    g = seq.add(2**32 - 10, 1)
+    h.seg(g, s, ACK, window=2000)  # 2000 << 7 = 256000
+    data = bytes(range(256)) * 400
+    h.e.send_tcp(fl, data, 0.0)
+    segs = h.pop()
+    assert segs[0][5] == s and any(o[5] < 100000 for o in segs)  # wrapped
+    got = {o[5]: bytes(o[10]) for o in segs}
+    lost = segs[3][5]  # lost; the guest SACKs the rest
+    sack = build_tcp_options(sack_blocks=[(seq.add(lost, 1460), seq.add(s, len(data)))])
+    h.seg(g, lost, ACK, window=2000)
+    for _ in range(3):
+        h.seg(g, lost, ACK, window=2000, options=sack)
+    (rx,) = h.pop()
+    assert rx[5] == lost and bytes(rx[10]) == got[lost]
+    h.seg(g, seq.add(s, len(data)), ACK, window=2000)
+    assert h.e.get_timer() is None
+
+
+def test_sack_blocks_drive_retransmission():
+    h = H()
+    fl, s = est(h)
+    g = 1001
+    h.e.send_tcp(fl, bytes(1460 * 10), 0.0)
+    segs = h.pop()
+    assert len(segs) == 10
+    at = [seq.add(s, 1460 * i) for i in range(11)]
+    # segments 0 and 4 lost; 1-3 and 5-9 SACKed
+    sack = build_tcp_options(sack_blocks=[(at[5], at[10]), (at[1], at[4])])
+    for _ in range(3):
+        h.seg(g, at[0], ACK, window=1000, options=sack)
+    out = h.pop()
+    assert [o[5] for o in out] == [at[0], at[4]]  # only the holes, once each
+    for _ in range(3):
+        h.seg(g, at[0], ACK, window=1000, options=sack)
+    assert h.pop() == []  # not again while the same SACK stands
+    # partial ACK up to the second hole: it was already resent, nothing more is needed
+    h.seg(g, at[4], ACK, window=1000, options=build_tcp_options(sack_blocks=[(at[5], at[10])]))
+    assert [o for o in h.pop() if o[10]] == []
+    h.seg(g, at[10], ACK, window=1000)
+    assert h.e.get_timer() is None
+
+
+def test_ack_beyond_snd_nxt_after_go_back_n_is_accepted():
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"d" * 14600, 0.0)
+    h.pop()
+    h.e.handle_timer(h.e.get_timer())  # RTO: go back to snd_una, resend the window
+    out = h.pop()
+    assert out[0][5] == s
+    h.seg(1001, seq.add(s, 14600), ACK, window=1000)  # the guest had it all
+    assert h.stats.dropped["tcp_ack_future"] == 0
+    assert h.e.get_timer() is None
+    assert h.pop() == []
+
+
+def test_fin_retransmitted_until_acked():
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"last", 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    out = h.pop()
+    assert b"".join(bytes(o[10]) for o in out) == b"last" and out[-1][7] & FIN
+    h.e.handle_timer(h.e.get_timer())  # data+FIN lost
+    (sg,) = h.pop()
+    assert sg[7] & FIN and bytes(sg[10]) == b"last" and sg[5] == s
+    h.seg(1001, seq.add(s, 4), ACK)  # data acked, FIN lost again
+    h.e.handle_timer(h.e.get_timer())
+    (sg,) = h.pop()
+    assert sg[7] & FIN and sg[5] == seq.add(s, 4) and not sg[10]
+    h.seg(1001, seq.add(s, 5), ACK | FIN)
+    assert E.TcpClosed(fl) in h.ev
+
+
+def test_delayed_and_coalesced_acks_and_sack_to_guest():
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    h.seg(1001, s, ACK | PSH, b"a" * 100)
+    assert h.pop() == []  # delayed
+    h.e.flush_pending(0.0)
+    (a,) = h.pop()
+    assert a[6] == 1101
+    h.e.flush_pending(0.0)
+    assert h.pop() == []  # one ACK only
+    for i in range(10):  # a batch of 10 segments: one ACK per two
+        h.seg(1101 + 100 * i, s, ACK | PSH, b"b" * 100)
+    h.e.flush_pending(0.0)
+    acks = h.pop()
+    assert len(acks) == 5 and acks[-1][6] == 2101
+    # out of order: an immediate ACK carrying the SACK block
+    h.seg(2201, s, ACK | PSH, b"c" * 100)
+    (d,) = h.pop()
+    assert d[6] == 2101 and parse_tcp_options_untrusted(d[9]).sack_blocks == ((2201, 2301),)
+    h.seg(2401, s, ACK | PSH, b"c" * 100)
+    (d,) = h.pop()
+    assert parse_tcp_options_untrusted(d[9]).sack_blocks == ((2401, 2501), (2201, 2301))
+    h.seg(2101, s, ACK | PSH, b"c" * 100)
+    h.e.flush_pending(0.0)
+    out = h.pop()
+    assert out[-1][6] == 2301
+    assert parse_tcp_options_untrusted(out[-1][9]).sack_blocks == ((2401, 2501),)
+
+
+def test_churn_leaves_the_table_empty():
+    h = H()
+    now = 0.0
+    for i in range(2000):
+        sport = 20000 + i % 500  # ports come back while earlier flows sit in TIME_WAIT
+        g = (1000 + i * 100000) & seq.MASK
+        h.seg(g, 0, SYN, sport=sport, now=now,
+              options=build_tcp_options(mss=1460, wscale=7, sack_perm=True))
+        req = h.ev[-1]
+        assert isinstance(req, E.TcpConnectRequest) and req.sport == sport
+        h.e.accept_tcp(req.flow, now)
+        sa = h.pop()[-1]
+        s = seq.add(sa[5], 1)
+        h.seg(seq.add(g, 1), s, ACK | PSH, b"x", sport=sport, now=now)
+        assert h.e.recv_tcp(req.flow, 10, now) == b"x"
+        if i % 2:  # the guest closes first
+            h.seg(seq.add(g, 2), s, ACK | FIN, sport=sport, now=now)
+            h.e.recv_tcp(req.flow, 10, now)
+            h.e.shutdown_tcp(req.flow, now)
+            h.seg(seq.add(g, 3), seq.add(s, 1), ACK, sport=sport, now=now)
+        else:  # the host closes first
+            h.e.shutdown_tcp(req.flow, now)
+            h.seg(seq.add(g, 2), seq.add(s, 1), ACK | FIN, sport=sport, now=now)
+        assert E.TcpClosed(req.flow) in h.ev
+        h.ev.clear()
+        h.pop()
+        now += 0.01
+        t = h.e.get_timer()
+        if t is not None and t <= now:
+            h.e.handle_timer(now)
+    assert 0 < len(h.e.flows()) < 500
+    h.e.handle_timer(now + 10)
+    assert h.e.flows() == [] and h.e.get_timer() is None
+    assert not h.e._half_open and not h.e._ack_set and not h.e._by_key
+    assert sum(h.stats.dropped.values()) == 0, h.stats.dropped
+
+
+def test_syn_in_time_wait_starts_a_new_flow():
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.seg(1001, seq.add(s, 1), ACK | FIN)
+    assert h.e.flows()[0]["state"] == "TIME_WAIT"
+    h.ev.clear()
+    h.seg(90000, 0, SYN)
+    (req,) = h.ev
+    assert isinstance(req, E.TcpConnectRequest) and req.flow != fl
+    assert [f["state"] for f in h.e.flows()] == ["SYN_PENDING"]

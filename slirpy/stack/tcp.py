@@ -129,8 +129,12 @@ class TcpEngine:
     def _send(self, f, seqno, flags, payload=b"", options=b""):
         if f.ooo and f.sack_ok and not options and flags & ACK and not flags & SYN:
             options = build_tcp_options(sack_blocks=self._sack_blocks(f))
-        w = self._adv(f)
-        f.last_adv = w << f.rcv_ws
+        if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
+            w = min(self.rcvbuf - (len(f.rbuf) if f.rbuf else 0), 0xFFFF)
+            f.last_adv = w
+        else:
+            w = self._adv(f)
+            f.last_adv = w << f.rcv_ws
         if flags & ACK:
             f.ack_pending = False
             f.unacked = 0
@@ -245,7 +249,9 @@ class TcpEngine:
             return
         st = f.state
         if st == "SYN_PENDING":
-            return  # retransmitted SYN (or anything) while the host connect is pending
+            if flags & RST and seqno == f.rcv_nxt:  # the guest gave up: cancel the host connect
+                self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+            return  # retransmitted SYN (or anything else) while the host connect is pending
         if st == "SYN_SENT":
             if flags & ACK and ackno != seq.add(f.iss, 1):
                 if not flags & RST:
@@ -279,7 +285,7 @@ class TcpEngine:
         in_window = seq.between(f.rcv_nxt, seqno, seq.add(f.rcv_nxt, max(wnd, 1))) or seqno == f.rcv_nxt
         if flags & RST:
             if seqno == f.rcv_nxt:
-                self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+                self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
             elif in_window:
                 self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK
             return
@@ -369,7 +375,7 @@ class TcpEngine:
                 f.want_writable = False
                 self._push(TcpWritable(f.id))
         elif ackno == f.snd_una:
-            if plen == 0 and not flags & FIN and f.snd_una != f.snd_max and (
+            if plen == 0 and not flags & FIN and f.snd_una != f.snd_max and new_wnd and (
                     new_wnd == f.snd_wnd or blocks):
                 f.dupacks += 1
                 if f.dupacks == 3 and f.recover is None:
