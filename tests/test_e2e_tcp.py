@@ -145,6 +145,7 @@ class HostServer:
             elif cmd == "HOLD":
                 while c.recv(1 << 16):
                     pass
+                self.got.append("HOLD EOF")
         except OSError as e:
             self.errors.append(repr(e))
         finally:
@@ -248,6 +249,41 @@ except ConnectionResetError:
 print("GOT", len(buf), buf == blob(1000000, "r")[:len(buf)])
 """)
     assert "RESET" in out and "GOT 1000000 True" in out, out
+
+
+def test_guest_reset_resets_host_socket(server):
+    out, _ = run_guest(GUEST_LIB + f"""
+s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+s.sendall(b"HOLD\\nsome bytes")
+time.sleep(0.3)
+import struct
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()  # RST
+time.sleep(0.5)
+print("DONE")
+""")
+    assert "DONE" in out
+    for _ in range(50):
+        if server.errors or server.got:
+            break
+        time.sleep(0.1)
+    assert server.got == [] and server.errors and "ConnectionResetError" in server.errors[0]
+
+
+def test_unreachable_destination_is_refused_fast():
+    """slirpy's parent in a netns with no route: connect() fails at once -> RST to the guest."""
+    _need()
+    guest = GUEST_LIB + """
+t0 = time.monotonic()
+try:
+    socket.create_connection(("198.51.100.1", 80), timeout=10); print("OPEN")
+except ConnectionRefusedError:
+    print("REFUSED %.3f" % (time.monotonic() - t0))
+"""
+    r = subprocess.run(["unshare", "-n", sys.executable, "-m", "slirpy", "-c", "--", sys.executable,
+                        "-c", guest], capture_output=True, text=True, timeout=60, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("REFUSED") and float(r.stdout.split()[1]) < 0.5, r.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,19 +426,20 @@ print("AFTER", both_ways(A, b"BOTH 100000 a\\n", b"y" * 1000))
         assert q["dropped"].get("tcp_connect_no_fd", 0) == refused, q
 
 
-def test_impaired_link_20mb_each_way(server):
+@pytest.mark.parametrize("mtu", [1500, 65520])
+def test_impaired_link_20mb_each_way(server, mtu):
     """Drop, duplicate and reorder 2% of frames each, both directions, between tap and stack."""
     n = 20 * 1024 * 1024
     out, err = run_guest(GUEST_LIB + f"""
 t0 = time.monotonic()
 n, h = both_ways(("10.0.2.2", {server.port}), b"BOTH {n} imp\\n", blob({n}, "iup"))
 print("DOWN", n, h, "%.2fs" % (time.monotonic() - t0))
-""", shim=True, env={"SHIM_IMPAIR": "7,0.02,0.02,0.02"}, timeout=240)
+""", f"--mtu={mtu}", shim=True, env={"SHIM_IMPAIR": "7,0.02,0.02,0.02"}, timeout=240)
     print(out, err[-500:])
     assert f"DOWN {n} {sha(blob(n, 'imp'))}" in out
     assert server.got == [(n, sha(blob(n, "iup")))]
     counts = dict(kv.split("=") for kv in err.split("SHIM ")[-1].split())
-    assert all(int(v) > 100 for v in counts.values()), counts
+    assert all(int(v) > (100 if mtu == 1500 else 10) for v in counts.values()), counts
 
 
 def test_world_namespace_download_50mb():

@@ -559,3 +559,18 @@ def test_syn_in_time_wait_starts_a_new_flow():
     (req,) = h.ev
     assert isinstance(req, E.TcpConnectRequest) and req.flow != fl
     assert [f["state"] for f in h.e.flows()] == ["SYN_PENDING"]
+
+
+def test_out_of_order_queue_bounded_in_bytes_and_entries():
+    h = H()
+    fl, s = est(h)
+    # a hostile guest sends overlapping out-of-order copies: each one fits in the window, their
+    # sum would not
+    for i in range(1, 400):
+        h.seg(1001 + 100 + i, s, ACK, b"o" * 60000)
+    f = h.e._flows[fl]
+    assert sum(len(b) for b, _ in f.ooo.values()) <= 256 * 1024 and len(f.ooo) <= 256
+    assert h.stats.dropped["tcp_ooo_cap"] > 0
+    h.seg(1001, s, ACK, b"i" * 101)
+    got = h.e.recv_tcp(fl, 10**6, 0.0)
+    assert got[:101] == b"i" * 101 and set(got[101:]) == {ord("o")}

@@ -452,7 +452,8 @@ class TcpEngine:
             ahead = seq.sub(seqno, f.rcv_nxt)
             if ahead + len(data) > room:
                 self.stats.drop("tcp_beyond_window")
-            elif f.ooo is None or len(f.ooo) < MAX_OOO:
+            elif f.ooo is None or (len(f.ooo) < MAX_OOO and  # overlapping copies count too
+                                   sum(len(v[0]) for v in f.ooo.values()) + len(data) <= self.rcvbuf):
                 if f.ooo is None:
                     f.ooo = {}
                 old = f.ooo.get(seqno)
