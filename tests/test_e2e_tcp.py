@@ -485,3 +485,37 @@ print("WORLD", *recv_all(s), "%.2fs" % (time.monotonic() - t0))
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     assert f"WORLD {N} {sha(blob(N, b'world'))}" in r.stdout
     assert "PEER 192.0.2.1" in r.stdout
+
+
+def test_impaired_churn_closes_every_flow(server):
+    """100 short connections (20 at a time, half closed by each side) over a link that drops,
+    duplicates and reorders 3% of frames: every byte checked, then no flow and no fd is left."""
+    with ShimDaemon(env={"SHIM_IMPAIR": "11,0.03,0.03,0.03"}) as d:
+        base = d.wait_for(lambda q: q["flows"] == 0)
+        out = d.guest(GUEST_LIB + f"""
+res = {{}}
+def one(i):
+    try:
+        s = socket.create_connection(("10.0.2.2", {server.port}), timeout=30)
+        if i % 2:
+            s.sendall(b"SRC 3000 s%d\\n" % i)
+            n, h = recv_all(s)
+            res[i] = h == hashlib.sha256(blob(3000, "s%d" % i)).hexdigest()
+        else:
+            s.sendall(b"ECHO\\nhello")
+            s.shutdown(socket.SHUT_WR)
+            res[i] = recv_all(s)[0] == 5
+        s.close()
+    except Exception as e:
+        res[i] = repr(e)
+ts = []
+for i in range(100):
+    t = threading.Thread(target=one, args=(i,)); t.start(); ts.append(t)
+    if len(ts) >= 20:
+        ts.pop(0).join()
+for t in ts: t.join()
+print("OK", sum(1 for v in res.values() if v is True), [v for v in res.values() if v is not True])
+""", timeout=200)
+        assert "OK 100 []" in out, out
+        end = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=60)
+        assert (end["flows"], end["fds"]) == (0, base["fds"]), (base, end)
