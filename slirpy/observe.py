@@ -52,7 +52,7 @@ def collect_stats(daemon) -> dict:
             sbuf += len(f.sbuf) if f.sbuf is not None else 0
             rbuf += len(f.rbuf) if f.rbuf is not None else 0
             if f.ooo:
-                ooo += sum(len(v) for v in f.ooo.values())
+                ooo += sum(len(v[0]) for v in f.ooo.values())  # values are (bytes, fin)
     flows["tcp"] = {"open": sum(states.values()), "states": dict(sorted(states.items())),
                     "max": getattr(tcp, "max_flows", None)}
     for proto in ("udp", "icmp"):
