@@ -83,6 +83,8 @@ def _add(daemon, args) -> bytes:
     if proto not in ("tcp", "udp") or not isinstance(proto, str):
         return _err(p + "bad arguments.proto")
     host_addr = args.get("host_addr", "0.0.0.0")
+    if host_addr == "":  # Podman sends "" for an unset address; api.c takes it as the default
+        host_addr = "0.0.0.0"
     if not isinstance(host_addr, str) or host_addr not in ALLOWED_HOST_ADDRS:
         return _err(p + "bad arguments.host_addr")
     if not _is_port(args.get("host_port")):
@@ -90,7 +92,8 @@ def _add(daemon, args) -> bytes:
     cfg = daemon.config
     guest_addr = args.get("guest_addr", None)
     follow = False
-    if guest_addr is None and "guest_addr" not in args:
+    if (guest_addr is None and "guest_addr" not in args) or guest_addr == "":
+        # "" is what Podman sends (api.c: the default guest)
         guest_addr = str(cfg.guest)
         pf = getattr(daemon, "portfwd", None)
         if pf is not None and hasattr(pf, "default_guest_addr"):

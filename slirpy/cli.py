@@ -52,8 +52,6 @@ User-mode networking for unprivileged network namespaces.
 # Flags parsed and stored but not working yet: the daemon refuses them up front.
 # Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
 NOT_IMPLEMENTED = {
-    "enable_sandbox": "--enable-sandbox",
-    "enable_seccomp": "--enable-seccomp",
 }
 
 _MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")

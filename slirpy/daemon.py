@@ -224,6 +224,11 @@ class Daemon:
                     self.components.append(comp)
                     if hasattr(comp, "serve"):
                         await nursery.start(comp.serve)
+                if self.config.enable_sandbox or self.config.enable_seccomp:
+                    # everything is open now (tap, API socket, listeners, pcap): lock down
+                    # before the first guest frame is read
+                    from .sandbox import lockdown
+                    lockdown(self)
                 nursery.start_soon(self._guard, self._reader, cancel)
                 nursery.start_soon(self._guard, self._writer, cancel)
                 nursery.start_soon(self._timer)

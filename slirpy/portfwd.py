@@ -45,12 +45,18 @@ class ForwardError(Exception):
     """add()/remove() refused; str(e) says why."""
 
 
+_last_port_start: list[int] = []
+
+
 def unprivileged_port_start() -> int:
+    """The sysctl's value; inside --enable-sandbox (no /proc) the last value read before it."""
     try:
         with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            return int(f.read().strip())
+            v = int(f.read().strip())
     except (OSError, ValueError):
-        return 1024
+        return _last_port_start[0] if _last_port_start else 1024
+    _last_port_start[:] = [v]
+    return v
 
 
 def guest_visible_source(config, family: int, addr: str) -> str:

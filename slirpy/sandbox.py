@@ -1,0 +1,358 @@
+"""--enable-sandbox: lock the daemon into an empty root once its sockets and tap are in hand.
+
+`lockdown(daemon)` is called by the daemon after every component has started (the tap fd, the API
+socket, the -p listeners and the pcap file are all open) and before the first guest frame is read:
+
+1. preimport(): import every module the daemon may still need (slirpy's own, the codecs json and
+   socket use, traceback...), because nothing can be imported from disk afterwards. A meta-path
+   hook installed afterwards logs any import that was missed ("late import"), so tests catch it.
+2. seccomp filter built (libseccomp must be loaded from disk before the pivot) when asked.
+3. enter(): unshare(CLONE_NEWNS) -- first creating a user namespace (uid/gid mapped to themselves)
+   when the daemon lacks CAP_SYS_ADMIN, as an ordinary user under RootlessKit does --, make every
+   mount private, mount a small tmpfs, bind into it only
+     - /etc/resolv.conf read-only (the DNS forwarder re-reads it; when it is a symlink to another
+       directory, e.g. systemd-resolved's, that directory is bound read-only and the symlink kept,
+       so a replace-by-rename is still seen),
+     - the API socket's directory read-write (the socket is unlinked there at exit),
+   pivot_root into it, detach the old root, remount the tmpfs read-only, then drop every capability
+   (bounding, ambient, inheritable too) except CAP_NET_BIND_SERVICE when the daemon had it before
+   (root, or root in Podman's user namespace), and set no_new_privs.
+4. the seccomp filter is loaded (slirpy/seccomp.py).
+
+All through ctypes on libc: no shelling out, nothing installed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import importlib
+import logging
+import os
+import pkgutil
+import platform
+import sys
+
+from .portfwd import StartupError
+
+log = logging.getLogger(__name__)
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+CAP_SYS_ADMIN = 21
+CAP_NET_BIND_SERVICE = 10
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217,
+                  "i686": 217, "armv7l": 218}
+
+TMPFS_OPTS = b"size=64k,nr_inodes=256,mode=0755"
+RESOLV_CONF = "/etc/resolv.conf"
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong)
+
+
+class SandboxError(StartupError):
+    """One line: what could not be done and why (the CLI prints it and exits 1)."""
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        e = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(e)}")
+
+
+def _b(path: str) -> bytes:
+    return os.fsencode(path)
+
+
+def _mount(src, dst, fstype, flags: int, data, what: str) -> None:
+    _check(_libc.mount(src, dst, fstype, flags, data), what)
+
+
+# ------------------------------------------------------------------------------- capabilities
+def get_caps() -> tuple[int, int, int]:
+    """(effective, permitted, inheritable) as 64-bit masks."""
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
+    eff, prm, inh = (getattr(data[0], f) | (getattr(data[1], f) << 32)
+                     for f in ("effective", "permitted", "inheritable"))
+    return eff, prm, inh
+
+
+def set_caps(effective: int, permitted: int, inheritable: int) -> None:
+    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in (0, 1):
+        sh = 32 * i
+        data[i].effective = (effective >> sh) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> sh) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> sh) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
+
+
+def drop_caps(keep: int) -> None:
+    """Keep only the capabilities in mask `keep` (effective and permitted); empty the bounding,
+    ambient and inheritable sets; set no_new_privs."""
+    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        if e != errno.EINVAL:  # EINVAL: kernel without ambient capabilities
+            raise SandboxError(f"prctl(PR_CAP_AMBIENT_CLEAR_ALL): {os.strerror(e)}")
+    for cap in range(64):
+        if cap == CAP_NET_BIND_SERVICE:
+            continue
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            e = ctypes.get_errno()
+            if e == errno.EINVAL:  # past the last capability this kernel knows
+                break
+            raise SandboxError(f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(e)}")
+    set_caps(keep, keep, 0)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+# ---------------------------------------------------------------------------------- imports
+# Imported lazily by the standard library on paths the daemon can take after the sandbox.
+PREIMPORT = (
+    "encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_8",
+    "encodings.utf_8_sig", "encodings.utf_16", "encodings.utf_16_le", "encodings.utf_16_be",
+    "encodings.utf_32", "encodings.utf_32_le", "encodings.utf_32_be", "encodings.punycode",
+    "stringprep", "unicodedata", "json", "json.decoder", "json.encoder", "traceback",
+    "linecache", "tokenize", "ipaddress", "dataclasses", "heapq", "collections", "struct",
+    "select", "errno", "signal", "socket", "trio", "trio.socket", "trio.lowlevel",
+    "trio.to_thread",
+)
+SKIP_MODULES = {"slirpy.__main__"}
+
+
+def preimport() -> list[str]:
+    """Import slirpy's every module and PREIMPORT; return the names that failed to import."""
+    import slirpy
+    failed = []
+    names = list(PREIMPORT)
+    names += [m.name for m in pkgutil.walk_packages(slirpy.__path__, "slirpy.")
+              if m.name not in SKIP_MODULES]
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            failed.append(name)
+    for enc in ("idna", "ascii", "latin-1", "utf-8", "utf-8-sig", "utf-16", "utf-16-le",
+                "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"):
+        "x".encode(enc).decode(enc)
+    return failed
+
+
+class LateImportLogger:
+    """A meta-path finder that only reports: an import reaching the path finders after the
+    sandbox means preimport() missed a module (it then fails: there are no files)."""
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in self.seen and len(self.seen) < 100:
+            self.seen.append(fullname)
+            log.error("late import of %s inside the sandbox (not preimported)", fullname)
+        return None
+
+    def find_module(self, fullname, path=None):  # pragma: no cover - old protocol
+        return None
+
+
+# ---------------------------------------------------------------------------------- sandbox
+def _single_threaded() -> bool:
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return True
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _new_mount_ns() -> bool:
+    """unshare(CLONE_NEWNS), creating a user namespace first when we lack CAP_SYS_ADMIN.
+    Returns True when a user namespace was created."""
+    eff = get_caps()[0]
+    if eff & (1 << CAP_SYS_ADMIN):
+        _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        return False
+    if not _single_threaded():
+        raise SandboxError("cannot create a user namespace: the daemon is already multithreaded")
+    uid, gid = os.geteuid(), os.getegid()
+    if _libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        e = ctypes.get_errno()
+        raise SandboxError(f"unshare(CLONE_NEWUSER|CLONE_NEWNS): {os.strerror(e)} (no "
+                           "CAP_SYS_ADMIN, and unprivileged user namespaces are not allowed?)")
+    try:
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"{uid} {uid} 1\n")
+        _write("/proc/self/gid_map", f"{gid} {gid} 1\n")
+    except OSError as e:
+        raise SandboxError(f"mapping uid/gid in the new user namespace: {e.strerror}") from None
+    return True
+
+
+def _mkdirs(root: str, path: str) -> str:
+    """mkdir -p root+path (path absolute); returns the full path."""
+    full = root
+    for part in [p for p in path.split("/") if p]:
+        full = os.path.join(full, part)
+        if not os.path.isdir(full):
+            os.mkdir(full, 0o755)
+    return full
+
+
+def plan(config, resolv_conf: str = RESOLV_CONF) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
+    """What the sandbox will hold: ([(absolute path to bind, read_only)], [(symlink, target)])."""
+    binds: list[tuple[str, bool]] = []
+    links: list[tuple[str, str]] = []
+    needs_resolv = not config.disable_dns and not config.dns_upstreams
+    if needs_resolv and os.path.lexists(resolv_conf):
+        real = os.path.realpath(resolv_conf)
+        if real == os.path.abspath(resolv_conf):
+            if os.path.isfile(real):
+                binds.append((real, True))
+        elif os.path.exists(real):
+            d = os.path.dirname(real)
+            binds.append((d, True))
+            links.append((os.path.abspath(resolv_conf), real))
+    if config.api_socket:
+        d = os.path.dirname(os.path.abspath(config.api_socket))
+        binds.append((d, False))
+    # a directory bind covers anything bound below it: drop those
+    dirs = [p for p, _ro in binds if os.path.isdir(p)]
+    out = []
+    for p, ro in binds:
+        if any(p != d and (p + "/").startswith(d.rstrip("/") + "/") for d in dirs):
+            continue
+        if (p, ro) not in out:
+            out.append((p, ro))
+    return out, links
+
+
+def enter(config, resolv_conf: str = RESOLV_CONF) -> dict:
+    """Enter the sandbox (see the module doc). Returns a summary for the log/tests."""
+    machine = platform.machine()
+    if machine not in SYS_PIVOT_ROOT:
+        raise SandboxError(f"pivot_root syscall number unknown for {machine}")
+    had_bind_service = bool(get_caps()[0] & (1 << CAP_NET_BIND_SERVICE))
+    binds, links = plan(config, resolv_conf)
+    cwd = os.getcwd()
+    userns = _new_mount_ns()
+    _mount(None, b"/", None, MS_REC | MS_PRIVATE, None, "making / private")
+    # O_PATH fds (in the new mount namespace: a bind source must be one of its mounts) before
+    # the tmpfs goes on, since it may cover where a source lives (/tmp)
+    fds = []
+    try:
+        for path, _ro in binds:
+            try:
+                fds.append(os.open(path, os.O_PATH | os.O_CLOEXEC))
+            except OSError as e:
+                raise SandboxError(f"cannot open {path}: {e.strerror}") from None
+        stage = "/tmp" if os.path.isdir("/tmp") else "/mnt"
+        _mount(b"tmpfs", _b(stage), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, TMPFS_OPTS,
+               f"mounting tmpfs on {stage}")
+        for (path, ro), fd in zip(binds, fds):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                target = _mkdirs(stage, path)
+            else:
+                parent = _mkdirs(stage, os.path.dirname(path))
+                target = os.path.join(parent, os.path.basename(path))
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            _mount(_b(f"/proc/self/fd/{fd}"), _b(target), None, MS_BIND | MS_REC, None,
+                   f"bind-mounting {path}")
+            flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC | (MS_RDONLY if ro else 0)
+            _mount(None, _b(target), None, flags, None, f"remounting {path}")
+        for link, target in links:
+            parent = _mkdirs(stage, os.path.dirname(link))
+            full = os.path.join(parent, os.path.basename(link))
+            if not os.path.lexists(full):
+                os.symlink(target, full)
+        os.chdir(stage)
+        _check(_libc.syscall(SYS_PIVOT_ROOT[machine], b".", b"."), "pivot_root")
+        _check(_libc.umount2(b".", MNT_DETACH), "detaching the old root")
+        os.chdir("/")
+        _mount(None, b"/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+               None, "remounting the sandbox root read-only")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        os.chdir(cwd)  # a relative --api-socket path keeps working when cwd was bound
+    except OSError:
+        pass
+    keep = (1 << CAP_NET_BIND_SERVICE) if had_bind_service else 0
+    drop_caps(keep)
+    return {"userns": userns, "binds": binds, "links": links, "kept_caps": keep}
+
+
+def lockdown(daemon) -> None:
+    """Sandbox and/or seccomp as configured. Raises SandboxError (one line) on failure."""
+    cfg = daemon.config
+    failed = preimport()
+    if failed:
+        log.info("preimport: not available: %s", ", ".join(failed))
+    # keep values that are read from /proc at run time
+    from . import portfwd
+    portfwd.unprivileged_port_start()
+    filt = None
+    if cfg.enable_seccomp:
+        from . import seccomp
+        try:
+            filt = seccomp.build()
+        except seccomp.SeccompError as e:
+            raise SandboxError(f"--enable-seccomp: {e}") from None
+    if cfg.enable_sandbox:
+        try:
+            info = enter(cfg)
+        except SandboxError as e:
+            raise SandboxError(f"--enable-sandbox: {e}") from None
+        hook = LateImportLogger()
+        sys.meta_path.insert(0, hook)
+        daemon.late_imports = hook.seen
+        log.info("sandbox entered: %s", info)
+    if filt is not None:
+        try:
+            filt.load()
+        except seccomp.SeccompError as e:
+            raise SandboxError(f"--enable-seccomp: {e}") from None
+        log.info("seccomp filter loaded")
