@@ -257,6 +257,9 @@ def plan(config, resolv_conf: str = RESOLV_CONF) -> tuple[list[tuple[str, bool]]
             links.append((os.path.abspath(resolv_conf), real))
     if config.api_socket:
         d = os.path.dirname(os.path.abspath(config.api_socket))
+        if d == "/":
+            raise SandboxError("the API socket's directory is /: it cannot be bound into the "
+                               "sandbox (put the socket in a directory of its own)")
         binds.append((d, False))
     # a directory bind covers anything bound below it: drop those
     dirs = [p for p, _ro in binds if os.path.isdir(p)]

@@ -1,0 +1,413 @@
+"""--enable-sandbox and --enable-seccomp: the daemon's root, capabilities and syscall filter, and
+every feature still working inside (TCP out, UDP, DNS re-reading resolv.conf, -p forwards, API
+add/list/remove, clean exit). The unprivileged (user namespace) path is exercised by
+test_e2e_clients.py, where RootlessKit runs slirpy as an ordinary user."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from nsutil import REPO, require_netns
+from test_e2e_udp import UdpServer, dns_answer
+
+pytestmark = pytest.mark.netns
+
+RESOLVER1, RESOLVER2 = "127.84.0.53", "127.84.0.54"
+GUEST_BLOB = hashlib.shake_256(b"guest-blob").digest(1 << 20)
+HOST_BLOB = hashlib.shake_256(b"host-blob").digest(1 << 20)
+
+GUEST = r"""
+import hashlib, json, os, socket, struct, sys, threading, time
+D, TPORT, UPORT = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def wait(name):
+    for _ in range(600):
+        if os.path.exists(os.path.join(D, name)):
+            return
+        time.sleep(0.05)
+    raise SystemExit("guest: timeout waiting for " + name)
+
+def put(name, obj):
+    with open(os.path.join(D, name + ".tmp"), "w") as f:
+        json.dump(obj, f)
+    os.rename(os.path.join(D, name + ".tmp"), os.path.join(D, name))
+
+def dns():
+    q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x04test\x07example\x00\x00\x01\x00\x01"
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(4)
+    s.connect(("10.0.2.3", 53)); s.send(q)
+    try:
+        r = s.recv(512)
+        return "%s %s" % (r[:2].hex(), socket.inet_ntoa(r[-4:]))
+    except OSError as e:
+        return "ERR %s" % e
+
+blob = hashlib.shake_256(b"guest-blob").digest(1 << 20)
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8000)); srv.listen(8)
+def serve():
+    while True:
+        c, a = srv.accept()
+        c.sendall(blob); c.close()
+threading.Thread(target=serve, daemon=True).start()
+
+out = {}
+s = socket.create_connection(("10.0.2.2", TPORT), timeout=10)
+h, n = hashlib.sha256(), 0
+while True:
+    b = s.recv(65536)
+    if not b:
+        break
+    h.update(b); n += len(b)
+out["tcp"] = [n, h.hexdigest()]
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(4)
+u.connect(("10.0.2.2", UPORT)); u.send(b"ping-sandbox")
+out["udp"] = u.recv(100).decode()
+out["dns1"] = dns()
+put("phase1", out)
+wait("go2")
+put("phase2", {"dns2": dns()})
+"""
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def _kill(proc):
+    """The daemon and its guest (one session): kill both, collect the output."""
+    if True:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return proc.communicate(timeout=10)
+
+
+def _wait_file(path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return json.load(open(path))
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    out, err = _kill(proc)
+    raise AssertionError(f"{os.path.basename(path)} never came; rc={proc.returncode}\n{out}\n{err}")
+
+
+def _fetch(port: int) -> tuple[int, str]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    s.close()
+    return n, h.hexdigest()
+
+
+def _api(path: str, req: dict) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    s.sendall(json.dumps(req).encode())
+    s.shutdown(socket.SHUT_WR)
+    buf = b""
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        buf += b
+    s.close()
+    return json.loads(buf)
+
+
+def _status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+class Host:
+    """Host side servers on loopback: a TCP server sending HOST_BLOB, a UDP echo, two resolvers."""
+
+    def __init__(self):
+        self.tcp = socket.socket()
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", 0))
+        self.tcp.listen(8)
+        self.tport = self.tcp.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+        self.udp = UdpServer(lambda d: b"echo:" + d)
+        self.r1 = UdpServer(lambda q: dns_answer(q, "198.51.100.1"), addr=RESOLVER1, port=53)
+        self.r2 = UdpServer(lambda q: dns_answer(q, "198.51.100.2"), addr=RESOLVER2, port=53)
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.tcp.accept()
+            except OSError:
+                return
+            c.sendall(HOST_BLOB)
+            c.close()
+
+    def close(self):
+        self.tcp.close()
+        for s in (self.udp, self.r1, self.r2):
+            s.close()
+
+
+def run_scenario(tmp_path, flags: list[str], inspect):
+    """slirpy FLAGS -p HP:8000 -a API -- guest, inside a private mount namespace whose
+    /etc/resolv.conf is a test file naming RESOLVER1. inspect(pid, ctx) runs while the guest
+    waits between its two DNS queries. Returns (phase1, phase2, ctx, stderr)."""
+    require_netns()
+    host = Host()
+    d = tmp_path / "xchg"
+    d.mkdir()
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {RESOLVER1}\n")
+    api = str(tmp_path / "api" / "api.sock")
+    os.mkdir(os.path.dirname(api))
+    hp = _free_port()
+    wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh"]
+    cmd = wrap + [sys.executable, "-m", "slirpy", *flags, "-p", f"127.0.0.1:{hp}:8000", "-a", api,
+                  "--", sys.executable, "-c", GUEST, str(d), str(host.tport), str(host.udp.port)]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd="/", start_new_session=True)
+    ctx = {"api": api, "hp": hp, "resolv": resolv, "dir": d}
+    try:
+        p1 = _wait_file(d / "phase1", proc)
+        inspect(proc.pid, ctx)
+        # resolv.conf rewritten in place (the file the sandbox bound): the next query must go to
+        # the second resolver, which proves the re-read works inside
+        with open(resolv, "r+") as f:
+            f.write(f"nameserver {RESOLVER2}\n")
+        t = os.stat(resolv).st_mtime + 5
+        os.utime(resolv, (t, t))
+        time.sleep(1.2)  # dns.py checks resolv.conf at most once a second
+        (d / "go2").touch()
+        p2 = _wait_file(d / "phase2", proc)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, f"rc={proc.returncode}\n{out}\n{err}"
+        ctx["resolver_hits"] = (len(host.r1.seen), len(host.r2.seen))
+        return p1, p2, ctx, err
+    finally:
+        if proc.returncode is None:
+            _kill(proc)
+        host.close()
+
+
+def _check_features(p1, p2, ctx, err):
+    assert p1["tcp"] == [len(HOST_BLOB), hashlib.sha256(HOST_BLOB).hexdigest()]
+    assert p1["udp"] == "echo:ping-sandbox"
+    assert p1["dns1"] == "4242 198.51.100.1"
+    assert p2["dns2"] == "4242 198.51.100.2"
+    assert ctx["resolver_hits"] == (1, 1)
+    assert ctx["fwd"] == (len(GUEST_BLOB), hashlib.sha256(GUEST_BLOB).hexdigest())
+    assert ctx["api_fwd"] == ctx["fwd"]
+    assert "late import" not in err and "Traceback" not in err, err
+    assert not os.path.exists(ctx["api"]), "API socket not removed at exit"
+
+
+def _exercise_forwards(ctx):
+    """-p forward, then an API forward added (a listener bound inside), listed and removed."""
+    ctx["fwd"] = _fetch(ctx["hp"])
+    hp2 = _free_port()
+    r = _api(ctx["api"], {"execute": "add_hostfwd", "arguments": {
+        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hp2, "guest_port": 8000}})
+    assert "return" in r, r
+    ctx["api_fwd"] = _fetch(hp2)
+    entries = _api(ctx["api"], {"execute": "list_hostfwd"})["entries"]
+    assert [(e["host_port"], e["guest_addr"], e["guest_port"]) for e in entries] == \
+        [(ctx["hp"], "10.0.2.100", 8000), (hp2, "10.0.2.100", 8000)]
+    assert _api(ctx["api"], {"execute": "remove_hostfwd",
+                             "arguments": {"id": r["return"]["id"]}}) == {"return": {}}
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", hp2), timeout=2).close()
+
+
+def test_sandbox_and_seccomp_root_caps_and_every_feature(tmp_path):
+    def inspect(pid, ctx):
+        st = _status(pid)
+        ctx["status"] = st
+        root = f"/proc/{pid}/root"
+        # the daemon's root is the sandbox: /etc/resolv.conf and the API socket's directory
+        assert sorted(os.listdir(root)) == ["etc", "tmp"], os.listdir(root)
+        assert os.listdir(f"{root}/etc") == ["resolv.conf"]
+        assert open(f"{root}/etc/resolv.conf").read() == f"nameserver {RESOLVER1}\n"
+        api_dir = os.path.dirname(ctx["api"])
+        parts = [p for p in api_dir.split("/") if p]
+        cur = root
+        for part in parts:  # one entry per level down to the API directory
+            assert os.listdir(cur) == [part] or cur == root, (cur, os.listdir(cur))
+            cur = os.path.join(cur, part)
+        assert os.listdir(cur) == ["api.sock"]
+        for gone in ("usr", "proc", "work", "root", "bin", "dev"):
+            assert not os.path.exists(f"{root}/{gone}")
+        assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+        # writes outside the API directory are refused (read-only tmpfs root)
+        _exercise_forwards(ctx)
+
+    p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-sandbox", "--enable-seccomp"], inspect)
+    st = ctx["status"]
+    # root keeps CAP_NET_BIND_SERVICE (bit 10) and nothing else, in every set that grants any
+    assert st["CapEff"] == st["CapPrm"] == "0000000000000400", st
+    assert st["CapBnd"] == "0000000000000400" and st["CapInh"] == "0000000000000000"
+    assert st["CapAmb"] == "0000000000000000" and st["NoNewPrivs"] == "1"
+    assert st["Seccomp"] == "2"
+    _check_features(p1, p2, ctx, err)
+
+
+def test_seccomp_alone_keeps_root_and_features(tmp_path):
+    def inspect(pid, ctx):
+        ctx["status"] = _status(pid)
+        ctx["root"] = os.listdir(f"/proc/{pid}/root")
+        _exercise_forwards(ctx)
+
+    p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-seccomp"], inspect)
+    assert ctx["status"]["Seccomp"] == "2"
+    assert "usr" in ctx["root"]  # no sandbox asked: the host's root
+    _check_features(p1, p2, ctx, err)
+
+
+def test_sandbox_alone_no_seccomp(tmp_path):
+    def inspect(pid, ctx):
+        ctx["status"] = _status(pid)
+        assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "tmp"]
+        _exercise_forwards(ctx)
+
+    p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-sandbox"], inspect)
+    assert ctx["status"]["Seccomp"] == "0"
+    assert ctx["status"]["CapEff"] == "0000000000000400"
+    _check_features(p1, p2, ctx, err)
+
+
+# --------------------------------------------------------------------------- the filter itself
+FILTER_PROBE = r"""
+import ctypes, errno, os, socket, sys, threading
+sys.path.insert(0, sys.argv[1])
+from slirpy import seccomp
+f = seccomp.build()
+f.load()
+libc = ctypes.CDLL(None, use_errno=True)
+def call(name, fn):
+    try:
+        fn()
+        print(name, "ALLOWED")
+    except OSError as e:
+        print(name, errno.errorcode.get(e.errno, e.errno))
+def sysc(nr, *a):
+    if libc.syscall(nr, *a) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+call("execve", lambda: os.execv("/bin/true", ["true"]))
+call("fork", os.fork)
+call("netlink", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+call("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0))
+call("inet", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close())
+call("inet6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close())
+call("unix", lambda: [s.close() for s in socket.socketpair()])
+names = {"x86_64": {"unshare": 272, "mount": 165, "ptrace": 101, "bpf": 321, "keyctl": 250,
+                    "init_module": 175, "kexec_load": 246, "reboot": 169, "io_uring_setup": 425},
+         "aarch64": {"unshare": 97, "mount": 40, "ptrace": 117, "bpf": 280, "keyctl": 219,
+                     "init_module": 105, "kexec_load": 104, "reboot": 142, "io_uring_setup": 425}}
+for n, nr in names.get(os.uname().machine, {}).items():
+    call(n, lambda: sysc(nr, 0, 0, 0, 0, 0))
+r, w = os.pipe()
+call("tiocsti", lambda: sysc(16 if os.uname().machine == "x86_64" else 29, r, 0x5412, 0))
+res = []
+t = threading.Thread(target=lambda: res.append(1)); t.start(); t.join()
+print("thread", res)
+print("status", [l for l in open("/proc/self/status") if l.startswith("Seccomp:")][0].split()[1])
+sys.stdout.flush()
+if os.uname().machine == "x86_64":
+    libc.syscall(0x40000000 | 39)  # x32 getpid: another ABI, must kill
+    print("x32 ALLOWED")
+"""
+
+
+def test_filter_refuses_what_a_network_daemon_never_needs():
+    r = subprocess.run([sys.executable, "-c", FILTER_PROBE, REPO], capture_output=True, text=True,
+                       timeout=30)
+    got = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert got["execve"] == "EPERM" and got["fork"] == "EPERM", r.stdout + r.stderr
+    assert got["netlink"] == got["packet"] == "EAFNOSUPPORT"
+    assert got["inet"] == got["inet6"] == got["unix"] == "ALLOWED"
+    assert got["thread"] == "[1]" and got["status"] == "2"
+    machine = platform.machine()
+    if machine in ("x86_64", "aarch64"):
+        for n in ("unshare", "mount", "ptrace", "bpf", "keyctl", "init_module", "kexec_load",
+                  "reboot", "io_uring_setup", "tiocsti"):
+            assert got[n] == "EPERM", (n, r.stdout)
+    if machine == "x86_64":
+        assert "x32 ALLOWED" not in r.stdout
+        assert r.returncode == -signal.SIGSYS, (r.returncode, r.stderr)
+    else:
+        assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------ the plan
+def test_plan_symlinked_resolv_conf_binds_its_directory(tmp_path):
+    from slirpy.config import Config
+    from slirpy.sandbox import plan
+    d = tmp_path / "run" / "resolve"
+    d.mkdir(parents=True)
+    (d / "stub-resolv.conf").write_text("nameserver 127.0.0.53\n")
+    link = tmp_path / "etc" / "resolv.conf"
+    link.parent.mkdir()
+    link.symlink_to(d / "stub-resolv.conf")
+    (tmp_path / "api").mkdir()
+    binds, links = plan(Config(api_socket=str(tmp_path / "api" / "s")), str(link))
+    assert binds == [(str(d), True), (str(tmp_path / "api"), False)]
+    assert links == [(str(link), str(d / "stub-resolv.conf"))]
+    # a bind below another bound directory is folded into it (else it would be hidden, or its
+    # mount point created through the outer bind on the host)
+    binds, links = plan(Config(api_socket=str(tmp_path / "api.sock")), str(link))
+    assert binds == [(str(tmp_path), False)] and links == [(str(link), str(d / "stub-resolv.conf"))]
+    # nothing to read when DNS goes to --dns-upstream or is disabled
+    binds, links = plan(Config(dns_upstreams=(("127.0.0.1", 53),),
+                               api_socket=str(d / "x.sock")), str(link))
+    assert binds == [(str(d), False)] and links == []
+    binds, _ = plan(Config(disable_dns=True), str(link))
+    assert binds == []
+
+
+def test_preimport_covers_slirpy():
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys
+        from slirpy.sandbox import preimport
+        failed = preimport()
+        print([f for f in failed if f.startswith("slirpy")])
+        print(sorted(m for m in sys.modules if m.startswith("slirpy.")))
+    """)], capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=REPO))
+    lines = r.stdout.splitlines()
+    assert lines[0] == "[]", r.stderr
+    mods = eval(lines[1])
+    for m in ("slirpy.nat", "slirpy.udp_nat", "slirpy.dns", "slirpy.api_socket", "slirpy.portfwd",
+              "slirpy.stack.stack", "slirpy.seccomp", "slirpy.icmp_nat"):
+        assert m in mods
