@@ -1,0 +1,555 @@
+"""The real clients run slirpy unchanged, as an ordinary user (the rootless case):
+
+- RootlessKit (`--net=slirp4netns --slirp4netns-binary=WRAPPER --port-driver=slirp4netns -p ...`),
+  plain and with --slirp4netns-sandbox=true --slirp4netns-seccomp=true: the guest serves on 8000
+  (reached from the host through -p) and downloads from a host server through 10.0.2.2.
+- rootless Podman (runc, cgroupfs, vfs storage, containers.conf network_cmd_path = WRAPPER, an
+  image imported from a tarball of busybox-static): with port_handler=slirp4netns and
+  allow_host_loopback=true a container serves HTTP reached from the host and fetches from the host
+  through 10.0.2.2; the default `--network slirp4netns` (Podman adds --enable-sandbox
+  --enable-seccomp --enable-ipv6 --disable-host-loopback) reaches a host server outbound and is
+  refused 10.0.2.2. That run happens in a network namespace the test made (a host address on its
+  lo), so outbound traffic never leaves this machine's test namespaces.
+
+WRAPPER is `PYTHONPATH=<this tree> exec <this python> -m slirpy "$@"`, logging each call (pid and
+arguments) so the tests can check what the clients passed and inspect the daemon in /proc.
+
+Machine setup done here (and said on stdout): a user `slirpyci` with /etc/subuid and /etc/subgid
+ranges; /dev/net/tun mode 0666 when it is not usable by other users; search (x) permission for that
+user, by ACL, on directories leading to this interpreter (pyenv lives under /root, mode 0700).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from nsutil import REPO, require_netns
+
+pytestmark = pytest.mark.netns
+
+USER = "slirpyci"
+SUBID = "400000:65536"
+HOST_BLOB = hashlib.shake_256(b"clients-host-blob").digest(1 << 20)
+GUEST_BLOB = hashlib.shake_256(b"clients-guest-blob").digest(1 << 20)
+SHA_HOST = hashlib.sha256(HOST_BLOB).hexdigest()
+SHA_GUEST = hashlib.sha256(GUEST_BLOB).hexdigest()
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+TOOLS = ("rootlesskit", "podman", "runc", "newuidmap", "newgidmap", "setfacl", "setpriv",
+         "useradd", "busybox", "nsenter")
+
+
+def _note(msg: str) -> None:
+    sys.stdout.write(f"\n[test_e2e_clients setup] {msg}\n")
+
+
+def _run(cmd, **kw):
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 60)
+    return subprocess.run(cmd, **kw)
+
+
+# ------------------------------------------------------------------------------ the rootless user
+class Rootless:
+    def __init__(self):
+        self.granted: list[str] = []
+        self.work = None
+
+    def setup(self):
+        missing = [t for t in TOOLS if shutil.which(t) is None]
+        assert not missing, f"missing {missing}: run bash tests/install-deps.sh"
+        try:
+            pw = pwd.getpwnam(USER)
+        except KeyError:
+            r = _run(["useradd", "-m", "-s", "/bin/sh", USER])
+            assert r.returncode == 0, r.stderr
+            _note(f"created user {USER}")
+            pw = pwd.getpwnam(USER)
+        self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
+        for f in ("/etc/subuid", "/etc/subgid"):
+            text = open(f).read() if os.path.exists(f) else ""
+            if not any(line.split(":")[0] == USER for line in text.splitlines()):
+                # written directly: usermod --add-subuids refuses when the file does not exist
+                with open(f, "a") as fh:
+                    fh.write(("" if not text or text.endswith("\n") else "\n") + f"{USER}:{SUBID}\n")
+                _note(f"added {f} range {SUBID} for {USER}")
+        mode = stat.S_IMODE(os.stat("/dev/net/tun").st_mode)
+        if mode & 0o006 != 0o006:
+            os.chmod("/dev/net/tun", 0o666)
+            _note(f"/dev/net/tun was mode {mode:04o}, not usable by an ordinary user: made 0666 "
+                  "(the usual mode on a host)")
+        paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, REPO,
+                 os.path.dirname(os.path.realpath(__import__("trio").__file__))}
+        for p in paths:
+            self._grant_search(p)
+        # short: Podman's API socket path (XDG_RUNTIME_DIR/libpod/tmp/<64 hex>.net) must fit
+        # in sun_path's 108 bytes
+        self.work = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
+        os.chmod(self.work, 0o755)
+        os.chown(self.work, self.uid, self.gid)
+        self.python = os.path.realpath(sys.executable)
+        self.wrapper = os.path.join(self.work, "slirpy-wrapper")
+        self.calls = os.path.join(self.work, "calls.log")
+        with open(self.wrapper, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f'echo "$$ $*" >> {self.calls}\n'
+                    f'PYTHONPATH={REPO} exec {self.python} -m slirpy "$@"\n')
+        os.chmod(self.wrapper, 0o755)
+        r = self.run([self.wrapper, "--help"])
+        assert r.returncode == 0 and "--enable-sandbox" in r.stdout, \
+            f"{USER} cannot run this tree's slirpy: {r.stdout}{r.stderr}"
+        return self
+
+    def _grant_search(self, path: str) -> None:
+        d = path if os.path.isdir(path) else os.path.dirname(path)
+        while True:
+            if not stat.S_IMODE(os.stat(d).st_mode) & 0o001 and d not in self.granted:
+                r = _run(["setfacl", "-m", f"u:{USER}:x", d])
+                assert r.returncode == 0, f"setfacl on {d}: {r.stderr}"
+                self.granted.append(d)
+                _note(f"granted {USER} search permission on {d} (ACL) to reach {path}")
+            if d == "/":
+                break
+            d = os.path.dirname(d)
+
+    def env(self, **extra) -> dict:
+        return {"PATH": PATH, "HOME": self.home, "USER": USER, "LOGNAME": USER, "LANG": "C.UTF-8",
+                **extra}
+
+    def argv(self, cmd, netns: str | None = None) -> list[str]:
+        a = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--", *cmd]
+        if netns:
+            a = ["nsenter", f"--net={netns}", "--", *a]
+        return a
+
+    def run(self, cmd, netns=None, env=None, **kw):
+        return _run(self.argv(cmd, netns), env=env or self.env(), cwd=self.work, **kw)
+
+    def popen(self, cmd, netns=None, env=None, **kw):
+        return subprocess.Popen(self.argv(cmd, netns), env=env or self.env(), cwd=self.work,
+                                start_new_session=True, **kw)
+
+    def chown(self, path):
+        os.chown(path, self.uid, self.gid)
+
+    def daemon_calls(self) -> list[tuple[int, list[str]]]:
+        """(pid, argv) of each wrapper call that started a daemon (not --help)."""
+        out = []
+        if os.path.exists(self.calls):
+            for line in open(self.calls):
+                pid, *args = line.split()
+                if args != ["--help"]:
+                    out.append((int(pid), args))
+        return out
+
+    def teardown(self):
+        for d in self.granted:
+            _run(["setfacl", "-x", f"u:{USER}", d])
+        if self.work:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rootless():
+    require_netns()
+    r = Rootless()
+    try:
+        yield r.setup()
+    finally:
+        r.teardown()
+
+
+# ------------------------------------------------------------------------------------ helpers
+class BlobServer:
+    """HTTP on ADDR (in the caller's network namespace), GET /blob -> HOST_BLOB."""
+
+    def __init__(self, addr="127.0.0.1"):
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/blob":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(HOST_BLOB)))
+                self.end_headers()
+                self.wfile.write(HOST_BLOB)
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = http.server.ThreadingHTTPServer((addr, 0), H)
+        self.port = self.srv.server_address[1]
+        self.t = threading.Thread(target=self.srv.serve_forever, daemon=True)
+        self.t.start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def _get(url: str, timeout=20.0) -> bytes:
+    """GET with retries until the far side listens (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _wait_path(path: str, proc, timeout=40.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            out, err = _stop(proc)
+            raise AssertionError(f"{path} never appeared (rc={proc.returncode})\n{out}\n{err}")
+        time.sleep(0.1)
+
+
+def _stop(proc, timeout=20):
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return proc.communicate(timeout=10)
+
+
+def _status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def _gone(pid: int, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if "\nState:\tZ" in f.read():
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _check_sandboxed(pid: int, cap_eff: str, api_sock: str) -> None:
+    st = _status(pid)
+    assert st["Seccomp"] == "2", st
+    assert st["CapEff"] == st["CapPrm"] == cap_eff, st
+    assert st["CapBnd"] == "0000000000000400" and st["NoNewPrivs"] == "1", st
+    root = f"/proc/{pid}/root"
+    assert sorted(os.listdir(root)) == ["etc", "tmp"], os.listdir(root)
+    assert os.listdir(f"{root}/etc") == ["resolv.conf"]
+    assert os.path.basename(api_sock) in os.listdir(root + os.path.dirname(api_sock))
+
+
+# ---------------------------------------------------------------------------------- RootlessKit
+RK_GUEST = """#!/bin/sh
+cd {d}
+busybox httpd -f -p 8000 -h {d}/www &
+busybox wget -q -O got.bin http://10.0.2.2:{port}/blob
+busybox sha256sum got.bin > got.sha
+touch phase1
+i=0
+while [ ! -e done ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+kill $!
+"""
+
+
+@pytest.mark.parametrize("hardened", [False, True], ids=["plain", "sandbox+seccomp"])
+def test_rootlesskit_both_directions(rootless, hardened):
+    d = os.path.join(rootless.work, f"rk-{int(hardened)}")
+    os.makedirs(os.path.join(d, "www"))
+    with open(os.path.join(d, "www", "page.bin"), "wb") as f:
+        f.write(GUEST_BLOB)
+    host = BlobServer()
+    guest = os.path.join(d, "guest.sh")
+    with open(guest, "w") as f:
+        f.write(RK_GUEST.format(d=d, port=host.port))
+    os.chmod(guest, 0o755)
+    for p in (d, os.path.join(d, "www")):
+        rootless.chown(p)
+    hp = _free_port()
+    before = len(rootless.daemon_calls())
+    extra = ["--slirp4netns-sandbox=true", "--slirp4netns-seccomp=true"] if hardened else []
+    proc = rootless.popen(["rootlesskit", "--net=slirp4netns",
+                           f"--slirp4netns-binary={rootless.wrapper}", "--mtu=65520",
+                           "--port-driver=slirp4netns", "-p", f"127.0.0.1:{hp}:8000/tcp",
+                           *extra, guest], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+    try:
+        _wait_path(os.path.join(d, "phase1"), proc)
+        # guest -> host through 10.0.2.2
+        assert open(os.path.join(d, "got.sha")).read().split()[0] == SHA_HOST
+        # host -> guest through RootlessKit's -p (added over slirpy's API socket)
+        body = _get(f"http://127.0.0.1:{hp}/page.bin")
+        assert hashlib.sha256(body).hexdigest() == SHA_GUEST
+        calls = rootless.daemon_calls()[before:]
+        assert len(calls) == 1, calls
+        pid, args = calls[0]
+        assert "--api-socket" in args and "--mtu" in args
+        if hardened:
+            assert "--enable-sandbox" in args and "--enable-seccomp" in args, args
+            api = args[args.index("--api-socket") + 1]
+            # an ordinary user: a user namespace was made for the mount namespace, and no
+            # capability is left (it had none to keep)
+            _check_sandboxed(pid, "0000000000000000", api)
+            assert _status(pid)["Uid"].split()[0] == str(rootless.uid)
+        open(os.path.join(d, "done"), "w").close()
+        out, err = _stop(proc, timeout=30)
+        assert proc.returncode == 0, f"rootlesskit rc={proc.returncode}\n{out}\n{err}"
+        assert _gone(pid), "slirpy outlived rootlesskit"
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=10)
+        host.close()
+
+
+# -------------------------------------------------------------------------------------- Podman
+CONTAINERS_CONF = """[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+network_cmd_path = "{wrapper}"
+"""
+STORAGE_CONF = """[storage]
+driver = "vfs"
+"""
+IMAGE = "localhost/slirpy-busybox:test"
+
+
+def _ipv6() -> bool:
+    from slirpy.cli import NOT_IMPLEMENTED
+    return "enable_ipv6" not in NOT_IMPLEMENTED
+
+
+def _network(opts: str = "") -> str:
+    """Podman passes --enable-ipv6 by default; until slirpy has -6, the same without IPv6 (the only
+    difference in what Podman passes). With -6 implemented this is exactly Podman's default."""
+    if not _ipv6():
+        opts = ",".join(o for o in (opts, "enable_ipv6=false") if o)
+    return "slirp4netns" + (":" + opts if opts else "")
+
+
+class Podman:
+    def __init__(self, rootless: Rootless):
+        self.r = rootless
+        base = os.path.join(rootless.work, "p")
+        self.dirs = {k: os.path.join(base, k) for k in ("cfg", "data", "run", "vol")}
+        for p in [base, *self.dirs.values(), os.path.join(self.dirs["cfg"], "containers")]:
+            os.makedirs(p, exist_ok=True)
+            rootless.chown(p)
+        os.chmod(self.dirs["run"], 0o700)
+        for name, text in (("containers.conf", CONTAINERS_CONF), ("storage.conf", STORAGE_CONF)):
+            with open(os.path.join(self.dirs["cfg"], "containers", name), "w") as f:
+                f.write(text.format(wrapper=rootless.wrapper))
+        self.envd = rootless.env(XDG_CONFIG_HOME=self.dirs["cfg"], XDG_DATA_HOME=self.dirs["data"],
+                                 XDG_RUNTIME_DIR=self.dirs["run"])
+        tar = os.path.join(base, "busybox.tar")
+        _busybox_rootfs_tar(tar)
+        r = self.run(["import", tar, IMAGE])
+        assert r.returncode == 0, f"podman import: {r.stdout}{r.stderr}"
+
+    def argv(self, args):
+        return ["podman", *args]
+
+    def run(self, args, netns=None, timeout=90):
+        return self.r.run(self.argv(args), netns=netns, env=self.envd, timeout=timeout)
+
+    def popen(self, args, netns=None, **kw):
+        return self.r.popen(self.argv(args), netns=netns, env=self.envd, **kw)
+
+    def teardown(self):
+        self.run(["rm", "-af", "-t", "0"], timeout=60)
+        pidfile = os.path.join(self.dirs["run"], "libpod", "tmp", "pause.pid")
+        try:
+            os.kill(int(open(pidfile).read().strip()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def _busybox_rootfs_tar(path: str) -> None:
+    with tarfile.open(path, "w") as t:
+        for d in ("bin", "etc", "tmp", "www", "out"):
+            ti = tarfile.TarInfo(d)
+            ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d in ("tmp", "out") else 0o755
+            t.addfile(ti)
+        t.add(os.path.realpath(shutil.which("busybox")), arcname="bin/busybox")
+        for applet in ("sh", "httpd", "wget", "sha256sum", "sleep", "cat", "echo", "ls"):
+            ti = tarfile.TarInfo(f"bin/{applet}")
+            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
+            t.addfile(ti)
+
+
+@pytest.fixture(scope="module")
+def podman(rootless):
+    p = Podman(rootless)
+    try:
+        yield p
+    finally:
+        p.teardown()
+
+
+def test_podman_port_handler_slirp4netns_both_directions(rootless, podman):
+    host = BlobServer()
+    vol = os.path.join(podman.dirs["vol"], "www")
+    os.makedirs(vol)
+    with open(os.path.join(vol, "page.bin"), "wb") as f:
+        f.write(GUEST_BLOB)
+    rootless.chown(vol)
+    hp = _free_port()
+    before = len(rootless.daemon_calls())
+    script = (f"wget -q -O /out/got.bin http://10.0.2.2:{host.port}/blob && "
+              "sha256sum /out/got.bin > /out/got.sha; exec httpd -f -p 8000 -h /www")
+    out_dir = os.path.join(podman.dirs["vol"], "out")
+    os.makedirs(out_dir)
+    rootless.chown(out_dir)
+    try:
+        r = podman.run(["run", "-d", "--name", "web",
+                        "--network", _network("port_handler=slirp4netns,allow_host_loopback=true"),
+                        "-p", f"127.0.0.1:{hp}:8000", "-v", f"{vol}:/www:ro", "-v", f"{out_dir}:/out",
+                        IMAGE, "sh", "-c", script])
+        assert r.returncode == 0, f"podman run: {r.stdout}{r.stderr}"
+        body = _get(f"http://127.0.0.1:{hp}/page.bin")
+        assert hashlib.sha256(body).hexdigest() == SHA_GUEST
+        sha = os.path.join(out_dir, "got.sha")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sha) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert open(sha).read().split()[0] == SHA_HOST
+        calls = rootless.daemon_calls()[before:]
+        assert len(calls) == 1, calls
+        pid, args = calls[0]
+        # Podman's own flags, with allow_host_loopback leaving out --disable-host-loopback
+        for flag in ("--mtu=65520", "--enable-sandbox", "--enable-seccomp", "-c", "--api-socket",
+                     "--netns-type=path"):
+            assert flag in args, (flag, args)
+        assert "--disable-host-loopback" not in args
+        # slirpy runs as root in Podman's user namespace: CAP_NET_BIND_SERVICE is kept
+        _check_sandboxed(pid, "0000000000000400", args[args.index("--api-socket") + 1])
+        r = podman.run(["rm", "-f", "-t", "0", "web"])
+        assert r.returncode == 0, r.stderr
+        assert _gone(pid), "slirpy outlived its container"
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", hp), timeout=2).close()
+    finally:
+        podman.run(["rm", "-f", "-t", "0", "web"])
+        host.close()
+
+
+SERVER_IN_NETNS = """
+import hashlib, http.server, sys
+blob = hashlib.shake_256(b"clients-host-blob").digest(1 << 20)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", str(len(blob)))
+        self.end_headers(); self.wfile.write(blob)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer((sys.argv[1], 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"""
+
+
+def test_podman_default_network_outbound(rootless, podman):
+    ipv6 = _ipv6()
+    network = _network()
+    holder = subprocess.Popen(["unshare", "-n", "sleep", "300"])
+    srv = None
+    try:
+        netns = f"/proc/{holder.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"]):
+            r = _run(["nsenter", f"--net={netns}", *cmd])
+            assert r.returncode == 0, r.stderr
+        # a "host" server on a non-loopback address of the test's namespace, and one on its
+        # loopback that --disable-host-loopback must keep out of reach
+        srv = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", SERVER_IN_NETNS,
+                                "0.0.0.0"], stdout=subprocess.PIPE, text=True)
+        port = int(srv.stdout.readline())
+        before = len(rootless.daemon_calls())
+        script = (f"wget -q -O - http://192.0.2.1:{port}/ | sha256sum; "
+                  f"if wget -q -T 5 -O /dev/null http://10.0.2.2:{port}/; then echo LOOPBACK-OPEN; "
+                  "else echo LOOPBACK-REFUSED; fi")
+        r = podman.run(["run", "--rm", "--network", network, IMAGE, "sh", "-c", script],
+                       netns=netns)
+        assert r.returncode == 0, f"podman run: {r.stdout}{r.stderr}"
+        lines = r.stdout.split()
+        assert lines[0] == SHA_HOST, r.stdout + r.stderr
+        assert "LOOPBACK-REFUSED" in lines, r.stdout
+        calls = rootless.daemon_calls()[before:]
+        assert len(calls) == 1, calls
+        args = calls[0][1]
+        for flag in ("--disable-host-loopback", "--mtu=65520", "--enable-sandbox",
+                     "--enable-seccomp", "-c", "-e", "-r", "--netns-type=path"):
+            assert flag in args, (flag, args)
+        assert ("--enable-ipv6" in args) == ipv6, args
+        assert _gone(calls[0][0]), "slirpy outlived its container"
+    finally:
+        if srv is not None:
+            srv.kill()
+            srv.wait(timeout=10)
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+def test_podman_sends_empty_guest_addr_and_it_means_the_guest():
+    # found by running Podman: its add_hostfwd carries "guest_addr":"" (api.c: the default guest)
+    from slirpy.api_socket import handle_request
+    from slirpy.config import Config
+
+    class Fwd:
+        def __init__(self):
+            self.added = []
+
+        def add(self, proto, host_addr, host_port, guest_addr, guest_port):
+            self.added.append((proto, host_addr, host_port, guest_addr, guest_port))
+            return len(self.added)
+
+    class D:
+        config = Config()
+        portfwd = Fwd()
+
+    req = (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"",'
+           b'"host_port":18080,"guest_addr":"","guest_port":8000}}')
+    assert handle_request(D, req) == b'{"return":{"id":1}}'
+    assert D.portfwd.added == [("tcp", "0.0.0.0", 18080, "10.0.2.100", 8000)]
