@@ -541,7 +541,7 @@ def test_podman_sends_empty_guest_addr_and_it_means_the_guest():
         def __init__(self):
             self.added = []
 
-        def add(self, proto, host_addr, host_port, guest_addr, guest_port):
+        def add(self, proto, host_addr, host_port, guest_addr, guest_port, *_follow):
             self.added.append((proto, host_addr, host_port, guest_addr, guest_port))
             return len(self.added)
 
@@ -553,3 +553,21 @@ def test_podman_sends_empty_guest_addr_and_it_means_the_guest():
            b'"host_port":18080,"guest_addr":"","guest_port":8000}}')
     assert handle_request(D, req) == b'{"return":{"id":1}}'
     assert D.portfwd.added == [("tcp", "0.0.0.0", 18080, "10.0.2.100", 8000)]
+
+
+def test_ordinary_user_command_form_sandboxed(rootless):
+    """No client at all: an ordinary user runs `slirpy --enable-sandbox --enable-seccomp -- CMD`
+    (its own user+net namespace; the sandbox makes a second user namespace for the mounts)."""
+    host = BlobServer()
+    try:
+        guest = (f"busybox wget -q -O - http://10.0.2.2:{host.port}/blob | busybox sha256sum; "
+                 "cat /proc/$PPID/status | grep -E '^(Seccomp|CapEff):'")
+        r = rootless.run([rootless.wrapper, "--enable-sandbox", "--enable-seccomp", "--",
+                          "sh", "-c", guest], timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.split()[0] == SHA_HOST, r.stdout + r.stderr
+        # the guest's parent is the daemon
+        assert "Seccomp:\t2" in r.stdout and "CapEff:\t0000000000000000" in r.stdout, r.stdout
+        assert "late import" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        host.close()
