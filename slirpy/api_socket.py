@@ -68,10 +68,14 @@ def handle_request(daemon, raw: bytes) -> bytes:
         except ForwardError:
             return _err("bad request: remove_hostfwd: bad arguments.id")
         return _dump({"return": {}})
-    if execute == "get_stats":  # slirpy's own: counters, flows by state, buffers, uptime
-        return _dump({"return": collect_stats(daemon)})
-    if execute == "list_flows":  # slirpy's own: open TCP/UDP/ICMP flows
-        return _dump({"return": {"flows": collect_flows(daemon)}})
+    if execute in ("get_stats", "list_flows"):  # slirpy's own, read-only
+        try:
+            if execute == "get_stats":  # counters, flows by state, buffers, uptime
+                return _dump({"return": collect_stats(daemon)})
+            return _dump({"return": {"flows": collect_flows(daemon)}})  # open TCP/UDP/ICMP flows
+        except Exception:  # introspection must never take the API down
+            _busy.log(execute, "%s failed", execute, exc_info=True)
+            return _err(f"bad request: {execute}: internal error")
     return _err("bad request: unknown execute")
 
 

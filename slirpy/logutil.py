@@ -53,7 +53,7 @@ class RateLimited:
         self.clock = clock
         self._seen: dict = {}  # key -> [next_allowed_time, suppressed_count]
 
-    def log(self, key, msg: str, *args) -> bool:
+    def log(self, key, msg: str, *args, exc_info=False) -> bool:
         """Returns True when a line was emitted."""
         if not self.logger.isEnabledFor(self.level):
             return False
@@ -69,5 +69,5 @@ class RateLimited:
         if suppressed:
             msg += " (%d similar suppressed)"
             args = (*args, suppressed)
-        self.logger.log(self.level, msg, *args)
+        self.logger.log(self.level, msg, *args, exc_info=exc_info)
         return True

@@ -209,6 +209,23 @@ def test_tcp_flows_listed_from_engine():
     assert fl[0]["state"] == collect_stats(d)["flows"]["tcp"]["states"].popitem()[0]
 
 
+def test_introspection_outside_trio_and_broken_parts_never_raise():
+    d = FakeDaemon()
+
+    def no_loop():
+        raise RuntimeError("must be called from async context")
+    d.now = no_loop
+    t = FlowTable(4)
+    t.add((4, "10.0.2.100", 1, "1.2.3.4", 2), object(), 0.0, 10.0)
+    d.udp_nat = type("N", (), {"table": t})()
+    fl = json.loads(handle_request(d, b'{"execute":"list_flows"}'))["return"]["flows"]
+    assert len(fl) == 1 and "idle" not in fl[0] and fl[0]["bytes_in"] == 0
+    d.udp_nat = type("N", (), {"table": 5})()  # garbage where a table should be
+    d.icmp_nat = type("N", (), {"table": type("T", (), {"items": lambda self: [(1,)]})()})()
+    assert handle_request(d, b'{"execute":"list_flows"}') == \
+        b'{"error":{"desc":"bad request: list_flows: internal error"}}'
+
+
 def test_existing_replies_unchanged():
     d = FakeDaemon()
     assert handle_request(d, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
