@@ -231,7 +231,8 @@ def test_stats_and_flows_follow_traffic(tmp_path):
     # counters moved
     # with TSO (virtio-net header) the 30 kB arrive in one or two frames, not 21
     assert st["frames_in"] > before["frames_in"] + 10 and st["bytes_in"] > before["bytes_in"] + n
-    assert st["frames_out"] > before["frames_out"] + 10
+    # to the guest: SYN-ACK, (coalesced) ACKs, "ok", 4 RSTs, ARP: 7 or more, not always 11
+    assert st["frames_out"] >= before["frames_out"] + 7
     assert st["dropped"].get("eth_unknown_type", 0) - before["dropped"].get("eth_unknown_type", 0) == 5
     assert st["dropped"].get("tcp_connect_refused", 0) - before["dropped"].get("tcp_connect_refused", 0) == 4
     assert st["flows"]["tcp"]["open"] == 1 and st["flows"]["tcp"]["states"] == {"ESTABLISHED": 1}
