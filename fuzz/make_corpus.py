@@ -21,22 +21,22 @@ G4, G6 = "10.0.2.100", "fd00::100"
 
 def frames():
     tcp_opts = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)), ("WScale", 7), ("NOP", None)]
-    yield Ether(**E) / IP(src=G4, dst="127.0.0.1") / TCP(flags="S", seq=2**32 - 1, options=tcp_opts)
-    yield Ether(**E) / IP(src=G4, dst="127.0.0.1") / TCP(flags="PA") / b"GET / HTTP/1.0\r\n\r\n"
+    yield Ether(**E) / IP(src=G4, dst="198.51.100.7") / TCP(flags="S", seq=2**32 - 1, options=tcp_opts)
+    yield Ether(**E) / IP(src=G4, dst="198.51.100.7") / TCP(flags="PA") / b"GET / HTTP/1.0\r\n\r\n"
     yield Ether(**E) / IP(src=G4, dst="10.0.2.3") / UDP(sport=5353, dport=53) / (b"\x12\x34" * 10)
     yield Ether(**E) / IP(src=G4, dst="10.0.2.2") / ICMP(id=1, seq=1) / b"ping"
-    yield Ether(**E) / IP(src=G4, dst="127.0.0.1", options=b"\x01\x01\x01\x00") / ICMP()
+    yield Ether(**E) / IP(src=G4, dst="198.51.100.7", options=b"\x01\x01\x01\x00") / ICMP()
     yield Ether(src=E["src"], dst="ff:ff:ff:ff:ff:ff") / ARP(op=1, hwsrc=E["src"], psrc=G4,
                                                            pdst="10.0.2.2")
-    for f in fragment(IP(src=G4, dst="127.0.0.1", id=7) / UDP() / (b"f" * 300), fragsize=128):
+    for f in fragment(IP(src=G4, dst="198.51.100.7", id=7) / UDP() / (b"f" * 300), fragsize=128):
         yield Ether(**E) / f
     yield Ether(**E) / IPv6(src=G6, dst="fd00::2") / ICMPv6EchoRequest(data=b"x")
     yield Ether(**E) / IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255) / ICMPv6ND_NS(
         tgt="fd00::2") / ICMPv6NDOptSrcLLAddr(lladdr=E["src"])
     yield Ether(**E) / IPv6(src="fe80::1", dst="ff02::2", hlim=255) / ICMPv6ND_RS()
-    yield Ether(**E) / IPv6(src=G6, dst="::1") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP()
-    yield Ether(**E) / IPv6(src=G6, dst="::1") / IPv6ExtHdrFragment(m=1, id=5) / UDP() / (b"y" * 64)
-    yield Ether(**E) / IPv6(src=G6, dst="::1") / TCP(flags="S", options=tcp_opts)
+    yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP()
+    yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / IPv6ExtHdrFragment(m=1, id=5) / UDP() / (b"y" * 64)
+    yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / TCP(flags="S", options=tcp_opts)
 
 
 def layer(raw: bytes, name: str):

@@ -71,13 +71,13 @@ def test_ping_gateway_and_dns():
 
 def test_ping_elsewhere_is_event_and_reply_built():
     s = Stack(Config())
-    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1") / ICMP(id=9, seq=1) / b"x"), 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7") / ICMP(id=9, seq=1) / b"x"), 0.0)
     assert s.frames_to_send() == []
     (ev,) = drain_events(s)
-    assert ev == events.IcmpEchoRequest(4, "10.0.2.100", "127.0.0.1", 9, 1, b"x")
-    s.send_icmp_echo_reply(4, "127.0.0.1", "10.0.2.100", 9, 1, b"x", 0.1)
+    assert ev == events.IcmpEchoRequest(4, "10.0.2.100", "198.51.100.7", 9, 1, b"x")
+    s.send_icmp_echo_reply(4, "198.51.100.7", "10.0.2.100", 9, 1, b"x", 0.1)
     p = Ether(bytes(s.frames_to_send()[0]))
-    assert p[IP].src == "127.0.0.1" and p[ICMP].type == 0 and p[ICMP].id == 9
+    assert p[IP].src == "198.51.100.7" and p[ICMP].type == 0 and p[ICMP].id == 9
 
 
 def test_udp_event_and_fragmented_udp():
@@ -85,12 +85,12 @@ def test_udp_event_and_fragmented_udp():
     s.receive_frame(eth(IP(src="10.0.2.100", dst="10.0.2.3") / UDP(sport=5000, dport=53)
                         / b"query"), 0.0)
     big = bytes(range(256)) * 20
-    for frag in fragment(IP(src="10.0.2.100", dst="127.0.0.1", id=99) / UDP(sport=1, dport=2)
+    for frag in fragment(IP(src="10.0.2.100", dst="198.51.100.7", id=99) / UDP(sport=1, dport=2)
                          / big, fragsize=1000)[::-1]:
         s.receive_frame(eth(frag), 0.0)
     evs = drain_events(s)
     assert evs[0] == events.UdpDatagram(4, "10.0.2.100", 5000, "10.0.2.3", 53, b"query")
-    assert evs[1] == events.UdpDatagram(4, "10.0.2.100", 1, "127.0.0.1", 2, big)
+    assert evs[1] == events.UdpDatagram(4, "10.0.2.100", 1, "198.51.100.7", 2, big)
 
 
 def test_send_udp_fragments_to_guest():
@@ -108,18 +108,18 @@ def test_send_udp_fragments_to_guest():
 
 def test_udp_unreachable_quotes_original():
     s = learned(Stack(Config()))
-    s.send_udp_unreachable(4, "10.0.2.100", 4000, "127.0.0.1", 9, b"hello", 3, 0.0)
+    s.send_udp_unreachable(4, "10.0.2.100", 4000, "198.51.100.7", 9, b"hello", 3, 0.0)
     p = Ether(bytes(s.frames_to_send()[0]))
     assert p[IP].src == "10.0.2.2" and p[ICMP].type == 3 and p[ICMP].code == 3
     inner = p[ICMP].payload
-    assert inner.src == "10.0.2.100" and inner.dst == "127.0.0.1"
+    assert inner.src == "10.0.2.100" and inner.dst == "198.51.100.7"
     assert inner[UDPerror].sport == 4000 and inner[UDPerror].dport == 9
     assert bytes(inner[UDPerror].payload) == b"hello"
 
 
 def test_tcp_syn_reaches_engine():
     s = Stack(Config())
-    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1")
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7")
                         / TCP(sport=40000, dport=80, seq=2**32 - 1, flags="S")), 0.0)
     frames = s.frames_to_send()
     # the stub answers RST|ACK; the real engine may answer SYN-ACK or raise an event
@@ -127,7 +127,7 @@ def test_tcp_syn_reaches_engine():
     assert frames or evs
     if frames:
         p = Ether(bytes(frames[0]))
-        assert p[IP].src == "127.0.0.1" and p[TCP].sport == 80 and p[TCP].dport == 40000
+        assert p[IP].src == "198.51.100.7" and p[TCP].sport == 80 and p[TCP].dport == 40000
         ck = p[TCP].chksum
         del p[TCP].chksum
         assert Ether(bytes(p))[TCP].chksum == ck
@@ -135,7 +135,7 @@ def test_tcp_syn_reaches_engine():
 
 def test_bad_tcp_checksum_counted():
     s = Stack(Config())
-    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1") / TCP(chksum=1)), 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7") / TCP(chksum=1)), 0.0)
     assert s.frames_to_send() == [] and s.stats.dropped["tcp_bad_checksum"] == 1
 
 
@@ -176,13 +176,13 @@ def test_ndp_ns_and_rs():
 def test_out_queue_bounded():
     s = learned(Stack(Config()))
     for i in range(5000):
-        s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
+        s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 0.0)
     assert len(s.frames_to_send()) == 4096 and s.stats.dropped["out_queue_full"] == 5000 - 4096
 
 
 def test_reassembly_timer_combined():
     s = Stack(Config())
-    (f1, _f2) = fragment(IP(src="10.0.2.100", dst="127.0.0.1") / UDP() / (b"z" * 100),
+    (f1, _f2) = fragment(IP(src="10.0.2.100", dst="198.51.100.7") / UDP() / (b"z" * 100),
                          fragsize=64)
     s.receive_frame(eth(f1), 5.0)
     assert s.get_timer() == 35.0
@@ -204,12 +204,12 @@ def test_unknown_guest_mac_is_resolved_before_sending():
     # Linux TCP drops segments that arrive as broadcast, so nothing goes out to ff:ff:...: the
     # stack asks who-has 10.0.2.100 (at most once a second) and holds the frames until told.
     s = Stack(Config())
-    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"x", 0.0)
-    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"y", 0.5)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 0.0)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"y", 0.5)
     (req,) = [Ether(bytes(f)) for f in s.frames_to_send()]
     assert req.dst == "ff:ff:ff:ff:ff:ff" and req[ARP].op == 1
     assert (req[ARP].psrc, req[ARP].pdst, req[ARP].hwsrc) == ("10.0.2.2", "10.0.2.100", ROUTER_MAC)
-    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"z", 1.0)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"z", 1.0)
     (again,) = [Ether(bytes(f)) for f in s.frames_to_send()]
     assert again[ARP].op == 1
     s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / ARP(
@@ -217,7 +217,7 @@ def test_unknown_guest_mac_is_resolved_before_sending():
     held = [Ether(bytes(f)) for f in s.frames_to_send()]
     assert [p.dst for p in held] == [GUEST_MAC] * 3
     assert [bytes(p[UDP].payload) for p in held] == [b"x", b"y", b"z"]
-    s.send_udp(4, "127.0.0.1", 1, "10.0.2.100", 2, b"w", 2.0)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"w", 2.0)
     assert Ether(bytes(s.frames_to_send()[0])).dst == GUEST_MAC
 
 
@@ -277,3 +277,28 @@ def test_multicast_and_broadcast_never_become_events():
     assert drain_events(s) == [] and s.frames_to_send() == []
     assert s.stats.dropped["ipv4_multicast_or_broadcast"] == 6
     assert s.stats.dropped["ipv6_multicast"] == 1 and s.stats.dropped["icmp6_echo_multicast"] == 1
+
+
+def test_guest_frames_to_loopback_or_other_virtual_addresses_are_dropped():
+    """Crafted frames must not reach host loopback (bypassing --disable-host-loopback) nor leak to
+    a host network numbered like the virtual one."""
+    s = Stack(Config(enable_ipv6=True))
+    for dst in ("127.0.0.1", "127.9.9.9", "0.0.0.1", "10.0.2.1", "10.0.2.57", "10.0.2.100"):
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / UDP(sport=1, dport=2) / b"x"), 0.0)
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / ICMP() / b"x"), 0.0)
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / TCP(flags="S")), 0.0)
+    for dst in ("::1", "::", "::ffff:127.0.0.1", "fe80::1", "fd00::57", "fd00::100"):
+        s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / UDP(sport=1, dport=2) / b"x"), 0.0)
+        s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / TCP(flags="S")), 0.0)
+    assert drain_events(s) == [] and s.frames_to_send() == []
+    d = s.stats.dropped
+    assert d["ipv4_dst_martian"] == 9 and d["ipv4_dst_virtual_net"] == 9
+    assert d["ipv6_dst_reserved"] == 6 and d["ipv6_dst_link_local"] == 2
+    assert d["ipv6_dst_in_guest_prefix"] == 4
+    # the gateway, the DNS address and the outside world still work
+    for dst in ("10.0.2.2", "10.0.2.3", "198.51.100.7"):
+        s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / UDP(sport=1, dport=53) / b"x"), 0.0)
+    for dst in ("fd00::2", "fd00::3", "2001:db8::1"):
+        s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / UDP(sport=1, dport=53) / b"x"), 0.0)
+    assert [e.dst for e in drain_events(s)] == ["10.0.2.2", "10.0.2.3", "198.51.100.7",
+                                                "fd00::2", "fd00::3", "2001:db8::1"]

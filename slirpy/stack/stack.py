@@ -290,6 +290,9 @@ class Stack:
             data = memoryview(whole)
         if dst[0] >= 224 or int.from_bytes(dst, "big") | self._mask4 == 0xFFFFFFFF:
             return "ipv4_multicast_or_broadcast"  # mDNS, IGMP, DHCP...: never leave the stack
+        bad = self._bad_dst4(dst)
+        if bad:
+            return bad
         if proto == wire.PROTO_TCP:
             return self._tcp_untrusted(4, src, dst, data, now)
         if proto == wire.PROTO_UDP:
@@ -297,6 +300,17 @@ class Stack:
         if proto == wire.PROTO_ICMP:
             return self._icmp4_untrusted(src, dst, data)
         return "ipv4_unknown_proto"
+
+    def _bad_dst4(self, dst):
+        """Destinations a guest frame may never reach the host with: loopback and 0/8 (they would
+        bypass --disable-host-loopback) and virtual-network addresses other than .2/.3 (no one
+        is there; they must not leak to a same-numbered host network). Guests ARP for on-link
+        addresses and get no answer, so only crafted frames come here."""
+        if dst[0] == 127 or dst[0] == 0:
+            return "ipv4_dst_martian"
+        if int.from_bytes(dst, "big") & self._mask4 == self._net4 and dst not in self._local4:
+            return "ipv4_dst_virtual_net"
+        return None
 
     def _tcp_untrusted(self, family, src, dst, data, now):
         t = wire.parse_tcp_untrusted(data, None if self._csum_trusted else
