@@ -189,6 +189,8 @@ class ApiServer:
                     try:
                         conn, _ = await sock.accept()
                     except OSError as e:
+                        if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                            continue  # that client gave up; the listener is fine
                         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                             await trio.sleep(0.1)
                             continue

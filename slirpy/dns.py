@@ -202,7 +202,12 @@ class DnsForwarder:
             fam = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         except ValueError:
             return None
-        s = trio.socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            s = trio.socket.socket(fam, socket.SOCK_DGRAM)
+        except OSError as e:  # EMFILE/ENFILE: this query fails over, the daemon lives on
+            self.stats.drop("dns_socket_failed")
+            log.debug("dns socket: %s", e)
+            return None
         with s:
             try:
                 bind = cfg.outbound_addr if fam == socket.AF_INET else cfg.outbound_addr6

@@ -142,6 +142,8 @@ class IcmpNat:
             except OSError as e:
                 _debug.log(("socket", e.errno), "ping socket to %s failed: %s", dst, e)
                 self.stats.drop("icmp_socket_failed")
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.stats.drop("icmp_socket_no_fds")
                 self._no_route(ev, e)
                 return
             p = _Ping(key, sock)

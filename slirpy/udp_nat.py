@@ -233,6 +233,7 @@ class UdpNat:
         self.gateway6 = str(IPV6_GATEWAY)
         self.dns6 = str(IPV6_DNS)
         self.table = FlowTable(max_flows, self._close_flow, self.stats, "udp_flow")
+        self.fds_logged = False
         daemon.udp_nat = self
         if getattr(daemon, "dns", None) is None:
             from slirpy.dns import DnsForwarder
@@ -277,6 +278,12 @@ class UdpNat:
             except OSError as e:
                 _debug.log(("socket", e.errno), "udp socket to %s:%d failed: %s", host_dst, ev.dport, e)
                 self.stats.drop("udp_socket_failed")
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.stats.drop("udp_socket_no_fds")
+                    if not self.fds_logged:
+                        self.fds_logged = True
+                        log.warning("udp: cannot open a host socket (%s); new flows are dropped "
+                                    "until descriptors free up (counted udp_socket_no_fds)", e)
                 if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
                     self._unreachable(ev, ICMP_HOST_UNREACH if ev.family == 4 else ICMP6_ADDR_UNREACH)
                 return

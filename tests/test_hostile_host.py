@@ -1,0 +1,128 @@
+"""Host-side faults outside TCP: no descriptors left (EMFILE) for UDP, ICMP and DNS sockets,
+resolver down. Each is a counted drop; existing flows keep working; nothing raises."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import socket
+
+import trio
+
+from slirpy.config import Config
+from slirpy.dns import build_servfail
+from slirpy.icmp_nat import IcmpNat
+from slirpy.stack.events import IcmpEchoRequest, UdpDatagram
+from slirpy.udp_nat import UdpNat
+from test_dns import make_query
+from test_udp_fakes import FakeDaemon, wait_for
+
+G = "10.0.2.100"
+
+
+@contextlib.contextmanager
+def fds_exhausted():
+    """Lower RLIMIT_NOFILE to what is open now and fill the holes below it, so the next
+    socket() fails with EMFILE; everything is given back on exit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(int(n) for n in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
+    filler = []
+    try:
+        for _ in range(top + 2):
+            try:
+                filler.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError as e:
+                assert e.errno == 24
+                break
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()
+            bit = False
+        except OSError as e:
+            bit = e.errno == 24  # EMFILE: the limit is in force
+        assert bit, "RLIMIT_NOFILE did not bite"
+        yield
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def _echo(s, task_status=trio.TASK_STATUS_IGNORED):
+    task_status.started()
+    while True:
+        data, addr = await s.recvfrom(65535)
+        await s.sendto(data.upper(), addr)
+
+
+async def test_udp_emfile_is_a_counted_drop_and_existing_flow_lives():
+    async with trio.open_nursery() as n:
+        srv = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        await n.start(_echo, srv)
+        d = FakeDaemon(n)
+        nat = UdpNat(d)
+        nat.handle(UdpDatagram(4, G, 1000, "10.0.2.2", port, b"before"))
+        assert await wait_for(d.stack, lambda: len(d.stack.udp) == 1)
+        with fds_exhausted():
+            for i in range(200):  # 200 new flows, no descriptor for any of them
+                nat.handle(UdpDatagram(4, G, 2000 + i, "10.0.2.2", port, b"new"))
+            nat.handle(UdpDatagram(4, G, 1000, "10.0.2.2", port, b"during"))  # existing flow
+            assert await wait_for(d.stack, lambda: len(d.stack.udp) == 2)
+        assert d.stack.stats.dropped["udp_socket_no_fds"] == 200
+        assert d.stack.stats.dropped["udp_socket_failed"] == 200
+        assert [u[5] for u in d.stack.udp] == [b"BEFORE", b"DURING"]
+        assert len(nat.table) == 1 and nat.fds_logged
+        # descriptors back: new flows work again
+        nat.handle(UdpDatagram(4, G, 3000, "10.0.2.2", port, b"after"))
+        assert await wait_for(d.stack, lambda: len(d.stack.udp) == 3)
+        assert d.stack.udp[2][5] == b"AFTER"
+        n.cancel_scope.cancel()
+
+
+async def test_icmp_emfile_is_a_counted_drop(monkeypatch):
+    async with trio.open_nursery() as n:
+        d = FakeDaemon(n)
+        nat = IcmpNat(d)
+        with fds_exhausted():
+            for i in range(50):
+                nat.handle(IcmpEchoRequest(4, G, "198.51.100.7", i, 1, b"x"))
+        dropped = d.stack.stats.dropped
+        # where ping sockets are denied the kernel says EACCES before it needs a descriptor
+        assert dropped["icmp_socket_no_fds"] + dropped["icmp_ping_socket_denied"] == 50
+        assert len(nat.table) == 0
+        n.cancel_scope.cancel()
+
+
+async def test_dns_emfile_gives_servfail_not_a_crash():
+    """Before the fix the upstream socket() raised out of the query task and killed the daemon."""
+    async with trio.open_nursery() as n:
+        d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", 9),)))
+        nat = UdpNat(d)
+        q = make_query(0x4242)
+        with fds_exhausted():
+            nat.handle(UdpDatagram(4, G, 5353, "10.0.2.3", 53, q))
+            assert await wait_for(d.stack, lambda: d.stack.udp)
+        assert d.stack.udp == [(4, "10.0.2.3", 53, G, 5353, build_servfail(q))]
+        assert d.stack.stats.dropped["dns_socket_failed"] == 1
+        assert d.dns.inflight == 0
+        n.cancel_scope.cancel()
+
+
+async def test_resolver_down_servfail_for_every_query_and_inflight_returns_to_zero():
+    async with trio.open_nursery() as n:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+        s.close()
+        d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", dead), ("127.0.0.1", dead))))
+        nat = UdpNat(d)
+        qs = [make_query(i) for i in range(100)]
+        for i, q in enumerate(qs):
+            nat.handle(UdpDatagram(4, G, 6000 + i, "10.0.2.3", 53, q))
+        assert await wait_for(d.stack, lambda: len(d.stack.udp) == 100)
+        assert sorted(u[5] for u in d.stack.udp) == sorted(build_servfail(q) for q in qs)
+        assert d.dns.inflight == 0 and d.stack.stats.dropped["dns_servfail"] == 100
+        n.cancel_scope.cancel()
