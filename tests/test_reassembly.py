@@ -92,11 +92,14 @@ def test_caps_entries_bytes_size():
     r = Reassembler(st_, max_entries=64, max_bytes=1 << 20)
     for i in range(100):
         r.insert((4, b"a", b"b", 17, i), 0, True, b"x" * 8, 0.0)
-    assert len(r) == 64 and st_.dropped["reass_table_full"] == 36
+    # full: the oldest in progress are evicted, the newest 64 are kept
+    assert len(r) == 64 and st_.dropped["reass_evicted"] == 36
+    assert sorted(k[4] for k in r._t) == list(range(36, 100))
     r2 = Reassembler(st_, max_entries=1000)
     for i in range(40):
         r2.insert((4, b"a", b"b", 17, i), 0, True, b"x" * 32768, 0.0)
-    assert r2.bytes_held <= 1 << 20 and st_.dropped["reass_memory_full"] >= 8
+    assert r2.bytes_held <= 1 << 20 and st_.dropped["reass_evicted"] == 36 + 8
+    assert sorted(k[4] for k in r2._t) == list(range(8, 40))
     assert r.insert(KEY, 65528, False, b"x" * 16, 0.0) is None
     assert st_.dropped["reass_too_big"] == 1
 
@@ -107,3 +110,19 @@ def test_inconsistent_last_fragment():
     r.insert(KEY, 16, True, b"x" * 8, 0.0)
     assert r.insert(KEY, 8, False, b"y" * 8, 0.0) is None
     assert st_.dropped["reass_inconsistent_length"] == 1 and len(r) == 0
+
+
+def test_fragment_flood_does_not_lock_out_a_real_datagram():
+    """A guest filling the table with never-finished datagrams must not stop the next real one."""
+    st_ = Stats()
+    r = Reassembler(st_)
+    for i in range(10_000):
+        r.insert((4, b"a", b"b", 17, i), 0, True, b"f" * 8, 0.0)
+    whole = b"".join(bytes([i]) * 1480 for i in range(3))
+    key = (4, b"a", b"b", 17, 99_999)
+    assert r.insert(key, 0, True, whole[:1480], 1.0) is None
+    assert r.insert(key, 1480, True, whole[1480:2960], 1.0) is None
+    assert r.insert(key, 2960, False, whole[2960:], 1.0) == whole
+    # and the libslirp 4.7.0 case: a duplicate of the last fragment after completion
+    assert r.insert(key, 2960, False, whole[2960:], 1.0) is None
+    assert len(r) <= 64 and r.bytes_held <= 1 << 20

@@ -2,7 +2,9 @@
 
 Entries are keyed by (family, src, dst, proto, ident). Bounds: MAX_DATAGRAM bytes per datagram,
 MAX_ENTRIES in progress, MAX_BYTES held in total, TIMEOUT seconds per entry (checked lazily on
-insert and in expire()). Overlap with a different range drops the whole datagram (RFC 5722,
+insert and in expire()). When the table or the byte budget is full, the oldest datagram in
+progress is evicted (counted ``reass_evicted``), so a fragment flood cannot lock legitimate
+fragmented traffic out. Overlap with a different range drops the whole datagram (RFC 5722,
 applied to IPv4 too); an exact duplicate range is ignored. A completed datagram is removed from
 the table before it is returned, so a late duplicate simply opens a fresh entry that times out:
 the libslirp ip_reass use-after-free / duplicate-last-fragment crash cannot happen here. Data is
@@ -43,6 +45,16 @@ class Reassembler:
         e = self._t.pop(key)
         self.bytes_held -= e.size
 
+    def _evict_oldest(self, keep=None):
+        """Make room by dropping the oldest datagram in progress (dict order = creation order).
+        A flood of never-completed fragments thus ages out under new traffic instead of
+        locking every fragmented datagram out for TIMEOUT seconds."""
+        for k in self._t:
+            if k != keep:
+                self._remove(k)
+                self.stats.drop("reass_evicted")
+                return
+
     def expire(self, now):
         for key in [k for k, e in self._t.items() if e.deadline <= now]:
             self._remove(key)
@@ -68,10 +80,11 @@ class Reassembler:
             return None
         e = self._t.get(key)
         if e is None:
-            if len(self._t) >= self.max_entries:
-                self.stats.drop("reass_table_full")
-                return None
+            while len(self._t) >= self.max_entries:
+                self._evict_oldest()
             e = self._t[key] = _Entry(now + self.timeout)
+        while self.bytes_held + n > self.max_bytes and len(self._t) > 1:
+            self._evict_oldest(keep=key)
         if self.bytes_held + n > self.max_bytes:
             self.stats.drop("reass_memory_full")
             if not e.pieces:
