@@ -302,3 +302,17 @@ def test_guest_frames_to_loopback_or_other_virtual_addresses_are_dropped():
         s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / UDP(sport=1, dport=53) / b"x"), 0.0)
     assert [e.dst for e in drain_events(s)] == ["10.0.2.2", "10.0.2.3", "198.51.100.7",
                                                 "fd00::2", "fd00::3", "2001:db8::1"]
+
+
+def test_port_forward_reusing_a_time_wait_port_gets_a_new_flow():
+    """Linux reuses a loopback port at once (tcp_tw_reuse=2) while our flow for it may still be
+    in TIME_WAIT: the new connection must get a fresh flow, not a refusal (reset to the client)."""
+    s = Stack(Config())
+    f1 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.0)
+    assert f1 is not None
+    s.tcp._flows[f1].state = "TIME_WAIT"  # as after an orderly close we started
+    f2 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.5)
+    assert f2 is not None and f2 != f1 and f1 not in s.tcp._flows
+    assert s.stats.dropped["tcp_time_wait_recycled"] == 1
+    # a live flow on the same ports is still refused
+    assert s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.6) is None

@@ -718,6 +718,12 @@ class TcpEngine:
     def connect_tcp(self, family, src, sport, dst, dport, now):
         raddr = ipaddress.ip_address(src).packed
         gaddr = ipaddress.ip_address(dst).packed
+        old = self._by_key.get((family, gaddr, dport, raddr, sport))
+        if old is not None and old.state == "TIME_WAIT":
+            # the host reuses a port whose last flow we still hold in TIME_WAIT (Linux does so
+            # at once on loopback, tcp_tw_reuse=2): the new connection wins, as RFC 6191 allows
+            self._remove(old, ())
+            self.stats.drop("tcp_time_wait_recycled")
         if len(self._flows) >= self.max_flows or (family, gaddr, dport, raddr, sport) in self._by_key:
             self.stats.drop("tcp_flow_cap")
             return None
