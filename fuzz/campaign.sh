@@ -17,7 +17,7 @@ LOGS="$HERE/campaign-logs"
 mkdir -p "$HERE/crashes" "$LOGS"
 [ -d "$HERE/corpus/stack" ] || PYTHONPATH="$ROOT" python3 "$HERE/make_corpus.py"
 if [ $# -gt 0 ]; then names=("$@"); else
-  names=(stack reassembly ipv4 ipv6 tcp udp icmp arp ethernet ndp_options tcp_options)
+  names=(stack tcp_engine reassembly ipv4 ipv6 tcp udp icmp arp ethernet ndp_options tcp_options)
 fi
 summary="$LOGS/summary.txt"
 for h in "${names[@]}"; do

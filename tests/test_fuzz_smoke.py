@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import subprocess
@@ -44,6 +45,7 @@ def test_harness_runs_clean(harness, corpus, tmp_path):
             "-max_len=2048", str(work)]
     if seeds.is_dir():
         args.append(str(seeds))
-    r = subprocess.run(args, cwd=FUZZ, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, PYTHONPATH=str(FUZZ.parent))  # this checkout's slirpy, not an installed one
+    r = subprocess.run(args, cwd=FUZZ, capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Done" in r.stderr
