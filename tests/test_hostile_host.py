@@ -126,3 +126,46 @@ async def test_resolver_down_servfail_for_every_query_and_inflight_returns_to_ze
         assert sorted(u[5] for u in d.stack.udp) == sorted(build_servfail(q) for q in qs)
         assert d.dns.inflight == 0 and d.stack.stats.dropped["dns_servfail"] == 100
         n.cancel_scope.cancel()
+
+
+def test_tap_write_queue_bounded_when_the_guest_does_not_read():
+    """The guest stops reading: the tap takes nothing (EAGAIN); the queue keeps the newest
+    MAX_WRITE_QUEUE frames, drops the oldest and counts them."""
+    from slirpy import tap as tap_mod
+    from slirpy.stack.stats import Stats
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        a.setblocking(False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        st = Stats()
+        t = tap_mod.Tap(a.fileno(), st)
+        frames = [b"%06d" % i + b"x" * 200 for i in range(5000)]
+        for i in range(0, 5000, 250):
+            t.write_frames(frames[i:i + 250])
+        q = t.queue
+        assert len(q) == tap_mod.MAX_WRITE_QUEUE
+        assert q[-1] == frames[-1] and q[0] == frames[5000 - tap_mod.MAX_WRITE_QUEUE]
+        written = []
+        b.setblocking(False)
+        while True:
+            try:
+                written.append(b.recv(4096))
+            except BlockingIOError:
+                break
+        assert written == frames[:len(written)]  # what the fd took went out in order
+        assert st.dropped["tap_write_queue_full"] == 5000 - len(written) - len(q)
+        # the guest reads again: the queue drains in order
+        got = []
+        for _ in range(10_000):
+            done = t.drain()
+            while True:
+                try:
+                    got.append(b.recv(4096))
+                except BlockingIOError:
+                    break
+            if done:
+                break
+        assert got == list(frames[5000 - tap_mod.MAX_WRITE_QUEUE:])
+    finally:
+        a.close()
+        b.close()
