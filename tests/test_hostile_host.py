@@ -169,3 +169,20 @@ def test_tap_write_queue_bounded_when_the_guest_does_not_read():
     finally:
         a.close()
         b.close()
+
+
+def test_tap_deleted_in_the_guest_ends_with_one_message():
+    """Both forms: the guest deletes the tap (its network is going away): exit 1, one line."""
+    import pytest
+    from nsutil import Slirpy, require_netns
+    require_netns()
+    for path_form in (False, True):
+        with Slirpy(path_form=path_form) as s:
+            assert s.run_in_ns("ip", "link", "del", "tap0").returncode == 0
+            try:
+                rc = s.wait(timeout=10)
+            except Exception:
+                pytest.fail("slirpy kept running after its tap was deleted")
+            err = s.proc.stderr.read()
+        assert rc == 1
+        assert err.startswith("slirpy: error: tap read:") and err.count("\n") == 1, err
