@@ -151,18 +151,12 @@ def proc_kb(pid, field):
     raise AssertionError(field)
 
 
-def ipv6_available() -> bool:
-    from slirpy.cli import NOT_IMPLEMENTED
-    return "enable_ipv6" not in NOT_IMPLEMENTED
-
-
 def test_hostile_frames(tmp_path):
     require_netns()
     srv = Servers()
     api_path = str(tmp_path / "api.sock")
-    v6 = ipv6_available()  # until --enable-ipv6 lands the v6 frames are counted ipv6_disabled
     try:
-        with Slirpy(*(["--enable-ipv6"] if v6 else []), "-a", api_path,
+        with Slirpy("--enable-ipv6", "-a", api_path,
                     "--dns-upstream", f"127.0.0.1:{srv.port(srv.dns)}") as sl:
             # the tap's ring must hold a pacing batch (1000 frames) without dropping
             assert sl.run_in_ns("ip", "link", "set", "tap0", "txqueuelen", "10000").returncode == 0
@@ -193,16 +187,13 @@ def test_hostile_frames(tmp_path):
             assert out["arp_replies"] == ["10.0.2.2", "10.0.2.3"]
             assert out["echo4"] == ["10.0.2.2", "10.0.2.3"]
             assert d["ipv4_dst_virtual_net"] >= 3 * 253
-            if v6:
-                assert out["echo6"] == ["fd00::2", "fd00::3"]
-                assert d["ipv6_dst_virtual_net"] >= 253
-            else:
-                assert out["echo6"] == [] and d["ipv6_disabled"] >= 18_000
+            assert out["echo6"] == ["fd00::2", "fd00::3"]
+            assert d["ipv6_dst_in_guest_prefix"] >= 253
             # fragments: each duplicated-last-fragment datagram arrived exactly once, intact
             got = sorted(x for x in srv.datagrams if x[:6] == b"SIGBUS")
             assert got == sorted((b"SIGBUS%04d" % k) * 300 for k in range(100))
             got6 = sorted(x for x in srv.datagrams if x[:3] == b"SIX")
-            assert got6 == (sorted((b"SIX%04d" % k) * 400 for k in range(50)) if v6 else [])
+            assert got6 == sorted((b"SIX%04d" % k) * 400 for k in range(50))
             assert [x for x in srv.datagrams if x[:5] == b"SWEEP"] == [b"SWEEP2"]
             for reason in ("reass_evicted", "reass_overlap", "reass_too_big",
                            "udp_flow_evicted", "ipv4_bad_checksum", "arp_not_for_us"):
