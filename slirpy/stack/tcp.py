@@ -675,7 +675,7 @@ class TcpEngine:
         if n < len(data):
             f.want_writable = True
         if n > 0:
-            f.sbuf += data[:n]
+            f.sbuf += data if n == len(data) else memoryview(data)[:n]
             self._output(f, now)
         return n
 
@@ -683,12 +683,18 @@ class TcpEngine:
         f = self._flows.get(flow)
         if f is None or not f.rbuf:
             return b""
-        out = bytes(f.rbuf[:n])
-        del f.rbuf[:len(out)]
+        rb = f.rbuf
+        if n >= len(rb):
+            out, f.rbuf = rb, None  # all of it: hand the buffer over, no copy
+        else:
+            out = rb[:n]
+            del rb[:n]
         new_adv = self._adv(f) << f.rcv_ws
         if f.state == "ESTABLISHED" and not f.their_fin and (
                 new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2) or (f.last_adv < f.mss and new_adv >= f.mss)):
-            self._send(f, f.snd_nxt, ACK)
+            # window update, sent by flush_pending with the batch (one ACK, not one per read)
+            f.ack_pending = True
+            self._ack_set[f.id] = f
         if not f.rbuf:
             f.rbuf = None
             if f.their_fin and not f.eof_pushed:
