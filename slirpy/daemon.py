@@ -22,7 +22,7 @@ import sys
 import trio
 
 from .stack.events import TcpConnectRequest
-from .tap import Tap, TapGone
+from .tap import MAX_READ_BATCH, Tap, TapGone
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,11 @@ class Daemon:
                 for f in frames:
                     stack.receive_frame(f, now)
                 self.flush()
-                await trio.lowlevel.checkpoint()
+                # read_batch stopped at EAGAIN (or at its cap): wait for more rather than retry
+                if len(frames) < MAX_READ_BATCH:
+                    await trio.lowlevel.wait_readable(self.tap_fd)
+                else:
+                    await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_readable(self.tap_fd)
 

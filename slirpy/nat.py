@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 
@@ -260,6 +261,10 @@ class TcpNat:
 
 async def _sendall(sock, data):
     view = memoryview(data)
+    fd = sock.fileno()
     while view:
-        n = await sock.send(view)
+        try:  # the socket is non-blocking: write now, a trip through the scheduler only on EAGAIN
+            n = os.write(fd, view)
+        except BlockingIOError:
+            n = await sock.send(view)
         view = view[n:]
