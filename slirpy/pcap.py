@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 
-import dpkt
 
 import trio
 
@@ -43,6 +42,7 @@ class PcapWriter:
         except OSError as e:
             from .portfwd import StartupError
             raise StartupError(f"--pcap {self.path}: {e.strerror or e}") from None
+        import dpkt  # here, not at the top: ~50 ms of start-up for a daemon without --pcap
         self._w = dpkt.pcap.Writer(self._f, snaplen=SNAPLEN, linktype=dpkt.pcap.DLT_EN10MB)
         self.bytes = FILE_HEADER
         daemon.pcap = self  # the hook the daemon tests per batch; None again once stopped
