@@ -692,9 +692,7 @@ class TcpEngine:
         new_adv = self._adv(f) << f.rcv_ws
         if f.state == "ESTABLISHED" and not f.their_fin and (
                 new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2) or (f.last_adv < f.mss and new_adv >= f.mss)):
-            # window update, sent by flush_pending with the batch (one ACK, not one per read)
-            f.ack_pending = True
-            self._ack_set[f.id] = f
+            self._send(f, f.snd_nxt, ACK)
         if not f.rbuf:
             f.rbuf = None
             if f.their_fin and not f.eof_pushed:
