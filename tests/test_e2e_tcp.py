@@ -543,3 +543,64 @@ print("OK", sum(1 for v in res.values() if v is True), [v for v in res.values() 
         assert "OK 100 []" in out, out
         end = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=60)
         assert (end["flows"], end["fds"]) == (0, base["fds"]), (base, end)
+
+
+def test_syn_flood_to_a_black_hole_evicts_oldest_half_open():
+    """slirpy's parent runs in a netns the test made, where 192.0.2.9 is a static neighbour on a
+    veth whose peer has another MAC (SYNs vanish, connect() hangs). The guest starts 1500 connections there: at most 1024 stay
+    half-open, the oldest are evicted with an RST (ECONNREFUSED in the guest) and a connection
+    to a live server still works meanwhile."""
+    _need()
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("LOUD: need root and ip(8) to build the black-hole netns")
+    guest = GUEST_LIB + """
+import resource, select
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20000), hard))
+socks = []
+for i in range(1500):
+    s = socket.socket(); s.setblocking(False)
+    try:
+        s.connect(("192.0.2.9", 80))
+    except BlockingIOError:
+        pass
+    socks.append(s)
+time.sleep(3)
+refused = pending = other = 0
+for s in socks:
+    e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if e == errno.ECONNREFUSED:
+        refused += 1
+    elif e == 0:
+        pending += 1
+    else:
+        other += 1
+print("FLOOD refused", refused, "pending", pending, "other", other)
+n, h = both_ways(("10.0.2.2", 8080), b"BOTH 100000 f\\n", b"z" * 100000)
+print("LIVE", n, h)
+"""
+    script = textwrap.dedent(f"""
+        set -e
+        ip link set lo up
+        ip link add v0 type veth peer name v1
+        ip addr add 192.0.2.1/24 dev v0
+        ip link set v0 up
+        ip link set v1 up
+        ip neigh replace 192.0.2.9 lladdr 02:00:00:00:00:09 dev v0 nud permanent
+        ulimit -n 8192  # 1024 connecting host sockets must not meet EMFILE first
+        {sys.executable} -c 'import socket,threading,sys; sys.path.insert(0, "{ROOT}/tests"); import test_e2e_tcp as T, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 8080)); s.listen(64)
+srv = T.HostServer.__new__(T.HostServer); srv.sock = s; srv.got, srv.peers, srv.errors, srv.accepted = [], [], [], 0
+threading.Thread(target=srv._accept, daemon=True).start(); time.sleep(100)' & SRV=$!
+        trap 'kill $SRV' EXIT
+        sleep 0.5
+        {sys.executable} -m slirpy -c -- {sys.executable} -c "$1"
+    """)
+    r = subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", guest], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT, env=_env())
+    print(r.stdout)
+    assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr[-3000:]}"
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("FLOOD")][0].split()
+    refused, pending, other = int(line[2]), int(line[4]), int(line[6])
+    assert pending == 1024 and refused == 1500 - 1024 and other == 0, r.stdout
+    assert f"LIVE 100000 {sha(blob(100000, 'f'))}" in r.stdout
