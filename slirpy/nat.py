@@ -23,7 +23,8 @@ CHUNK = 256 * 1024  # per host recv / guest read: fewer wakeups, syscalls and AC
 
 
 class _Bridge:
-    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset", "scope")
+    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset", "scope",
+                 "running")
 
     def __init__(self, flow, sock=None):
         self.flow, self.sock = flow, sock
@@ -33,6 +34,7 @@ class _Bridge:
         self.closed = False
         self.reset = False
         self.scope = trio.CancelScope()  # cancelled when the stack drops the flow (e.g. evicted)
+        self.running = None  # the bridge's cancel scope: a reset ends it even mid-send
 
 
 class TcpNat:
@@ -64,6 +66,8 @@ class TcpNat:
         if b is not None:
             b.reset = True
             self._linger0(b.sock)
+            if b.running is not None:  # a send_all blocked on a host that does not read
+                b.running.cancel()
 
     def _on_closed(self, ev):
         b = self.bridges.pop(ev.flow, None)
@@ -195,6 +199,9 @@ class TcpNat:
             pass
         try:
             async with trio.open_nursery() as n:
+                b.running = n.cancel_scope
+                if b.reset:
+                    n.cancel_scope.cancel()
                 n.start_soon(self._host_to_guest, b)
                 await self._guest_to_host(b)
                 n.cancel_scope.cancel()

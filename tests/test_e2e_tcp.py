@@ -82,6 +82,7 @@ class HostServer:
       SRC n seed    send blob(n, seed), close
       RST n seed    send blob(n, seed), then reset the connection (SO_LINGER 0)
       HOLD          read until EOF (keeps the connection open meanwhile)
+      STALL t       read nothing for t seconds, then read until EOF or error
     """
 
     def __init__(self, addr="127.0.0.1"):
@@ -142,6 +143,11 @@ class HostServer:
                     c.shutdown(socket.SHUT_WR)
                     while c.recv(1 << 16):
                         pass
+            elif cmd == "STALL":
+                time.sleep(float(a[0]))
+                while c.recv(1 << 16):
+                    pass
+                self.got.append("STALL EOF")
             elif cmd == "HOLD":
                 while c.recv(1 << 16):
                     pass
@@ -509,6 +515,37 @@ print("WORLD", *recv_all(s), "%.2fs" % (time.monotonic() - t0))
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     assert f"WORLD {N} {sha(blob(N, b'world'))}" in r.stdout
     assert "PEER 192.0.2.1" in r.stdout
+
+
+def test_guest_reset_while_host_does_not_read(server):
+    """The host peer reads nothing, so the daemon is blocked writing to it; the guest resets:
+    the host socket is reset at once (not when the peer reads) and its fd is released."""
+    with ShimDaemon() as d:
+        base = d.wait_for(lambda q: q["flows"] == 0)
+        out = d.guest(GUEST_LIB + f"""
+import struct
+s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+s.sendall(b"STALL 6\\n")
+s.setblocking(False)
+sent = 0
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    try:
+        sent += s.send(b"s" * 65536)
+    except BlockingIOError:
+        time.sleep(0.01)
+print("SENT", sent)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+""")
+        assert int(out.split()[1]) > 1 << 20
+        q = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=2)
+        assert (q["flows"], q["fds"]) == (0, base["fds"]), (base, q)
+        for _ in range(100):
+            if server.errors or server.got:
+                break
+            time.sleep(0.1)
+        assert server.got == [] and "ConnectionResetError" in server.errors[0], server.errors
 
 
 def test_impaired_churn_closes_every_flow(server):
