@@ -344,6 +344,7 @@ def lockdown(daemon) -> None:
             filt = seccomp.build()
         except seccomp.SeccompError as e:
             raise SandboxError(f"--enable-seccomp: {e}") from None
+    done = []
     if cfg.enable_sandbox:
         try:
             info = enter(cfg)
@@ -352,10 +353,14 @@ def lockdown(daemon) -> None:
         hook = LateImportLogger()
         sys.meta_path.insert(0, hook)
         daemon.late_imports = hook.seen
-        log.info("sandbox entered: %s", info)
+        done.append("sandbox (%s%s; kept caps %#x)" % (
+            "own user namespace, " if info["userns"] else "",
+            ", ".join(("ro " if ro else "rw ") + p for p, ro in info["binds"]) or "nothing bound",
+            info["kept_caps"]))
     if filt is not None:
         try:
             filt.load()
         except seccomp.SeccompError as e:
             raise SandboxError(f"--enable-seccomp: {e}") from None
-        log.info("seccomp filter loaded")
+        done.append(f"seccomp filter ({filt.rules} rules)")
+    log.info("lockdown: %s", ", ".join(done))
