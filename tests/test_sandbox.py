@@ -44,15 +44,19 @@ def put(name, obj):
         json.dump(obj, f)
     os.rename(os.path.join(D, name + ".tmp"), os.path.join(D, name))
 
-def dns():
+def dns(server="10.0.2.3"):
     q = struct.pack("!HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x04test\x07example\x00\x00\x01\x00\x01"
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(4)
-    s.connect(("10.0.2.3", 53)); s.send(q)
-    try:
-        r = s.recv(512)
-        return "%s %s" % (r[:2].hex(), socket.inet_ntoa(r[-4:]))
-    except OSError as e:
-        return "ERR %s" % e
+    fam = socket.AF_INET6 if ":" in server else socket.AF_INET
+    for _ in range(20):  # the v6 address may still be coming up
+        s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(4)
+        try:
+            s.connect((server, 53)); s.send(q)
+            r = s.recv(512)
+            return "%s %s" % (r[:2].hex(), socket.inet_ntoa(r[-4:]))
+        except OSError as e:
+            err = "ERR %s" % e
+            time.sleep(0.2)
+    return err
 
 blob = hashlib.shake_256(b"guest-blob").digest(1 << 20)
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -76,6 +80,8 @@ u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(4)
 u.connect(("10.0.2.2", UPORT)); u.send(b"ping-sandbox")
 out["udp"] = u.recv(100).decode()
 out["dns1"] = dns()
+if "-6" in sys.argv:
+    out["dns6"] = dns("fd00::3")
 put("phase1", out)
 wait("go2")
 put("phase2", {"dns2": dns()})
@@ -195,7 +201,8 @@ def run_scenario(tmp_path, flags: list[str], inspect):
     wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
             f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh"]
     cmd = wrap + [sys.executable, "-m", "slirpy", *flags, "-p", f"127.0.0.1:{hp}:8000", "-a", api,
-                  "--", sys.executable, "-c", GUEST, str(d), str(host.tport), str(host.udp.port)]
+                  "--", sys.executable, "-c", GUEST, str(d), str(host.tport), str(host.udp.port),
+                  *(["-6"] if "-6" in flags else [])]
     env = dict(os.environ, PYTHONPATH=REPO)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd="/", start_new_session=True)
@@ -227,7 +234,7 @@ def _check_features(p1, p2, ctx, err):
     assert p1["udp"] == "echo:ping-sandbox"
     assert p1["dns1"] == "4242 198.51.100.1"
     assert p2["dns2"] == "4242 198.51.100.2"
-    assert ctx["resolver_hits"] == (1, 1)
+    assert ctx["resolver_hits"] == (1 + ("dns6" in p1), 1)
     assert ctx["fwd"] == (len(GUEST_BLOB), hashlib.sha256(GUEST_BLOB).hexdigest())
     assert ctx["api_fwd"] == ctx["fwd"]
     assert "late import" not in err and "Traceback" not in err, err
@@ -273,7 +280,12 @@ def test_sandbox_and_seccomp_root_caps_and_every_feature(tmp_path):
         # writes outside the API directory are refused (read-only tmpfs root)
         _exercise_forwards(ctx)
 
-    p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-sandbox", "--enable-seccomp"], inspect)
+    pcap = tmp_path / "cap.pcap"  # opened before the lockdown, outside the sandbox
+    p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-sandbox", "--enable-seccomp", "-6",
+                                               f"--pcap={pcap}"], inspect)
+    assert p1["dns6"] == "4242 198.51.100.1", p1  # IPv6: DNS at fd00::3 from inside too
+    data = pcap.read_bytes()
+    assert data[:4] == b"\xd4\xc3\xb2\xa1" and len(data) > 2 * len(HOST_BLOB), len(data)
     st = ctx["status"]
     # root keeps CAP_NET_BIND_SERVICE (bit 10) and nothing else, in every set that grants any
     assert st["CapEff"] == st["CapPrm"] == "0000000000000400", st
