@@ -17,10 +17,12 @@ arguments) so the tests can check what the clients passed and inspect the daemon
 Machine setup done here (and said on stdout): a user `slirpyci` with /etc/subuid and /etc/subgid
 ranges; /dev/net/tun mode 0666 when it is not usable by other users; search (x) permission for that
 user, by ACL, on directories leading to this interpreter (pyenv lives under /root, mode 0700).
+These are left in place for the next run (and for a concurrent one on a shared machine).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.server
 import os
@@ -74,11 +76,36 @@ class Rootless:
     def setup(self):
         missing = [t for t in TOOLS if shutil.which(t) is None]
         assert not missing, f"missing {missing}: run bash tests/install-deps.sh"
+        # several test runs may share this machine: the user, its subuid lines and the ACLs are
+        # set up under one lock and left in place (a teardown would pull them from under a
+        # concurrent run); everything else lives in this run's own directory
+        with open("/tmp/.slirpy-test-user.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._setup_machine()
+        # short: Podman's API socket path (XDG_RUNTIME_DIR/libpod/tmp/<64 hex>.net) must fit
+        # in sun_path's 108 bytes
+        self.work = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
+        os.chmod(self.work, 0o755)
+        os.chown(self.work, self.uid, self.gid)
+        self.python = os.path.realpath(sys.executable)
+        self.wrapper = os.path.join(self.work, "slirpy-wrapper")
+        self.calls = os.path.join(self.work, "calls.log")
+        with open(self.wrapper, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f'echo "$$ $*" >> {self.calls}\n'
+                    f'PYTHONPATH={REPO} exec {self.python} -m slirpy "$@"\n')
+        os.chmod(self.wrapper, 0o755)
+        r = self.run([self.wrapper, "--help"])
+        assert r.returncode == 0 and "--enable-sandbox" in r.stdout, \
+            f"{USER} cannot run this tree's slirpy: {r.stdout}{r.stderr}"
+        return self
+
+    def _setup_machine(self):
         try:
             pw = pwd.getpwnam(USER)
         except KeyError:
             r = _run(["useradd", "-m", "-s", "/bin/sh", USER])
-            assert r.returncode == 0, r.stderr
+            assert r.returncode == 0 or "already exists" in r.stderr, r.stderr
             _note(f"created user {USER}")
             pw = pwd.getpwnam(USER)
         self.uid, self.gid, self.home = pw.pw_uid, pw.pw_gid, pw.pw_dir
@@ -98,28 +125,12 @@ class Rootless:
                  os.path.dirname(os.path.realpath(__import__("trio").__file__))}
         for p in paths:
             self._grant_search(p)
-        # short: Podman's API socket path (XDG_RUNTIME_DIR/libpod/tmp/<64 hex>.net) must fit
-        # in sun_path's 108 bytes
-        self.work = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
-        os.chmod(self.work, 0o755)
-        os.chown(self.work, self.uid, self.gid)
-        self.python = os.path.realpath(sys.executable)
-        self.wrapper = os.path.join(self.work, "slirpy-wrapper")
-        self.calls = os.path.join(self.work, "calls.log")
-        with open(self.wrapper, "w") as f:
-            f.write("#!/bin/sh\n"
-                    f'echo "$$ $*" >> {self.calls}\n'
-                    f'PYTHONPATH={REPO} exec {self.python} -m slirpy "$@"\n')
-        os.chmod(self.wrapper, 0o755)
-        r = self.run([self.wrapper, "--help"])
-        assert r.returncode == 0 and "--enable-sandbox" in r.stdout, \
-            f"{USER} cannot run this tree's slirpy: {r.stdout}{r.stderr}"
-        return self
 
     def _grant_search(self, path: str) -> None:
         d = path if os.path.isdir(path) else os.path.dirname(path)
         while True:
-            if not stat.S_IMODE(os.stat(d).st_mode) & 0o001 and d not in self.granted:
+            if not stat.S_IMODE(os.stat(d).st_mode) & 0o001 and d not in self.granted and \
+                    f"user:{USER}:--x" not in _run(["getfacl", "-p", d]).stdout:
                 r = _run(["setfacl", "-m", f"u:{USER}:x", d])
                 assert r.returncode == 0, f"setfacl on {d}: {r.stderr}"
                 self.granted.append(d)
@@ -159,8 +170,6 @@ class Rootless:
         return out
 
     def teardown(self):
-        for d in self.granted:
-            _run(["setfacl", "-x", f"u:{USER}", d])
         if self.work:
             shutil.rmtree(self.work, ignore_errors=True)
 
