@@ -67,6 +67,7 @@ class Daemon:
         self.tap: Tap | None = None
         self.pcap = None  # slirpy.pcap.PcapWriter when --pcap is given: sees every frame
         self.exit_message: str | None = None
+        self._main_cancel: trio.CancelScope | None = None
         self.exit_code = 0
 
     # -------------------------------------------------------------------------- contract
@@ -87,7 +88,11 @@ class Daemon:
                 if frames:
                     if self.pcap is not None:
                         self._capture(frames)
-                    self.tap.write_frames(frames)
+                    try:
+                        self.tap.write_frames(frames)
+                    except TapGone as e:  # flush runs in any task: end cleanly, not with a traceback
+                        self._tap_gone(e)
+                        return
                     if self.tap.queue:
                         self._write_wakeup.set()
                 ev = stack.next_event()
@@ -202,12 +207,18 @@ class Daemon:
         self.exit_code = 1
         cancel.cancel()
 
+    def _tap_gone(self, e) -> None:
+        if self.exit_message is None:
+            self.exit_message = str(e)
+        self.exit_code = 1
+        if self._main_cancel is not None:
+            self._main_cancel.cancel()
+
     async def _guard(self, fn, cancel):
         try:
             await fn()
         except TapGone as e:
-            self.exit_message = str(e)
-            self.exit_code = 1
+            self._tap_gone(e)
             cancel.cancel()
 
     async def main(self, child_pid: int | None = None, go_fd: int | None = None):
@@ -217,6 +228,7 @@ class Daemon:
         self.tap = Tap(self.tap_fd, self.stack.stats)
         self.child_status = None
         with trio.CancelScope() as cancel:
+            self._main_cancel = cancel
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self._watch_signals, cancel)

@@ -58,6 +58,9 @@ class Tap:
                     if e.errno in (errno.EINVAL, errno.EMSGSIZE):
                         self._drop("tap_write_invalid")
                         continue
+                    if e.errno == errno.EIO:  # the guest set tap0 down: not gone, just deaf
+                        self._drop("tap_write_link_down")
+                        continue
                     raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
         while len(q) > MAX_WRITE_QUEUE:
             q.popleft()
@@ -72,9 +75,10 @@ class Tap:
             except BlockingIOError:
                 return False
             except OSError as e:
-                if e.errno in (errno.EINVAL, errno.EMSGSIZE):
+                if e.errno in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
                     q.popleft()
-                    self._drop("tap_write_invalid")
+                    self._drop("tap_write_link_down" if e.errno == errno.EIO else
+                               "tap_write_invalid")
                     continue
                 raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
             q.popleft()

@@ -186,3 +186,64 @@ def test_tap_deleted_in_the_guest_ends_with_one_message():
             err = s.proc.stderr.read()
         assert rc == 1
         assert err.startswith("slirpy: error: tap read:") and err.count("\n") == 1, err
+
+
+async def test_tap_gone_during_a_flush_from_any_task_ends_cleanly(monkeypatch):
+    """flush() runs in the timer task and in every glue task, not only in the guarded reader and
+    writer: a dead tap found there must end the daemon with its message, not a traceback."""
+    from slirpy import daemon as daemon_mod
+    from test_cli_daemon import FakeStack
+    monkeypatch.setattr(daemon_mod, "COMPONENTS", [])
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.setblocking(False)
+    stack = FakeStack()
+    d = daemon_mod.Daemon(Config(), a.fileno(), stack)
+    async with trio.open_nursery() as n:
+        async def glue_task():
+            await trio.sleep(0.05)
+            b.shutdown(socket.SHUT_RDWR)  # writes now fail with EPIPE, like a vanished tap
+            stack.out.append(b"frame from a glue task")
+            d.flush()
+        n.start_soon(glue_task)
+        with trio.fail_after(5):
+            rc = await d.main()
+    assert rc == 1 and d.exit_message.startswith("tap write:")
+    a.close()
+    b.close()
+
+
+def test_guest_sets_tap_down_and_up_again():
+    """`ip link set tap0 down` in the guest makes tap writes fail with EIO: counted drops, not an
+    exit; once the link is up again the network works."""
+    import json
+    from nsutil import Slirpy, require_netns
+    require_netns()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    hp = probe.getsockname()[1]
+    probe.close()
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        api = os.path.join(tmp, "api.sock")
+        with Slirpy("-6", "-a", api, "-p", f"127.0.0.1:{hp}:8080/tcp") as s:
+            assert s.run_in_ns("ping", "-c1", "-W", "3", "10.0.2.2").returncode == 0
+            assert s.run_in_ns("ip", "link", "set", "tap0", "down").returncode == 0
+            for _ in range(5):  # frames toward the guest while its link is down
+                try:
+                    socket.create_connection(("127.0.0.1", hp), timeout=2).close()
+                except OSError:
+                    pass
+            assert s.proc.poll() is None
+            c = socket.socket(socket.AF_UNIX)
+            c.connect(api)
+            c.sendall(b'{"execute":"get_stats"}')
+            c.shutdown(socket.SHUT_WR)
+            buf = b""
+            while b := c.recv(65536):
+                buf += b
+            c.close()
+            assert json.loads(buf)["return"]["dropped"]["tap_write_link_down"] > 0
+            assert s.run_in_ns("ip", "link", "set", "tap0", "up").returncode == 0
+            s.run_in_ns("ip", "route", "replace", "default", "via", "10.0.2.2")
+            assert s.run_in_ns("ping", "-c1", "-W", "3", "10.0.2.2").returncode == 0
+            assert s.proc.poll() is None
