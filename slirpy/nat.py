@@ -115,7 +115,22 @@ class TcpNat:
 
     def _on_request(self, ev):
         self.bridges[ev.flow] = _Bridge(ev.flow)
-        self.d.nursery.start_soon(self._outbound, ev)
+        self.d.nursery.start_soon(self._guarded, ev)
+
+    async def _guarded(self, ev):
+        """One flow's failure is that flow's RST, never the daemon's end."""
+        try:
+            await self._outbound(ev)
+        except Exception:
+            log.exception("tcp flow %d to %s:%d", ev.flow, ev.dst, ev.dport)
+            st = self.d.stack
+            st.stats.drop("tcp_glue_error")
+            b = self.bridges.pop(ev.flow, None)
+            if b is not None and b.sock is not None:
+                self._linger0(b.sock)
+                b.sock.close()
+            st.reset_tcp(ev.flow, self.d.now())
+            self.d.flush()
 
     # ----------------------------------------------------------------- outbound
     async def _outbound(self, ev):

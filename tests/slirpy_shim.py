@@ -10,6 +10,7 @@ Environment:
       {"flows": N, "fds": N, "dropped": {reason: count}}: the flows in the TCP engine's table, the
       open fds of this process and the stack's drop counters.
   SHIM_NOFILE=N  RLIMIT_NOFILE soft limit set once the daemon starts (after the tap is open).
+  SHIM_EXEC=CODE  Python run before slirpy starts (e.g. to make one glue method fail).
   Counts of what the shim did are written to stderr at exit ("SHIM dropped=.. duped=.. held=..").
 """
 
@@ -102,6 +103,8 @@ def _install():
     slirpy.daemon.Daemon.__init__ = init
     if os.environ.get("SHIM_IMPAIR"):
         _impair(os.environ["SHIM_IMPAIR"])
+    if os.environ.get("SHIM_EXEC"):
+        exec(os.environ["SHIM_EXEC"], {})
 
 
 if __name__ == "__main__":

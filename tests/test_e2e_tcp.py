@@ -641,3 +641,39 @@ threading.Thread(target=srv._accept, daemon=True).start(); time.sleep(100)' & SR
     refused, pending, other = int(line[2]), int(line[4]), int(line[6])
     assert pending == 1024 and refused == 1500 - 1024 and other == 0, r.stdout
     assert f"LIVE 100000 {sha(blob(100000, 'f'))}" in r.stdout
+
+
+def test_glue_failure_resets_only_that_flow(server):
+    """An unexpected exception in one flow's glue task (made here by the shim for one port)
+    becomes an RST for that flow, counted; the daemon and the other flows carry on."""
+    boom = HostServer()
+    code = textwrap.dedent(f"""
+        import slirpy.nat
+        orig = slirpy.nat.TcpNat._bridge
+        async def _bridge(self, b):
+            if b.sock.getpeername()[1] == {boom.port}:
+                raise RuntimeError("injected")
+            return await orig(self, b)
+        slirpy.nat.TcpNat._bridge = _bridge
+    """)
+    try:
+        with ShimDaemon(env={"SHIM_EXEC": code}) as d:
+            out = d.guest(GUEST_LIB + f"""
+keep = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+keep.sendall(b"ECHO\\n")
+try:  # the RST may come before connect() returns
+    s = socket.create_connection(("10.0.2.2", {boom.port}), timeout=20)
+    s.sendall(b"SRC 10 x\\n")
+    print("BOOM", s.recv(100))
+except ConnectionResetError:
+    print("BOOM RESET")
+keep.sendall(b"ping")
+print("KEEP", keep.recv(100))
+print("NEW", both_ways(("10.0.2.2", {server.port}), b"BOTH 1000 n\\n", b"q" * 1000)[0])
+""")
+            q = d.query()
+            assert d.proc.poll() is None
+    finally:
+        boom.close()
+    assert "BOOM RESET" in out and "KEEP b'ping'" in out and "NEW 1000" in out, out
+    assert q["dropped"].get("tcp_glue_error") == 1, q
