@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import queue
+import select
 import shutil
 import socket
 import struct
@@ -547,3 +548,66 @@ def test_outbound_addr_errors_are_one_line():
     from slirpy import cli
     c = cli.parse_args(["--outbound-addr=lo", "--outbound-addr6=lo", "1"])
     assert (str(c.outbound_addr), str(c.outbound_addr6)) == ("127.0.0.1", "::1")
+
+
+NS_SERVER = r"""
+import socket, sys
+ls = socket.socket(socket.AF_INET6); ls.bind(("::", 8080)); ls.listen(1); ls.settimeout(20)
+print("LISTENING", flush=True)
+c, a = ls.accept()
+c.sendall(("%s %s" % (a[0], c.getsockname()[0])).encode()); c.close()
+"""
+
+
+def _ns_global6(s, want_permanent=True, limit=10.0):
+    """The namespace's fd00:: address on tap0 once DAD is over, polled from outside."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        for line in s.run_in_ns("cat", "/proc/net/if_inet6").stdout.splitlines():
+            a = line.split()
+            if a[5] == "tap0" and a[0].startswith("fd00") and not int(a[4], 16) & 0x40:
+                return ":".join(a[0][i:i + 4] for i in range(0, 32, 4)), time.monotonic() - t0
+        time.sleep(0.1)
+    return None, time.monotonic() - t0
+
+
+def test_path_form_without_configure_forward_follows_the_learned_address():
+    """As a caller that configures the tap itself (no -c): the guest does DAD and makes an
+    EUI-64 SLAAC address from our RA; a v6 port forward reaches it, learned from its DAD probe
+    before it ever sent a packet from that address (PID/path forms, user namespace joined)."""
+    _need()
+    import ipaddress
+    from nsutil import Slirpy
+    hp = _free_port(socket.AF_INET6, socket.SOCK_STREAM)
+    with Slirpy("-6", "-p", f"[::1]:{hp}:8080", path_form=True, configure=False) as s:
+        for cmd in (("ip", "link", "set", "lo", "up"), ("ip", "link", "set", "tap0", "up")):
+            r = s.run_in_ns(*cmd)
+            assert r.returncode == 0, r.stderr
+        addr, took = _ns_global6(s)
+        assert addr is not None, "no SLAAC address within 10 s"
+        addr = str(ipaddress.IPv6Address(addr))
+        assert addr != "fd00::100" and ipaddress.IPv6Address(addr) in ipaddress.IPv6Network(
+            "fd00::/64")
+        srv = subprocess.Popen(["nsenter", "-t", str(s.ns.pid), "-U", "-n", "--preserve-credentials",
+                                sys.executable, "-c", NS_SERVER], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, bufsize=0)
+        try:
+            buf, t0 = b"", time.monotonic()
+            while b"\n" not in buf and time.monotonic() - t0 < 10:
+                r, _, _ = select.select([srv.stdout], [], [], 1)
+                if r:
+                    b = os.read(srv.stdout.fileno(), 100)
+                    if not b:
+                        break
+                    buf += b
+            assert buf == b"LISTENING\n", (buf, srv.stderr.read() if srv.poll() is not None else "")
+            c = socket.create_connection(("::1", hp), timeout=10)
+            c.settimeout(10)
+            got = c.recv(200).decode()
+            c.close()
+            assert got == f"fd00::2 {addr}"
+            assert srv.wait(timeout=10) == 0
+        finally:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait(timeout=5)
