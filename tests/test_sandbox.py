@@ -423,3 +423,37 @@ def test_preimport_covers_slirpy():
     for m in ("slirpy.nat", "slirpy.udp_nat", "slirpy.dns", "slirpy.api_socket", "slirpy.portfwd",
               "slirpy.stack.stack", "slirpy.seccomp", "slirpy.icmp_nat"):
         assert m in mods
+
+
+LAUNCH_WITHOUT_UNSHARE = r"""
+import errno, os, sys
+sys.path.insert(0, os.environ["PYTHONPATH"])
+from slirpy import seccomp
+f = seccomp.Filter()
+f.rule(seccomp.SCMP_ACT_ERRNO(errno.EPERM), "unshare")
+f.load()
+os.execv(sys.executable, [sys.executable, "-m", "slirpy", *sys.argv[1:]])
+"""
+
+
+def test_sandbox_refused_is_one_error_line(tmp_path):
+    """When the mount namespace cannot be made (here unshare() is refused by a filter the test
+    puts on the daemon), slirpy says so in one line, exits 1, never reports ready, and removes
+    its API socket."""
+    from nsutil import NsHolder
+    require_netns()
+    api = str(tmp_path / "api.sock")
+    with NsHolder() as ns:
+        ready_r, ready_w = os.pipe()
+        p = subprocess.run([sys.executable, "-c", LAUNCH_WITHOUT_UNSHARE, "-c", "-r", str(ready_w),
+                            "--enable-sandbox", "-a", api, str(ns.pid)], pass_fds=(ready_w,),
+                           capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PYTHONPATH=REPO))
+        os.close(ready_w)
+        ready = os.read(ready_r, 16)
+        os.close(ready_r)
+    assert p.returncode == 1, p
+    assert p.stderr == ("slirpy: error: --enable-sandbox: unshare(CLONE_NEWNS): "
+                        "Operation not permitted\n"), p.stderr
+    assert ready == b""
+    assert not os.path.exists(api)
