@@ -124,6 +124,19 @@ def collect_flows(daemon) -> list[dict]:
                 e["idle"] = round(max(0.0, now - (deadline - timeout)), 3)
                 e["expires_in"] = round(max(0.0, deadline - now), 3)
             out.append(e)
+    pf = getattr(daemon, "portfwd", None)
+    for fwd in list(getattr(pf, "forwards", {}).values()):
+        if fwd.proto != "udp":
+            continue
+        for m in list(fwd.by_client.values()):  # forwarded UDP: the guest is the server
+            gaddr = m.gaddr or fwd.guest_addr
+            e = {"proto": "udp", "family": 6 if ":" in gaddr else 4, "src": gaddr,
+                 "sport": fwd.guest_port, "dst": m.src, "dport": m.gport, "state": "FORWARDED",
+                 "forward": fwd.id, "client": f"{m.client[0]}:{m.client[1]}",
+                 "bytes_in": m.bytes_in, "bytes_out": m.bytes_out}
+            if now is not None:
+                e["idle"] = round(max(0.0, now - m.last), 3)
+            out.append(e)
     return out
 
 

@@ -73,11 +73,12 @@ def guest_visible_source(config, family: int, addr: str) -> str:
 
 
 class _UdpMap:
-    __slots__ = ("client", "gport", "src", "last", "gaddr")
+    __slots__ = ("client", "gport", "src", "last", "gaddr", "bytes_in", "bytes_out")
 
     def __init__(self, client, gport, src, last, gaddr=None):
         self.client, self.gport, self.src, self.last = client, gport, src, last
         self.gaddr = gaddr  # the guest address this mapping sends to
+        self.bytes_in = self.bytes_out = 0  # payload from / to the guest (list_flows)
 
 
 class Forward:
@@ -298,6 +299,7 @@ class PortForwarder:
                 fwd.by_client[client] = m
                 fwd.by_gport[gport] = m
             m.last = now
+            m.bytes_out += len(data)
             d.stack.send_udp(gfamily, m.src, m.gport, m.gaddr or fwd.guest_addr, fwd.guest_port,
                              data, now)
             d.flush()
@@ -312,6 +314,7 @@ class PortForwarder:
             if m is None or m.src != ev.dst or ev.src != (m.gaddr or fwd.guest_addr):
                 continue
             m.last = self.daemon.now()
+            m.bytes_in += len(ev.payload)
             try:
                 fwd.raw.sendto(ev.payload, m.client)
             except OSError:

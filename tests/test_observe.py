@@ -262,3 +262,19 @@ async def test_client_stats_and_flows_table_and_json(tmp_path, capsys):
     row = [ln for ln in lines if ln.startswith("udp ") and "10.0.2.2:9999" in ln]
     assert len(row) == 1 and row[0].split() == ["udp", "10.0.2.100:5000", "10.0.2.2:9999", "ACTIVE", "7", "9"]
     assert "1 flow" in lines
+
+
+def test_udp_forward_mappings_listed():
+    from slirpy.portfwd import _UdpMap
+    d = FakeDaemon()
+    m = _UdpMap(("192.0.2.7", 5555), 33000, "192.0.2.7", 1.0, "10.0.2.100")
+    m.bytes_in, m.bytes_out = 5, 11
+    fwd = type("F", (), {"proto": "udp", "id": 3, "guest_addr": "10.0.2.100", "guest_port": 53,
+                         "by_client": {("192.0.2.7", 5555): m}})()
+    tcpf = type("F", (), {"proto": "tcp", "id": 4, "by_client": {}})()
+    d.portfwd = type("P", (), {"forwards": {3: fwd, 4: tcpf}})()
+    d.t = 3.5
+    assert collect_flows(d) == [
+        {"proto": "udp", "family": 4, "src": "10.0.2.100", "sport": 53, "dst": "192.0.2.7",
+         "dport": 33000, "state": "FORWARDED", "forward": 3, "client": "192.0.2.7:5555",
+         "bytes_in": 5, "bytes_out": 11, "idle": 2.5}]
