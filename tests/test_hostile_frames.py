@@ -181,6 +181,7 @@ def test_hostile_frames(tmp_path):
             assert out["sent"] >= 95_000 and out["send_errors"] == 0
             assert stats["frames_in"] >= out["sent"]  # every crafted frame was read and parsed
             assert out["unpaced"] == 0
+            assert out["vnet_arrived"] >= 1000  # GSO/offload frames really reached slirpy
             assert rss < RSS_LIMIT_KB, f"RSS {rss} kB"
             assert "tcp_internal_error" not in d  # the engine's catch-all never fired
             # the address sweep: only the gateway and DNS answer ARP and ping
