@@ -285,6 +285,12 @@ class TcpEngine:
         in_window = seq.between(f.rcv_nxt, seqno, seq.add(f.rcv_nxt, max(wnd, 1))) or seqno == f.rcv_nxt
         if flags & RST:
             if seqno == f.rcv_nxt:
+                if st != "TIME_WAIT" and f.their_fin and f.fin_acked:
+                    # both FINs are exchanged and acknowledged: the guest, closed already, answers
+                    # a duplicate ACK with RST. Resetting the host side now would throw away the
+                    # guest's last bytes still on their way to the host socket.
+                    self.stats.drop("tcp_rst_after_close")
+                    return
                 self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
             elif in_window:
                 self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK

@@ -51,3 +51,30 @@ def _est_port(h, port, gisn=1000):
     sa = h.pop()[-1]
     h.seg(gisn + 1, seq.add(sa[5], 1), ACK, window=1000, sport=port)
     return req.flow, seq.add(sa[5], 1)
+
+
+def test_rst_after_both_fins_keeps_the_guests_last_bytes():
+    """Seen through a port forward: host sends data + FIN, the guest echoes, closes, and answers
+    our duplicate ACK of its FIN with RST while the echo still waits for the glue. The RST must
+    not reset the host side (the client lost the whole echo: 'connection reset', 0 bytes)."""
+    from slirpy.stack import events as E
+    from slirpy.stack.tcp import FIN, PSH, RST
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"ping", 0.0) == 4
+    h.e.shutdown_tcp(fl, 0.0)  # the host half-closed: data then FIN to the guest
+    h.pop()
+    # the guest acks data+FIN, sends its echo and its FIN
+    h.seg(1001, s + 5, ACK | PSH | FIN, b"ping")
+    h.ev.clear()
+    h.seg(1006, s + 5, RST)  # the guest's RST at rcv_nxt, the echo not read by the glue yet
+    assert not any(isinstance(e, E.TcpReset) for e in h.ev)
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"ping"
+    assert h.stats.dropped["tcp_rst_after_close"] == 1
+    # before both FINs, a RST still resets
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.seg(1001, s2, ACK | PSH, b"data")
+    h2.ev.clear()
+    h2.seg(1005, s2, RST)
+    assert any(isinstance(e, E.TcpReset) for e in h2.ev)
