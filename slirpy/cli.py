@@ -316,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{flag}: not implemented yet")
     from .logutil import setup_logging
     setup_logging(cfg.log_level)
+    from .launch import start
+    started = start(cfg)  # forks the helper before the heavy imports below
+    if isinstance(started, int):
+        return started
     from .daemon import run
     try:
-        return run(cfg)
+        return run(started)
     except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)
         msg = _startup_error(e)
         if msg is None:

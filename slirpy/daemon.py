@@ -287,26 +287,16 @@ def _write_ready(fd: int) -> None:
         pass
 
 
-def run(config) -> int:
-    """Entry point from the CLI: open the tap (and the command's namespace), run the loop."""
-    from .helper import HelperError, open_tap
-    from .netns import spawn_command
-    for name in ("exit_fd", "ready_fd"):
-        fd = getattr(config, name)
-        if fd is not None:
-            try:
-                os.fstat(fd)
-            except OSError:
-                sys.stderr.write(f"slirpy: error: --{name.replace('_', '-')} {fd}: bad file descriptor\n")
-                return 1
-    child_pid = go_fd = None
+def run(started) -> int:
+    """Entry point from the CLI once launch.start() has forked the helper (and the command's
+    namespace): importing this module (trio) and preload() overlap with the helper's work."""
+    config, pending, child_pid, go_fd = started
+    from .helper import HelperError
+    from .stack import stack  # noqa: F401  - preload what the loop needs while the helper works
+    for spec in COMPONENTS:
+        load_component(spec)
     try:
-        if config.command is not None:
-            import dataclasses
-            child_pid, go_fd = spawn_command(config.command)
-            config = dataclasses.replace(config, target=str(child_pid), netns_type="pid",
-                                         userns_path=None)
-        tap_fd, offload = open_tap(config)
+        tap_fd, offload = pending.wait()
     except HelperError as e:
         if child_pid is not None:
             os.close(go_fd)

@@ -118,15 +118,13 @@ def set_offload(fd: int, ioctl=None) -> int:
 
 
 def _tunsetiff(name: str, flags: int) -> int:
-    import fcntl
-    import struct
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    """Create the tap with python-pytun; -> a fd of our own (pytun's object is closed)."""
+    import pytun
+    dev = pytun.TunTapDevice(name=name, flags=flags)
     try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+        return os.dup(dev.fileno())  # os.dup: close-on-exec, and the tap lives while it is open
+    finally:
+        dev.close()
 
 
 def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
@@ -137,7 +135,7 @@ def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
     if vnet:
         try:
             fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        except OSError:
+        except Exception:  # pytun.Error or OSError
             fd = None  # a kernel without IFF_VNET_HDR: plain frames below
         if fd is not None:
             import fcntl
@@ -149,9 +147,10 @@ def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
             return fd, set_offload(fd)
     try:
         fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI)
-    except OSError as e:
-        msg = e.strerror or str(e)
-        if e.errno in (errno.EBUSY, errno.EINVAL):
+    except Exception as e:  # pytun.Error (errno, message) or OSError
+        code = e.args[0] if e.args and isinstance(e.args[0], int) else getattr(e, "errno", None)
+        msg = os.strerror(code) if code else str(e)
+        if code in (errno.EBUSY, errno.EINVAL):
             msg += f" (does {name!r} already exist?)"
         raise HelperError(f"cannot create tap {name!r}: {msg}") from None
     return fd, -1
@@ -190,80 +189,10 @@ def _configure_ipv6(ipr, idx: int, tap: str) -> None:
         ("AF_INET6", {"attrs": [("IFLA_INET6_TOKEN", GUEST_IPV6_TOKEN)]})]})
 
 
-# linux/sockios.h; struct ifreq is 16 bytes of name + a 24-byte union
-SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFADDR, SIOCSIFNETMASK = 0x8913, 0x8914, 0x8916, 0x891C
-SIOCSIFMTU, SIOCSIFHWADDR, SIOCSIFTXQLEN, SIOCADDRT = 0x8922, 0x8924, 0x8943, 0x890B
-IFF_UP, RTF_UP, RTF_GATEWAY, ARPHRD_ETHER = 0x1, 0x1, 0x2, 1
-
-
-class _Sockaddr(ctypes.Structure):
-    _fields_ = [("sa_family", ctypes.c_ushort), ("sa_data", ctypes.c_char * 14)]
-
-
-class _Rtentry(ctypes.Structure):  # struct rtentry (linux/route.h), the native layout
-    _fields_ = [("rt_pad1", ctypes.c_ulong), ("rt_dst", _Sockaddr), ("rt_gateway", _Sockaddr),
-                ("rt_genmask", _Sockaddr), ("rt_flags", ctypes.c_ushort),
-                ("rt_pad2", ctypes.c_short), ("rt_pad3", ctypes.c_ulong),
-                ("rt_pad4", ctypes.c_void_p), ("rt_metric", ctypes.c_short),
-                ("rt_dev", ctypes.c_char_p), ("rt_mtu", ctypes.c_ulong),
-                ("rt_window", ctypes.c_ulong), ("rt_irtt", ctypes.c_ushort)]
-
-
-def _sin(addr) -> bytes:
-    """struct sockaddr_in for an IPv4Address (16 bytes)."""
-    return struct.pack("=HH4s8x", socket.AF_INET, 0, addr.packed)
-
-
-def _configure_ioctl(config) -> None:
-    """The IPv4 configuration with the classic ioctls, as slirp4netns does: no netlink library
-    to import (pyroute2 alone takes ~100 ms of the start-to-ready time)."""
-    import fcntl
-    import ipaddress
-    name = config.tap_name.encode()
-
-    def ifreq(data: bytes = b"") -> bytes:
-        return struct.pack("16s", name) + data.ljust(24, b"\0")
-
-    def step(what, fn):
-        try:
-            return fn()
-        except OSError as e:
-            raise HelperError(f"configuring {config.tap_name}: {what}: {e.strerror}") from None
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        def up(ifname: bytes):
-            req = struct.pack("16s", ifname) + bytes(24)
-            flags = struct.unpack_from("=h", fcntl.ioctl(s, SIOCGIFFLAGS, req), 16)[0]
-            fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh22x", ifname, flags | IFF_UP))
-
-        step("bringing lo up", lambda: up(b"lo"))
-        if config.macaddress:
-            mac = bytes.fromhex(config.macaddress.replace(":", ""))
-            step("setting the MAC address", lambda: fcntl.ioctl(
-                s, SIOCSIFHWADDR, ifreq(struct.pack("=H14s", ARPHRD_ETHER, mac))))
-        step("setting the MTU", lambda: fcntl.ioctl(s, SIOCSIFMTU, ifreq(struct.pack("=i", config.mtu))))
-        try:  # tun's default is already TXQUEUELEN; this ioctl wants CAP_NET_ADMIN in the init ns
-            fcntl.ioctl(s, SIOCSIFTXQLEN, ifreq(struct.pack("=i", TXQUEUELEN)))
-        except OSError:
-            pass
-        step("bringing it up", lambda: up(name))
-        step("adding the address", lambda: fcntl.ioctl(s, SIOCSIFADDR, ifreq(_sin(config.guest))))
-        mask = ipaddress.IPv4Network(f"0.0.0.0/{config.prefixlen}").netmask
-        step("setting the netmask", lambda: fcntl.ioctl(s, SIOCSIFNETMASK, ifreq(_sin(mask))))
-        rt = _Rtentry()
-        for field, addr in (("rt_dst", ipaddress.IPv4Address(0)), ("rt_gateway", config.gateway),
-                            ("rt_genmask", ipaddress.IPv4Address(0))):
-            ctypes.memmove(ctypes.addressof(rt) + getattr(_Rtentry, field).offset, _sin(addr), 16)
-        rt.rt_flags = RTF_UP | RTF_GATEWAY
-        dev = ctypes.create_string_buffer(name)
-        rt.rt_dev = ctypes.cast(dev, ctypes.c_char_p)
-        step("adding the default route", lambda: fcntl.ioctl(s, SIOCADDRT, bytes(rt)))
-
-
 def _configure(config) -> None:
-    if not config.enable_ipv6:
-        _configure_ioctl(config)
-        return
+    """-c over netlink with pyroute2: lo up, MAC, MTU, txqueuelen, (IPv6 SLAAC setup), link up,
+    CIDR base+100, default route via base+2. pyroute2's import (~80 ms) overlaps with the
+    parent's own start-up work: see start_helper()."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
     try:
@@ -302,9 +231,36 @@ def _child(config, sock: socket.socket) -> None:
         sock.sendall(f"ERR helper: {type(e).__name__}: {e}".replace("\n", " ").encode(errors="replace"))
 
 
-def open_tap(config) -> tuple[int, int]:
-    """Fork the helper, return (tap fd (non-blocking), offload flags or -1 for no virtio-net
-    header). Raises HelperError with one line."""
+class PendingTap:
+    """A forked helper at work; wait() returns (tap fd (non-blocking), offload flags or -1 for
+    no virtio-net header) or raises HelperError with one line."""
+
+    def __init__(self, pid: int, sock: socket.socket):
+        self.pid, self.sock = pid, sock
+
+    def wait(self) -> tuple[int, int]:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 4)
+        finally:
+            self.sock.close()
+            os.waitpid(self.pid, 0)
+        if msg.startswith(b"OK") and len(fds) == 1:
+            os.set_blocking(fds[0], False)
+            try:
+                offload = int(msg[3:] or b"-1")
+            except ValueError:
+                offload = -1
+            return fds[0], offload
+        for fd in fds:
+            os.close(fd)
+        if msg.startswith(b"ERR "):
+            raise HelperError(msg[4:].decode(errors="replace"))
+        raise HelperError("helper died without a reply")
+
+
+def start_helper(config) -> PendingTap:
+    """Fork the helper and return at once, so the parent can do its own start-up work (imports,
+    the stack) on the other core while the child joins the namespaces and configures the tap."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
@@ -317,20 +273,9 @@ def open_tap(config) -> tuple[int, int]:
         finally:
             os._exit(code)
     child.close()
-    try:
-        msg, fds, _flags, _addr = socket.recv_fds(parent, 4096, 4)
-    finally:
-        parent.close()
-        os.waitpid(pid, 0)
-    if msg.startswith(b"OK") and len(fds) == 1:
-        os.set_blocking(fds[0], False)
-        try:
-            offload = int(msg[3:] or b"-1")
-        except ValueError:
-            offload = -1
-        return fds[0], offload
-    for fd in fds:
-        os.close(fd)
-    if msg.startswith(b"ERR "):
-        raise HelperError(msg[4:].decode(errors="replace"))
-    raise HelperError("helper died without a reply")
+    return PendingTap(pid, parent)
+
+
+def open_tap(config) -> tuple[int, int]:
+    """start_helper(config).wait()"""
+    return start_helper(config).wait()
