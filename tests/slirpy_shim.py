@@ -73,6 +73,14 @@ def _impair(spec: str) -> None:
         "SHIM " + " ".join(f"{k}={v}" for k, v in COUNTS.items()) + "\n"))
 
 
+def _fdinfo():
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            yield f"{fd}:{os.readlink('/proc/self/fd/' + fd)}"
+        except OSError:
+            pass
+
+
 def _ctl(rfd: int, wfd: int) -> None:
     def loop():
         with os.fdopen(rfd, "r") as r:
@@ -80,6 +88,7 @@ def _ctl(rfd: int, wfd: int) -> None:
                 st = DAEMONS[0].stack if DAEMONS else None
                 ans = {"flows": len(st.tcp._flows) if st else -1,
                        "fds": len(os.listdir("/proc/self/fd")) - 1,  # minus listdir's own fd
+                       "fd_list": sorted(_fdinfo()),
                        "dropped": dict(st.stats.dropped) if st else {}}
                 os.write(wfd, (json.dumps(ans) + "\n").encode())
     threading.Thread(target=loop, daemon=True).start()

@@ -91,9 +91,10 @@ class HostServer:
         self.sock.bind((addr, 0))
         self.sock.listen(4096)
         self.port = self.sock.getsockname()[1]
-        self.got, self.peers, self.errors = [], [], []
+        self.got, self.peers, self.errors, self.cmds = [], [], [], []
         self.accepted = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
 
     def _accept(self):
         while True:
@@ -114,6 +115,7 @@ class HostServer:
                     return
                 line += b
             cmd, *a = line.decode().split()
+            self.cmds.append(line)
             if cmd == "BOTH":
                 t = threading.Thread(target=c.sendall, args=(blob(int(a[0]), a[1]),))
                 t.start()
@@ -158,6 +160,13 @@ class HostServer:
             c.close()
 
     def close(self):
+        # shutdown wakes the thread blocked in accept(); a bare close() would leave it to accept
+        # on whatever socket reuses the fd number next (the next test's server)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.thread.join(5)
         self.sock.close()
 
 
@@ -392,9 +401,13 @@ for i in range(2000):
         s.close()
         ok += (h == hashlib.sha256(blob(100, "s%d" % i)).hexdigest())
     else:       # the guest closes first
-        s.sendall(b"ECHO\\nhello")
+        s.sendall(b"ECHO\\nhello%d" % i)
         s.shutdown(socket.SHUT_WR)
-        ok += (recv_all(s)[0] == 5)
+        n, h = recv_all(s)
+        good = h == hashlib.sha256(b"hello%d" % i).hexdigest()
+        if not good:
+            print("BAD", i, n, s.getsockname())
+        ok += good
         s.close()
 print("OK", ok)
 """, timeout=240)
@@ -406,7 +419,8 @@ print("OK", ok)
         st = _api(sock, "get_stats")["return"]
         assert st["flows"]["tcp"]["open"] == 0 and _api(sock, "list_flows")["return"]["flows"] == []
         assert st["dropped"].get("tcp_connect_no_fd", 0) == 0
-        assert server.accepted == 2001, (server.accepted, server.errors[:5])
+        assert server.accepted == 2001, (server.accepted, server.errors[:5], len(server.cmds),
+                                         len(set(server.cmds)), len(server.peers))
 
 
 def test_fd_exhaustion_refuses_new_flows_keeps_old(server):
@@ -627,7 +641,7 @@ print("LIVE", n, h)
         ulimit -n 8192  # 1024 connecting host sockets must not meet EMFILE first
         {sys.executable} -c 'import socket,threading,sys; sys.path.insert(0, "{ROOT}/tests"); import test_e2e_tcp as T, time
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", 8080)); s.listen(64)
-srv = T.HostServer.__new__(T.HostServer); srv.sock = s; srv.got, srv.peers, srv.errors, srv.accepted = [], [], [], 0
+srv = T.HostServer.__new__(T.HostServer); srv.sock = s; srv.got, srv.peers, srv.errors, srv.cmds, srv.accepted = [], [], [], [], 0
 threading.Thread(target=srv._accept, daemon=True).start(); time.sleep(100)' & SRV=$!
         trap 'kill $SRV' EXIT
         sleep 0.5
