@@ -340,6 +340,13 @@ class ShimDaemon:
         assert r, "shim did not answer"
         return json.loads(self.af.readline())
 
+    def baseline(self):
+        """The daemon's resting state: no flow, and the target's pidfd (opened by a task that
+        may run just after the ready byte) already counted."""
+        q = self.wait_for(lambda q: q["flows"] == 0 and any("pidfd" in x for x in q["fd_list"]))
+        assert q["flows"] == 0 and any("pidfd" in x for x in q["fd_list"]), q
+        return q
+
     def wait_for(self, pred, timeout=10):
         end = time.monotonic() + timeout
         while True:
@@ -388,7 +395,7 @@ def test_churn_2000_connections_leaks_nothing(server, tmp_path):
 print(both_ways(("10.0.2.2", {server.port}), b"BOTH 10 w\\n", b"x"))
 """)
         assert "(10," in warm
-        base = d.wait_for(lambda q: q["flows"] == 0)
+        base = d.baseline()
         assert base["flows"] == 0
         t0 = time.monotonic()
         out = d.guest(GUEST_LIB + f"""
@@ -415,7 +422,8 @@ print("OK", ok)
         assert "OK 2000" in out, out
         end = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=15)
         print(f"2000 connections in {took:.1f}s; fds {base['fds']} -> {end['fds']}; {end}")
-        assert (end["flows"], end["fds"]) == (0, base["fds"]), (base, end)
+        assert (end["flows"], end["fds"]) == (0, base["fds"]), (
+            set(end["fd_list"]) - set(base["fd_list"]), set(base["fd_list"]) - set(end["fd_list"]))
         st = _api(sock, "get_stats")["return"]
         assert st["flows"]["tcp"]["open"] == 0 and _api(sock, "list_flows")["return"]["flows"] == []
         assert st["dropped"].get("tcp_connect_no_fd", 0) == 0
@@ -535,7 +543,7 @@ def test_guest_reset_while_host_does_not_read(server):
     """The host peer reads nothing, so the daemon is blocked writing to it; the guest resets:
     the host socket is reset at once (not when the peer reads) and its fd is released."""
     with ShimDaemon() as d:
-        base = d.wait_for(lambda q: q["flows"] == 0)
+        base = d.baseline()
         out = d.guest(GUEST_LIB + f"""
 import struct
 s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
@@ -554,7 +562,8 @@ s.close()
 """)
         assert int(out.split()[1]) > 1 << 20
         q = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=2)
-        assert (q["flows"], q["fds"]) == (0, base["fds"]), (base, q)
+        assert (q["flows"], q["fds"]) == (0, base["fds"]), (
+            set(q["fd_list"]) - set(base["fd_list"]), set(base["fd_list"]) - set(q["fd_list"]))
         for _ in range(100):
             if server.errors or server.got:
                 break
@@ -566,7 +575,7 @@ def test_impaired_churn_closes_every_flow(server):
     """100 short connections (20 at a time, half closed by each side) over a link that drops,
     duplicates and reorders 3% of frames: every byte checked, then no flow and no fd is left."""
     with ShimDaemon(env={"SHIM_IMPAIR": "11,0.03,0.03,0.03"}) as d:
-        base = d.wait_for(lambda q: q["flows"] == 0)
+        base = d.baseline()
         out = d.guest(GUEST_LIB + f"""
 res = {{}}
 def one(i):
@@ -593,7 +602,8 @@ print("OK", sum(1 for v in res.values() if v is True), [v for v in res.values() 
 """, timeout=200)
         assert "OK 100 []" in out, out
         end = d.wait_for(lambda q: q["flows"] == 0 and q["fds"] <= base["fds"], timeout=60)
-        assert (end["flows"], end["fds"]) == (0, base["fds"]), (base, end)
+        assert (end["flows"], end["fds"]) == (0, base["fds"]), (
+            set(end["fd_list"]) - set(base["fd_list"]), set(base["fd_list"]) - set(end["fd_list"]))
 
 
 def test_syn_flood_to_a_black_hole_evicts_oldest_half_open():
