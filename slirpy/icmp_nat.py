@@ -24,7 +24,8 @@ import trio
 
 from slirpy.logutil import RateLimited
 from slirpy.stack.events import IcmpEchoRequest
-from slirpy.udp_nat import IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE, FlowTable
+from slirpy.udp_nat import (IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE, FlowTable,
+                             close_socket_flow, serve_expiry)
 
 log = logging.getLogger(__name__)
 _debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
@@ -90,7 +91,7 @@ class IcmpNat:
         if self.stats is None:
             from slirpy.stack.stats import Stats
             self.stats = Stats()
-        self.table = FlowTable(max_flows, self._close, self.stats, "icmp_flow")
+        self.table = FlowTable(max_flows, close_socket_flow, self.stats, "icmp_flow")
         self.denied_logged = False
         daemon.icmp_nat = self
         daemon.add_handler(IcmpEchoRequest, self.handle)
@@ -229,23 +230,8 @@ class IcmpNat:
                 sent = True
         return sent
 
-    def _close(self, key, p: _Ping) -> None:
-        p.cancel.cancel()
-        try:
-            trio.lowlevel.notify_closing(p.sock)
-        except Exception:
-            pass
-        p.sock.close()
-
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        task_status.started()
-        try:
-            while True:
-                await trio.sleep(1.0)
-                self.table.expire(self.daemon.now())
-        finally:
-            for p in self.table.values():
-                self._close(p.key, p)
+        await serve_expiry(self.table, self.daemon.now, task_status)
 
 
 def family_gateway(cfg, family: int) -> str:

@@ -205,6 +205,29 @@ def open_udp_socket(family: int, dst: str, dport: int, bind_addr: str | None) ->
     return s
 
 
+def close_socket_flow(_key, flow) -> None:
+    """FlowTable's eviction/expiry callback for a flow that owns `.sock` and `.cancel` (the
+    cancel scope of its reader task): used by the UDP and the ICMP NAT."""
+    flow.cancel.cancel()
+    try:
+        trio.lowlevel.notify_closing(flow.sock)
+    except Exception:
+        pass
+    flow.sock.close()
+
+
+async def serve_expiry(table: FlowTable, now: Callable[[], float], task_status) -> None:
+    """A component's serve(): expire idle flows once a second; close every flow on the way out."""
+    task_status.started()
+    try:
+        while True:
+            await trio.sleep(1.0)
+            table.expire(now())
+    finally:
+        for flow in table.values():
+            close_socket_flow(flow.key, flow)
+
+
 class _Flow:
     __slots__ = ("key", "sock", "quote", "cancel", "host_dst", "bytes_in", "bytes_out")
 
@@ -232,7 +255,7 @@ class UdpNat:
         from slirpy.config import IPV6_DNS, IPV6_GATEWAY
         self.gateway6 = str(IPV6_GATEWAY)
         self.dns6 = str(IPV6_DNS)
-        self.table = FlowTable(max_flows, self._close_flow, self.stats, "udp_flow")
+        self.table = FlowTable(max_flows, close_socket_flow, self.stats, "udp_flow")
         self.fds_logged = False
         daemon.udp_nat = self
         if getattr(daemon, "dns", None) is None:
@@ -361,21 +384,5 @@ class UdpNat:
         if not errs:
             self.stats.drop("udp_host_error")
 
-    def _close_flow(self, key, flow: _Flow) -> None:
-        flow.cancel.cancel()
-        try:
-            trio.lowlevel.notify_closing(flow.sock)
-        except Exception:
-            pass
-        flow.sock.close()
-
-    # ---- expiry -----------------------------------------------------------------------------
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        task_status.started()
-        try:
-            while True:
-                await trio.sleep(1.0)
-                self.table.expire(self.daemon.now())
-        finally:
-            for flow in self.table.values():
-                self._close_flow(flow.key, flow)
+        await serve_expiry(self.table, self.daemon.now, task_status)
