@@ -608,3 +608,19 @@ def test_many_flows_share_a_global_buffer_budget():
     h2 = H(budget=1 << 20)
     f2, s2 = est(h2)
     assert h2.e.send_tcp(f2, b"x" * 300_000, 0.0) == 256 * 1024
+
+
+def test_sack_blocks_never_push_a_full_segment_past_the_mss():
+    # found by the 20 MB impaired e2e test at MTU 65520: a 65480-byte segment plus SACK options
+    # made a 65556-byte IP datagram (struct.error in the frame builder, the flow reset)
+    h = H()
+    fl, s = est(h)
+    h.seg(1001 + 5000, s, ACK, b"o" * 100)  # out of order: the guest's data has a hole
+    (sack_ack,) = h.pop()
+    opts = parse_tcp_options_untrusted(bytes(sack_ack[9]))
+    assert not sack_ack[10] and opts.sack_blocks == ((6001, 6101),)
+    h.seg(1001 + 5000, s, ACK, b"", window=65535)  # the guest's window opens
+    assert h.e.send_tcp(fl, b"d" * 5000, 0.0) == 5000
+    segs = [x for x in h.pop() if len(x[10])]
+    assert sum(len(x[10]) for x in segs) == 5000
+    assert all(len(x[9]) + len(x[10]) <= 1460 for x in segs), [(len(x[9]), len(x[10])) for x in segs]

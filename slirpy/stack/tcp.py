@@ -143,7 +143,9 @@ class TcpEngine:
         return min(w, 0xFFFF)
 
     def _send(self, f, seqno, flags, payload=b"", options=b""):
-        if f.ooo and f.sack_ok and not options and flags & ACK and not flags & SYN:
+        # SACK blocks ride on segments without data only: with them a full-sized segment (mss
+        # assumes no options) would exceed the MTU, or at MTU 65520 the 16-bit IP length
+        if f.ooo and f.sack_ok and not options and not payload and flags & ACK and not flags & SYN:
             options = build_tcp_options(sack_blocks=self._sack_blocks(f))
         if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
             w = min(self._rroom(f), 0xFFFF)
