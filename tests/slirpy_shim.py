@@ -86,9 +86,12 @@ def _ctl(rfd: int, wfd: int) -> None:
         with os.fdopen(rfd, "r") as r:
             for _ in r:
                 st = DAEMONS[0].stack if DAEMONS else None
+                # one listing for both: counting from a second listdir raced with the pidfd
+                # being opened (a baseline of 11 with a 12-entry list, then "12 != 11")
+                fds = sorted(_fdinfo())
                 ans = {"flows": len(st.tcp._flows) if st else -1,
-                       "fds": len(os.listdir("/proc/self/fd")) - 1,  # minus listdir's own fd
-                       "fd_list": sorted(_fdinfo()),
+                       "fds": len(fds),
+                       "fd_list": fds,
                        "dropped": dict(st.stats.dropped) if st else {}}
                 os.write(wfd, (json.dumps(ans) + "\n").encode())
     threading.Thread(target=loop, daemon=True).start()
