@@ -16,7 +16,7 @@ class Slirpy  (context manager)
     Slirpy(*flags, tap="tap0", path_form=False) -> with-block yields self with:
       .ns (NsHolder), .proc (Popen of slirpy), .run_in_ns(*cmd) (= .ns.run),
       .close_exit_fd() (ends slirpy through -e), .wait(timeout) -> returncode.
-    Passes `-c -r FD -e FD` plus the given flags, waits (<= 10 s) for b"1" on the ready fd
+    Passes `-c -r FD -e FD` plus the given flags, waits (<= 30 s: a loaded machine) for b"1" on the ready fd
     (asserts it), and on exit kills slirpy and the holder and asserts both are gone.
 run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot slirpy invocation.
 """
@@ -139,7 +139,7 @@ class Slirpy:
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             os.close(ready_w)
             os.close(exit_r)
-            r, _, _ = select.select([self.ready_r], [], [], 10)
+            r, _, _ = select.select([self.ready_r], [], [], 30)
             self.ready_bytes = os.read(self.ready_r, 16) if r else b""
             if self.ready_bytes != b"1":
                 self.proc.kill()
