@@ -39,11 +39,6 @@ from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 BUF = 256 * 1024
-# All flows together hold at most about BUDGET bytes each way: with many flows open, each flow's
-# buffer cap (and so the window it advertises) shrinks to BUDGET / flows, never below MIN_SHARE.
-# Computed from the flow count, so there is no total to keep in step. 10000 flows: 16 KiB each.
-BUDGET = 128 * 1024 * 1024
-MIN_SHARE = 16 * 1024
 MAX_FLOWS = 10000
 MAX_HALF_OPEN = 1024
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
@@ -106,7 +101,6 @@ class TcpEngine:
         self.stats = stats
         self.sndbuf = getattr(config, "tcp_sndbuf", BUF)
         self.rcvbuf = getattr(config, "tcp_rcvbuf", BUF)
-        self.budget = getattr(config, "tcp_budget", BUDGET)
         self.max_flows = getattr(config, "max_tcp_flows", MAX_FLOWS)
         self.isn = lambda: random.getrandbits(32)
         self._flows: dict[int, _Flow] = {}
@@ -127,18 +121,8 @@ class TcpEngine:
     def _mss_for(self, family):
         return self.config.mss if family == 4 else self.config.mss6
 
-    def _share(self, cap):
-        """This flow's buffer cap: `cap`, or its share of the budget when many flows are open."""
-        n = len(self._flows)
-        if n * cap <= self.budget:
-            return cap
-        return max(MIN_SHARE, min(cap, self.budget // n))
-
-    def _rroom(self, f):
-        return max(0, self._share(self.rcvbuf) - (len(f.rbuf) if f.rbuf else 0))
-
     def _adv(self, f):
-        room = self._rroom(f)
+        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
         w = room >> f.rcv_ws
         return min(w, 0xFFFF)
 
@@ -148,7 +132,7 @@ class TcpEngine:
         if f.ooo and f.sack_ok and not options and not payload and flags & ACK and not flags & SYN:
             options = build_tcp_options(sack_blocks=self._sack_blocks(f))
         if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
-            w = min(self._rroom(f), 0xFFFF)
+            w = min(self.rcvbuf - (len(f.rbuf) if f.rbuf else 0), 0xFFFF)
             f.last_adv = w
         else:
             w = self._adv(f)
@@ -395,7 +379,7 @@ class TcpEngine:
                 self._arm(f, None)
             else:
                 self._arm(f, now + f.rto)
-            if f.want_writable and self._share(self.sndbuf) - len(f.sbuf or b"") > 0:
+            if f.want_writable and self.sndbuf - len(f.sbuf or b"") > 0:
                 f.want_writable = False
                 self._push(TcpWritable(f.id))
         elif ackno == f.snd_una:
@@ -471,13 +455,13 @@ class TcpEngine:
             else:
                 data = data[off:]
             seqno = f.rcv_nxt
-        room = self._rroom(f)
+        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
         if seqno != f.rcv_nxt:
             ahead = seq.sub(seqno, f.rcv_nxt)
             if ahead + len(data) > room:
                 self.stats.drop("tcp_beyond_window")
             elif f.ooo is None or (len(f.ooo) < MAX_OOO and  # overlapping copies count too
-                                   sum(len(v[0]) for v in f.ooo.values()) + len(data) <= self._share(self.rcvbuf)):
+                                   sum(len(v[0]) for v in f.ooo.values()) + len(data) <= self.rcvbuf):
                 if f.ooo is None:
                     f.ooo = {}
                 old = f.ooo.get(seqno)
@@ -507,7 +491,7 @@ class TcpEngine:
                             break
             if hit is None:
                 break
-            room = self._rroom(f)
+            room = self.rcvbuf - len(f.rbuf or b"")
             self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
         if not f.ooo:
             f.ooo = None
@@ -694,7 +678,7 @@ class TcpEngine:
             return 0
         if f.sbuf is None:
             f.sbuf = bytearray()
-        room = max(0, self._share(self.sndbuf) - len(f.sbuf))
+        room = self.sndbuf - len(f.sbuf)
         n = min(room, len(data))
         if n < len(data):
             f.want_writable = True
