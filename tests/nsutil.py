@@ -19,6 +19,9 @@ class Slirpy  (context manager)
     Passes `-c -r FD -e FD` plus the given flags, waits (<= 30 s: a loaded machine) for b"1" on the ready fd
     (asserts it), and on exit kills slirpy and the holder and asserts both are gone.
 run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot slirpy invocation.
+exchange(conn, down) -> (n, sha256 hex)
+    Sends `down` on a thread while reading conn to EOF, then shuts the write side down: the
+    host end of a both-ways bulk test.
 """
 
 from __future__ import annotations
@@ -34,6 +37,24 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def exchange(conn, down: bytes) -> tuple[int, str]:
+    import hashlib
+    import socket
+    import threading
+    t = threading.Thread(target=conn.sendall, args=(down,))
+    t.start()
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = conn.recv(1 << 16)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    t.join()
+    conn.shutdown(socket.SHUT_WR)
+    return n, h.hexdigest()
 
 
 def slirpy_cmd(*args) -> list[str]:

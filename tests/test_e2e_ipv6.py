@@ -22,6 +22,8 @@ import time
 
 import pytest
 
+from nsutil import exchange
+
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 20 * 1024 * 1024
@@ -157,19 +159,8 @@ def test_20mb_both_ways_via_fd00_2_and_host_loopback_rules():
     def serve():
         c, a = srv.accept()
         got["peer"] = a[0]
-        t = threading.Thread(target=c.sendall, args=(down,))
-        t.start()
-        h, n = hashlib.sha256(), 0
-        while True:
-            b = c.recv(1 << 16)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-        t.join()
-        c.shutdown(socket.SHUT_WR)
+        got["up"] = exchange(c, down)
         c.close()
-        got["up"] = (n, h.hexdigest())
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nsutil import NsHolder, _env, require_netns
+from nsutil import NsHolder, _env, exchange, require_netns
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,18 +117,7 @@ class HostServer:
             cmd, *a = line.decode().split()
             self.cmds.append(line)
             if cmd == "BOTH":
-                t = threading.Thread(target=c.sendall, args=(blob(int(a[0]), a[1]),))
-                t.start()
-                h, n = hashlib.sha256(), 0
-                while True:
-                    b = c.recv(1 << 16)
-                    if not b:
-                        break
-                    h.update(b)
-                    n += len(b)
-                t.join()
-                self.got.append((n, h.hexdigest()))
-                c.shutdown(socket.SHUT_WR)
+                self.got.append(exchange(c, blob(int(a[0]), a[1])))
             elif cmd == "ECHO":
                 while True:
                     b = c.recv(1 << 16)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
-import json
 import os
 import shutil
 import socket
@@ -17,10 +16,12 @@ import threading
 
 import pytest
 
+from nsutil import exchange
+
 from slirpy import helper
 from slirpy.config import Config
 from slirpy.stack import wire
-from slirpy.stack.checksum import checksum, ones_sum
+from slirpy.stack.checksum import checksum
 from slirpy.stack.stack import Stack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,19 +235,8 @@ def test_e2e_bulk_both_ways(vnet, mtu):
 
     def serve():
         c, _ = srv.accept()
-        t = threading.Thread(target=c.sendall, args=(down,))
-        t.start()
-        h, n = hashlib.sha256(), 0
-        while True:
-            b = c.recv(1 << 16)
-            if not b:
-                break
-            h.update(b)
-            n += len(b)
-        t.join()
-        c.shutdown(socket.SHUT_WR)
+        got["up"] = exchange(c, down)
         c.close()
-        got["up"] = (n, h.hexdigest())
 
     th = threading.Thread(target=serve, daemon=True)
     th.start()
