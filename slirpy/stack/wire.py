@@ -351,20 +351,29 @@ ALL_NODES6 = bytes.fromhex("ff020000000000000000000000000001")
 ALL_NODES_MAC = b"\x33\x33\x00\x00\x00\x01"
 
 
-def parse_ndp_ns_untrusted(code: int, hlim: int, body):
-    """Neighbour solicitation body (after the 8-byte ICMPv6 header).
-    -> (target: bytes, options dict) or reason (RFC 4861 7.1.1 checks)."""
+_NS_REASONS = ("ndp_ns_not_link_local", "ndp_ns_truncated", "ndp_ns_multicast_target")
+_NA_REASONS = ("ndp_na_not_link_local", "ndp_na_truncated", "ndp_na_multicast_target")
+
+
+def _parse_ndp_target_untrusted(reasons, code: int, hlim: int, body):
+    """NS and NA share a layout: a 16-byte target address, then options (RFC 4861 7.1.1/7.1.2)."""
     if hlim != 255 or code != 0:
-        return "ndp_ns_not_link_local"
+        return reasons[0]
     if len(body) < 16:
-        return "ndp_ns_truncated"
+        return reasons[1]
     opts = parse_ndp_options_untrusted(body[16:])
     if type(opts) is str:
         return opts
     target = bytes(body[:16])
     if target[0] == 0xFF:
-        return "ndp_ns_multicast_target"
+        return reasons[2]
     return target, opts
+
+
+def parse_ndp_ns_untrusted(code: int, hlim: int, body):
+    """Neighbour solicitation body (after the 8-byte ICMPv6 header).
+    -> (target: bytes, options dict) or reason."""
+    return _parse_ndp_target_untrusted(_NS_REASONS, code, hlim, body)
 
 
 def parse_ndp_rs_untrusted(code: int, hlim: int, body):
@@ -398,17 +407,7 @@ def build_ndp_ra(src: bytes, dst: bytes, mac: bytes, mtu: int, prefix: bytes,
 
 def parse_ndp_na_untrusted(code: int, hlim: int, body):
     """Neighbour advertisement body (after the flags word). -> (target, options) or reason."""
-    if hlim != 255 or code != 0:
-        return "ndp_na_not_link_local"
-    if len(body) < 16:
-        return "ndp_na_truncated"
-    opts = parse_ndp_options_untrusted(body[16:])
-    if type(opts) is str:
-        return opts
-    target = bytes(body[:16])
-    if target[0] == 0xFF:
-        return "ndp_na_multicast_target"
-    return target, opts
+    return _parse_ndp_target_untrusted(_NA_REASONS, code, hlim, body)
 
 
 def build_icmp4_error(typ: int, code: int, quoted_ip: bytes, rest: int = 0) -> bytearray:
