@@ -99,9 +99,13 @@ class Daemon:
                 if ev is None:
                     break
                 self._dispatch(ev)
+            # the timer only ever moves earlier here: a later or cancelled timer (an RTO pushed
+            # back by every ACK) leaves the wakeup where it was, and _timer re-arms when it comes
+            # early. Saves re-sorting trio's deadlines on every flush.
             t = stack.get_timer()
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = math.inf if t is None else t
+            ts = self._timer_scope
+            if t is not None and ts is not None and t < ts.deadline:
+                ts.deadline = t
         finally:
             self._flushing = False
 

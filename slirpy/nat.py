@@ -1,12 +1,25 @@
-"""Outbound TCP NAT glue: a guest SYN becomes a non-blocking host socket; bytes are bridged
-between the trio socket and the sans-IO stack flow with flow control on both sides."""
+"""TCP NAT glue: a guest SYN becomes a non-blocking host socket; port forwards hand accepted
+sockets in. Bytes move between the host sockets and the sans-IO stack's flows with flow control
+on both sides.
+
+No task per flow. Every host TCP socket sits in one edge-triggered epoll set that a single trio
+task waits on: per wakeup, every ready socket is served and the daemon flushed once. Guest data
+goes to the host socket from the stack's event handler itself (TcpReadable), so a request from
+the guest reaches the host in the same loop iteration that read it from the tap. What a socket
+cannot take now waits in `_Conn.out` until EPOLLOUT; what the stack cannot take waits in
+`_Conn.held` until TcpWritable. Connect timeouts are one deque (the timeout is constant, so
+deadlines come in order) and one task; so are lingering closes (a flow that ended while guest
+bytes still wait for a host that reads slowly: they are sent, then the socket closes).
+"""
 
 from __future__ import annotations
 
+import collections
 import errno
 import ipaddress
 import logging
-import os
+import math
+import select
 import socket
 import struct
 
@@ -19,74 +32,302 @@ from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestE
 log = logging.getLogger(__name__)
 _refused = RateLimited(log, logging.INFO, interval=10.0)  # one line per reason per 10 s
 CONNECT_TIMEOUT = 15.0
+LINGER_TIMEOUT = 60.0  # a finished flow's last guest bytes wait this long for the host to read
 CHUNK = 256 * 1024  # per host recv / guest read: fewer wakeups, syscalls and ACKs
+SOCK_BUF = 1 << 20
+MAX_EVENTS = 512  # epoll events handled per wakeup
+
+_IN, _OUT, _ERR, _HUP, _RDHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP,
+                                 select.EPOLLRDHUP)
+_MASK = _IN | _OUT | _RDHUP | select.EPOLLET
+_LINGER0 = struct.pack("ii", 1, 0)
+
+# conn states: host connect in progress / a forward's SYN into the guest unanswered yet / bridging /
+# the flow is gone but guest bytes still go to the host / closed
+CONNECTING, GUEST_WAIT, OPEN, LINGER, DONE = range(5)
 
 
-class _Bridge:
-    __slots__ = ("flow", "sock", "readable", "writable", "connected", "closed", "reset", "scope",
-                 "running")
+class _Conn:
+    __slots__ = ("flow", "sock", "fd", "state", "readable", "writable", "rdhup",
+                 "host_eof", "guest_eof", "shut_wr", "out", "held", "desc")
 
-    def __init__(self, flow, sock=None):
-        self.flow, self.sock = flow, sock
-        self.readable = trio.Event()
-        self.writable = trio.Event()
-        self.connected = trio.Event()
-        self.closed = False
-        self.reset = False
-        self.scope = trio.CancelScope()  # cancelled when the stack drops the flow (e.g. evicted)
-        self.running = None  # the bridge's cancel scope: a reset ends it even mid-send
+    def __init__(self, flow, sock, state, desc):
+        self.flow, self.sock, self.fd, self.state = flow, sock, sock.fileno(), state
+        self.desc = desc  # (src, sport, dst, dport, host, port) for log lines
+        self.readable = self.writable = self.rdhup = False  # edges seen, not yet used up
+        self.host_eof = self.guest_eof = self.shut_wr = False
+        self.out = None  # guest bytes taken from the stack that the host socket has not taken
+        self.held = None  # host bytes the stack has not taken (its send buffer was full)
+
+
+def _reason(err: int) -> str:
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.ETIMEDOUT:
+        return "timeout"
+    if err in (errno.EMFILE, errno.ENFILE):
+        return "no_fd"
+    return "unreachable"
 
 
 class TcpNat:
     def __init__(self, daemon):
         self.d = daemon
         daemon.tcp_nat = self
-        self.bridges: dict[int, _Bridge] = {}
-        daemon.add_handler(TcpConnectRequest, self._on_request)
-        daemon.add_handler(TcpConnected, self._on_connected)
-        daemon.add_handler(TcpReadable, lambda ev: self._wake(ev.flow, "readable"))
-        daemon.add_handler(TcpGuestEof, lambda ev: self._wake(ev.flow, "readable"))
-        daemon.add_handler(TcpWritable, lambda ev: self._wake(ev.flow, "writable"))
-        daemon.add_handler(TcpReset, self._on_reset)
-        daemon.add_handler(TcpClosed, self._on_closed)
+        self.conns: dict[int, _Conn] = {}  # flow id -> conn
+        self._by_fd: dict[int, _Conn] = {}
+        self._ep = select.epoll()
+        self._connecting: collections.deque = collections.deque()  # (deadline, conn), in order
+        self._lingering: collections.deque = collections.deque()  # (deadline, conn), in order
+        self._reaper_scope: trio.CancelScope | None = None
+        self._buf = bytearray(CHUNK)
+        self._view = memoryview(self._buf)
+        for ev_type, fn in ((TcpConnectRequest, self._on_request), (TcpConnected, self._on_connected),
+                            (TcpReadable, self._on_readable), (TcpGuestEof, self._on_guest_eof),
+                            (TcpWritable, self._on_writable), (TcpReset, self._on_reset),
+                            (TcpClosed, self._on_closed)):
+            daemon.add_handler(ev_type, self._safe(fn))
 
-    # ----------------------------------------------------------------- events
-    def _wake(self, flow, what):
-        b = self.bridges.get(flow)
-        if b is not None:
-            getattr(b, what).set()
+    def _safe(self, fn):
+        """One flow's failure is that flow's RST, never the daemon's end."""
+        def handler(ev):
+            try:
+                fn(ev)
+            except Exception:
+                log.exception("tcp flow %d", ev.flow)
+                self.d.stack.stats.drop("tcp_glue_error")
+                self._fail(ev.flow)
+        return handler
 
-    def _on_connected(self, ev):
-        b = self.bridges.get(ev.flow)
-        if b is not None:
-            b.connected.set()
-
-    def _on_reset(self, ev):
-        b = self.bridges.get(ev.flow)
-        if b is not None:
-            b.reset = True
-            self._linger0(b.sock)
-            if b.running is not None:  # a send_all blocked on a host that does not read
-                b.running.cancel()
-
-    def _on_closed(self, ev):
-        b = self.bridges.pop(ev.flow, None)
-        if b is not None:
-            b.closed = True
-            b.readable.set()
-            b.writable.set()
-            b.connected.set()
-            b.scope.cancel()
-
-    @staticmethod
-    def _linger0(sock):
-        if sock is None:
+    def _fail(self, flow, c=None):
+        c = c or self.conns.get(flow)
+        if c is not None and c.state == LINGER:  # the flow id is no longer ours
+            self._close(c, linger0=True)
             return
+        if c is not None:
+            self._close(c, linger0=True)
+        self.d.stack.reset_tcp(flow, self.d.now())
+
+    # ------------------------------------------------------------------------------ tasks
+    async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as n:
+            n.start_soon(self._poller)
+            n.start_soon(self._reaper)
+            task_status.started()
+
+    async def _poller(self):
+        ep, by_fd, d = self._ep, self._by_fd, self.d
+        poll, fileno = ep.poll, ep.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fileno)
+            events = poll(0, MAX_EVENTS)
+            for fd, mask in events:
+                c = by_fd.get(fd)
+                if c is None:
+                    continue
+                try:
+                    self._host_event(c, mask)
+                except Exception:
+                    log.exception("tcp flow %d", c.flow)
+                    d.stack.stats.drop("tcp_glue_error")
+                    self._fail(c.flow, c)
+            d.flush()
+
+    async def _reaper(self):
+        """Connect timeouts (the flow is refused) and linger timeouts (the socket is closed)."""
+        cq, lq, d = self._connecting, self._lingering, self.d
+        while True:
+            with trio.CancelScope(deadline=min(cq[0][0] if cq else math.inf,
+                                               lq[0][0] if lq else math.inf)) as cs:
+                self._reaper_scope = cs
+                await trio.sleep_forever()
+            self._reaper_scope = None
+            now = d.now()
+            while cq and cq[0][0] <= now:
+                _, c = cq.popleft()
+                if c.state == CONNECTING:
+                    self._refuse(c, "timeout")
+            while lq and lq[0][0] <= now:
+                _, c = lq.popleft()
+                if c.state == LINGER:
+                    self.d.stack.stats.drop("tcp_linger_timeout")
+                    self._close(c, linger0=True)
+            d.flush()
+
+    def _schedule(self, q, c, timeout):
+        while q and q[0][1].state in (OPEN, DONE):  # finished early: trim, keep the queue small
+            q.popleft()
+        q.append((self.d.now() + timeout, c))
+        if len(q) == 1 and self._reaper_scope is not None:
+            self._reaper_scope.deadline = min(self._reaper_scope.deadline, q[0][0])
+
+    # ------------------------------------------------------------------------- host side
+    def _host_event(self, c, mask):
+        state = c.state
+        if state != OPEN:
+            if state == CONNECTING and mask & (_OUT | _ERR | _HUP):
+                self._connected(c)
+            elif state == LINGER and mask & (_OUT | _ERR | _HUP):
+                c.writable = True
+                self._to_host(c)
+            return  # GUEST_WAIT: TcpConnected starts with both edges assumed
+        if mask & (_IN | _ERR | _HUP | _RDHUP):
+            c.readable = True
+            if mask & (_RDHUP | _HUP | _ERR):
+                c.rdhup = True
+            self._to_guest(c)
+        if mask & (_OUT | _ERR | _HUP) and c.state == OPEN:
+            c.writable = True
+            self._to_host(c)
+
+    def _to_guest(self, c):
+        """Host socket -> stack, while both have something to give and room to take it."""
+        st, now, flow = self.d.stack, self.d.now(), c.flow
+        if c.held is not None:
+            n = st.send_tcp(flow, c.held, now)
+            if n < len(c.held):
+                c.held = c.held[n:]
+                return
+            c.held = None
+        buf, view = self._buf, self._view
+        while c.readable and not c.host_eof:
+            try:
+                k = c.sock.recv_into(buf)
+            except BlockingIOError:
+                c.readable = False
+                return
+            except InterruptedError:
+                continue
+            except OSError:  # ECONNRESET and kin: the guest gets an RST
+                self._host_failed(c)
+                return
+            if k == 0:
+                c.host_eof = True
+                st.shutdown_tcp(flow, now)
+                return
+            if k < CHUNK and not c.rdhup:
+                c.readable = False  # a short read emptied the socket; the next arrival re-arms
+            n = st.send_tcp(flow, view[:k], now)
+            if n < k:
+                c.held = bytes(view[n:k])  # the buffer is reused: copy what waits
+                return
+
+    def _to_host(self, c):
+        """Stack -> host socket, while the socket takes it."""
+        st, flow, sock = self.d.stack, c.flow, c.sock
+        while c.writable:
+            out = c.out
+            if out is None:
+                out = st.recv_tcp(flow, CHUNK, self.d.now()) if c.state == OPEN else None
+                if not out:
+                    if c.state == LINGER:
+                        self._shut_wr(c)
+                        self._close(c)
+                    elif c.guest_eof or self._guest_eof(flow):
+                        self._shut_wr(c)
+                    return
+            try:
+                n = sock.send(out)
+            except BlockingIOError:
+                n = 0
+            except InterruptedError:
+                c.out = out
+                continue
+            except OSError:  # EPIPE / ECONNRESET
+                self._host_failed(c)
+                return
+            if n < len(out):
+                c.out = memoryview(out)[n:]
+                c.writable = False  # full: EPOLLOUT re-arms
+                return
+            c.out = None
+
+    def _shut_wr(self, c):
+        if c.shut_wr:
+            return
+        c.shut_wr = True
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
 
+    def _guest_eof(self, flow):
+        f = self.d.stack.tcp._flows.get(flow)
+        return f is None or f.eof_pushed
+
+    def _host_failed(self, c):
+        self._fail(c.flow, c)
+
+    def _close(self, c, linger0=False):
+        if c.state == DONE:
+            return
+        c.state = DONE
+        if self.conns.get(c.flow) is c:
+            del self.conns[c.flow]
+        self._by_fd.pop(c.fd, None)
+        c.out = c.held = None
+        try:
+            self._ep.unregister(c.fd)
+        except (OSError, ValueError):
+            pass
+        if linger0:
+            try:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            except OSError:
+                pass
+        c.sock.close()
+
+    def _add(self, c):
+        self.conns[c.flow] = c
+        self._by_fd[c.fd] = c
+        self._ep.register(c.fd, _MASK)
+
+    # --------------------------------------------------------------------- stack events
+    def _on_readable(self, ev):
+        c = self.conns.get(ev.flow)
+        if c is not None and c.state == OPEN:
+            self._to_host(c)
+
+    def _on_guest_eof(self, ev):
+        c = self.conns.get(ev.flow)
+        if c is not None and c.state == OPEN:
+            c.guest_eof = True
+            self._to_host(c)
+
+    def _on_writable(self, ev):
+        c = self.conns.get(ev.flow)
+        if c is not None and c.state == OPEN:
+            self._to_guest(c)
+
+    def _on_connected(self, ev):
+        c = self.conns.get(ev.flow)
+        if c is not None and c.state == GUEST_WAIT:
+            c.state = OPEN  # a forward's socket: its edges were seen before; try both ways
+            c.readable = c.writable = True
+            self._to_guest(c)
+            if c.state == OPEN:
+                self._to_host(c)
+
+    def _on_reset(self, ev):
+        c = self.conns.get(ev.flow)
+        if c is not None:
+            self._close(c, linger0=True)
+
+    def _on_closed(self, ev):
+        """The flow is gone (an RST-worthy end came as TcpReset first). Guest bytes the host
+        has not taken yet still go to it, then an orderly close."""
+        c = self.conns.get(ev.flow)
+        if c is None:
+            return
+        if c.state == OPEN and c.out is not None and not c.shut_wr:
+            c.state = LINGER
+            c.held = None
+            self.conns.pop(c.flow, None)  # the flow id may be reused; the fd stays ours
+            self._schedule(self._lingering, c, LINGER_TIMEOUT)
+            return
+        self._close(c)
+
+    # ------------------------------------------------------------------------- outbound
     def _map(self, ev):
         """(host, port) to dial for a guest SYN, or None to refuse it."""
         cfg = self.d.config
@@ -114,31 +355,7 @@ class TcpNat:
         return (str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple) else (str(ups[0]), 53)
 
     def _on_request(self, ev):
-        self.bridges[ev.flow] = _Bridge(ev.flow)
-        self.d.nursery.start_soon(self._guarded, ev)
-
-    async def _guarded(self, ev):
-        """One flow's failure is that flow's RST, never the daemon's end."""
-        try:
-            await self._outbound(ev)
-        except Exception:
-            log.exception("tcp flow %d to %s:%d", ev.flow, ev.dst, ev.dport)
-            st = self.d.stack
-            st.stats.drop("tcp_glue_error")
-            b = self.bridges.pop(ev.flow, None)
-            if b is not None and b.sock is not None:
-                self._linger0(b.sock)
-                b.sock.close()
-            st.reset_tcp(ev.flow, self.d.now())
-            self.d.flush()
-
-    # ----------------------------------------------------------------- outbound
-    async def _outbound(self, ev):
         d, st = self.d, self.d.stack
-        b = self.bridges.get(ev.flow)
-        if b is None:
-            return
-        target = None
         try:
             target = self._map(ev)
         except Exception:
@@ -147,146 +364,84 @@ class TcpNat:
             _refused.log("policy", "tcp %s:%d -> %s:%d refused: no host mapping (host loopback disabled "
                          "or DNS address)", ev.src, ev.sport, ev.dst, ev.dport)
             st.reject_tcp(ev.flow, "refused", d.now())
-            d.flush()
-            self.bridges.pop(ev.flow, None)
             return
         host, port = target
-        fam = socket.AF_INET if ":" not in host else socket.AF_INET6
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            sock = trio.socket.socket(fam, socket.SOCK_STREAM)
+            sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, the others go on
-            self.bridges.pop(ev.flow, None)
             st.reject_tcp(ev.flow, "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE) else "socket",
                           d.now())
-            d.flush()
             return
-        b.sock = sock
-        reason = None
-        with b.scope:
+        c = _Conn(ev.flow, sock, CONNECTING, (ev.src, ev.sport, ev.dst, ev.dport, host, port))
+        try:
+            bind = d.config.outbound_addr if fam == socket.AF_INET else d.config.outbound_addr6
+            if bind is not None:
+                sock.bind((str(bind), 0))
+            err = sock.connect_ex((host, port))
+        except OSError as e:
+            err = e.errno or errno.EHOSTUNREACH
+        except (ValueError, OverflowError):
+            err = errno.EHOSTUNREACH
+        if err not in (0, errno.EINPROGRESS):
+            sock.close()
+            self._log_refused(c, _reason(err))
+            st.reject_tcp(ev.flow, _reason(err), d.now())
+            return
+        self._add(c)
+        if err == 0:
+            self._connected(c)
+            return
+        self._schedule(self._connecting, c, CONNECT_TIMEOUT)
+
+    def _connected(self, c):
+        err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._refuse(c, _reason(err))
+            return
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
-                bind = self.d.config.outbound_addr if fam == socket.AF_INET else self.d.config.outbound_addr6
-                if bind is not None:
-                    await sock.bind((str(bind), 0))
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    await sock.connect((host, port))
-            except ConnectionRefusedError:
-                reason = "refused"
-            except trio.TooSlowError:
-                reason = "timeout"
-            except OSError as e:
-                reason = "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE) else "unreachable"
-        if reason is not None or b.closed or b.scope.cancelled_caught:
-            sock.close()
-            self.bridges.pop(ev.flow, None)
-            if reason is not None:
-                _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s port %d: %s", ev.src,
-                             ev.sport, ev.dst, ev.dport, host, port, reason)
-                st.reject_tcp(ev.flow, reason, d.now())
-                d.flush()
-            return
-        st.accept_tcp(ev.flow, d.now())
-        d.flush()
-        await self._bridge(b)
+                c.sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+            except OSError:
+                pass
+        c.state = OPEN
+        c.writable = True  # the connect's EPOLLOUT edge is used up; the socket has room
+        self.d.stack.accept_tcp(c.flow, self.d.now())
 
+    def _refuse(self, c, reason):
+        self._log_refused(c, reason)
+        self._close(c)
+        self.d.stack.reject_tcp(c.flow, reason, self.d.now())
+
+    @staticmethod
+    def _log_refused(c, reason):
+        src, sport, dst, dport, host, port = c.desc
+        _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s port %d: %s", src, sport,
+                     dst, dport, host, port, reason)
+
+    # -------------------------------------------------------------------------- inbound
     async def forward_inbound(self, sock, family, src, sport, guest_addr, guest_port):
+        """A port forward accepted `sock` (a trio socket): open a flow into the guest for it.
+        Returns at once; the socket is the NAT's from here on."""
+        self.accept_inbound(socket.socket(fileno=sock.detach()), family, src, sport, guest_addr,
+                            guest_port)
+
+    def accept_inbound(self, sock, family, src, sport, guest_addr, guest_port):
         d, st = self.d, self.d.stack
+        sock.setblocking(False)
         flow = st.connect_tcp(family, src, sport, guest_addr, guest_port, d.now())
-        d.flush()
         if flow is None:
-            self._linger0(sock)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
+            except OSError:
+                pass
             sock.close()
-            return
-        b = self.bridges.setdefault(flow, _Bridge(flow, sock))
-        b.sock = sock
-        await b.connected.wait()
-        if b.closed:
-            self._linger0(sock)
-            sock.close()
-            return
-        await self._bridge(b)
-
-    # ----------------------------------------------------------------- bridge
-    async def _bridge(self, b):
-        try:
-            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-                b.sock.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
-        except OSError:
-            pass
-        try:
-            async with trio.open_nursery() as n:
-                b.running = n.cancel_scope
-                if b.reset:
-                    n.cancel_scope.cancel()
-                n.start_soon(self._host_to_guest, b)
-                await self._guest_to_host(b)
-                n.cancel_scope.cancel()
-        finally:
-            b.sock.close()
-            self.bridges.pop(b.flow, None)
-
-    async def _host_to_guest(self, b):
-        d, st = self.d, self.d.stack
-        pending = b""
-        while not b.closed:
-            if not pending:
-                try:
-                    data = await b.sock.recv(CHUNK)
-                except OSError:
-                    if not b.closed:
-                        st.reset_tcp(b.flow, d.now())
-                        d.flush()
-                    return
-                if b.closed:
-                    return
-                if not data:
-                    st.shutdown_tcp(b.flow, d.now())
-                    d.flush()
-                    return
-                pending = memoryview(data)  # partial takes slice it without copying
-            b.writable = trio.Event()
-            n = st.send_tcp(b.flow, pending, d.now())
             d.flush()
-            pending = pending[n:]
-            if pending:
-                await b.writable.wait()
-
-    async def _guest_to_host(self, b):
-        d, st = self.d, self.d.stack
-        while not b.closed:
-            b.readable = trio.Event()
-            data = st.recv_tcp(b.flow, CHUNK, d.now())
-            d.flush()
-            if data:
-                try:
-                    await b.sock.send_all(data) if hasattr(b.sock, "send_all") else await _sendall(b.sock, data)
-                except OSError:
-                    if not b.closed:
-                        st.reset_tcp(b.flow, d.now())
-                        d.flush()
-                    return
-                continue
-            if self._guest_eof(b):
-                try:
-                    b.sock.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                while not b.closed:  # keep the socket open until the stack says closed
-                    await b.readable.wait()
-                    b.readable = trio.Event()
-                return
-            await b.readable.wait()
-
-    def _guest_eof(self, b):
-        f = self.d.stack.tcp._flows.get(b.flow)
-        return f is None or f.eof_pushed
-
-
-async def _sendall(sock, data):
-    view = memoryview(data)
-    fd = sock.fileno()
-    while view:
-        try:  # the socket is non-blocking: write now, a trip through the scheduler only on EAGAIN
-            n = os.write(fd, view)
-        except BlockingIOError:
-            n = await sock.send(view)
-        view = view[n:]
+            return
+        for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+            except OSError:
+                pass
+        self._add(_Conn(flow, sock, GUEST_WAIT, (src, sport, guest_addr, guest_port, "", 0)))
+        d.flush()

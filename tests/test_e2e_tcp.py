@@ -662,17 +662,18 @@ threading.Thread(target=srv._accept, daemon=True).start(); time.sleep(100)' & SR
 
 
 def test_glue_failure_resets_only_that_flow(server):
-    """An unexpected exception in one flow's glue task (made here by the shim for one port)
-    becomes an RST for that flow, counted; the daemon and the other flows carry on."""
+    """An unexpected exception in one flow's glue (made here by the shim for one port, on the
+    guest's first bytes) becomes an RST for that flow, counted; the daemon and the other flows
+    carry on."""
     boom = HostServer()
     code = textwrap.dedent(f"""
         import slirpy.nat
-        orig = slirpy.nat.TcpNat._bridge
-        async def _bridge(self, b):
-            if b.sock.getpeername()[1] == {boom.port}:
+        orig = slirpy.nat.TcpNat._to_host
+        def _to_host(self, c):
+            if c.desc[5] == {boom.port}:  # (src, sport, dst, dport, host, port)
                 raise RuntimeError("injected")
-            return await orig(self, b)
-        slirpy.nat.TcpNat._bridge = _bridge
+            return orig(self, c)
+        slirpy.nat.TcpNat._to_host = _to_host
     """)
     try:
         with ShimDaemon(env={"SHIM_EXEC": code}) as d:

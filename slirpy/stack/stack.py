@@ -146,6 +146,8 @@ class Stack:
 
     def frames_to_send(self) -> list:
         self.tcp.flush_pending(self._last_now)
+        if not self._out:
+            return []
         out = list(self._out)
         self._out.clear()
         self.stats.frames_out += len(out)
@@ -156,10 +158,13 @@ class Stack:
         return self._events.popleft() if self._events else None
 
     def get_timer(self):
-        ts = [t for t in (self.tcp.get_timer(), self._reass.get_timer()) if t is not None]
-        if self.config.enable_ipv6:
-            ts.append(self._next_ra)
-        return min(ts) if ts else None
+        t = self.tcp.get_timer()
+        r = self._reass.get_timer()
+        if r is not None and (t is None or r < t):
+            t = r
+        if self.config.enable_ipv6 and (t is None or self._next_ra < t):
+            t = self._next_ra
+        return t
 
     def handle_timer(self, now):
         self._last_now = now
