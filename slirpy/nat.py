@@ -39,7 +39,10 @@ MAX_EVENTS = 512  # epoll events handled per wakeup
 
 _IN, _OUT, _ERR, _HUP, _RDHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP,
                                  select.EPOLLRDHUP)
-_MASK = _IN | _OUT | _RDHUP | select.EPOLLET
+# EPOLLOUT only while bytes wait for the socket (and while connecting): otherwise every ACK from
+# the host that frees send space would be an event, a wakeup per request on a request/response
+_MASK_IN = _IN | _RDHUP | select.EPOLLET
+_MASK_OUT = _IN | _OUT | _RDHUP | select.EPOLLET
 _LINGER0 = struct.pack("ii", 1, 0)
 
 # conn states: host connect in progress / a forward's SYN into the guest unanswered yet / bridging /
@@ -48,13 +51,14 @@ CONNECTING, GUEST_WAIT, OPEN, LINGER, DONE = range(5)
 
 
 class _Conn:
-    __slots__ = ("flow", "sock", "fd", "state", "readable", "writable", "rdhup",
+    __slots__ = ("flow", "sock", "fd", "state", "readable", "want_out", "writable", "rdhup",
                  "host_eof", "guest_eof", "shut_wr", "out", "held", "desc")
 
     def __init__(self, flow, sock, state, desc):
         self.flow, self.sock, self.fd, self.state = flow, sock, sock.fileno(), state
         self.desc = desc  # (src, sport, dst, dport, host, port) for log lines
         self.readable = self.writable = self.rdhup = False  # edges seen, not yet used up
+        self.want_out = True  # registered for EPOLLOUT
         self.host_eof = self.guest_eof = self.shut_wr = False
         self.out = None  # guest bytes taken from the stack that the host socket has not taken
         self.held = None  # host bytes the stack has not taken (its send buffer was full)
@@ -80,6 +84,7 @@ class TcpNat:
         self._connecting: collections.deque = collections.deque()  # (deadline, conn), in order
         self._lingering: collections.deque = collections.deque()  # (deadline, conn), in order
         self._reaper_scope: trio.CancelScope | None = None
+        self._probe = select.poll()
         self._buf = bytearray(CHUNK)
         self._view = memoryview(self._buf)
         for ev_type, fn in ((TcpConnectRequest, self._on_request), (TcpConnected, self._on_connected),
@@ -239,8 +244,14 @@ class TcpNat:
             if n < len(out):
                 c.out = memoryview(out)[n:]
                 c.writable = False  # full: EPOLLOUT re-arms
+                if not c.want_out:
+                    c.want_out = True
+                    self._ep.modify(c.fd, _MASK_OUT)
                 return
             c.out = None
+            if c.want_out:
+                c.want_out = False
+                self._ep.modify(c.fd, _MASK_IN)
 
     def _shut_wr(self, c):
         if c.shut_wr:
@@ -280,7 +291,7 @@ class TcpNat:
     def _add(self, c):
         self.conns[c.flow] = c
         self._by_fd[c.fd] = c
-        self._ep.register(c.fd, _MASK)
+        self._ep.register(c.fd, _MASK_OUT)
 
     # --------------------------------------------------------------------- stack events
     def _on_readable(self, ev):
@@ -389,10 +400,20 @@ class TcpNat:
             st.reject_tcp(ev.flow, _reason(err), d.now())
             return
         self._add(c)
-        if err == 0:
+        if err == 0 or self._done_already(c.fd):
             self._connected(c)
             return
         self._schedule(self._connecting, c, CONNECT_TIMEOUT)
+
+    def _done_already(self, fd):
+        """A connect to a local port has usually finished (or failed) by the time connect()
+        returns EINPROGRESS: one poll(0) lets the SYN-ACK go out in this loop iteration."""
+        p = self._probe
+        p.register(fd, select.POLLOUT)
+        try:
+            return bool(p.poll(0))
+        finally:
+            p.unregister(fd)
 
     def _connected(self, c):
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -5,7 +5,7 @@ from slirpy.config import Config
 from slirpy.stack import events as E
 from slirpy.stack import seq
 from slirpy.stack.stats import Stats
-from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
+from slirpy.stack.tcp import ACK, DELACK, FIN, PSH, RST, SYN, TcpEngine
 from slirpy.stack.tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 G = bytes([10, 0, 2, 100])
@@ -50,12 +50,61 @@ def test_handshake_and_data_both_ways():
     h.seg(1001, s, ACK | PSH, b"hello")
     assert h.ev == [E.TcpReadable(fl)]
     assert h.e.recv_tcp(fl, 100, 0.0) == b"hello"
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     assert h.pop()[-1][6] == 1006
     assert h.e.send_tcp(fl, b"x" * 3000, 0.0) == 3000
     segs = h.pop()
     assert b"".join(bytes(x[10]) for x in segs) == b"x" * 3000
     assert [x[5] for x in segs] == [s, s + 1460, s + 2920]
+
+
+def test_lone_segment_ack_is_delayed_so_the_answer_carries_it():
+    """Request/response: the host's answer within DELACK carries the ACK (one frame, not two);
+    without an answer a pure ACK goes at DELACK (the timer says when); a second segment is ACKed
+    at once."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"x", now=4.0)  # past the SYN's unscaled window: no update due
+    assert h.e.recv_tcp(fl, 100, 4.0) == b"x"
+    h.e.handle_timer(4.0 + DELACK)
+    h.e.flush_pending(4.0 + DELACK)
+    h.pop()
+    h.seg(1002, s, ACK | PSH, b"req1", now=5.0)
+    h.e.flush_pending(5.0)
+    assert h.pop() == [] and h.e.get_timer() == 5.0 + DELACK
+    assert h.e.recv_tcp(fl, 100, 5.0) == b"req1"
+    assert h.e.send_tcp(fl, b"answer", 5.0002) == 6
+    (seg,) = h.pop()
+    assert seg[7] & ACK and seg[6] == 1006 and bytes(seg[10]) == b"answer"
+    h.e.flush_pending(5.0 + DELACK)
+    assert h.pop() == []  # nothing owed any more
+    h.seg(1006, seq.add(s, 6), ACK | PSH, b"req2", now=6.0)
+    h.e.flush_pending(6.0 + DELACK / 2)
+    assert h.pop() == []
+    h.e.handle_timer(6.0 + DELACK)
+    h.e.flush_pending(6.0 + DELACK)
+    (ack,) = h.pop()
+    assert ack[7] == ACK and ack[6] == 1010 and bytes(ack[10]) == b""
+    h.seg(1010, seq.add(s, 6), ACK, b"a" * 100, now=7.0)
+    h.seg(1110, seq.add(s, 6), ACK, b"b" * 100, now=7.0)
+    (ack,) = h.pop()  # the second segment: at once
+    assert ack[6] == 1210
+
+
+def test_guest_fin_is_acked_by_our_fin_when_the_host_closes_at_once():
+    """Connect-request-response: the guest's FIN and the host's close come together; one FIN|ACK
+    answers both instead of a pure ACK followed by a FIN."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH | FIN, b"q", now=1.0)
+    assert h.e.recv_tcp(fl, 100, 1.0) == b"q" and E.TcpGuestEof(fl) in h.ev
+    h.e.flush_pending(1.0)
+    assert h.pop() == []
+    h.e.shutdown_tcp(fl, 1.0002)
+    (fin,) = h.pop()
+    assert fin[7] == FIN | ACK and fin[6] == 1003 and fin[5] == s
+    h.e.flush_pending(1.0 + DELACK)
+    assert h.pop() == []
 
 
 def test_isn_near_wrap_and_ooo_and_fin_both_ways():
@@ -216,7 +265,7 @@ def test_window_scaling_both_ways():
     assert sum(len(o[10]) for o in h.pop()) == 128000
     # our window toward the guest is the room in the buffer >> 3
     h.seg(101, s, ACK | PSH, b"a" * 1000, window=0)
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     (ack,) = h.pop()
     assert ack[8] == (256 * 1024 - 1000) >> 3
     # without the option in the SYN, neither side scales
@@ -230,7 +279,7 @@ def test_window_scaling_both_ways():
     h2.e.send_tcp(fl, b"w" * 10000, 0.0)
     assert sum(len(o[10]) for o in h2.pop()) == 3000
     h2.seg(101, seq.add(sa[5], 1), ACK | PSH, b"b" * 10, window=3000)
-    h2.e.flush_pending(0.0)
+    h2.e.flush_pending(DELACK)
     assert h2.pop()[-1][8] == 0xFFFF  # unscaled, capped at 65535
 
 
@@ -242,7 +291,7 @@ def test_duplicate_segments_delivered_once():
     h.seg(1004, s, ACK | PSH, b"def")
     h.seg(1004, s, ACK | PSH, b"def")
     h.seg(1001, s, ACK | PSH, b"abcdefgh")  # overlap: only "gh" is new
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     assert h.e.recv_tcp(fl, 100, 0.0) == b"abcdefgh"
     assert h.ev.count(E.TcpReadable(fl)) == 1
     acks = [o for o in h.pop() if o[7] == ACK]
@@ -332,6 +381,8 @@ def test_half_close_guest_first_then_host_keeps_sending():
     h.seg(1001, s, ACK | PSH | FIN, b"req")
     assert h.e.recv_tcp(fl, 100, 0.0) == b"req"
     assert E.TcpGuestEof(fl) in h.ev
+    assert h.pop() == []  # the FIN's ACK waits a moment for data or a FIN to ride on
+    h.e.flush_pending(DELACK)
     assert h.pop()[-1][6] == 1005  # FIN acked
     for i in range(3):
         assert h.e.send_tcp(fl, b"resp%d" % i, 0.0) == 5
@@ -394,7 +445,7 @@ def test_zero_window_both_ways():
     while n < 256 * 1024:
         h2.seg(seq.add(1001, n), s, ACK | PSH, chunk[:256 * 1024 - n])
         n += min(len(chunk), 256 * 1024 - n)
-    h2.e.flush_pending(0.0)
+    h2.e.flush_pending(DELACK)
     assert h2.pop()[-1][8] == 0
     h2.seg(seq.add(1001, 256 * 1024), s, ACK | PSH, b"over")  # beyond the window: dropped
     assert h2.stats.dropped["tcp_beyond_window"] >= 1
@@ -487,14 +538,14 @@ def test_delayed_and_coalesced_acks_and_sack_to_guest():
     h.pop()
     h.seg(1001, s, ACK | PSH, b"a" * 100)
     assert h.pop() == []  # delayed
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     (a,) = h.pop()
     assert a[6] == 1101
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     assert h.pop() == []  # one ACK only
     for i in range(10):  # a batch of 10 segments: one ACK per two
         h.seg(1101 + 100 * i, s, ACK | PSH, b"b" * 100)
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     acks = h.pop()
     assert len(acks) == 5 and acks[-1][6] == 2101
     # out of order: an immediate ACK carrying the SACK block
@@ -505,7 +556,7 @@ def test_delayed_and_coalesced_acks_and_sack_to_guest():
     (d,) = h.pop()
     assert parse_tcp_options_untrusted(d[9]).sack_blocks == ((2401, 2501), (2201, 2301))
     h.seg(2101, s, ACK | PSH, b"c" * 100)
-    h.e.flush_pending(0.0)
+    h.e.flush_pending(DELACK)
     out = h.pop()
     assert out[-1][6] == 2301
     assert parse_tcp_options_untrusted(out[-1][9]).sack_blocks == ((2401, 2501),)

@@ -43,6 +43,12 @@ MAX_FLOWS = 10000
 MAX_HALF_OPEN = 1024
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
 MAX_RETRIES = 8
+# A lone in-order data segment is ACKed after at most this long, so that the host's answer can
+# carry the ACK (one frame to the guest per request instead of two). Every second segment is
+# ACKed at once, as are FINs, out-of-order data and window updates. Linux receivers wait 40 ms
+# or more; slirp4netns does not wait at all. 1 ms bounds what a guest writing twice under Nagle
+# before reading waits for the first ACK.
+DELACK = 0.001
 MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
 TIME_WAIT = 2.0
 PERSIST_MAX = 30.0
@@ -107,7 +113,9 @@ class TcpEngine:
         self._by_key: dict = {}
         self._next_id = 1
         self._heap: list = []
-        self._ack_set: dict[int, _Flow] = {}
+        self._ack_set: dict[int, _Flow] = {}  # flows owing the guest a delayed ACK
+        self._delack_at = 0.0  # when the oldest of those is due
+        self.delack = getattr(config, "tcp_delack", DELACK)
         self.seg_max = 0  # > mss: the stack can hand the guest GSO segments this large (TSO)
         # half-open flows (SYN_PENDING, SYN_RCVD, SYN_SENT) oldest first: a SYN flood evicts these
         self._half_open: dict[int, _Flow] = {}
@@ -497,14 +505,16 @@ class TcpEngine:
             f.ooo = None
         if was_empty and f.rbuf:
             self._push(TcpReadable(f.id))
-        if fin or f.their_fin:
+        if fin and (f.fin_pending or f.ooo):  # closing both ways / a hole: ACK the FIN now
             self._send(f, f.snd_nxt, ACK)
-        else:
+        else:  # a FIN before ours is ACKed late too, so that our FIN (the host closing) carries it
             f.unacked += 1
             if f.unacked >= 2:
                 self._send(f, f.snd_nxt, ACK)
             else:
                 f.ack_pending = True
+                if not self._ack_set:
+                    self._delack_at = now + self.delack
                 self._ack_set[f.id] = f
         if f.their_fin and not f.rbuf and not f.eof_pushed:
             f.eof_pushed = True
@@ -574,14 +584,18 @@ class TcpEngine:
     # ------------------------------------------------------------------ timers
     def get_timer(self):
         h = self._heap
+        t = None
         while h:
             d, fid, gen = h[0]
             f = self._flows.get(fid)
             if f is None or f.gen != gen:
                 heapq.heappop(h)
                 continue
-            return d
-        return None
+            t = d
+            break
+        if self._ack_set and (t is None or self._delack_at < t):
+            t = self._delack_at
+        return t
 
     def handle_timer(self, now):
         h = self._heap
@@ -642,7 +656,7 @@ class TcpEngine:
             self._arm(f, now + f.rto)
 
     def flush_pending(self, now):
-        if not self._ack_set:
+        if not self._ack_set or now < self._delack_at:
             return
         for f in list(self._ack_set.values()):
             if f.ack_pending and f.state != "CLOSED":
@@ -698,7 +712,10 @@ class TcpEngine:
             out = rb[:n]
             del rb[:n]
         new_adv = self._adv(f) << f.rcv_ws
-        if f.state == "ESTABLISHED" and not f.their_fin and (
+        # a window update goes at once when the guest may be short of window; otherwise an ACK
+        # already owed (sent within DELACK, or carried by the answer) brings the new window
+        if f.state == "ESTABLISHED" and not f.their_fin and not (
+                f.ack_pending and f.last_adv >= f.mss) and (
                 new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2) or (f.last_adv < f.mss and new_adv >= f.mss)):
             self._send(f, f.snd_nxt, ACK)
         if not f.rbuf:
