@@ -22,6 +22,15 @@ run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot sli
 exchange(conn, down) -> (n, sha256 hex)
     Sends `down` on a thread while reading conn to EOF, then shuts the write side down: the
     host end of a both-ways bulk test.
+require_world()
+    require_netns(), and pytest.skip(...) unless this is root with ip(8) and nsenter.
+run_world(body, *args, ipv6=False, ping=False, timeout=60) -> CompletedProcess (text)
+    Runs `unshare -n sh -c PRELUDE+body sh ARGS...` (cwd and PYTHONPATH this checkout): a netns
+    "A" (the script's own), lo up, with a veth v0 to a second "world" netns (a `sleep` whose pid
+    is $W, killed on exit) holding v1, so A has a peer that is not loopback. IPv4: A 192.0.2.1/24,
+    world 192.0.2.2/24; ipv6=True instead: A 2001:db8:1::1/64, world 2001:db8:1::2/64 (nodad).
+    ping=True opens A's ping_group_range. In body: `set -e` holds, "$PY" is this interpreter,
+    `world CMD...` runs CMD in the world netns, ARGS are $1, $2, ...
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import shutil
 import subprocess
 import sys
@@ -95,6 +105,47 @@ def require_netns() -> None:
     r = have_netns()
     if r:
         pytest.skip(f"NAMESPACE E2E TESTS CANNOT RUN: {r}")
+
+
+def require_world() -> None:
+    require_netns()
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
+        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
+
+
+_WORLD_ADDRS = {  # (A's address, the world's address) on the veth
+    False: ("192.0.2.1/24", "192.0.2.2/24"),
+    True: ("2001:db8:1::1/64 nodad", "2001:db8:1::2/64 nodad"),
+}
+
+
+def world_script(body: str, *, ipv6=False, ping=False, life=60) -> str:
+    """The shell script run_world() runs (the prelude that builds the world netns, then body)."""
+    a, w = _WORLD_ADDRS[ipv6]
+    return f"""set -e
+PY={shlex.quote(sys.executable)}
+ip link set lo up
+{'echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range' if ping else ''}
+unshare -n sleep {int(life)} & W=$!
+trap 'kill $W' EXIT
+world() {{ nsenter -t "$W" -n "$@"; }}
+i=0
+while [ "$(readlink /proc/$W/ns/net)" = "$(readlink /proc/$$/ns/net)" ]; do
+    i=$((i+1)); [ $i -le 100 ] || {{ echo "world netns never appeared" >&2; exit 1; }}
+    sleep 0.05
+done
+ip link add v0 type veth peer name v1 netns $W
+ip addr add {a} dev v0
+ip link set v0 up
+world sh -ec 'ip link set lo up; ip addr add {w} dev v1; ip link set v1 up'
+""" + body
+
+
+def run_world(body: str, *args, ipv6=False, ping=False, timeout=60) -> subprocess.CompletedProcess:
+    require_world()
+    script = world_script(body, ipv6=ipv6, ping=ping, life=timeout)
+    return subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO, env=_env())
 
 
 def _gone(pid: int) -> bool:

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from nsutil import exchange
+from nsutil import exchange, run_world
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -454,32 +454,19 @@ c.sendall(d.upper() + b" from " + a[0].encode()); c.close()
 
 def test_world_namespace_over_ipv6_with_outbound_addr6():
     """slirpy's parent runs in a netns the test made (A) with a veth to a "world" netns that
-    holds 2001:db8:1::2; A has 2001:db8:1::1 and ::10, slirpy binds outbound to ::10."""
-    _need()
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
-        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
-    script = textwrap.dedent(f"""
-        set -e
-        ip link set lo up
-        echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range
-        unshare -n sleep 60 & W=$!
-        trap 'kill $W' EXIT
-        sleep 0.3
-        ip link add v0 type veth peer name v1 netns $W
-        ip link set v0 up
-        ip addr add 2001:db8:1::1/64 dev v0 nodad
+    holds 2001:db8:1::2; A has 2001:db8:1::1 and ::10, slirpy binds outbound to ::10. The world
+    routes 2001:db8:3::/64 (A's route to it goes there) to "unreachable"."""
+    body = textwrap.dedent("""
         ip addr add 2001:db8:1::10/64 dev v0 nodad
         ip -6 route add 2001:db8:3::/64 via 2001:db8:1::2
-        nsenter -t $W -n sh -c 'ip link set lo up; ip link set v1 up; ip addr add 2001:db8:1::2/64 dev v1 nodad
-            echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; ip -6 route add unreachable 2001:db8:3::/64'
-        nsenter -t $W -n {sys.executable} -c "$1" & S=$!
+        world sh -ec 'echo 1 > /proc/sys/net/ipv6/conf/all/forwarding
+            ip -6 route add unreachable 2001:db8:3::/64'
+        world "$PY" -c "$2" & S=$!
         sleep 0.5
-        {sys.executable} -m slirpy -c -6 --outbound-addr6=2001:db8:1::10 -- {sys.executable} -c "$0"
+        "$PY" -m slirpy -c -6 --outbound-addr6=2001:db8:1::10 -- "$PY" -c "$1"
         wait $S
     """)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", script, GUEST_LIB + GUEST_WORLD,
-                        WORLD_SERVER], capture_output=True, text=True, timeout=60, cwd=ROOT,
-                       env=_env())
+    r = run_world(body, GUEST_LIB + GUEST_WORLD, WORLD_SERVER, ipv6=True, ping=True, timeout=60)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     _slaac_ok(r.stdout)
     assert "PINGW 2" in r.stdout

@@ -9,11 +9,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from nsutil import Slirpy, require_netns
+from nsutil import Slirpy, require_netns, run_world
 
 pytestmark = pytest.mark.netns
 
@@ -243,41 +242,28 @@ for src in sys.argv[2:]:
 """
 
 
-def run_world(port_spec, server, client, host_port):
+def forward_from_world(port_spec, server, client, host_port):
     """Run slirpy (with `--port port_spec`, the guest running `server GUESTPORT`) inside a netns
     the test made (A) with a veth to a "world" netns (192.0.2.2 <-> A's 192.0.2.1); then run
     `client` from the world (source 192.0.2.2) and from A's loopback. Returns its output lines."""
-    require_netns()
-    import shutil
-    import textwrap
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("LOUD: need root and ip(8) to build the world netns")
     guest_port = port_spec.split(":")[-1].split("/")[0]
-    script = textwrap.dedent(f"""
-        set -e
-        ip link set lo up
-        unshare -n sleep 60 & W=$!
-        sleep 0.3
-        ip link add v0 type veth peer name v1 netns $W
-        ip addr add 192.0.2.1/24 dev v0
-        ip link set v0 up
-        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
-        {sys.executable} -m slirpy -c --port {port_spec} -- {sys.executable} -c "$0" {guest_port} &
-        S=$!
-        trap 'kill $S $W; wait $S || true' EXIT
-        nsenter -t $W -n {sys.executable} -c "$1" 192.0.2.1:{host_port} 192.0.2.2
-        {sys.executable} -c "$1" 127.0.0.1:{host_port} 127.0.0.1
-    """)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", script, server, client],
-                       capture_output=True, text=True, timeout=60)
+    body = f"""
+"$PY" -m slirpy -c --port {port_spec} -- "$PY" -c "$1" {guest_port} &
+S=$!
+trap 'kill $S $W; wait $S || true' EXIT
+world "$PY" -c "$2" 192.0.2.1:{host_port} 192.0.2.2
+"$PY" -c "$2" 127.0.0.1:{host_port} 127.0.0.1
+"""
+    r = run_world(body, server, client, timeout=60)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     return r.stdout.splitlines(), r.stderr
 
 
 def test_udp_forward_keeps_world_source_address():
     """A world client is seen by the guest with its real address, a loopback client as 10.0.2.2."""
-    lines, err = run_world("0.0.0.0:40123:9000/udp", UDP_ECHO.replace('print("ready", flush=True)', ""),
-                           WORLD_CLIENT, 40123)
+    lines, err = forward_from_world("0.0.0.0:40123:9000/udp",
+                                    UDP_ECHO.replace('print("ready", flush=True)', ""),
+                                    WORLD_CLIENT, 40123)
     assert lines == ["echo:192.0.2.2:hi", "echo:10.0.2.2:hi"], err
 
 TCP_WHO = r"""
@@ -307,5 +293,5 @@ for src in sys.argv[2:]:
 def test_tcp_forward_keeps_world_source_address():
     """As the UDP test: a TCP client in the world netns is seen by the guest server with its real
     address (192.0.2.2); a loopback client as the gateway 10.0.2.2."""
-    lines, err = run_world("0.0.0.0:40124:9000", TCP_WHO, WORLD_TCP_CLIENT, 40124)
+    lines, err = forward_from_world("0.0.0.0:40124:9000", TCP_WHO, WORLD_TCP_CLIENT, 40124)
     assert lines == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], err

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nsutil import NsHolder, _env, exchange, require_netns
+from nsutil import NsHolder, _env, exchange, require_netns, run_world
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -489,9 +489,6 @@ print("DOWN", n, h, "%.2fs" % (time.monotonic() - t0))
 def test_world_namespace_download_50mb():
     """slirpy's parent runs in a netns the test made (A) with a veth to a "world" netns
     (192.0.2.2) serving 50 MB; the guest downloads it through slirpy intact."""
-    _need()
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
-        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
     srv = textwrap.dedent(f"""
         import socket, hashlib
         s = socket.socket(); s.bind(("192.0.2.2", 8080)); s.listen(1)
@@ -505,26 +502,16 @@ t0 = time.monotonic()
 s = socket.create_connection(("192.0.2.2", 8080), timeout=30)
 print("WORLD", *recv_all(s), "%.2fs" % (time.monotonic() - t0))
 """
-    script = textwrap.dedent(f"""
-        set -e
-        ip link set lo up
-        unshare -n sleep 120 & W=$!
-        trap 'kill $W' EXIT
-        sleep 0.3
-        ip link add v0 type veth peer name v1 netns $W
-        ip addr add 192.0.2.1/24 dev v0
-        ip link set v0 up
-        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
-        nsenter -t $W -n {sys.executable} -c "$1" > "$3" &
+    body = textwrap.dedent("""
+        world "$PY" -c "$1" > "$3" & S=$!
         for i in $(seq 50); do grep -q LISTENING "$3" && break; sleep 0.1; done
-        {sys.executable} -m slirpy -c -- {sys.executable} -c "$2"
-        wait %2 || true
+        "$PY" -m slirpy -c -- "$PY" -c "$2"
+        wait $S || true
         cat "$3"
     """)
     import tempfile
     with tempfile.NamedTemporaryFile("r") as log:
-        r = subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", srv, guest, log.name],
-                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+        r = run_world(body, srv, guest, log.name, timeout=120)
     print(r.stdout)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     assert f"WORLD {N} {sha(blob(N, b'world'))}" in r.stdout

@@ -14,6 +14,8 @@ import threading
 
 import pytest
 
+from nsutil import run_world
+
 pytestmark = pytest.mark.netns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,24 +234,8 @@ except ConnectionRefusedError:
 def test_ping_and_closed_port_in_world_netns():
     """slirpy's parent runs in a netns the test made (A), with a veth to a "world" netns
     (192.0.2.2); ping_group_range is opened in A only."""
-    _need()
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("nsenter") is None:
-        pytest.skip("LOUD: need root, ip(8) and nsenter to build the world netns")
-    script = textwrap.dedent(f"""
-        set -e
-        ip link set lo up
-        echo "0 2147483647" > /proc/sys/net/ipv4/ping_group_range
-        unshare -n sleep 60 & W=$!
-        trap 'kill $W' EXIT
-        sleep 0.3
-        ip link add v0 type veth peer name v1 netns $W
-        ip addr add 192.0.2.1/24 dev v0
-        ip link set v0 up
-        nsenter -t $W -n sh -c 'ip link set lo up; ip addr add 192.0.2.2/24 dev v1; ip link set v1 up'
-        {sys.executable} -m slirpy -c -- {sys.executable} -c "$0"
-    """)
-    r = subprocess.run(["unshare", "-n", "sh", "-c", script, textwrap.dedent(GUEST_PING)],
-                       capture_output=True, text=True, timeout=40, cwd=ROOT)
+    r = run_world('"$PY" -m slirpy -c -- "$PY" -c "$1"\n', textwrap.dedent(GUEST_PING), ping=True,
+                  timeout=40)
     assert r.returncode == 0, f"stdout={r.stdout}\nstderr={r.stderr}"
     lines = r.stdout.strip().splitlines()
     assert lines == [f"REPLY 192.0.2.2 0x3131 {seq} True True" for seq in range(3)] + ["WORLD_REFUSED"]
