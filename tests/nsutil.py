@@ -22,6 +22,14 @@ run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot sli
 exchange(conn, down) -> (n, sha256 hex)
     Sends `down` on a thread while reading conn to EOF, then shuts the write side down: the
     host end of a both-ways bulk test.
+api_raw(path, request, timeout=10) -> bytes
+    Sends one request (bytes) on a slirpy API socket, half-closes, returns the reply read to EOF.
+api(path, req, timeout=10) -> dict
+    api_raw() with req (a dict) as JSON and the reply parsed as JSON.
+free_port(kind=SOCK_STREAM, addr="127.0.0.1") -> int
+    A port that was free on addr a moment ago (bound, then closed): for forwards and refusals.
+proc_status(pid) -> dict
+    /proc/PID/status as {field: value text}.
 require_world()
     require_netns(), and pytest.skip(...) unless this is root with ip(8) and nsenter.
 run_world(body, *args, ipv6=False, ping=False, timeout=60) -> CompletedProcess (text)
@@ -40,6 +48,7 @@ import os
 import select
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -51,7 +60,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def exchange(conn, down: bytes) -> tuple[int, str]:
     import hashlib
-    import socket
     import threading
     t = threading.Thread(target=conn.sendall, args=(down,))
     t.start()
@@ -65,6 +73,42 @@ def exchange(conn, down: bytes) -> tuple[int, str]:
     t.join()
     conn.shutdown(socket.SHUT_WR)
     return n, h.hexdigest()
+
+
+def api_raw(path: str, request: bytes, timeout: float = 10) -> bytes:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        buf = b""
+        while b := s.recv(65536):
+            buf += b
+        return buf
+    finally:
+        s.close()
+
+
+def api(path: str, req: dict, timeout: float = 10) -> dict:
+    return json.loads(api_raw(path, json.dumps(req).encode(), timeout))
+
+
+def free_port(kind=socket.SOCK_STREAM, addr: str = "127.0.0.1") -> int:
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, kind)
+    s.bind((addr, 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def proc_status(pid: int) -> dict:
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
 
 
 def slirpy_cmd(*args) -> list[str]:

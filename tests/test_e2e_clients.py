@@ -41,7 +41,7 @@ import urllib.request
 
 import pytest
 
-from nsutil import REPO, require_netns
+from nsutil import REPO, free_port, proc_status, require_netns
 
 pytestmark = pytest.mark.netns
 
@@ -212,14 +212,6 @@ class BlobServer:
         self.srv.server_close()
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _get(url: str, timeout=20.0) -> bytes:
     """GET with retries until the far side listens (bounded)."""
     deadline = time.monotonic() + timeout
@@ -253,15 +245,6 @@ def _stop(proc, timeout=20):
         return proc.communicate(timeout=10)
 
 
-def _status(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
 def _gone(pid: int, timeout=10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -276,7 +259,7 @@ def _gone(pid: int, timeout=10.0) -> bool:
 
 
 def _check_sandboxed(pid: int, cap_eff: str, api_sock: str) -> None:
-    st = _status(pid)
+    st = proc_status(pid)
     assert st["Seccomp"] == "2", st
     assert st["CapEff"] == st["CapPrm"] == cap_eff, st
     assert st["CapBnd"] == "0000000000000400" and st["NoNewPrivs"] == "1", st
@@ -319,7 +302,7 @@ def test_rootlesskit_both_directions(rootless, hardened, cidr):
     os.chmod(guest, 0o755)
     for p in (d, os.path.join(d, "www")):
         rootless.chown(p)
-    hp = _free_port()
+    hp = free_port()
     before = len(rootless.daemon_calls())
     extra = ["--slirp4netns-sandbox=true", "--slirp4netns-seccomp=true"] if hardened else []
     if cidr:  # RootlessKit then passes --cidr and --enable-ipv6
@@ -350,7 +333,7 @@ def test_rootlesskit_both_directions(rootless, hardened, cidr):
             # an ordinary user: a user namespace was made for the mount namespace, and no
             # capability is left (it had none to keep)
             _check_sandboxed(pid, "0000000000000000", api)
-            assert _status(pid)["Uid"].split()[0] == str(rootless.uid)
+            assert proc_status(pid)["Uid"].split()[0] == str(rootless.uid)
         open(os.path.join(d, "done"), "w").close()
         out, err = _stop(proc, timeout=30)
         assert proc.returncode == 0, f"rootlesskit rc={proc.returncode}\n{out}\n{err}"
@@ -454,7 +437,7 @@ def test_podman_port_handler_slirp4netns_both_directions(rootless, podman):
     with open(os.path.join(vol, "page.bin"), "wb") as f:
         f.write(GUEST_BLOB)
     rootless.chown(vol)
-    hp = _free_port()
+    hp = free_port()
     before = len(rootless.daemon_calls())
     script = (f"wget -q -O /out/got.bin http://10.0.2.2:{host.port}/blob && "
               "sha256sum /out/got.bin > /out/got.sha; exec httpd -f -p 8000 -h /www")

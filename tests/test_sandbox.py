@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nsutil import REPO, require_netns
+from nsutil import REPO, api, free_port, proc_status, require_netns
 from test_e2e_udp import UdpServer, dns_answer
 
 pytestmark = pytest.mark.netns
@@ -88,14 +88,6 @@ put("phase2", {"dns2": dns()})
 """
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def _kill(proc):
     """The daemon and its guest (one session): kill both, collect the output."""
     if True:
@@ -129,31 +121,6 @@ def _fetch(port: int) -> tuple[int, str]:
         n += len(b)
     s.close()
     return n, h.hexdigest()
-
-
-def _api(path: str, req: dict) -> dict:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(path)
-    s.sendall(json.dumps(req).encode())
-    s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        buf += b
-    s.close()
-    return json.loads(buf)
-
-
-def _status(pid: int) -> dict:
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
 
 
 class Host:
@@ -197,7 +164,7 @@ def run_scenario(tmp_path, flags: list[str], inspect):
     resolv.write_text(f"nameserver {RESOLVER1}\n")
     api = str(tmp_path / "api" / "api.sock")
     os.mkdir(os.path.dirname(api))
-    hp = _free_port()
+    hp = free_port()
     wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c",
             f'mount --bind {resolv} /etc/resolv.conf && exec "$@"', "sh"]
     cmd = wrap + [sys.executable, "-m", "slirpy", *flags, "-p", f"127.0.0.1:{hp}:8000", "-a", api,
@@ -244,23 +211,23 @@ def _check_features(p1, p2, ctx, err):
 def _exercise_forwards(ctx):
     """-p forward, then an API forward added (a listener bound inside), listed and removed."""
     ctx["fwd"] = _fetch(ctx["hp"])
-    hp2 = _free_port()
-    r = _api(ctx["api"], {"execute": "add_hostfwd", "arguments": {
-        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hp2, "guest_port": 8000}})
+    hp2 = free_port()
+    r = api(ctx["api"], {"execute": "add_hostfwd", "arguments": {
+        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hp2, "guest_port": 8000}}, timeout=5)
     assert "return" in r, r
     ctx["api_fwd"] = _fetch(hp2)
-    entries = _api(ctx["api"], {"execute": "list_hostfwd"})["entries"]
+    entries = api(ctx["api"], {"execute": "list_hostfwd"}, timeout=5)["entries"]
     assert [(e["host_port"], e["guest_addr"], e["guest_port"]) for e in entries] == \
         [(ctx["hp"], "10.0.2.100", 8000), (hp2, "10.0.2.100", 8000)]
-    assert _api(ctx["api"], {"execute": "remove_hostfwd",
-                             "arguments": {"id": r["return"]["id"]}}) == {"return": {}}
+    assert api(ctx["api"], {"execute": "remove_hostfwd",
+                            "arguments": {"id": r["return"]["id"]}}, timeout=5) == {"return": {}}
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", hp2), timeout=2).close()
 
 
 def test_sandbox_and_seccomp_root_caps_and_every_feature(tmp_path):
     def inspect(pid, ctx):
-        st = _status(pid)
+        st = proc_status(pid)
         ctx["status"] = st
         root = f"/proc/{pid}/root"
         # the daemon's root is the sandbox: /etc/resolv.conf and the API socket's directory
@@ -297,7 +264,7 @@ def test_sandbox_and_seccomp_root_caps_and_every_feature(tmp_path):
 
 def test_seccomp_alone_keeps_root_and_features(tmp_path):
     def inspect(pid, ctx):
-        ctx["status"] = _status(pid)
+        ctx["status"] = proc_status(pid)
         ctx["root"] = os.listdir(f"/proc/{pid}/root")
         _exercise_forwards(ctx)
 
@@ -309,7 +276,7 @@ def test_seccomp_alone_keeps_root_and_features(tmp_path):
 
 def test_sandbox_alone_no_seccomp(tmp_path):
     def inspect(pid, ctx):
-        ctx["status"] = _status(pid)
+        ctx["status"] = proc_status(pid)
         assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "tmp"]
         _exercise_forwards(ctx)
 
