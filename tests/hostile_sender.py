@@ -22,6 +22,8 @@ import struct
 import sys
 import time
 
+from nsutil import api  # this script's directory is sys.path[0]
+
 ETH_P_ALL = 0x0003
 PACKET_IGNORE_OUTGOING = 23
 PACKET_VNET_HDR = 15
@@ -150,23 +152,8 @@ class Wire:
         self.fins: set = set()
 
     # ---- pacing through the API --------------------------------------------------------
-    def api(self, req):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(self.cfg["api"])
-        s.sendall(json.dumps(req).encode())
-        s.shutdown(socket.SHUT_WR)
-        buf = b""
-        while True:
-            b = s.recv(65536)
-            if not b:
-                break
-            buf += b
-        s.close()
-        return json.loads(buf)
-
     def frames_in(self):
-        return self.api({"execute": "get_stats"})["return"]["frames_in"]
+        return api(self.cfg["api"], {"execute": "get_stats"})["return"]["frames_in"]
 
     def pace(self, limit=15.0):
         target = self.base + self.sent

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from nsutil import exchange, run_world
+from nsutil import _env, api, exchange, free_port, run_world
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,12 +32,6 @@ N = 20 * 1024 * 1024
 def _need():
     if shutil.which("unshare") is None or not os.path.exists("/dev/net/tun"):
         pytest.skip("LOUD: unshare or /dev/net/tun missing: IPv6 end-to-end tests cannot run")
-
-
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 # Guest-side helpers, prepended to every guest script.
@@ -327,35 +321,11 @@ def test_udp_echo_and_dns_udp_tcp_over_ipv6():
     assert len(dns.seen) == 1 and b"\x04test\x07example" in dns.seen[0][0]
 
 
-def _api(path, req):
-    c = socket.socket(socket.AF_UNIX)
-    c.settimeout(5)
-    c.connect(path)
-    c.sendall(json.dumps(req).encode())
-    c.shutdown(socket.SHUT_WR)
-    buf = b""
-    while True:
-        b = c.recv(65536)
-        if not b:
-            break
-        buf += b
-    c.close()
-    return json.loads(buf)
-
-
-def _free_port(family, kind):
-    s = socket.socket(family, kind)
-    s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def test_ipv6_port_forwards_cli_and_api(tmp_path):
     _need()
-    api = str(tmp_path / "api.sock")
-    htcp = _free_port(socket.AF_INET6, socket.SOCK_STREAM)
-    hudp = _free_port(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock = str(tmp_path / "api.sock")
+    htcp = free_port(socket.SOCK_STREAM, "::1")
+    hudp = free_port(socket.SOCK_DGRAM, "::1")
     guest = GUEST_LIB + textwrap.dedent("""
         wait_slaac()
         ls = socket.socket(socket.AF_INET6); ls.bind(("::", 8080)); ls.listen(2)
@@ -369,7 +339,7 @@ def test_ipv6_port_forwards_cli_and_api(tmp_path):
         us.sendto(d[::-1] + b" " + a[0].encode(), a)
         print("GUEST_DONE", flush=True)
     """)
-    cmd = [sys.executable, "-m", "slirpy", "-c", "-6", "-a", api, "-p", f"[::1]:{htcp}:8080",
+    cmd = [sys.executable, "-m", "slirpy", "-c", "-6", "-a", sock, "-p", f"[::1]:{htcp}:8080",
            "--", sys.executable, "-c", guest]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=_env())
@@ -386,10 +356,10 @@ def test_ipv6_port_forwards_cli_and_api(tmp_path):
         line = lines.get(timeout=15)
         assert line.startswith("SLAAC"), line
         assert lines.get(timeout=10) == "LISTENING\n"
-        add = _api(api, {"execute": "add_hostfwd", "arguments": {
-            "proto": "udp", "host_addr": "::", "host_port": hudp, "guest_port": 5300}})
+        add = api(sock, {"execute": "add_hostfwd", "arguments": {
+            "proto": "udp", "host_addr": "::", "host_port": hudp, "guest_port": 5300}}, timeout=5)
         assert "return" in add, add
-        entries = _api(api, {"execute": "list_hostfwd"})["entries"]
+        entries = api(sock, {"execute": "list_hostfwd"}, timeout=5)["entries"]
         assert {(e["proto"], e["host_addr"], e["guest_addr"], e["guest_port"]) for e in entries} == {
             ("tcp", "::1", "fd00::100", 8080), ("udp", "::", "fd00::100", 5300)}
         c = socket.create_connection(("::1", htcp), timeout=10)
@@ -556,7 +526,7 @@ def test_path_form_without_configure_forward_follows_the_learned_address():
     _need()
     import ipaddress
     from nsutil import Slirpy
-    hp = _free_port(socket.AF_INET6, socket.SOCK_STREAM)
+    hp = free_port(socket.SOCK_STREAM, "::1")
     with Slirpy("-6", "-p", f"[::1]:{hp}:8080", path_form=True, configure=False) as s:
         for cmd in (("ip", "link", "set", "lo", "up"), ("ip", "link", "set", "tap0", "up")):
             r = s.run_in_ns(*cmd)

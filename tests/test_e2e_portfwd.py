@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from nsutil import Slirpy, require_netns, run_world
+from nsutil import Slirpy, api_raw, free_port, require_netns, run_world
 
 pytestmark = pytest.mark.netns
 
@@ -27,28 +27,9 @@ while True:
 """
 
 
-def free_port(kind=socket.SOCK_STREAM):
-    s = socket.socket(socket.AF_INET, kind)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 def api(path, obj) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(obj if isinstance(obj, bytes) else json.dumps(obj).encode())
-    s.shutdown(socket.SHUT_WR)
-    out = b""
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        out += b
-    s.close()
-    return out
+    """The reply's raw bytes (the tests compare exact JSON); obj is a dict or the raw request."""
+    return api_raw(path, obj if isinstance(obj, bytes) else json.dumps(obj).encode())
 
 
 def guest_bg(sl, code, *args):

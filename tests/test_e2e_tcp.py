@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nsutil import NsHolder, _env, exchange, require_netns, run_world
+from nsutil import NsHolder, _env, api, exchange, free_port, require_netns, run_world
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,19 +166,11 @@ def server():
     s.close()
 
 
-def _closed_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mtu", [1500, 65520])
 def test_bulk_both_ways_and_refused(server, mtu):
     """50 MB each way at once through 10.0.2.2 (-> 127.0.0.1); a closed port is refused fast."""
-    cport = _closed_port()
+    cport = free_port()
     out, _ = run_guest(GUEST_LIB + f"""
 t0 = time.monotonic()
 n, h = both_ways(("10.0.2.2", {server.port}), b"BOTH {N} down\\n", blob({N}, "up"))
@@ -363,20 +355,6 @@ class ShimDaemon:
             self.ns.__exit__(None, None, None)
 
 
-def _api(path, execute):
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(path)
-        c.sendall(json.dumps({"execute": execute}).encode())
-        c.shutdown(socket.SHUT_WR)
-        buf = b""
-        while True:
-            b = c.recv(65536)
-            if not b:
-                return json.loads(buf)
-            buf += b
-
-
 def test_churn_2000_connections_leaks_nothing(server, tmp_path):
     sock = str(tmp_path / "api.sock")
     with ShimDaemon(f"--api-socket={sock}") as d:
@@ -413,8 +391,8 @@ print("OK", ok)
         print(f"2000 connections in {took:.1f}s; fds {base['fds']} -> {end['fds']}; {end}")
         assert (end["flows"], end["fds"]) == (0, base["fds"]), (
             set(end["fd_list"]) - set(base["fd_list"]), set(base["fd_list"]) - set(end["fd_list"]))
-        st = _api(sock, "get_stats")["return"]
-        assert st["flows"]["tcp"]["open"] == 0 and _api(sock, "list_flows")["return"]["flows"] == []
+        st = api(sock, {"execute": "get_stats"})["return"]
+        assert st["flows"]["tcp"]["open"] == 0 and api(sock, {"execute": "list_flows"})["return"]["flows"] == []
         assert st["dropped"].get("tcp_connect_no_fd", 0) == 0
         assert server.accepted == 2001, (server.accepted, server.errors[:5], len(server.cmds),
                                          len(set(server.cmds)), len(server.peers))

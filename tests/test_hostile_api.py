@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nsutil import Slirpy, require_netns
+from nsutil import Slirpy, api_raw, require_netns
 
 pytestmark = pytest.mark.netns
 
@@ -37,19 +37,6 @@ while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
-
-
-def api(path, raw: bytes, timeout=10) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(timeout)
-    s.connect(path)
-    s.sendall(raw)
-    s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while b := s.recv(65536):
-        buf += b
-    s.close()
-    return buf
 
 
 def rss_kb(pid):
@@ -93,7 +80,7 @@ def test_api_abuse_keeps_forwarding(tmp_path):
             probe.bind(("127.0.0.1", 0))
             hport = probe.getsockname()[1]
             probe.close()
-            r = api(path, json.dumps({"execute": "add_hostfwd", "arguments": {
+            r = api_raw(path, json.dumps({"execute": "add_hostfwd", "arguments": {
                 "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hport,
                 "guest_port": 8080}}).encode())
             assert r == b'{"return":{"id":1}}'
@@ -135,14 +122,14 @@ def test_api_abuse_keeps_forwarding(tmp_path):
                 def garbage():
                     while time.monotonic() < until:
                         try:
-                            replies["garbage"].append(api(path, rnd.randbytes(rnd.randrange(1, 5000))))
+                            replies["garbage"].append(api_raw(path, rnd.randbytes(rnd.randrange(1, 5000))))
                         except OSError as e:
                             replies["garbage"].append(repr(e).encode())
 
                 def big():
                     while time.monotonic() < until:
                         try:
-                            replies["big"].append(api(path, b"{" + b"\xff" * (1 << 20)))
+                            replies["big"].append(api_raw(path, b"{" + b"\xff" * (1 << 20)))
                         except OSError as e:  # the server may close before reading it all
                             replies["big"].append(type(e).__name__.encode())
 
@@ -169,7 +156,7 @@ def test_api_abuse_keeps_forwarding(tmp_path):
             deadline = time.monotonic() + 15
             while True:  # the silent ones are dropped after the API read timeout
                 try:
-                    r = api(path, b'{"execute":"list_hostfwd"}', timeout=2)
+                    r = api_raw(path, b'{"execute":"list_hostfwd"}', timeout=2)
                     break
                 except OSError:
                     assert time.monotonic() < deadline

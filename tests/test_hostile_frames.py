@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from nsutil import Slirpy, require_netns
+from nsutil import Slirpy, api, require_netns
 
 pytestmark = pytest.mark.netns
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -128,19 +128,6 @@ class Servers:
             c.close()
         for s in (self.udp4, self.udp6, self.dns, self.hold, self.closer, self.big):
             s.close()
-
-
-def api(path, req):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    s.sendall(json.dumps(req).encode())
-    s.shutdown(socket.SHUT_WR)
-    buf = b""
-    while b := s.recv(65536):
-        buf += b
-    s.close()
-    return json.loads(buf)
 
 
 def proc_kb(pid, field):
