@@ -30,6 +30,11 @@ free_port(kind=SOCK_STREAM, addr="127.0.0.1") -> int
     A port that was free on addr a moment ago (bound, then closed): for forwards and refusals.
 proc_status(pid) -> dict
     /proc/PID/status as {field: value text}.
+class UdpServer(handler, addr="127.0.0.1", port=0)
+    A UDP server thread on addr (IPv4 or IPv6): .port; .seen, a list of (datagram, peer address
+    tuple); each datagram's handler(d) result, unless None, goes back to its sender. .close().
+dns_answer(query, ip) -> bytes | None
+    A DNS response to query with one A record (ip), or None when it is too short to answer.
 require_world()
     require_netns(), and pytest.skip(...) unless this is root with ip(8) and nsenter.
 run_world(body, *args, ipv6=False, ping=False, timeout=60) -> CompletedProcess (text)
@@ -49,8 +54,10 @@ import select
 import shlex
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -60,7 +67,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def exchange(conn, down: bytes) -> tuple[int, str]:
     import hashlib
-    import threading
     t = threading.Thread(target=conn.sendall, args=(down,))
     t.start()
     h, n = hashlib.sha256(), 0
@@ -109,6 +115,47 @@ def proc_status(pid: int) -> dict:
             k, _, v = line.partition(":")
             out[k] = v.strip()
     return out
+
+
+class UdpServer:
+    def __init__(self, handler, addr="127.0.0.1", port=0):
+        self.sock = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET,
+                                  socket.SOCK_DGRAM)
+        self.sock.bind((addr, port))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.handler = handler
+        self.stop = False
+        self.seen = []
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+
+    def _run(self):
+        while not self.stop:
+            try:
+                d, a = self.sock.recvfrom(65535)
+            except (socket.timeout, OSError):
+                continue
+            self.seen.append((d, a))
+            r = self.handler(d)
+            if r is not None:
+                self.sock.sendto(r, a)
+
+    def close(self):
+        self.stop = True
+        self.t.join(2)
+        self.sock.close()
+
+
+def dns_answer(q: bytes, ip: str) -> bytes | None:
+    if len(q) < 12:
+        return None
+    off = 12
+    while q[off]:
+        off += 1 + q[off]
+    end = off + 5
+    rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
+    return q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + q[12:end] + rr
 
 
 def slirpy_cmd(*args) -> list[str]:

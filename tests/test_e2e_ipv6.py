@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from nsutil import _env, api, exchange, free_port, run_world
+from nsutil import UdpServer, _env, api, dns_answer, exchange, free_port, run_world
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,44 +197,6 @@ def test_20mb_both_ways_via_fd00_2_and_host_loopback_rules():
     assert "REFUSED" in out
 
 
-class _UdpServer:
-    def __init__(self, family, addr, handler):
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        self.sock.bind((addr, 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.handler, self.seen, self.stop = handler, [], False
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop:
-            try:
-                d, a = self.sock.recvfrom(65535)
-            except (socket.timeout, OSError):
-                continue
-            self.seen.append((d, a[0]))
-            r = self.handler(d)
-            if r is not None:
-                self.sock.sendto(r, a)
-
-    def close(self):
-        self.stop = True
-        self.t.join(2)
-        self.sock.close()
-
-
-def dns_answer(q: bytes, ip="192.0.2.66") -> bytes | None:
-    if len(q) < 12:
-        return None
-    off = 12
-    while q[off]:
-        off += 1 + q[off]
-    end = off + 5
-    rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-    return q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + q[12:end] + rr
-
-
 def _tcp_dns_server():
     """One-shot DNS-over-TCP server on 127.0.0.1 (length-prefixed), in a thread."""
     s = socket.socket()
@@ -292,8 +254,8 @@ print("DNSTCP", r[2:4].hex(), socket.inet_ntoa(r[-4:]))
 
 
 def test_udp_echo_and_dns_udp_tcp_over_ipv6():
-    echo = _UdpServer(socket.AF_INET6, "::1", lambda d: d[::-1])
-    dns = _UdpServer(socket.AF_INET, "127.0.0.1", dns_answer)
+    echo = UdpServer(lambda d: d[::-1], "::1")
+    dns = UdpServer(lambda q: dns_answer(q, "192.0.2.66"))
     closed = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     closed.bind(("::1", 0))
     cport = closed.getsockname()[1]
@@ -317,7 +279,7 @@ def test_udp_echo_and_dns_udp_tcp_over_ipv6():
     assert "DNSUDP 4243 192.0.2.66 0" in out
     assert "DNSTCP 4243 192.0.2.77" in out
     assert [len(d) for d, a in echo.seen] == [6, len(big)]
-    assert all(a == "::1" for _, a in echo.seen)
+    assert all(a[0] == "::1" for _, a in echo.seen)
     assert len(dns.seen) == 1 and b"\x04test\x07example" in dns.seen[0][0]
 
 
@@ -454,7 +416,7 @@ def test_outbound_addr_ipv4_tcp_udp():
     srv.listen(1)
     srv.settimeout(30)
     port = srv.getsockname()[1]
-    udp = _UdpServer(socket.AF_INET, "127.0.0.1", lambda d: d)
+    udp = UdpServer(lambda d: d)
     got = {}
 
     def serve():
@@ -480,7 +442,7 @@ def test_outbound_addr_ipv4_tcp_udp():
         udp.close()
     th.join(5)
     assert got["peer"] == "127.0.0.2" and "TCP hi 127.0.0.2" in out
-    assert "UDP b'x'" in out and [a for _, a in udp.seen] == ["127.0.0.2"]
+    assert "UDP b'x'" in out and [a[0] for _, a in udp.seen] == ["127.0.0.2"]
 
 
 def test_outbound_addr_errors_are_one_line():

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from nsutil import run_world
+from nsutil import UdpServer, dns_answer, run_world
 
 pytestmark = pytest.mark.netns
 
@@ -35,48 +35,6 @@ def run_guest(code: str, *slirpy_args: str, wrap: list[str] | None = None, timeo
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert r.returncode == 0, f"rc={r.returncode}\nstdout={r.stdout}\nstderr={r.stderr}"
     return r.stdout
-
-
-class UdpServer:
-    """A loopback UDP server thread: echo (reversed) or a tiny DNS answerer."""
-
-    def __init__(self, handler, addr="127.0.0.1", port=0):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((addr, port))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.handler = handler
-        self.stop = False
-        self.seen = []
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop:
-            try:
-                d, a = self.sock.recvfrom(65535)
-            except (socket.timeout, OSError):
-                continue
-            self.seen.append((d, a))
-            r = self.handler(d)
-            if r is not None:
-                self.sock.sendto(r, a)
-
-    def close(self):
-        self.stop = True
-        self.t.join(2)
-        self.sock.close()
-
-
-def dns_answer(q: bytes, ip: str = "192.0.2.53") -> bytes | None:
-    if len(q) < 12:
-        return None
-    off = 12
-    while q[off]:
-        off += 1 + q[off]
-    end = off + 5
-    rr = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(ip)
-    return q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + q[12:end] + rr
 
 
 GUEST_DNS = """
@@ -130,7 +88,7 @@ def test_udp_echo_big_datagram_and_closed_port():
 
 
 def test_dns_via_dns_upstream_and_disable_dns():
-    srv = UdpServer(dns_answer)
+    srv = UdpServer(lambda q: dns_answer(q, "192.0.2.53"))
     try:
         out = run_guest(GUEST_DNS, f"--dns-upstream=127.0.0.1:{srv.port}")
         assert "ANSWER 4242 192.0.2.53 0" in out

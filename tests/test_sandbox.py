@@ -19,8 +19,7 @@ import time
 
 import pytest
 
-from nsutil import REPO, api, free_port, proc_status, require_netns
-from test_e2e_udp import UdpServer, dns_answer
+from nsutil import REPO, UdpServer, api, dns_answer, free_port, proc_status, require_netns
 
 pytestmark = pytest.mark.netns
 
