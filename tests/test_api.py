@@ -10,6 +10,7 @@ import stat
 import pytest
 import trio
 
+from nsutil import free_port
 from slirpy import api_socket
 from slirpy.api_socket import ApiServer, handle_request
 from slirpy.config import Config
@@ -37,15 +38,6 @@ class FakeDaemon:
 
     def flush(self):
         pass
-
-
-def free_port(kind=socket.SOCK_STREAM, addr="127.0.0.1"):
-    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    s = socket.socket(fam, kind)
-    s.bind((addr, 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 async def call(path, data: bytes) -> bytes:

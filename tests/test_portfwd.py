@@ -8,12 +8,13 @@ import socket
 import pytest
 import trio
 
+from nsutil import free_port
 from slirpy import portfwd
 from slirpy.config import Config, PortForward
 from slirpy.portfwd import ForwardError, PortForwarder, StartupError, guest_visible_source
 from slirpy.portspec import PortSpecError, parse_port_spec
 from slirpy.stack.events import UdpDatagram
-from test_api import FakeDaemon, free_port
+from test_api import FakeDaemon
 
 
 class FakeNat:
