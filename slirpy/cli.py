@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import re
 import sys
 
@@ -48,6 +49,8 @@ User-mode networking for unprivileged network namespaces.
 -h, --help               show this help and exit
 -v, --version            show version and exit
 """
+
+MIN_TCP_MEM_BUDGET = 64 * 1024  # SLIRPY_TCP_MEM_BUDGET below this is refused
 
 # Flags parsed and stored but not working yet: the daemon refuses them up front.
 # Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
@@ -268,6 +271,12 @@ def parse_args(argv: list[str]) -> Config | str:
         pcap_max = int(ns.pcap_max_bytes)
         if ns.pcap is None:
             raise UsageError("--pcap-max-bytes needs --pcap=FILE")
+    env_budget = os.environ.get("SLIRPY_TCP_MEM_BUDGET")
+    if env_budget is not None:
+        if not env_budget.isdigit() or not MIN_TCP_MEM_BUDGET <= int(env_budget) <= 1 << 40:
+            raise UsageError(f"SLIRPY_TCP_MEM_BUDGET={env_budget!r}: bytes, "
+                             f"{MIN_TCP_MEM_BUDGET}..{1 << 40}")
+        kw["tcp_mem_budget"] = int(env_budget)
     level = ns.log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise UsageError(f"--log-level {ns.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")

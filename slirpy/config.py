@@ -67,6 +67,9 @@ class Config:
     pcap: str | None = None
     pcap_max_bytes: int | None = None
     log_level: str = "ERROR"
+    # all TCP flows' buffered bytes together (stack/tcp.py); no flag: the environment variable
+    # SLIRPY_TCP_MEM_BUDGET (bytes) sets it, so slirp4netns's command line stays as it is
+    tcp_mem_budget: int = 128 * 1024 * 1024
 
     # --- derived addresses (slirp4netns: gateway .2, DNS .3, guest .100) ---------------------
     @property

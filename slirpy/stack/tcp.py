@@ -23,6 +23,19 @@ The contract between stack.py and the engine, fixed here so both can be built si
     shutdown_tcp(flow, now) (host EOF -> FIN); reset_tcp(flow, now) (host RST -> RST)
     connect_tcp(family, src: str, sport, dst: str, dport, now) -> flow  (port forwarding: SYN to guest)
     flows() -> list[dict]  (for stats / list_flows)
+
+Memory budget. `mem_bytes` is the exact number of bytes held in every flow's send buffer,
+receive buffer and out-of-order queue, kept by an integer add at each point where one of them
+changes (mem_recount() recomputes it from scratch for tests). All flows together hold at most
+`mem_budget` bytes (config.tcp_mem_budget, default 128 MiB): a flow grows beyond its floor
+(max(16 KiB, its MSS), capped by the per-flow buffer) only while the total is under 3/4 of the
+budget, and up to its floor while the total is under the budget, so the last quarter keeps new
+flows going. The budget shapes the window advertised to the guest (never retracting the right
+edge already advertised) and how much send_tcp takes; guest data that would push the total past
+the budget is dropped (`tcp_mem_drop`; only when the guest fills windows promised concurrently to
+many flows). Flows cut short by the budget are remembered (_rwait, _swait) and woken from
+flush_pending when bytes are freed: a window update, or TcpWritable. Bytes are accounted, not
+flows: TIME_WAIT flows and flows with empty buffers cost nothing.
 """
 
 from __future__ import annotations
@@ -37,8 +50,13 @@ from .events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, Tc
 from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+_MASK, _HALF = seq.MASK, seq.HALF  # for the per-segment window arithmetic
 
 BUF = 256 * 1024
+MEM_BUDGET = 128 * 1024 * 1024  # all flows' send + receive + out-of-order bytes together
+MEM_FLOOR = 16 * 1024  # a flow may always hold max(MEM_FLOOR, its MSS) each way while under budget
+WAKE_MISSES = 16  # a wake pass gives up after this many budget-limited flows it could not help
+WAKE_RETRY = 0.2  # flows still wait while room is free (handed to flows that left it unused): retry
 MAX_FLOWS = 10000
 MAX_HALF_OPEN = 1024
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
@@ -61,7 +79,7 @@ class _Flow:
                  "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
                  "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
                  "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
-                 "rexmit_hi", "sacked", "last_ooo")
+                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim")
 
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
@@ -97,6 +115,10 @@ class _Flow:
         self.rexmit_hi = 0  # highest byte retransmitted in this recovery
         self.sacked = ()  # the guest's latest SACK blocks within (snd_una, snd_max]
         self.last_ooo = None  # seq of the most recent out-of-order segment (first SACK block)
+        self.ooo_bytes = 0  # bytes held in ooo
+        self.rcv_edge = 0  # right edge of the window advertised (never moves back): set with rcv_nxt
+        self.rlim = False  # the last window advertised was cut by the memory budget (in _rwait)
+        self.slim = False  # send_tcp was cut short by the memory budget (in _swait)
 
 
 class TcpEngine:
@@ -108,6 +130,15 @@ class TcpEngine:
         self.sndbuf = getattr(config, "tcp_sndbuf", BUF)
         self.rcvbuf = getattr(config, "tcp_rcvbuf", BUF)
         self.max_flows = getattr(config, "max_tcp_flows", MAX_FLOWS)
+        self.mem_budget = getattr(config, "tcp_mem_budget", MEM_BUDGET)
+        self._soft = self.mem_budget - self.mem_budget // 4
+        # the limits in force: _soft and mem_budget, less what a wake pass has handed out
+        self._soft_lim, self._hard_lim = self._soft, self.mem_budget
+        self.mem_bytes = 0  # exact: every flow's sbuf + rbuf + ooo bytes
+        self._mem_freed = 0  # bytes freed since the last wake pass
+        self._wake_at = None  # deadline of a retry pass (see WAKE_RETRY)
+        self._rwait: dict[int, _Flow] = {}  # flows whose window the budget cut
+        self._swait: dict[int, _Flow] = {}  # flows whose send_tcp the budget cut
         self.isn = lambda: random.getrandbits(32)
         self._flows: dict[int, _Flow] = {}
         self._by_key: dict = {}
@@ -129,22 +160,83 @@ class TcpEngine:
     def _mss_for(self, family):
         return self.config.mss if family == 4 else self.config.mss6
 
-    def _adv(self, f):
-        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
-        w = room >> f.rcv_ws
-        return min(w, 0xFFFF)
+    def _allow(self, held, want, floor):
+        """How many of `want` more bytes a flow holding `held` bytes (one direction) may take
+        now: anything while the total stays under 3/4 of the budget, up to `floor` while it
+        stays under the budget. O(1)."""
+        mem = self.mem_bytes
+        g = self._soft_lim - mem
+        if g >= want:
+            return want
+        if held < floor:
+            h = self._hard_lim - mem
+            if h > floor - held:
+                h = floor - held
+            if h > g:
+                g = h
+            if g >= want:
+                return want
+        return g if g > 0 else 0
+
+    def _rcv_allow(self, f, n):
+        """How many of n bytes of guest data the budget lets this flow take (the same rule as
+        for windows, so flows past their floor never eat into the last quarter)."""
+        return self._allow((len(f.rbuf) if f.rbuf else 0) + f.ooo_bytes, n,
+                           min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
+
+    def _rwnd(self, f):
+        """The receive window (bytes) the budget lets this flow offer now: the room in its
+        buffer, cut by the budget (then the flow is flagged for a wake-up)."""
+        rl = len(f.rbuf) if f.rbuf else 0
+        target = self.rcvbuf - rl
+        if target <= 0 or f.their_fin or f.state == "TIME_WAIT":  # no more data will be taken
+            return max(target, 0)
+        w = self._allow(rl + f.ooo_bytes, target, min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
+        if w < target:
+            if not f.rlim:
+                f.rlim = True
+                self._rwait[f.id] = f
+                self.stats.drop("tcp_mem_cap_window")
+        elif f.rlim:
+            f.rlim = False
+            self._rwait.pop(f.id, None)
+        return w
+
+    def _update_due(self, f, new_adv):
+        """Receiver SWS avoidance (RFC 1122 4.2.3.3): is a window update worth a segment?"""
+        return (new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2)
+                or (f.last_adv < f.mss and new_adv >= f.mss))
 
     def _send(self, f, seqno, flags, payload=b"", options=b""):
         # SACK blocks ride on segments without data only: with them a full-sized segment (mss
         # assumes no options) would exceed the MTU, or at MTU 65520 the 16-bit IP length
         if f.ooo and f.sack_ok and not options and not payload and flags & ACK and not flags & SYN:
             options = build_tcp_options(sack_blocks=self._sack_blocks(f))
+        rb = f.rbuf
+        w = self.rcvbuf - (len(rb) if rb else 0)
+        if w <= 0 or f.rlim or self.mem_bytes + w > self._soft_lim:
+            w = self._rwnd(f)  # the budget may cut it (the common case needs no more than this)
         if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
-            w = min(self.rcvbuf - (len(f.rbuf) if f.rbuf else 0), 0xFFFF)
+            if f.state == "SYN_SENT":  # the guest's ISN is unknown: anchored on its SYN-ACK
+                w = max(w, f.last_adv)
+            else:
+                w = max(w, seq.sub(f.rcv_edge, f.rcv_nxt))
+            w = min(w, 0xFFFF)
             f.last_adv = w
-        else:
-            w = self._adv(f)
-            f.last_adv = w << f.rcv_ws
+            if f.state != "SYN_SENT":
+                f.rcv_edge = seq.add(f.rcv_nxt, w)
+        else:  # per segment: kept to integer operations
+            ws = f.rcv_ws
+            wire = w >> ws
+            nxt = f.rcv_nxt
+            p = (f.rcv_edge - nxt) & _MASK  # never move the right edge back (RFC 9293 3.8.6)
+            if (wire << ws) < p < _HALF:
+                wire = (p + (1 << ws) - 1) >> ws
+            if wire > 0xFFFF:
+                wire = 0xFFFF
+            w = wire
+            adv = f.last_adv = wire << ws
+            f.rcv_edge = (nxt + adv) & _MASK  # >= the old edge, by the rounding up
         if flags & ACK:
             f.ack_pending = False
             f.unacked = 0
@@ -187,9 +279,24 @@ class TcpEngine:
         self._half_open.pop(f.id, None)
         f.gen += 1
         f.state = "CLOSED"
-        f.sbuf = f.rbuf = f.ooo = None
+        self._release(f)
         for ev in events:
             self._push(ev)
+
+    def _release(self, f):
+        """Drop the flow's buffers and give their bytes back to the budget."""
+        n = (len(f.sbuf) if f.sbuf else 0) + (len(f.rbuf) if f.rbuf else 0) + f.ooo_bytes
+        if n:
+            self.mem_bytes -= n
+            self._mem_freed += n
+        f.sbuf = f.rbuf = f.ooo = None
+        f.ooo_bytes = 0
+        if f.rlim:
+            f.rlim = False
+            self._rwait.pop(f.id, None)
+        if f.slim:
+            f.slim = False
+            self._swait.pop(f.id, None)
 
     def _abort(self, f, now, reason):
         self.stats.drop(reason)
@@ -245,7 +352,7 @@ class TcpEngine:
                 f = self._new_flow(family, src, sport, dst, dport)
                 f.state = "SYN_PENDING"
                 self._half_open[f.id] = f
-                f.rcv_nxt = seq.add(seqno, 1)
+                f.rcv_nxt = f.rcv_edge = seq.add(seqno, 1)
                 f.mss = min(opts.mss or 536, self._mss_for(family))
                 if opts.wscale is not None:
                     f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
@@ -280,6 +387,7 @@ class TcpEngine:
                     f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
                 f.sack_ok = opts.sack_perm
                 f.rcv_nxt = seq.add(seqno, 1)
+                f.rcv_edge = seq.add(f.rcv_nxt, f.last_adv)  # the window our SYN offered
                 f.snd_una = f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
                 f.snd_wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
                 f.state = "ESTABLISHED"
@@ -361,6 +469,8 @@ class TcpEngine:
             data_n = min(n, len(f.sbuf) if f.sbuf else 0)
             if data_n:
                 del f.sbuf[:data_n]
+                self.mem_bytes -= data_n
+                self._mem_freed += data_n
             if f.fin_seq is not None and seq.gt(ackno, f.fin_seq):
                 f.fin_acked = True
             f.snd_una = ackno
@@ -387,9 +497,8 @@ class TcpEngine:
                 self._arm(f, None)
             else:
                 self._arm(f, now + f.rto)
-            if f.want_writable and self.sndbuf - len(f.sbuf or b"") > 0:
-                f.want_writable = False
-                self._push(TcpWritable(f.id))
+            if f.want_writable:
+                self._writable(f)
         elif ackno == f.snd_una:
             if plen == 0 and not flags & FIN and f.snd_una != f.snd_max and new_wnd and (
                     new_wnd == f.snd_wnd or blocks):
@@ -468,13 +577,18 @@ class TcpEngine:
             ahead = seq.sub(seqno, f.rcv_nxt)
             if ahead + len(data) > room:
                 self.stats.drop("tcp_beyond_window")
+            elif self._rcv_allow(f, len(data)) < len(data):
+                self.stats.drop("tcp_mem_drop")
             elif f.ooo is None or (len(f.ooo) < MAX_OOO and  # overlapping copies count too
-                                   sum(len(v[0]) for v in f.ooo.values()) + len(data) <= self.rcvbuf):
+                                   f.ooo_bytes + len(data) <= self.rcvbuf):
                 if f.ooo is None:
                     f.ooo = {}
                 old = f.ooo.get(seqno)
                 if old is None or len(old[0]) < len(data):
                     f.ooo[seqno] = (bytes(data), fin)
+                    d = len(data) - (len(old[0]) if old is not None else 0)
+                    f.ooo_bytes += d
+                    self.mem_bytes += d
                 f.last_ooo = seqno
             else:
                 self.stats.drop("tcp_ooo_cap")
@@ -484,6 +598,12 @@ class TcpEngine:
             data = data[:room]
             fin = False
             self.stats.drop("tcp_beyond_window")
+        if data and self.mem_bytes + len(data) > self._soft:
+            n = self._rcv_allow(f, len(data))  # windows promised to many flows at once
+            if n < len(data):
+                data = data[:n]
+                fin = False
+                self.stats.drop("tcp_mem_drop")
         was_empty = not f.rbuf
         self._accept(f, data, fin)
         while f.ooo:
@@ -494,9 +614,14 @@ class TcpEngine:
                     b, fn = f.ooo[s]
                     if d >= 0:
                         del f.ooo[s]
+                        f.ooo_bytes -= len(b)
+                        self.mem_bytes -= len(b)
                         if d < len(b) or (fn and d == len(b)):
                             hit = (b[d:], fn)
                             break
+            else:
+                f.ooo_bytes -= len(hit[0])
+                self.mem_bytes -= len(hit[0])
             if hit is None:
                 break
             room = self.rcvbuf - len(f.rbuf or b"")
@@ -521,12 +646,15 @@ class TcpEngine:
             self._push(TcpGuestEof(f.id))
 
     def _accept(self, f, data, fin):
-        if data:
+        n = len(data)
+        if n:
             if f.rbuf is None:
-                f.rbuf = bytearray()
-            f.rbuf += data
-            f.rcv_nxt = seq.add(f.rcv_nxt, len(data))
-            f.bytes_in += len(data)
+                f.rbuf = bytearray(data)
+            else:
+                f.rbuf += data
+            self.mem_bytes += n
+            f.rcv_nxt = (f.rcv_nxt + n) & _MASK
+            f.bytes_in += n
         if fin:
             f.their_fin = True
             f.rcv_nxt = seq.add(f.rcv_nxt, 1)
@@ -577,7 +705,7 @@ class TcpEngine:
     def _maybe_done(self, f, now):
         if f.state == "ESTABLISHED" and f.fin_acked and f.their_fin and f.eof_pushed:
             f.state = "TIME_WAIT"
-            f.sbuf = f.rbuf = f.ooo = None
+            self._release(f)
             self._arm(f, now + TIME_WAIT)
             self._push(TcpClosed(f.id))
 
@@ -595,9 +723,16 @@ class TcpEngine:
             break
         if self._ack_set and (t is None or self._delack_at < t):
             t = self._delack_at
+        w = self._wake_at
+        if w is not None and (t is None or w < t):
+            t = w
         return t
 
     def handle_timer(self, now):
+        if self._wake_at is not None and self._wake_at <= now:
+            self._wake_at = None
+            if self._rwait or self._swait:
+                self._wake(now)
         h = self._heap
         while h and h[0][0] <= now:
             d, fid, gen = heapq.heappop(h)
@@ -656,12 +791,102 @@ class TcpEngine:
             self._arm(f, now + f.rto)
 
     def flush_pending(self, now):
-        if not self._ack_set or now < self._delack_at:
-            return
-        for f in list(self._ack_set.values()):
-            if f.ack_pending and f.state != "CLOSED":
-                self._send(f, f.snd_nxt, ACK)
-        self._ack_set.clear()
+        if self._ack_set and now >= self._delack_at:
+            for f in list(self._ack_set.values()):
+                if f.ack_pending and f.state != "CLOSED":
+                    self._send(f, f.snd_nxt, ACK)
+            self._ack_set.clear()
+        if self._mem_freed and (self._rwait or self._swait):
+            self._wake(now)
+
+    def _wake(self, now):
+        """Bytes were freed: window updates to flows whose window the budget cut, TcpWritable
+        to flows whose send_tcp it cut, oldest first, while the room lasts. Room handed out is
+        taken off the limits in force so the same bytes are not offered twice in one pass; a flow that
+        cannot be given a worthwhile update goes to the back, and WAKE_MISSES of those end the
+        pass (the next freed bytes start another), so a pass costs O(flows woken)."""
+        self._mem_freed = 0
+        try:
+            for waiting, rcv in ((self._rwait, True), (self._swait, False)):
+                misses = 0
+                for f in list(waiting.values()):
+                    if misses >= WAKE_MISSES or self.mem_bytes >= self._hard_lim:
+                        break
+                    if f.id not in waiting:
+                        continue
+                    if rcv:
+                        if f.state != "ESTABLISHED" or f.their_fin:
+                            f.rlim = False
+                            del waiting[f.id]
+                            continue
+                        if self._update_due(f, self._rwnd(f)):
+                            old = f.rcv_edge if seq.gt(f.rcv_edge, f.rcv_nxt) else f.rcv_nxt
+                            self._send(f, f.snd_nxt, ACK)
+                            self._handed(max(0, seq.sub(f.rcv_edge, old)))
+                            continue
+                    else:
+                        r = self._writable(f)
+                        if r:
+                            self._handed(r)
+                            continue
+                    misses += 1
+                    if f.id in waiting:  # to the back of the queue
+                        del waiting[f.id]
+                        waiting[f.id] = f
+        finally:
+            self._soft_lim, self._hard_lim = self._soft, self.mem_budget
+        # room that flows were offered but left unused would otherwise wait for the next bytes
+        # freed, which may never come: look again a little later
+        self._wake_at = (now + WAKE_RETRY if (self._rwait or self._swait)
+                         and self.mem_bytes < self.mem_budget else None)
+
+    def _handed(self, n):
+        self._soft_lim -= n
+        self._hard_lim -= n
+
+    def _send_allow(self, f, want):
+        sl = len(f.sbuf) if f.sbuf else 0
+        return self._allow(sl, want, min(self.sndbuf, max(MEM_FLOOR, f.mss)))
+
+    def _writable(self, f):
+        """f.want_writable: push TcpWritable if the flow has worthwhile room (its buffer and the
+        budget); return that room, or 0 (then the flow waits in _swait for freed bytes)."""
+        room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
+        if room <= 0 or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT") or f.fin_pending:
+            if f.slim:
+                f.slim = False
+                self._swait.pop(f.id, None)
+            return 0
+        r = self._send_allow(f, room)
+        if r < room and r < f.mss:  # the budget leaves less than a segment: wait for more
+            if not f.slim:
+                f.slim = True
+                self._swait[f.id] = f
+            return 0
+        if f.slim:
+            f.slim = False
+            self._swait.pop(f.id, None)
+        f.want_writable = False
+        self._push(TcpWritable(f.id))
+        return r
+
+    def mem_recount(self):
+        """The bytes held in every flow's buffers, recounted from scratch (tests: == mem_bytes)."""
+        total = 0
+        for f in self._flows.values():
+            ob = sum(len(v[0]) for v in f.ooo.values()) if f.ooo else 0
+            if ob != f.ooo_bytes:
+                raise AssertionError(f"flow {f.id}: ooo_bytes {f.ooo_bytes} != {ob}")
+            if f.rlim != (f.id in self._rwait) or f.slim != (f.id in self._swait):
+                raise AssertionError(f"flow {f.id}: budget wait flags out of step")
+            total += (len(f.sbuf) if f.sbuf else 0) + (len(f.rbuf) if f.rbuf else 0) + ob
+        if any(fid not in self._flows for fid in (*self._rwait, *self._swait)):
+            raise AssertionError("a removed flow is still waiting for the budget")
+        return total
+
+    def mem_stats(self):
+        return {"tcp_mem_bytes": self.mem_bytes, "tcp_mem_budget": self.mem_budget,
+                "tcp_mem_window_limited": len(self._rwait), "tcp_mem_send_limited": len(self._swait)}
 
     # ------------------------------------------------------------------ glue API
     def accept_tcp(self, flow, now):
@@ -692,12 +917,19 @@ class TcpEngine:
             return 0
         if f.sbuf is None:
             f.sbuf = bytearray()
-        room = self.sndbuf - len(f.sbuf)
-        n = min(room, len(data))
+        want = min(self.sndbuf - len(f.sbuf), len(data))
+        n = want
+        if want > 0 and self.mem_bytes + want > self._soft_lim:
+            n = self._send_allow(f, want)
         if n < len(data):
             f.want_writable = True
+            if n < want and not f.slim:  # the budget, not the buffer, cut it: wake it later
+                f.slim = True
+                self._swait[f.id] = f
+                self.stats.drop("tcp_mem_cap_send")
         if n > 0:
             f.sbuf += data if n == len(data) else memoryview(data)[:n]
+            self.mem_bytes += n
             self._output(f, now)
         return n
 
@@ -711,12 +943,12 @@ class TcpEngine:
         else:
             out = rb[:n]
             del rb[:n]
-        new_adv = self._adv(f) << f.rcv_ws
+        self.mem_bytes -= len(out)
+        self._mem_freed += len(out)
         # a window update goes at once when the guest may be short of window; otherwise an ACK
         # already owed (sent within DELACK, or carried by the answer) brings the new window
         if f.state == "ESTABLISHED" and not f.their_fin and not (
-                f.ack_pending and f.last_adv >= f.mss) and (
-                new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2) or (f.last_adv < f.mss and new_adv >= f.mss)):
+                f.ack_pending and f.last_adv >= f.mss) and self._update_due(f, self._rwnd(f)):
             self._send(f, f.snd_nxt, ACK)
         if not f.rbuf:
             f.rbuf = None

@@ -1,0 +1,385 @@
+"""Sans-IO tests of the TCP engine's global memory budget (stack/tcp.py): byte accounting that
+never drifts, windows and send_tcp cut by the budget, wake-ups when room returns, no window
+retraction, and TIME_WAIT / empty flows costing nothing. A model guest drives many flows."""
+import hashlib
+
+from hypothesis import given, settings, strategies as st
+
+from slirpy.config import Config
+from slirpy.stack import events as E
+from slirpy.stack import seq
+from slirpy.stack.stats import Stats
+from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
+from slirpy.stack.tcp_options import build_tcp_options
+
+G = bytes([10, 0, 2, 100])
+R = bytes([127, 0, 0, 9])
+KIB = 1024
+PAT = bytes(range(251)) * 1400  # byte i of a flow's stream: PAT[(i + salt) % 251] (up to 340 KiB a slice)
+GISN = 2**32 - 5000  # the guest's ISN: sequence numbers wrap during the tests
+
+
+def stream(salt, off, n):
+    i = (off + salt) % 251
+    assert n <= len(PAT) - i
+    return PAT[i:i + n]
+
+
+class Guest:
+    """One flow as the guest sees it."""
+
+    def __init__(self, port):
+        self.port = port
+        self.flow = None
+        self.snd_nxt = seq.add(GISN, 1)  # next byte the guest sends
+        self.sent = 0  # stream offset of snd_nxt
+        self.ack = None  # our latest ACK number
+        self.edge = None  # right edge of our latest window
+        self.hrx = None  # next host byte the guest expects
+        self.got = 0  # host bytes received in order
+        self.wnd = 0  # the guest's window (scaled by 7)
+        self.taken = 0  # bytes send_tcp took
+
+
+class Net:
+    def __init__(self, budget=1 << 20, isn=7000):
+        self.out, self.ev = [], []
+        self.stats = Stats()
+        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda *a: self.out.append(a),
+                           self.ev.append, self.stats)
+        self.e.isn = lambda: isn
+        self.e.delack = 0.0  # `now` stays 0 here: ACKs owed go out at the next flush_pending
+        self.g: dict[int, Guest] = {}
+        self.by_flow: dict[int, Guest] = {}
+        self.read: dict[int, int] = {}  # flow -> guest bytes the host has read
+        self.peak = 0
+        self.checks = 0
+
+    def check(self):
+        e = self.e
+        self.checks += 1
+        if len(e._flows) < 300 or self.checks % 100 == 0:  # a recount is O(flows)
+            assert e.mem_bytes == e.mem_recount()
+        assert e.mem_bytes <= e.mem_budget
+        self.peak = max(self.peak, e.mem_bytes)
+
+    def seg(self, m, seqno, ackno, flags, payload=b"", window=None):
+        self.e.on_segment(4, G, m.port, R, 80, seqno, ackno, flags,
+                          m.wnd if window is None else window, b"", memoryview(payload), 0.0)
+        self.pump()
+
+    def pump(self):
+        """Deliver what the engine emitted to the model guests; no right edge ever moves back."""
+        while self.out:
+            out, self.out = self.out, []
+            for (_fam, _src, _sport, _dst, gport, seqno, ackno, flags, win, _opt, payload) in out:
+                m = self.g.get(gport)
+                if m is None or flags & RST:
+                    continue
+                if flags & SYN:
+                    m.hrx = seq.add(seqno, 1)
+                if flags & ACK:
+                    edge = seq.add(ackno, win << (0 if flags & SYN else self.e._my_ws))
+                    assert m.edge is None or seq.ge(edge, m.edge), "window retracted"
+                    m.ack, m.edge = ackno, edge
+                if payload and m.hrx is not None and seqno == m.hrx:
+                    assert bytes(payload) == stream(m.port + 1, m.got, len(payload))
+                    m.got += len(payload)
+                    m.hrx = seq.add(m.hrx, len(payload))
+        self.check()
+
+    def open(self, port, wnd=0):
+        m = Guest(port)
+        self.g[port] = m
+        opts = build_tcp_options(mss=1460, wscale=7, sack_perm=True)
+        self.e.on_segment(4, G, port, R, 80, GISN, 0, SYN, 65535, opts, memoryview(b""), 0.0)
+        req = self.ev[-1]
+        assert isinstance(req, E.TcpConnectRequest)
+        m.flow = req.flow
+        self.by_flow[m.flow] = m
+        self.read[m.flow] = 0
+        self.e.accept_tcp(m.flow, 0.0)
+        self.pump()
+        m.wnd = wnd
+        self.seg(m, m.snd_nxt, m.hrx, ACK)
+        return m
+
+    def fill(self, m, limit=10**9):
+        """The guest sends 1460-byte segments up to the right edge we advertised (resending
+        from our ACK what we did not take), then we flush our coalesced ACKs."""
+        m.sent -= seq.sub(m.snd_nxt, m.ack)
+        m.snd_nxt = m.ack
+        n = 0
+        while n < limit:
+            room = seq.sub(m.edge, m.snd_nxt)
+            if room <= 0:
+                break
+            k = min(1460, room, limit - n)
+            self.seg(m, m.snd_nxt, m.hrx, ACK | PSH, stream(m.port, m.sent, k))
+            m.snd_nxt = seq.add(m.snd_nxt, k)
+            m.sent += k
+            n += k
+        self.e.flush_pending(0.0)
+        self.pump()
+        return n
+
+    def host_read(self, m, n=1 << 30):
+        data = self.e.recv_tcp(m.flow, n, 0.0)
+        off = self.read[m.flow]
+        assert bytes(data) == stream(m.port, off, len(data))
+        self.read[m.flow] = off + len(data)
+        self.pump()
+        return len(data)
+
+    def host_send(self, m, n):
+        took = self.e.send_tcp(m.flow, stream(m.port + 1, m.taken, n), 0.0)
+        m.taken += took
+        self.pump()
+        return took
+
+    def guest_ack(self, m, wnd=65535):
+        m.wnd = wnd
+        self.seg(m, m.snd_nxt, m.hrx, ACK)
+
+    def writable(self):
+        ws = {ev.flow for ev in self.ev if isinstance(ev, E.TcpWritable)}
+        self.ev[:] = [ev for ev in self.ev if not isinstance(ev, E.TcpWritable)]
+        return ws
+
+
+def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
+    """200 flows, nobody reads on the host and the guest never opens its window: without the
+    budget they would hold 200 x 512 KiB = 100 MiB; with a 1 MiB budget the total never exceeds
+    1 MiB (checked after every segment against a recount). Then the readers drain and every
+    flow moves again, both ways."""
+    budget = 1 << 20
+    n = Net(budget)
+    flows = [n.open(30000 + i) for i in range(200)]
+    for rnd in range(3):
+        for m in flows:
+            n.host_send(m, 300 * KIB)
+            n.fill(m)
+    assert n.peak >= budget * 3 // 4 and n.e.mem_bytes <= budget
+    d = n.stats.dropped
+    assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0 and d["tcp_mem_drop"] > 0
+    assert n.e.mem_stats()["tcp_mem_bytes"] == n.e.mem_bytes
+    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rbuf or b"") for m in flows}
+    before_out = {m.port: m.taken for m in flows}
+    # the readers drain: the host reads everything, the guest opens its window and acks
+    for rnd in range(40):
+        for m in flows:
+            n.host_read(m)
+            n.guest_ack(m)
+        n.e.flush_pending(0.0)
+        n.pump()
+        for fid in n.writable():
+            m = n.by_flow[fid]
+            if m.taken < before_out[m.port] + 64 * KIB:
+                n.host_send(m, 64 * KIB)
+        if all(m.taken >= before_out[m.port] + 64 * KIB for m in flows):
+            break
+    for m in flows:
+        n.fill(m)
+        n.host_read(m)
+    assert n.e.mem_bytes == n.e.mem_recount()
+    assert all(n.read[m.flow] > before_in[m.port] for m in flows), "a flow got no guest data through"
+    assert all(m.taken >= before_out[m.port] + 64 * KIB for m in flows), "a flow took no more host data"
+    assert all(m.got >= before_out[m.port] for m in flows)
+
+
+def test_budget_limited_window_opens_when_others_drain():
+    """A flow whose window the budget closed gets a window update, unasked, when another flow's
+    reader frees enough bytes (the wake-up); freeing a few bytes sends nothing."""
+    n = Net(256 * KIB)
+    a = n.open(30001)
+    for _ in range(4):
+        n.fill(a)
+    assert n.e.mem_bytes == 192 * KIB  # 3/4: past its floor a flow takes no more
+    b = n.open(30002)
+    assert seq.sub(b.edge, b.ack) == 16 * KIB  # b's SYN-ACK offers its floor from the last quarter
+    assert n.fill(b) == 16 * KIB
+    fb = n.e._flows[b.flow]
+    assert fb.rlim and seq.sub(b.edge, b.ack) == 0  # b: zero window, waiting for the budget
+    n.host_read(a, 10)
+    n.e.flush_pending(0.0)
+    assert n.out == []  # nothing worthwhile freed, nothing sent
+    n.host_read(a, 40 * KIB)  # 168 KiB held: 24 KiB under 3/4
+    n.e.flush_pending(0.0)
+    ports = [x[4] for x in n.out]
+    assert b.port in ports and len(ports) <= 2  # b's update (and a's own), no storm
+    n.pump()
+    w = seq.sub(b.edge, b.ack)
+    assert w == (24 * KIB + 10) & ~7  # b may send again: what is under 3/4, in units of 8 bytes
+    assert n.fill(b) == w and len(fb.rbuf) == 16 * KIB + w
+    assert n.e.mem_bytes == 192 * KIB - 2
+
+
+def test_time_wait_and_empty_flows_cost_nothing_bulk_flow_gets_full_window():
+    """The reverted flow-count budget: after a burst of short connections every window fell
+    below one MSS. Bytes are accounted, not flows: 3000 closed flows in TIME_WAIT (and 200 open
+    idle ones) hold nothing, and a bulk flow still gets the full 256 KiB each way, with a budget
+    of only 1 MiB."""
+    n = Net(1 << 20)
+    for i in range(3000):
+        m = n.open(20000 + i, wnd=65535)
+        n.fill(m, 100)
+        n.host_send(m, 100)
+        n.host_read(m)
+        n.guest_ack(m)
+        n.e.shutdown_tcp(m.flow, 0.0)
+        n.pump()
+        n.seg(m, m.snd_nxt, m.hrx, ACK | FIN)
+        m.snd_nxt = seq.add(m.snd_nxt, 1)
+        n.host_read(m)
+        n.seg(m, m.snd_nxt, seq.add(m.hrx, 1), ACK)
+        assert n.e._flows[m.flow].state == "TIME_WAIT"
+    idle = [n.open(40000 + i, wnd=65535) for i in range(200)]
+    for m in idle:
+        n.fill(m, 1)
+        n.host_read(m)
+    assert n.e.mem_bytes == 0 and len(n.e._flows) == 3200
+    bulk = n.open(50000)
+    assert seq.sub(bulk.edge, bulk.ack) == 65535  # SYN-ACK: the largest unscaled window
+    assert n.host_send(bulk, 300 * KIB) == 256 * KIB
+    got = n.fill(bulk)
+    for _ in range(3):
+        got += n.fill(bulk)
+    assert got == 256 * KIB  # the guest could send a full 256 KiB
+    assert not n.e._rwait and not n.e._swait and "tcp_mem_cap_window" not in n.stats.dropped
+    n.e.handle_timer(10.0)  # TIME_WAIT ends
+    assert len(n.e._flows) == 201 and n.e.mem_bytes == 512 * KIB == n.e.mem_recount()
+
+
+def test_no_window_retraction_when_the_budget_runs_out():
+    """A flow that advertised a large window keeps its right edge when other flows use up the
+    budget; its next windows end at that same edge (shrinking only as data arrives)."""
+    n = Net(512 * KIB)
+    a = n.open(30001)
+    n.fill(a, 2920)
+    edge0 = a.edge
+    assert seq.sub(edge0, a.ack) >= 256 * KIB - 2920 - 8
+    others = [n.open(31000 + i) for i in range(2)]
+    assert [n.host_send(m, 256 * KIB) for m in others] == [256 * KIB, 128 * KIB - 2920]
+    assert n.e.mem_bytes == 384 * KIB  # 3/4: windows only up to the floor from here
+    n.fill(a, 1460)
+    # not retracted, not grown (but for rounding up to the window scale, 8 bytes): budget spent
+    assert 0 <= seq.sub(a.edge, edge0) < 1 << n.e._my_ws
+    fa = n.e._flows[a.flow]
+    assert fa.rlim  # its window is cut by the budget: it waits for room
+    n.fill(a)  # the guest may fill the whole window it was promised ...
+    assert a.ack == edge0 or n.stats.dropped["tcp_mem_drop"] > 0  # ... or hits the hard cap
+    assert n.e.mem_bytes <= 512 * KIB
+
+
+def test_send_budget_floor_and_writable_when_room_returns():
+    """send_tcp takes less once the budget is spent, but every flow may hold its floor
+    (16 KiB here) while the total is under the budget; a flow cut short gets TcpWritable when
+    the guest acknowledges another flow's data."""
+    n = Net(256 * KIB)
+    a = n.open(30001)
+    assert n.host_send(a, 256 * KIB) == 192 * KIB  # 3/4 of the budget: the rest is for floors
+    fl = [n.open(30002 + i) for i in range(5)]
+    took = [n.host_send(m, 100 * KIB) for m in fl]
+    assert took == [16 * KIB] * 4 + [0]
+    assert n.e.mem_bytes == 256 * KIB and n.stats.dropped["tcp_mem_cap_send"] == 6
+    assert n.writable() == set()
+    n.guest_ack(a)  # the guest opens its window: a's data goes out and is acknowledged
+    for _ in range(10):
+        n.guest_ack(a)
+    n.e.flush_pending(0.0)
+    n.pump()
+    woken = n.writable()
+    assert fl[4].flow in woken and a.flow in woken
+    assert n.host_send(fl[4], 100 * KIB) >= 16 * KIB
+
+
+ops = st.lists(st.tuples(st.sampled_from(["fill", "ooo", "dup", "read", "send", "gack", "gwin0",
+                                          "gfin", "hfin", "hrst", "grst", "timer", "open", "flush"]),
+                         st.integers(0, 3), st.integers(1, 70000)),
+               min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_running_total_never_drifts(plan):
+    """Random guest and host operations on four flows under a small budget: after every one,
+    the running total equals a recount and stays within the budget."""
+    n = Net(64 * KIB)  # 48 KiB to grow in, 16 KiB floors
+    now = 0.0
+    ms = [n.open(30000 + i, wnd=65535) for i in range(4)]
+    for op, i, k in plan:
+        m = ms[i]
+        f = n.e._flows.get(m.flow)
+        if op == "open":
+            if f is None or f.state == "TIME_WAIT":
+                n.g.pop(m.port)
+                ms[i] = n.open(30000 + i + 4 * (k % 1000 + 1), wnd=65535)
+        elif f is None or f.state != "ESTABLISHED":
+            pass
+        elif op == "fill":
+            n.fill(m, k)
+        elif op == "ooo" and m.edge is not None:
+            gap = k % 5000 + 1
+            s = seq.add(m.ack, gap)
+            ln = max(0, min(k % 3000 + 1, seq.sub(m.edge, s)))
+            if ln:
+                n.seg(m, s, m.hrx, ACK, bytes(ln))
+        elif op == "dup" and m.ack is not None:
+            n.seg(m, seq.sub(m.ack, k % 2000) & seq.MASK, m.hrx, ACK, bytes(k % 1500))
+        elif op == "read":
+            n.e.recv_tcp(m.flow, k, now)
+            n.pump()
+        elif op == "send":
+            n.host_send(m, k)
+        elif op == "gack":
+            n.guest_ack(m, 65535)
+        elif op == "gwin0":
+            n.guest_ack(m, 0)
+        elif op == "gfin":
+            n.seg(m, m.snd_nxt, m.hrx, ACK | FIN)
+        elif op == "hfin":
+            n.e.shutdown_tcp(m.flow, now)
+            n.pump()
+        elif op == "hrst":
+            n.e.reset_tcp(m.flow, now)
+            n.pump()
+        elif op == "grst":
+            n.seg(m, m.snd_nxt, 0, RST)
+        if op == "timer":
+            now += k / 10000
+            n.e.handle_timer(now)
+            n.pump()
+        if op == "flush":
+            n.e.flush_pending(now)
+            n.pump()
+        n.check()
+    for m in ms:
+        n.e.reset_tcp(m.flow, now)
+    n.e.handle_timer(now + 100)
+    assert n.e.mem_bytes == 0 == n.e.mem_recount() and not n.e._rwait and not n.e._swait
+
+
+def test_stream_integrity_under_budget_pressure():
+    """12 flows share 512 KiB while only half of them are read: data through budget-cut
+    windows and hard-cap drops arrives intact and in order, the readers' flows keep moving
+    (guest segments arrive in a different flow order each round), and once everything is read
+    every byte acknowledged has reached the host."""
+    n = Net(512 * KIB)  # 6 unread flows past 3/4 leave the last quarter for the others' floors
+    ms = [n.open(30000 + i) for i in range(12)]
+    for r in range(30):
+        for m in ms[r % 12:] + ms[:r % 12]:
+            n.fill(m, 40 * KIB)
+        for m in ms[::2]:
+            n.host_read(m)
+        n.e.flush_pending(0.0)
+        n.pump()
+    assert all(n.read[m.flow] >= 300 * KIB for m in ms[::2])
+    assert n.e.mem_bytes <= 512 * KIB
+    for _ in range(10):
+        for m in ms:
+            n.host_read(m)
+            n.fill(m, 40 * KIB)
+    for m in ms:
+        n.host_read(m)
+        assert n.read[m.flow] == seq.sub(m.ack, seq.add(GISN, 1)) > 0
+    assert n.e.mem_bytes == 0 == n.e.mem_recount()
