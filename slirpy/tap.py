@@ -8,7 +8,8 @@ import os
 
 READ_SIZE = 65536 + 14
 MAX_READ_BATCH = 256
-MAX_WRITE_QUEUE = 1024
+MAX_WRITE_QUEUE = 1024  # frames waiting for the guest to read (tap write EAGAIN) ...
+MAX_WRITE_QUEUE_BYTES = 8 * 1024 * 1024  # ... and their bytes: 1024 64 KiB GSO frames are 64 MiB
 
 
 class TapGone(Exception):
@@ -20,6 +21,9 @@ class Tap:
         self.fd = fd
         self.stats = stats
         self.queue: collections.deque = collections.deque()
+        self.queue_bytes = 0  # sum of len() over self.queue
+        self.max_queue = MAX_WRITE_QUEUE
+        self.max_queue_bytes = MAX_WRITE_QUEUE_BYTES
 
     def read_batch(self) -> list[bytes]:
         """Frames until EAGAIN (at most MAX_READ_BATCH). Raises TapGone on a fatal error."""
@@ -40,10 +44,13 @@ class Tap:
         return out
 
     def write_frames(self, frames) -> None:
-        """Write now what the fd takes; queue the rest (bounded, oldest dropped and counted)."""
+        """Write now what the fd takes; queue the rest (bounded in frames and bytes, oldest
+        dropped and counted)."""
         q = self.queue
         if q:
-            q.extend(frames)
+            for f in frames:
+                q.append(f)
+                self.queue_bytes += len(f)
         else:
             fd = self.fd
             it = iter(frames)
@@ -52,7 +59,10 @@ class Tap:
                     os.write(fd, f)
                 except BlockingIOError:
                     q.append(f)
-                    q.extend(it)
+                    self.queue_bytes += len(f)
+                    for f in it:
+                        q.append(f)
+                        self.queue_bytes += len(f)
                     break
                 except OSError as e:
                     if e.errno in (errno.EINVAL, errno.EMSGSIZE):
@@ -62,8 +72,8 @@ class Tap:
                         self._drop("tap_write_link_down")
                         continue
                     raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
-        while len(q) > MAX_WRITE_QUEUE:
-            q.popleft()
+        while len(q) > self.max_queue or self.queue_bytes > self.max_queue_bytes:
+            self.queue_bytes -= len(q.popleft())
             self._drop("tap_write_queue_full")
 
     def drain(self) -> bool:
@@ -76,12 +86,12 @@ class Tap:
                 return False
             except OSError as e:
                 if e.errno in (errno.EINVAL, errno.EMSGSIZE, errno.EIO):
-                    q.popleft()
+                    self.queue_bytes -= len(q.popleft())
                     self._drop("tap_write_link_down" if e.errno == errno.EIO else
                                "tap_write_invalid")
                     continue
                 raise TapGone(f"tap write: {e.strerror} (guest network namespace gone?)") from None
-            q.popleft()
+            self.queue_bytes -= len(q.popleft())
         return True
 
     def _drop(self, reason: str) -> None:

@@ -171,6 +171,49 @@ def test_tap_write_queue_bounded_when_the_guest_does_not_read():
         b.close()
 
 
+def test_tap_write_queue_bounded_in_bytes_with_gso_frames():
+    """The same with 64 KiB GSO frames: 1024 of them would be 64 MiB, so the queue is also
+    capped at MAX_WRITE_QUEUE_BYTES (8 MiB): the newest frames that fit stay, in order, the
+    oldest are dropped and counted, and the byte count matches the queue throughout."""
+    from slirpy import tap as tap_mod
+    from slirpy.stack.stats import Stats
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+        st = Stats()
+        t = tap_mod.Tap(a.fileno(), st)
+        frames = [b"%06d" % i + bytes(65530) for i in range(300)]
+        for i in range(0, 300, 20):
+            t.write_frames(frames[i:i + 20])
+            assert t.queue_bytes == sum(len(f) for f in t.queue) <= tap_mod.MAX_WRITE_QUEUE_BYTES
+        q = list(t.queue)
+        assert len(q) == tap_mod.MAX_WRITE_QUEUE_BYTES // 65536 < tap_mod.MAX_WRITE_QUEUE
+        assert q == frames[300 - len(q):]
+        written = []
+        while True:
+            try:
+                written.append(b.recv(70000))
+            except BlockingIOError:
+                break
+        assert written and written == frames[:len(written)]
+        assert st.dropped["tap_write_queue_full"] == 300 - len(written) - len(q)
+        got = []
+        for _ in range(10_000):
+            done = t.drain()
+            while True:
+                try:
+                    got.append(b.recv(70000))
+                except BlockingIOError:
+                    break
+            if done:
+                break
+        assert got == q and t.queue_bytes == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_tap_deleted_in_the_guest_ends_with_one_message():
     """Both forms: the guest deletes the tap (its network is going away): exit 1, one line."""
     import pytest
