@@ -77,8 +77,11 @@ def collect_stats(daemon) -> dict:
                          "max_bytes": getattr(reass, "max_bytes", None)}
 
     tap = getattr(daemon, "tap", None)
+    mem = tcp.mem_stats() if hasattr(tcp, "mem_stats") else {}
     out["buffers"] = {"tcp_send_bytes": sbuf, "tcp_recv_bytes": rbuf, "tcp_ooo_bytes": ooo,
+                      **mem,  # tcp_mem_bytes (the engine's running total), tcp_mem_budget, ...
                       "tap_write_queue": len(tap.queue) if tap is not None else 0,
+                      "tap_write_queue_bytes": getattr(tap, "queue_bytes", 0),
                       "stack_frames_queued": len(getattr(stack, "_out", ())),
                       "stack_events_queued": len(getattr(stack, "_events", ())),
                       "unresolved_frames": len(getattr(stack, "_unresolved", ()))}
