@@ -163,3 +163,16 @@ def test_path_not_a_netns():
 def test_path_missing():
     p = run_slirpy("--netns-type=path", "/nonexistent/netns", timeout=5)
     assert p.returncode == 1 and "No such file" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_tcp_mem_budget_from_the_environment(monkeypatch):
+    """SLIRPY_TCP_MEM_BUDGET (bytes) sets the TCP memory budget; no flag, so slirp4netns's
+    command line is unchanged. Nonsense is a one-line usage error."""
+    monkeypatch.delenv("SLIRPY_TCP_MEM_BUDGET", raising=False)
+    assert cli.parse_args(["1234"]).tcp_mem_budget == Config().tcp_mem_budget == 128 << 20
+    monkeypatch.setenv("SLIRPY_TCP_MEM_BUDGET", "2097152")
+    assert cli.parse_args(["1234"]).tcp_mem_budget == 2097152
+    for bad in ("", "lots", "-5", "1000", str(1 << 41)):
+        monkeypatch.setenv("SLIRPY_TCP_MEM_BUDGET", bad)
+        with pytest.raises(cli.UsageError, match="SLIRPY_TCP_MEM_BUDGET"):
+            cli.parse_args(["1234"])
