@@ -40,6 +40,7 @@ flows: TIME_WAIT flows and flows with empty buffers cost nothing.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import ipaddress
 import random
@@ -137,8 +138,9 @@ class TcpEngine:
         self.mem_bytes = 0  # exact: every flow's sbuf + rbuf + ooo bytes
         self._mem_freed = 0  # bytes freed since the last wake pass
         self._wake_at = None  # deadline of a retry pass (see WAKE_RETRY)
-        self._rwait: dict[int, _Flow] = {}  # flows whose window the budget cut
-        self._swait: dict[int, _Flow] = {}  # flows whose send_tcp the budget cut
+        # flows whose window / send_tcp the budget cut, longest waiting first (O(1) rotation)
+        self._rwait: collections.OrderedDict[int, _Flow] = collections.OrderedDict()
+        self._swait: collections.OrderedDict[int, _Flow] = collections.OrderedDict()
         self.isn = lambda: random.getrandbits(32)
         self._flows: dict[int, _Flow] = {}
         self._by_key: dict = {}
@@ -801,19 +803,20 @@ class TcpEngine:
 
     def _wake(self, now):
         """Bytes were freed: window updates to flows whose window the budget cut, TcpWritable
-        to flows whose send_tcp it cut, oldest first, while the room lasts. Room handed out is
-        taken off the limits in force so the same bytes are not offered twice in one pass; a flow that
-        cannot be given a worthwhile update goes to the back, and WAKE_MISSES of those end the
-        pass (the next freed bytes start another), so a pass costs O(flows woken)."""
+        to flows whose send_tcp it cut, longest waiting first, while the room lasts. Room handed
+        out is taken off the limits in force so the same bytes are not offered twice in one pass.
+        Each flow looked at goes to the back; WAKE_MISSES flows that could not be given a
+        worthwhile update end the pass (the next freed bytes start another), so a pass costs
+        O(flows woken + WAKE_MISSES), not O(flows waiting)."""
         self._mem_freed = 0
         try:
             for waiting, rcv in ((self._rwait, True), (self._swait, False)):
                 misses = 0
-                for f in list(waiting.values()):
-                    if misses >= WAKE_MISSES or self.mem_bytes >= self._hard_lim:
+                for _ in range(len(waiting)):
+                    if not waiting or misses >= WAKE_MISSES or self.mem_bytes >= self._hard_lim:
                         break
-                    if f.id not in waiting:
-                        continue
+                    f = next(iter(waiting.values()))
+                    waiting.move_to_end(f.id)  # served or not, its turn is over
                     if rcv:
                         if f.state != "ESTABLISHED" or f.their_fin:
                             f.rlim = False
@@ -830,9 +833,6 @@ class TcpEngine:
                             self._handed(r)
                             continue
                     misses += 1
-                    if f.id in waiting:  # to the back of the queue
-                        del waiting[f.id]
-                        waiting[f.id] = f
         finally:
             self._soft_lim, self._hard_lim = self._soft, self.mem_budget
         # room that flows were offered but left unused would otherwise wait for the next bytes
