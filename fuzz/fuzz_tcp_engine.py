@@ -5,7 +5,8 @@ taken from the flow's real state +- a delta or fully random, window, options, pa
 calls (accept/reject a connect request, send_tcp, recv_tcp, shutdown_tcp, reset_tcp, connect_tcp
 for a port forward) and time jumps that fire timers. Invariants: the engine's catch-all never
 fires (``tcp_internal_error``: an exception inside the engine), buffers and the out-of-order queue
-stay within their caps, and flows never exceed the flow cap."""
+stay within their caps, flows never exceed the flow cap, and the memory budget's running total
+(small here, so it binds) equals a recount and never exceeds the budget."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from _harness import run
 
 G = bytes([10, 0, 2, 100])
 R = bytes([198, 51, 100, 7])
-CFG = Config()
+CFG = Config(tcp_mem_budget=300_000)
 
 
 def TARGET(data: bytes) -> None:
@@ -88,6 +89,7 @@ def TARGET(data: bytes) -> None:
             e.flush_pending(now)
         assert "tcp_internal_error" not in st.dropped, "exception inside the TCP engine"
         assert len(e._flows) <= 4
+        assert e.mem_bytes == e.mem_recount() <= e.mem_budget, "budget total drifted"
         for f in e._flows.values():
             assert f.sbuf is None or len(f.sbuf) <= e.sndbuf
             assert f.rbuf is None or len(f.rbuf) <= e.rcvbuf

@@ -383,3 +383,32 @@ def test_stream_integrity_under_budget_pressure():
         n.host_read(m)
         assert n.read[m.flow] == seq.sub(m.ack, seq.add(GISN, 1)) > 0
     assert n.e.mem_bytes == 0 == n.e.mem_recount()
+
+
+def test_room_left_unused_by_a_woken_flow_reaches_the_next_one_after_a_retry():
+    """Freed room goes to the longest-waiting flow first, and is handed out once per pass; if
+    that flow's glue never uses it (its host peer had nothing more to send), the next waiting
+    flow is woken by a retry pass from the timer (0.2 s later), not left waiting for bytes to
+    be freed again."""
+    n = Net(256 * KIB)
+    c = n.open(30001)
+    assert n.host_send(c, 192 * KIB) == 192 * KIB  # 3/4 of the budget, all c asked for
+    a, b = n.open(30002), n.open(30003)
+    assert n.host_send(a, 100 * KIB) == n.host_send(b, 100 * KIB) == 16 * KIB  # floors
+    assert list(n.e._swait) == [a.flow, b.flow]
+    h0 = c.hrx
+    c.wnd = 65535
+    n.seg(c, c.snd_nxt, h0, ACK)  # c's window opens: its data goes out
+    assert c.got == 192 * KIB
+    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)  # 64 KiB acknowledged: 32 KiB under 3/4
+    n.e.flush_pending(0.0)
+    n.pump()
+    assert n.writable() == {a.flow}  # the room goes to a only (a's turn: it waited longest)
+    assert list(n.e._swait) == [b.flow]
+    t = n.e.get_timer()
+    assert t is not None and abs(t - 0.2) < 1e-9
+    n.e.handle_timer(0.2)  # a's glue took nothing: the retry hands the room to b
+    n.pump()
+    assert n.writable() == {b.flow} and not n.e._swait
+    assert n.host_send(b, 100 * KIB) == 32 * KIB
+    assert n.host_send(a, 100 * KIB) == 0 and set(n.e._swait) == {a.flow, b.flow}
