@@ -83,6 +83,8 @@ class HostServer:
       RST n seed    send blob(n, seed), then reset the connection (SO_LINGER 0)
       HOLD          read until EOF (keeps the connection open meanwhile)
       STALL t       read nothing for t seconds, then read until EOF or error
+      LATE t        close the sending side at once, read nothing for t seconds, then read to
+                    EOF slowly (64 KiB per 5 ms, 64 KiB receive buffer); record (bytes, sha)
     """
 
     def __init__(self, addr="127.0.0.1"):
@@ -139,6 +141,19 @@ class HostServer:
                 while c.recv(1 << 16):
                     pass
                 self.got.append("STALL EOF")
+            elif cmd == "LATE":
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                c.shutdown(socket.SHUT_WR)
+                time.sleep(float(a[0]))
+                h, n = hashlib.sha256(), 0
+                while True:
+                    b = c.recv(1 << 16)
+                    if not b:
+                        break
+                    h.update(b)
+                    n += len(b)
+                    time.sleep(0.005)
+                self.got.append((n, h.hexdigest()))
             elif cmd == "HOLD":
                 while c.recv(1 << 16):
                     pass
@@ -245,6 +260,31 @@ except ConnectionResetError:
 print("GOT", len(buf), buf == blob(1000000, "r")[:len(buf)])
 """)
     assert "RESET" in out and "GOT 1000000 True" in out, out
+
+
+def test_last_bytes_reach_a_host_that_closed_first_and_reads_late(server):
+    """The host closes its side at once and reads only after 1 s, and slowly; the guest sends
+    6 MB and closes. slirpy's host socket gets a 16 KiB send buffer (the shim sets it; with the
+    common default net.core.wmem_max of 208 KiB sends also come up short), so the flow finishes
+    in the stack (both FINs ACKed) while its last bytes still wait for the host socket: they are
+    delivered, then the socket closes (no RST, nothing lost)."""
+    n = 6 * 1024 * 1024
+    out, _ = run_guest(GUEST_LIB + f"""
+s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
+s.sendall(b"LATE 1\\n")
+print("EOF", s.recv(10) == b"")
+s.sendall(blob({n}, "late"))
+s.close()
+time.sleep(4)  # slirpy's `--` form ends with this process: stay until the host has read
+print("SENT")
+""", shim=True, env={"SHIM_EXEC": "import slirpy.nat; slirpy.nat.SOCK_BUF = 16384"})
+    assert "EOF True" in out and "SENT" in out, out
+    for _ in range(100):
+        if server.got or server.errors:
+            break
+        time.sleep(0.1)
+    assert server.got == [(n, sha(blob(n, "late")))] and server.errors == [], (server.got,
+                                                                               server.errors)
 
 
 def test_guest_reset_resets_host_socket(server):
