@@ -287,6 +287,39 @@ print("SENT")
                                                                                server.errors)
 
 
+def test_host_connect_that_never_finishes_is_refused_after_the_connect_timeout():
+    """A host listener whose accept queue is full drops SYNs, so slirpy's connect() never
+    finishes: after the connect timeout (1 s here, through the shim; 15 s in the product) the
+    guest's connection is refused with an RST."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # one completes, the rest wait: the queue is full from here on
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    try:
+        out, _ = run_guest(GUEST_LIB + f"""
+t0 = time.monotonic()
+try:
+    socket.create_connection(("10.0.2.2", {port}), timeout=20); print("OPEN")
+except ConnectionRefusedError:
+    print("REFUSED %.2f" % (time.monotonic() - t0))
+except socket.timeout:
+    print("TIMEOUT")
+""", shim=True, env={"SHIM_EXEC": "import slirpy.nat; slirpy.nat.CONNECT_TIMEOUT = 1.0"})
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()
+    line = [ln for ln in out.splitlines() if ln.startswith(("REFUSED", "OPEN", "TIMEOUT"))]
+    assert line and line[0].startswith("REFUSED"), out
+    assert 0.9 <= float(line[0].split()[1]) < 10, out  # it waited for the timeout, then gave up
+
+
 def test_guest_reset_resets_host_socket(server):
     out, _ = run_guest(GUEST_LIB + f"""
 s = socket.create_connection(("10.0.2.2", {server.port}), timeout=20)
