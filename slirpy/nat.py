@@ -106,12 +106,11 @@ class TcpNat:
 
     def _fail(self, flow, c=None):
         c = c or self.conns.get(flow)
-        if c is not None and c.state == LINGER:  # the flow id is no longer ours
-            self._close(c, linger0=True)
-            return
+        lingering = c is not None and c.state == LINGER  # then the flow id is no longer ours
         if c is not None:
             self._close(c, linger0=True)
-        self.d.stack.reset_tcp(flow, self.d.now())
+        if not lingering:
+            self.d.stack.reset_tcp(flow, self.d.now())
 
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
