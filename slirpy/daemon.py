@@ -302,11 +302,8 @@ def run(started) -> int:
     try:
         tap_fd, offload = pending.wait()
     except HelperError as e:
-        if child_pid is not None:
-            os.close(go_fd)
-            os.waitpid(child_pid, 0)
-        sys.stderr.write(f"slirpy: error: {e}\n")
-        return 1
+        from .launch import start_failed
+        return start_failed(e, child_pid, go_fd)
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
              f"virtio-net header, offload flags {offload:#x}")
     d = Daemon(config, tap_fd, offload=offload)

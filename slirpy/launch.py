@@ -32,8 +32,14 @@ def start(config):
                                          userns_path=None)
         return config, start_helper(config), child_pid, go_fd
     except HelperError as e:
-        if child_pid is not None:
-            os.close(go_fd)
-            os.waitpid(child_pid, 0)
-        sys.stderr.write(f"slirpy: error: {e}\n")
-        return 1
+        return start_failed(e, child_pid, go_fd)
+
+
+def start_failed(e, child_pid, go_fd) -> int:
+    """The helper failed (at fork or when its fd was awaited): reap the `--` command, which never
+    got its go byte, say why, exit 1."""
+    if child_pid is not None:
+        os.close(go_fd)
+        os.waitpid(child_pid, 0)
+    sys.stderr.write(f"slirpy: error: {e}\n")
+    return 1
