@@ -87,9 +87,11 @@ class HostServer:
                     EOF slowly (64 KiB per 5 ms, 64 KiB receive buffer); record (bytes, sha)
     """
 
-    def __init__(self, addr="127.0.0.1"):
+    def __init__(self, addr="127.0.0.1", rcvbuf=None):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf is not None:  # inherited by the accepted sockets
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((addr, 0))
         self.sock.listen(4096)
         self.port = self.sock.getsockname()[1]

@@ -5,8 +5,6 @@ per-flow caps alone would let it hold 4 MiB; then the server reads and every byt
 from __future__ import annotations
 
 import hashlib
-import json
-import socket
 import sys
 import textwrap
 import threading
@@ -14,7 +12,8 @@ import time
 
 import pytest
 
-from nsutil import Slirpy, require_netns
+from nsutil import Slirpy, api, require_netns
+from test_e2e_tcp import HostServer
 
 pytestmark = pytest.mark.netns
 
@@ -27,32 +26,14 @@ def blob(i):
     return hashlib.shake_256(b"c%d" % i).digest(SIZE)
 
 
-class StallServer:
+class StallServer(HostServer):
     """Accepts; each connection waits for `go`, then reads an id line and the rest to EOF."""
 
     def __init__(self):
-        self.sock = socket.socket()
-        # a small receive buffer (inherited by accepted sockets): the host kernel must not
-        # absorb what slirpy is meant to hold back
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
         self.go = threading.Event()
+        # a small receive buffer: the host kernel must not absorb what slirpy is meant to hold back
+        super().__init__(rcvbuf=4096)
         self.got: dict[int, tuple[int, str]] = {}
-        self.errors: list[str] = []
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):
         try:
@@ -75,26 +56,11 @@ class StallServer:
 
     def close(self):
         self.go.set()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.thread.join(5)
-        self.sock.close()
+        super().close()
 
 
 def _stats(path):
-    with socket.socket(socket.AF_UNIX) as c:
-        c.settimeout(10)
-        c.connect(path)
-        c.sendall(json.dumps({"execute": "get_stats"}).encode())
-        c.shutdown(socket.SHUT_WR)
-        buf = b""
-        while True:
-            b = c.recv(65536)
-            if not b:
-                return json.loads(buf)["return"]
-            buf += b
+    return api(path, {"execute": "get_stats"})["return"]
 
 
 GUEST = """
