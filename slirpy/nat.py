@@ -52,14 +52,14 @@ CONNECTING, GUEST_WAIT, OPEN, LINGER, DONE = range(5)
 
 class _Conn:
     __slots__ = ("flow", "sock", "fd", "state", "readable", "want_out", "writable", "rdhup",
-                 "host_eof", "guest_eof", "shut_wr", "out", "held", "desc")
+                 "host_eof", "shut_wr", "out", "held", "desc")
 
     def __init__(self, flow, sock, state, desc):
         self.flow, self.sock, self.fd, self.state = flow, sock, sock.fileno(), state
         self.desc = desc  # (src, sport, dst, dport, host, port) for log lines
         self.readable = self.writable = self.rdhup = False  # edges seen, not yet used up
         self.want_out = True  # registered for EPOLLOUT
-        self.host_eof = self.guest_eof = self.shut_wr = False
+        self.host_eof = self.shut_wr = False
         self.out = None  # guest bytes taken from the stack that the host socket has not taken
         self.held = None  # host bytes the stack has not taken (its send buffer was full)
 
@@ -88,7 +88,7 @@ class TcpNat:
         self._buf = bytearray(CHUNK)
         self._view = memoryview(self._buf)
         for ev_type, fn in ((TcpConnectRequest, self._on_request), (TcpConnected, self._on_connected),
-                            (TcpReadable, self._on_readable), (TcpGuestEof, self._on_guest_eof),
+                            (TcpReadable, self._on_readable), (TcpGuestEof, self._on_readable),
                             (TcpWritable, self._on_writable), (TcpReset, self._on_reset),
                             (TcpClosed, self._on_closed)):
             daemon.add_handler(ev_type, self._safe(fn))
@@ -227,7 +227,7 @@ class TcpNat:
                     if c.state == LINGER:
                         self._shut_wr(c)
                         self._close(c)
-                    elif c.guest_eof or self._guest_eof(flow):
+                    elif self._guest_eof(flow):
                         self._shut_wr(c)
                     return
             try:
@@ -293,15 +293,9 @@ class TcpNat:
         self._ep.register(c.fd, _MASK_OUT)
 
     # --------------------------------------------------------------------- stack events
-    def _on_readable(self, ev):
+    def _on_readable(self, ev):  # TcpReadable, and TcpGuestEof: _to_host sees the EOF itself
         c = self.conns.get(ev.flow)
         if c is not None and c.state == OPEN:
-            self._to_host(c)
-
-    def _on_guest_eof(self, ev):
-        c = self.conns.get(ev.flow)
-        if c is not None and c.state == OPEN:
-            c.guest_eof = True
             self._to_host(c)
 
     def _on_writable(self, ev):
