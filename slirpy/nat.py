@@ -2,8 +2,8 @@
 sockets in. Bytes move between the host sockets and the sans-IO stack's flows with flow control
 on both sides.
 
-No task per flow. Every host TCP socket sits in one edge-triggered epoll set that a single trio
-task waits on: per wakeup, every ready socket is served and the daemon flushed once. Guest data
+No task per flow. Every host TCP socket sits in one edge-triggered epoll set, which is one of the
+daemon pump's hot fds: when it is ready, every ready socket is served and the daemon flushed once. Guest data
 goes to the host socket from the stack's event handler itself (TcpReadable), so a request from
 the guest reaches the host in the same loop iteration that read it from the tap. What a socket
 cannot take now waits in `_Conn.out` until EPOLLOUT; what the stack cannot take waits in
@@ -114,28 +114,28 @@ class TcpNat:
 
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        async with trio.open_nursery() as n:
-            n.start_soon(self._poller)
-            n.start_soon(self._reaper)
-            task_status.started()
+        self.d.add_hot_fd(self._ep.fileno(), self._service)
+        try:
+            async with trio.open_nursery() as n:
+                n.start_soon(self._reaper)
+                task_status.started()
+        finally:
+            self.d.remove_hot_fd(self._ep.fileno())
 
-    async def _poller(self):
-        ep, by_fd, d = self._ep, self._by_fd, self.d
-        poll, fileno = ep.poll, ep.fileno()
-        while True:
-            await trio.lowlevel.wait_readable(fileno)
-            events = poll(0, MAX_EVENTS)
-            for fd, mask in events:
-                c = by_fd.get(fd)
-                if c is None:
-                    continue
-                try:
-                    self._host_event(c, mask)
-                except Exception:
-                    log.exception("tcp flow %d", c.flow)
-                    d.stack.stats.drop("tcp_glue_error")
-                    self._fail(c.flow, c)
-            d.flush()
+    def _service(self):
+        """The daemon's pump found our epoll set ready: serve every ready host socket (the pump
+        flushes after)."""
+        by_fd = self._by_fd
+        for fd, mask in self._ep.poll(0, MAX_EVENTS):
+            c = by_fd.get(fd)
+            if c is None:
+                continue
+            try:
+                self._host_event(c, mask)
+            except Exception:
+                log.exception("tcp flow %d", c.flow)
+                self.d.stack.stats.drop("tcp_glue_error")
+                self._fail(c.flow, c)
 
     async def _reaper(self):
         """Connect timeouts (the flow is refused) and linger timeouts (the socket is closed)."""
