@@ -2,7 +2,7 @@
 
 Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.config, daemon.stack, daemon.nursery, daemon.udp_intercepts (list of fn(ev)->bool)
-    daemon.now() -> float                    trio.current_time()
+    daemon.now() -> float                    trio.current_time() (the clock's own method)
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
@@ -110,7 +110,7 @@ class Daemon:
         self.exit_code = 0
 
     # -------------------------------------------------------------------------- contract
-    def now(self) -> float:
+    def now(self) -> float:  # main() replaces it with the running clock's bound method
         return trio.current_time()
 
     def add_handler(self, event_type, fn) -> None:
@@ -175,7 +175,7 @@ class Daemon:
         tap, stack = self.tap, self.stack
         frames = tap.read_batch()
         if frames:
-            now = trio.current_time()
+            now = self.now()
             if self.pcap is not None:
                 self._capture(frames)
             for f in frames:
@@ -186,7 +186,7 @@ class Daemon:
         stack = self.stack
         t = stack.get_timer()
         if t is not None:
-            now = trio.current_time()
+            now = self.now()
             if now >= t:
                 stack.handle_timer(now)
                 self.flush()
@@ -244,7 +244,7 @@ class Daemon:
                         continue
                     timeout = to_sleep_time(next_deadline())
                     if t is not None:
-                        timeout = min(timeout, t - trio.current_time())
+                        timeout = min(timeout, t - self.now())
                     if timeout <= 0:
                         await trio.lowlevel.checkpoint()
                         continue
@@ -341,6 +341,8 @@ class Daemon:
             cancel.cancel()
 
     async def main(self, child_pid: int | None = None, go_fd: int | None = None):
+        # trio.current_time() looks the runner up on every call, a few times per frame
+        self.now = trio.lowlevel.current_clock().current_time
         if self.stack is None:
             from .stack.stack import Stack
             self.stack = Stack(self.config, trio.current_time(), offload=self.offload)
