@@ -6,9 +6,9 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
-    daemon.add_hot_fd(fd, fn) / remove_hot_fd(fd)   fn() runs in the pump when fd is readable
-                                             (level-triggered; meant for a component's own epoll
-                                             set), followed by one flush
+    daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
+                                             epoll reports fd (mask as for epoll.register; change
+                                             it with daemon.hot_ep.modify); one flush per round
     optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before ready-fd.
 Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 """
@@ -26,7 +26,7 @@ import sys
 import trio
 
 from .stack.events import TcpConnectRequest
-from .tap import Tap, TapGone
+from .tap import MAX_READ_BATCH, Tap, TapGone
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class Daemon:
         self.udp_intercepts: list = []
         self.components: list = []
         self._handlers: dict = {}
-        self._hot: dict = {}  # fd -> fn(), served by the pump
-        self._pump_ep = select.epoll()
+        self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
+        self.hot_ep = select.epoll()
         self._flushing = False
         self._timer_scope: trio.CancelScope | None = None
         self._write_wakeup = trio.Event()
@@ -116,13 +116,16 @@ class Daemon:
     def add_handler(self, event_type, fn) -> None:
         self._handlers[event_type] = fn
 
-    def add_hot_fd(self, fd: int, fn) -> None:
+    def add_hot_fd(self, fd: int, fn, mask: int = select.EPOLLIN) -> None:
+        self.hot_ep.register(fd, mask)
         self._hot[fd] = fn
-        self._pump_ep.register(fd, select.EPOLLIN)
 
     def remove_hot_fd(self, fd: int) -> None:
         if self._hot.pop(fd, None) is not None:
-            self._pump_ep.unregister(fd)
+            try:
+                self.hot_ep.unregister(fd)
+            except (OSError, ValueError):
+                pass
 
     def flush(self) -> None:
         if self._flushing:
@@ -171,9 +174,9 @@ class Daemon:
             self.stack.reject_tcp(ev.flow, "refused", self.now())
 
     # ----------------------------------------------------------------------------- tasks
-    def _read_tap(self) -> None:
+    def _read_tap(self, limit: int = MAX_READ_BATCH) -> None:
         tap, stack = self.tap, self.stack
-        frames = tap.read_batch()
+        frames = tap.read_batch(limit)
         if frames:
             now = self.now()
             if self.pcap is not None:
@@ -194,26 +197,25 @@ class Daemon:
         return t
 
     async def _pump(self):
-        """The hot path: one epoll set holds the tap and the components' hot fds (the NAT's own
-        epoll set of host sockets). Each round serves every ready fd, then flushes once. The
-        pump also runs the stack's timer (when idle, and every few busy rounds).
+        """The hot path: one epoll set holds the tap and the components' hot fds (every host
+        TCP socket of the NAT). Each round serves every ready fd, then flushes once. The pump
+        also runs the stack's timer (when idle, and every few busy rounds).
 
-        Going idle, with the trio runner at hand and no other task scheduled, the pump sleeps
-        in a second epoll set that holds its own set and trio's epoll fd, until the stack's
-        timer or the next trio deadline: whatever another task waits for makes trio's fd
-        readable, and the pump yields. That saves trio's per-wait registration, scheduling
-        and deadline bookkeeping (a third of the daemon's CPU on a request/response) without
-        starving the other tasks. Without the runner (or under a test clock, or
-        wait_all_tasks_blocked), it waits through trio."""
-        ep, hot, tap_fd = self._pump_ep, self._hot, self.tap_fd
+        With the trio runner at hand, trio's own epoll fd is in the set too. Going idle with no
+        other task scheduled, the pump sleeps in its set until the stack's timer or trio's next
+        deadline; whenever trio's fd is ready (something another task waits for), it yields.
+        That saves trio's per-wait registration, scheduling and deadline bookkeeping (a third
+        of the daemon's CPU on a request/response) without starving the other tasks. Without
+        the runner (or under a test clock, or wait_all_tasks_blocked) it waits through trio."""
+        ep, hot, tap_fd = self.hot_ep, self._hot, self.tap_fd
         poll, epfd = ep.poll, ep.fileno()
         ep.register(tap_fd, select.EPOLLIN)
         runner = _trio_runner()
+        trio_fd = -1
         if runner is not None:
-            sleep_ep = select.epoll()
-            sleep_ep.register(epfd, select.EPOLLIN)
-            sleep_ep.register(runner.io_manager._epoll.fileno(), select.EPOLLIN)
-            sleep, next_deadline = sleep_ep.poll, runner.deadlines.next_deadline
+            trio_fd = runner.io_manager._epoll.fileno()
+            ep.register(trio_fd, select.EPOLLIN)
+            next_deadline = runner.deadlines.next_deadline
             to_sleep_time = runner.clock.deadline_to_sleep_time
             sched = _Scheduled()
             pending = sched.tasks
@@ -224,16 +226,26 @@ class Daemon:
             await trio.lowlevel.checkpoint()
         log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
                  "waits through trio (no trio runner with an epoll backend at hand)")
-        timer_due = self._timer_due
+        timer_due, now, read_tap = self._timer_due, self.now, self._read_tap
         rounds = 0
+        # the tap in two rounds running: a burst, read it until EAGAIN. A lone frame (a request)
+        # is read alone, and epoll says whether another came: no EAGAIN read per request
+        tap_last = False
         try:
             while True:
                 events = poll(0)
                 if not events:
                     rounds = 0
+                    tap_last = False
                     t = timer_due()
-                    if (runner is None or runner.waiting_for_idle
-                            or runner.clock_autojump_threshold != math.inf):
+                    if runner is not None and (runner.waiting_for_idle or
+                                               runner.clock_autojump_threshold != math.inf):
+                        # a test clock: trio must see every wait, so the pump waits through it
+                        # from now on (and trio's fd leaves our set: epoll sets may not loop)
+                        ep.unregister(trio_fd)
+                        trio.lowlevel.remove_instrument(sched)
+                        runner, trio_fd = None, -1
+                    if runner is None:
                         with trio.CancelScope(deadline=math.inf if t is None else t) as cs:
                             self._timer_scope = cs  # flush in another task moves it earlier
                             await trio.lowlevel.wait_readable(epfd)
@@ -244,31 +256,34 @@ class Daemon:
                         continue
                     timeout = to_sleep_time(next_deadline())
                     if t is not None:
-                        timeout = min(timeout, t - self.now())
+                        timeout = min(timeout, t - now())
                     if timeout <= 0:
                         await trio.lowlevel.checkpoint()
                         continue
-                    ready = sleep(-1 if timeout == math.inf else timeout, 2)
-                    if ready and (len(ready) != 1 or ready[0][0] != epfd):
-                        await trio.lowlevel.checkpoint()  # trio's fds: trio first
-                    continue  # a timeout: ours runs at the top, trio's at the checkpoint
-                for fd, _ in events:
+                    events = poll(-1 if timeout == math.inf else timeout)
+                    if not events:
+                        continue  # a timeout: ours runs at the top, trio's at the checkpoint
+                trio_ready = tap_now = False
+                for fd, mask in events:
                     if fd == tap_fd:
-                        self._read_tap()
+                        read_tap(MAX_READ_BATCH if tap_last else 1)
+                        tap_now = True
+                    elif fd == trio_fd:
+                        trio_ready = True
                     else:
                         fn = hot.get(fd)
                         if fn is not None:
-                            fn()
+                            fn(fd, mask)
+                tap_last = tap_now
                 self.flush()
                 rounds += 1
-                if rounds >= MAX_HOT_ROUNDS or (runner is not None and pending):
+                if trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending):
                     rounds = 0
                     timer_due()
                     await trio.lowlevel.checkpoint()
         finally:
             if runner is not None:
                 trio.lowlevel.remove_instrument(sched)
-                sleep_ep.close()
 
     async def _writer(self):
         while True:

@@ -2,8 +2,8 @@
 sockets in. Bytes move between the host sockets and the sans-IO stack's flows with flow control
 on both sides.
 
-No task per flow. Every host TCP socket sits in one edge-triggered epoll set, which is one of the
-daemon pump's hot fds: when it is ready, every ready socket is served and the daemon flushed once. Guest data
+No task per flow. Every host TCP socket is an edge-triggered hot fd in the daemon pump's epoll
+set: per round, every ready socket is served and the daemon flushed once. Guest data
 goes to the host socket from the stack's event handler itself (TcpReadable), so a request from
 the guest reaches the host in the same loop iteration that read it from the tap. What a socket
 cannot take now waits in `_Conn.out` until EPOLLOUT; what the stack cannot take waits in
@@ -35,7 +35,6 @@ CONNECT_TIMEOUT = 15.0
 LINGER_TIMEOUT = 60.0  # a finished flow's last guest bytes wait this long for the host to read
 CHUNK = 256 * 1024  # per host recv / guest read: fewer wakeups, syscalls and ACKs
 SOCK_BUF = 1 << 20
-MAX_EVENTS = 512  # epoll events handled per wakeup
 
 _IN, _OUT, _ERR, _HUP, _RDHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP,
                                  select.EPOLLRDHUP)
@@ -80,7 +79,7 @@ class TcpNat:
         daemon.tcp_nat = self
         self.conns: dict[int, _Conn] = {}  # flow id -> conn
         self._by_fd: dict[int, _Conn] = {}
-        self._ep = select.epoll()
+        self._ep = daemon.hot_ep  # the pump's set: every host socket is one of its hot fds
         self._connecting: collections.deque = collections.deque()  # (deadline, conn), in order
         self._lingering: collections.deque = collections.deque()  # (deadline, conn), in order
         self._reaper_scope: trio.CancelScope | None = None
@@ -114,28 +113,21 @@ class TcpNat:
 
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        self.d.add_hot_fd(self._ep.fileno(), self._service)
-        try:
-            async with trio.open_nursery() as n:
-                n.start_soon(self._reaper)
-                task_status.started()
-        finally:
-            self.d.remove_hot_fd(self._ep.fileno())
+        async with trio.open_nursery() as n:
+            n.start_soon(self._reaper)
+            task_status.started()
 
-    def _service(self):
-        """The daemon's pump found our epoll set ready: serve every ready host socket (the pump
-        flushes after)."""
-        by_fd = self._by_fd
-        for fd, mask in self._ep.poll(0, MAX_EVENTS):
-            c = by_fd.get(fd)
-            if c is None:
-                continue
-            try:
-                self._host_event(c, mask)
-            except Exception:
-                log.exception("tcp flow %d", c.flow)
-                self.d.stack.stats.drop("tcp_glue_error")
-                self._fail(c.flow, c)
+    def _host_ready(self, fd, mask):
+        """The daemon's pump found a host socket ready (the pump flushes after the round)."""
+        c = self._by_fd.get(fd)
+        if c is None:
+            return
+        try:
+            self._host_event(c, mask)
+        except Exception:
+            log.exception("tcp flow %d", c.flow)
+            self.d.stack.stats.drop("tcp_glue_error")
+            self._fail(c.flow, c)
 
     async def _reaper(self):
         """Connect timeouts (the flow is refused) and linger timeouts (the socket is closed)."""
@@ -276,10 +268,7 @@ class TcpNat:
             del self.conns[c.flow]
         self._by_fd.pop(c.fd, None)
         c.out = c.held = None
-        try:
-            self._ep.unregister(c.fd)
-        except (OSError, ValueError):
-            pass
+        self.d.remove_hot_fd(c.fd)
         if linger0:
             try:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)
@@ -290,7 +279,7 @@ class TcpNat:
     def _add(self, c):
         self.conns[c.flow] = c
         self._by_fd[c.fd] = c
-        self._ep.register(c.fd, _MASK_OUT)
+        self.d.add_hot_fd(c.fd, self._host_ready, _MASK_OUT)
 
     # --------------------------------------------------------------------- stack events
     def _on_readable(self, ev):  # TcpReadable, and TcpGuestEof: _to_host sees the EOF itself
