@@ -25,11 +25,11 @@ class Tap:
         self.max_queue = MAX_WRITE_QUEUE
         self.max_queue_bytes = MAX_WRITE_QUEUE_BYTES
 
-    def read_batch(self, limit: int = MAX_READ_BATCH) -> list[bytes]:
-        """Frames until EAGAIN (at most `limit`). Raises TapGone on a fatal error."""
+    def read_batch(self) -> list[bytes]:
+        """Frames until EAGAIN (at most MAX_READ_BATCH). Raises TapGone on a fatal error."""
         out = []
         fd = self.fd
-        for _ in range(limit):
+        for _ in range(MAX_READ_BATCH):
             try:
                 b = os.read(fd, READ_SIZE)
             except BlockingIOError:
