@@ -239,6 +239,43 @@ print("DOWN", nb, h)
     assert f"pump: {mode}" in err, err[-2000:]
 
 
+def test_api_answers_while_the_pump_is_busy(server, tmp_path):
+    """A bulk transfer keeps the pump's rounds coming back to back; the API socket (another
+    trio task) must still be answered meanwhile, not only before and after: get_stats polled
+    from the host shows bytes_in strictly between its value at the start and at the end."""
+    sock = str(tmp_path / "api.sock")
+    n = 64 * 1024 * 1024
+    seen, stop = [], threading.Event()
+
+    def poll():
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                seen.append(api(sock, {"execute": "get_stats"})["return"]["bytes_in"])
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.01)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        out, _ = run_guest(GUEST_LIB + f"""
+s = socket.create_connection(("10.0.2.2", {server.port}), timeout=30)
+s.sendall(b"BOTH 0 x\\n")
+time.sleep(0.3)
+s.sendall(blob({n}, "busy"))
+s.shutdown(socket.SHUT_WR)
+print("DONE", recv_all(s))
+""", f"--api-socket={sock}", "--mtu=1500")
+    finally:
+        stop.set()
+        t.join(10)
+    assert (n, sha(blob(n, "busy"))) in server.got, out
+    assert seen, "the API never answered"
+    lo, hi = seen[0], seen[-1]
+    mid = [b for b in seen if lo + (n // 10) < b < hi - (n // 10)]
+    assert len(mid) >= 2, f"API answers during the transfer: {len(mid)} of {len(seen)}"
+
+
 def test_disable_host_loopback_refuses():
     out, _ = run_guest("""
         import socket
