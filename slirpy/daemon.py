@@ -262,10 +262,7 @@ class Daemon:
                 trio_ready = False
                 for fd, mask in events:
                     if fd == tap_fd:
-                        # until EAGAIN, every time: the guest's ACKs of a burst are all taken
-                        # before the stack answers (reading a lone frame alone saved the EAGAIN
-                        # read per request, but cost host->guest 10%: ACKs no longer coalesced)
-                        read_tap()
+                        read_tap()  # until EAGAIN: a burst of the guest's ACKs, then one answer
                     elif fd == trio_fd:
                         trio_ready = True
                     else:
