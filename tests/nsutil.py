@@ -65,20 +65,26 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def exchange(conn, down: bytes) -> tuple[int, str]:
+def sha_to_eof(read, pause: float = 0.0) -> tuple[int, str]:
+    """(bytes, sha256 hex) of what read() returns until b"" (EOF); pause: seconds between reads
+    (a slow reader)."""
     import hashlib
-    t = threading.Thread(target=conn.sendall, args=(down,))
-    t.start()
     h, n = hashlib.sha256(), 0
-    while True:
-        b = conn.recv(1 << 16)
-        if not b:
-            break
+    while b := read():
         h.update(b)
         n += len(b)
+        if pause:
+            time.sleep(pause)
+    return n, h.hexdigest()
+
+
+def exchange(conn, down: bytes) -> tuple[int, str]:
+    t = threading.Thread(target=conn.sendall, args=(down,))
+    t.start()
+    got = sha_to_eof(lambda: conn.recv(1 << 16))
     t.join()
     conn.shutdown(socket.SHUT_WR)
-    return n, h.hexdigest()
+    return got
 
 
 def api_raw(path: str, request: bytes, timeout: float = 10) -> bytes:

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from nsutil import NsHolder, _env, api, exchange, free_port, require_netns, run_world
+from nsutil import (NsHolder, _env, api, exchange, free_port, require_netns, run_world,
+                    sha_to_eof)
 
 pytestmark = pytest.mark.netns
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,15 +148,7 @@ class HostServer:
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
                 c.shutdown(socket.SHUT_WR)
                 time.sleep(float(a[0]))
-                h, n = hashlib.sha256(), 0
-                while True:
-                    b = c.recv(1 << 16)
-                    if not b:
-                        break
-                    h.update(b)
-                    n += len(b)
-                    time.sleep(0.005)
-                self.got.append((n, h.hexdigest()))
+                self.got.append(sha_to_eof(lambda: c.recv(1 << 16), pause=0.005))
             elif cmd == "HOLD":
                 while c.recv(1 << 16):
                     pass

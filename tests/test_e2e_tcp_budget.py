@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from nsutil import Slirpy, api, require_netns
+from nsutil import Slirpy, api, require_netns, sha_to_eof
 from test_e2e_tcp import HostServer
 
 pytestmark = pytest.mark.netns
@@ -41,14 +41,7 @@ class StallServer(HostServer):
             c.settimeout(60)
             f = c.makefile("rb")
             i = int(f.readline())
-            h, n = hashlib.sha256(), 0
-            while True:
-                b = f.read1(1 << 16)
-                if not b:
-                    break
-                h.update(b)
-                n += len(b)
-            self.got[i] = (n, h.hexdigest())
+            self.got[i] = sha_to_eof(lambda: f.read1(1 << 16))
         except (OSError, ValueError) as e:
             self.errors.append(repr(e))
         finally:

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from nsutil import REPO, UdpServer, api, dns_answer, free_port, proc_status, require_netns
+from nsutil import (REPO, UdpServer, api, dns_answer, free_port, proc_status, require_netns,
+                    sha_to_eof)
 
 pytestmark = pytest.mark.netns
 
@@ -111,15 +112,9 @@ def _wait_file(path, proc, timeout=30):
 
 def _fetch(port: int) -> tuple[int, str]:
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
-    h, n = hashlib.sha256(), 0
-    while True:
-        b = s.recv(65536)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
+    got = sha_to_eof(lambda: s.recv(65536))
     s.close()
-    return n, h.hexdigest()
+    return got
 
 
 class Host:
