@@ -128,6 +128,27 @@ async def test_resolver_down_servfail_for_every_query_and_inflight_returns_to_ze
         n.cancel_scope.cancel()
 
 
+def _read_all(b, size):
+    """Every frame the guest side of a socketpair can read now (non-blocking)."""
+    out = []
+    while True:
+        try:
+            out.append(b.recv(size))
+        except BlockingIOError:
+            return out
+
+
+def _drain_all(t, b, size):
+    """The guest reads again: drain the tap's queue until empty, collecting what came out."""
+    got = []
+    for _ in range(10_000):
+        done = t.drain()
+        got += _read_all(b, size)
+        if done:
+            return got
+    return got
+
+
 def test_tap_write_queue_bounded_when_the_guest_does_not_read():
     """The guest stops reading: the tap takes nothing (EAGAIN); the queue keeps the newest
     MAX_WRITE_QUEUE frames, drops the oldest and counts them."""
@@ -145,26 +166,12 @@ def test_tap_write_queue_bounded_when_the_guest_does_not_read():
         q = t.queue
         assert len(q) == tap_mod.MAX_WRITE_QUEUE
         assert q[-1] == frames[-1] and q[0] == frames[5000 - tap_mod.MAX_WRITE_QUEUE]
-        written = []
         b.setblocking(False)
-        while True:
-            try:
-                written.append(b.recv(4096))
-            except BlockingIOError:
-                break
+        written = _read_all(b, 4096)
         assert written == frames[:len(written)]  # what the fd took went out in order
         assert st.dropped["tap_write_queue_full"] == 5000 - len(written) - len(q)
         # the guest reads again: the queue drains in order
-        got = []
-        for _ in range(10_000):
-            done = t.drain()
-            while True:
-                try:
-                    got.append(b.recv(4096))
-                except BlockingIOError:
-                    break
-            if done:
-                break
+        got = _drain_all(t, b, 4096)
         assert got == list(frames[5000 - tap_mod.MAX_WRITE_QUEUE:])
     finally:
         a.close()
@@ -190,24 +197,10 @@ def test_tap_write_queue_bounded_in_bytes_with_gso_frames():
         q = list(t.queue)
         assert len(q) == tap_mod.MAX_WRITE_QUEUE_BYTES // 65536 < tap_mod.MAX_WRITE_QUEUE
         assert q == frames[300 - len(q):]
-        written = []
-        while True:
-            try:
-                written.append(b.recv(70000))
-            except BlockingIOError:
-                break
+        written = _read_all(b, 70000)
         assert written and written == frames[:len(written)]
         assert st.dropped["tap_write_queue_full"] == 300 - len(written) - len(q)
-        got = []
-        for _ in range(10_000):
-            done = t.drain()
-            while True:
-                try:
-                    got.append(b.recv(70000))
-                except BlockingIOError:
-                    break
-            if done:
-                break
+        got = _drain_all(t, b, 70000)
         assert got == q and t.queue_bytes == 0
     finally:
         a.close()
