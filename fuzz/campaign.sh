@@ -7,15 +7,17 @@
 #   RUNS=2000000 bash fuzz/campaign.sh stack    # only fuzz_stack.py
 #   MAX_TIME=600 bash fuzz/campaign.sh          # also stop each harness after 600 s
 #
-# Reproduce a crash: PYTHONPATH=. python3 fuzz/fuzz_<harness>.py fuzz/crashes/<harness>-crash-<hash>
+# Reproduce a crash: PYTHONPATH=. .venv/bin/python fuzz/fuzz_<harness>.py fuzz/crashes/<harness>-crash-<hash>
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
 RUNS="${RUNS:-1000000}"
 MAX_TIME="${MAX_TIME:-0}"
 LOGS="$HERE/campaign-logs"
+# the checkout's venv (tests/install-deps.sh puts atheris there); PY=... overrides
+PY="${PY:-$ROOT/.venv/bin/python}"
 mkdir -p "$HERE/crashes" "$LOGS"
-[ -d "$HERE/corpus/stack" ] || PYTHONPATH="$ROOT" python3 "$HERE/make_corpus.py"
+[ -d "$HERE/corpus/stack" ] || PYTHONPATH="$ROOT" "$PY" "$HERE/make_corpus.py"
 if [ $# -gt 0 ]; then names=("$@"); else
   names=(stack tcp_engine reassembly ipv4 ipv6 tcp udp icmp arp ethernet ndp_options tcp_options)
 fi
@@ -25,7 +27,7 @@ for h in "${names[@]}"; do
   log="$LOGS/$h.log"
   start=$(date +%s)
   # the worktree's slirpy, not whatever is pip-installed
-  (cd "$HERE" && PYTHONPATH="$ROOT" nice -n 10 python3 "fuzz_$h.py" -atheris_runs="$RUNS" \
+  (cd "$HERE" && PYTHONPATH="$ROOT" nice -n 10 "$PY" "fuzz_$h.py" -atheris_runs="$RUNS" \
       -max_total_time="$MAX_TIME" -max_len=4096 -rss_limit_mb=1024 -timeout=10 \
       -artifact_prefix="$HERE/crashes/$h-" "corpus/$h") >"$log" 2>&1
   rc=$?
