@@ -35,8 +35,25 @@ def call(path: str, request: bytes, timeout: float = 10.0) -> bytes:
         s.close()
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print two lines of usage and exit 2
+        raise _UsageError(message)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="slirpy-api", description="slirpy API socket client")
+    try:
+        return _main(argv)
+    except _UsageError as e:
+        sys.stderr.write(f"slirpy-api: error: {e} (see slirpy-api --help)\n")
+        return 1
+
+
+def _main(argv) -> int:
+    ap = _Parser(prog="slirpy-api", description="slirpy API socket client")
     ap.add_argument("--socket", "-a", required=True, help="API socket path")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("add", help="add a host forward")

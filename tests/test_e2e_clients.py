@@ -87,7 +87,9 @@ class Rootless:
         self.work = tempfile.mkdtemp(prefix="sc-", dir="/tmp")
         os.chmod(self.work, 0o755)
         os.chown(self.work, self.uid, self.gid)
-        self.python = os.path.realpath(sys.executable)
+        # sys.executable itself, not its realpath: a venv's bin/python is a link to the system
+        # interpreter, and following it loses the venv (and every package installed there)
+        self.python = sys.executable
         self.wrapper = os.path.join(self.work, "slirpy-wrapper")
         self.calls = os.path.join(self.work, "calls.log")
         with open(self.wrapper, "w") as f:
@@ -95,8 +97,10 @@ class Rootless:
                     f'echo "$$ $*" >> {self.calls}\n'
                     f'PYTHONPATH={REPO} exec {self.python} -m slirpy "$@"\n')
         os.chmod(self.wrapper, 0o755)
-        r = self.run([self.wrapper, "--help"])
-        assert r.returncode == 0 and "--enable-sandbox" in r.stdout, \
+        # a real short daemon, not --help (which imports neither trio nor pyroute2): the command
+        # form starts the helper and the event loop, so a package missing for this user shows here
+        r = self.run([self.wrapper, "--", "cat", "/proc/net/dev"])
+        assert r.returncode == 0 and " tap0:" in r.stdout, \
             f"{USER} cannot run this tree's slirpy: {r.stdout}{r.stderr}"
         return self
 
@@ -121,7 +125,7 @@ class Rootless:
             os.chmod("/dev/net/tun", 0o666)
             _note(f"/dev/net/tun was mode {mode:04o}, not usable by an ordinary user: made 0666 "
                   "(the usual mode on a host)")
-        paths = {os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, REPO,
+        paths = {sys.executable, os.path.realpath(sys.executable), sys.prefix, sys.base_prefix, REPO,
                  os.path.dirname(os.path.realpath(__import__("trio").__file__))}
         for p in paths:
             self._grant_search(p)
