@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Side-by-side network benchmark: slirpy vs slirp4netns, same machine, same run, alternating.
+"""Side-by-side network benchmark: slirpy vs slirp4netns vs pasta, same machine, same run, alternating.
 
 Each round, for each implementation: a fresh `unshare -Urn` namespace, the daemon attached with
-`-c --mtu=M -r FD -e FD`, then the measurements below against servers on the host's 127.0.0.1
-reached from the guest through the gateway 10.0.2.2. Prints one table of medians with the ratio
-slirpy/slirp4netns and appends it to bench/results/.
+`-c --mtu=M -r FD -e FD` (pasta: `--config-net -a 10.0.2.100 -n 24 -g 10.0.2.2 -m M`, run as the
+unprivileged user nobody, since pasta refuses to run as root; the namespace is then nobody's too),
+then the measurements below against servers on the host's 127.0.0.1 reached from the guest through
+the gateway 10.0.2.2 (pasta maps its gateway address to the host's loopback, as slirp4netns does).
+Prints one table of medians with the ratios slirpy/slirp4netns and slirpy/pasta and appends it to
+bench/results/. pasta's "start to ready" is from exec until its first process exits, which it does
+once the namespace is configured and it has forked into the background.
 
   bench/run [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss,parse] [--flows 10000]
 
@@ -30,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -109,17 +114,31 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def attached(impl, mtu: int):
-    """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s)."""
-    binary, env = impl
-    holder = subprocess.Popen(["unshare", "-Urn", "sleep", "infinity"])
+# pasta refuses to run as root: it and its namespace run as nobody
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def _holder(prefix=()) -> subprocess.Popen:
+    """`unshare -Urn sleep infinity`, returned once the namespace exists."""
+    holder = subprocess.Popen([*prefix, "unshare", "-Urn", "sleep", "infinity"])
     mine = os.stat("/proc/self/ns/net").st_ino
     for _ in range(200):  # wait until unshare has made the namespace
         with contextlib.suppress(OSError):
             if os.stat(f"/proc/{holder.pid}/ns/net").st_ino != mine:
                 break
         time.sleep(0.01)
+    return holder
+
+
+@contextlib.contextmanager
+def attached(impl, mtu: int):
+    """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s)."""
+    binary, env = impl
+    if binary[0].endswith("pasta"):
+        with attached_pasta(binary, mtu) as got:
+            yield got
+        return
+    holder = _holder()
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
     t0 = time.monotonic()
@@ -144,6 +163,33 @@ def attached(impl, mtu: int):
         os.close(ready_r)
         holder.kill()
         holder.wait()
+
+
+@contextlib.contextmanager
+def attached_pasta(binary, mtu: int):
+    holder = _holder(AS_NOBODY)
+    piddir = tempfile.mkdtemp(prefix="bench-pasta-")
+    os.chmod(piddir, 0o777)
+    pidfile = os.path.join(piddir, "pid")
+    pid = None
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([*AS_NOBODY, *binary, "-q", "--config-net", "-a", "10.0.2.100", "-n",
+                            "24", "-g", "10.0.2.2", "-m", str(mtu), "-t", "none", "-u", "none",
+                            "-T", "none", "-U", "none", "-P", pidfile, str(holder.pid)],
+                           capture_output=True, text=True, timeout=30)
+        ready_s = time.monotonic() - t0
+        if r.returncode:
+            raise RuntimeError(f"pasta: {r.stderr[-500:]}")
+        pid = int(open(pidfile).read())
+        yield pid, holder.pid, ready_s
+    finally:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(piddir, ignore_errors=True)
 
 
 def in_ns(ns_pid: int, *cmd: str) -> list[str]:
@@ -213,6 +259,7 @@ def _slirpy_env() -> dict:
 IMPLS = {
     "slirp4netns": lambda: ([shutil.which("slirp4netns") or "slirp4netns"], None),
     "slirpy": lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env()),
+    "pasta": lambda: ([shutil.which("pasta") or "pasta"], None),
 }
 
 
@@ -265,16 +312,17 @@ def table(results) -> str:
     for name, _ in results:
         if name not in names:
             names.append(name)
-    lines = [f"| figure | slirpy | slirp4netns | slirpy/slirp4netns |", "|---|---:|---:|---:|"]
+    impls = ("slirpy", "slirp4netns", "pasta")
+    lines = ["| figure | slirpy | slirp4netns | pasta | slirpy/slirp4netns | slirpy/pasta |",
+             "|---|---:|---:|---:|---:|---:|"]
     for name in names:
-        a = results.get((name, "slirpy"))
-        b = results.get((name, "slirp4netns"))
-        ma = statistics.median(a) if a else None
-        mb = statistics.median(b) if b else None
-        ratio = f"{ma / mb:.2f}x" if ma is not None and mb else "-"
-        fa = f"{ma:.3f}" if ma is not None else "failed"
-        fb = f"{mb:.3f}" if mb is not None else "failed"
-        lines.append(f"| {name} | {fa} | {fb} | {ratio} |")
+        med = {i: statistics.median(results[(name, i)]) if results.get((name, i)) else None
+               for i in impls}
+        cells = [f"{med[i]:.3f}" if med[i] is not None else "-" for i in impls]
+        a = med["slirpy"]
+        ratios = [f"{a / med[i]:.2f}x" if a is not None and med[i] else "-"
+                  for i in ("slirp4netns", "pasta")]
+        lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -307,7 +355,7 @@ def main():
         parse_out = ("\nparser frames/s (Ethernet+IPv4+L4, slirpy verifies checksums):\n\n```\n"
                      + (p.stdout or p.stderr[-1000:]) + "```\n")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    out = (f"# slirpy vs slirp4netns, {stamp}\n\nmachine: {machine()}\n"
+    out = (f"# slirpy vs slirp4netns vs pasta, {stamp}\n\nmachine: {machine()}\n"
            f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, medians\n\n"
            f"{table(res)}\n{parse_out}")
     print()
