@@ -10,9 +10,10 @@ Prints one table of medians with the ratios slirpy/slirp4netns and slirpy/pasta 
 bench/results/. pasta's "start to ready" is from exec until its first process exits, which it does
 once the namespace is configured and it has forked into the background.
 
-  bench/run [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss,parse] [--flows 10000]
+  bench/run [--rounds 3] [--seconds 5] [--only tput,fwd,rr,crr,ready,rss,parse] [--flows 10000]
 
-Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest), RR/CRR a
+Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest; "forward": a
+host client on 127.0.0.1 through a forwarded port to a server in the guest), RR/CRR a
 1-byte echo from the guest, "start to ready" from exec to the ready-fd byte, RSS from /proc.
 slirpy runs as `python3 -m slirpy` from this tree (PYTHONPATH), never the console script.
 
@@ -131,13 +132,18 @@ def _holder(prefix=()) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def attached(impl, mtu: int):
-    """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s)."""
+def attached(impl, mtu: int, fwd: tuple[int, int] | None = None):
+    """A fresh user+net namespace with the daemon attached; yields (daemon_pid, ns_pid, ready_s).
+    fwd=(host_port, guest_port): a TCP forward from the host's 127.0.0.1, added through the API
+    socket once ready (slirpy and slirp4netns: the same add_hostfwd request), or pasta's -t."""
     binary, env = impl
     if binary[0].endswith("pasta"):
-        with attached_pasta(binary, mtu) as got:
+        with attached_pasta(binary, mtu, fwd) as got:
             yield got
         return
+    api_dir = tempfile.mkdtemp(prefix="bench-api-") if fwd else None
+    if fwd:
+        binary = binary + ["-a", os.path.join(api_dir, "s")]
     holder = _holder()
     ready_r, ready_w = os.pipe()
     exit_r, exit_w = os.pipe()
@@ -152,8 +158,12 @@ def attached(impl, mtu: int):
         ready_s = time.monotonic() - t0
         if got != b"1":
             raise RuntimeError(f"{binary[0]} never became ready: {proc.stderr.read().decode()[-500:]}")
+        if fwd:
+            add_hostfwd(os.path.join(api_dir, "s"), *fwd)
         yield proc.pid, holder.pid, ready_s
     finally:
+        if api_dir:
+            shutil.rmtree(api_dir, ignore_errors=True)
         os.close(exit_w)
         try:
             proc.wait(5)
@@ -165,8 +175,21 @@ def attached(impl, mtu: int):
         holder.wait()
 
 
+def add_hostfwd(path: str, host_port: int, guest_port: int) -> None:
+    req = {"execute": "add_hostfwd", "arguments": {"proto": "tcp", "host_addr": "127.0.0.1",
+                                                    "host_port": host_port, "guest_port": guest_port}}
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode())
+        s.shutdown(socket.SHUT_WR)
+        reply = s.recv(4096)
+    if b'"return"' not in reply:
+        raise RuntimeError(f"add_hostfwd: {reply!r}")
+
+
 @contextlib.contextmanager
-def attached_pasta(binary, mtu: int):
+def attached_pasta(binary, mtu: int, fwd=None):
     holder = _holder(AS_NOBODY)
     piddir = tempfile.mkdtemp(prefix="bench-pasta-")
     os.chmod(piddir, 0o777)
@@ -175,7 +198,7 @@ def attached_pasta(binary, mtu: int):
     try:
         t0 = time.monotonic()
         r = subprocess.run([*AS_NOBODY, *binary, "-q", "--config-net", "-a", "10.0.2.100", "-n",
-                            "24", "-g", "10.0.2.2", "-m", str(mtu), "-t", "none", "-u", "none",
+                            "24", "-g", "10.0.2.2", "-m", str(mtu), "-t", f"{fwd[0]}:{fwd[1]}" if fwd else "none", "-u", "none",
                             "-T", "none", "-U", "none", "-P", pidfile, str(holder.pid)],
                            capture_output=True, text=True, timeout=30)
         ready_s = time.monotonic() - t0
@@ -214,6 +237,27 @@ def iperf(ns_pid: int, seconds: float, reverse: bool) -> float:
     finally:
         srv.kill()
         srv.wait()
+
+
+def iperf_fwd(impl, mtu: int, seconds: float, reverse: bool) -> float:
+    """A host client on 127.0.0.1 through a forwarded port to an iperf3 server in the guest."""
+    host_port, guest_port = free_port(), 5201
+    with attached(impl, mtu, fwd=(host_port, guest_port)) as (_dpid, nspid, _ready):
+        srv = subprocess.Popen(in_ns(nspid, "iperf3", "-s", "-1", "-p", str(guest_port)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.3)
+            args = ["iperf3", "-c", "127.0.0.1", "-p", str(host_port), "-t", str(seconds), "-J"]
+            if reverse:
+                args.append("-R")
+            out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
+            data = json.loads(out.stdout)
+            if "error" in data:
+                raise RuntimeError(data["error"])
+            return data["end"]["sum_received"]["bits_per_second"] / 1e9
+        finally:
+            srv.kill()
+            srv.wait()
 
 
 def free_port() -> int:
@@ -303,6 +347,13 @@ def run(args) -> dict:
                                 rss_with_flows(dpid, nspid, echo.port, args.flows))
                 except Exception as e:  # a failing implementation is reported, not fatal
                     print(f"  {impl} MTU {mtu}: FAILED: {e}", flush=True)
+            if "fwd" in only:
+                for rev, label in ((False, "host->guest"), (True, "guest->host")):
+                    try:
+                        rec(impl, f"forward {label} 127.0.0.1 client (Gb/s)",
+                            iperf_fwd(binary(), 65520, args.seconds, rev))
+                    except Exception as e:
+                        print(f"  {impl} forward: FAILED: {e}", flush=True)
     echo.close()
     return results
 
@@ -342,7 +393,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--flows", type=int, default=10000)
-    ap.add_argument("--only", default="tput,rr,crr,ready,rss,parse")
+    ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse")
     args = ap.parse_args()
     if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
         ap.error("--rounds 1..20, --seconds (0, 60]")
