@@ -25,7 +25,8 @@ MUST; busybox udhcpc ignores a NAK without one) and yiaddr 0 (libslirp: 255.255.
 interface MTU (option 26) is sent when the client asks for it; no DNS option with
 --disable-dns (libslirp still names base+3, where nothing answers); RELEASE frees the lease,
 DECLINE takes the address out of the pool for DECLINE_HOLD, INFORM gets an ACK (libslirp
-ignores all three); a client holds one lease (libslirp can bind a second slot to the same MAC);
+ignores all three); a client is offered its own address (libslirp may offer an earlier free
+slot, a second address for the same MAC);
 leases and offers expire (libslirp's never do), so the 16 slots are reused; the DHCPv6 reply
 comes from port 547 (libslirp sends from 8962, its port number byte-swapped).
 
