@@ -9,6 +9,8 @@ import hashlib
 import pathlib
 import struct
 
+from scapy.layers.dhcp import BOOTP, DHCP
+from scapy.layers.dhcp6 import DHCP6_InfoRequest, DHCP6OptClientId, DHCP6OptOptReq, DUID_LL
 from scapy.layers.inet import ICMP, IP, TCP, UDP, fragment
 from scapy.layers.inet6 import (ICMPv6EchoRequest, ICMPv6ND_NS, ICMPv6ND_RS, ICMPv6NDOptSrcLLAddr,
                                 IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop)
@@ -37,6 +39,20 @@ def frames():
     yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt() / UDP()
     yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / IPv6ExtHdrFragment(m=1, id=5) / UDP() / (b"y" * 64)
     yield Ether(**E) / IPv6(src=G6, dst="2001:db8::7") / TCP(flags="S", options=tcp_opts)
+    mac = bytes.fromhex(E["src"].replace(":", ""))
+    bc = dict(src=E["src"], dst="ff:ff:ff:ff:ff:ff")
+    for opts in ([("message-type", "discover"), ("param_req_list", [1, 3, 6, 26])],
+                 [("message-type", "request"), ("requested_addr", "10.0.2.15"),
+                  ("server_id", "10.0.2.2")],
+                 [("message-type", "request"), ("requested_addr", "10.0.2.99")],
+                 [("message-type", "decline"), ("requested_addr", "10.0.2.15")],
+                 [("message-type", "release")], [("message-type", "inform")], []):
+        yield Ether(**bc) / IP(src="0.0.0.0", dst="255.255.255.255") / UDP(sport=68, dport=67) / BOOTP(
+            chaddr=mac, xid=7, ciaddr="10.0.2.15" if len(opts) == 1 else "0.0.0.0") / DHCP(
+            options=opts + ["end"])
+    yield Ether(src=E["src"], dst="33:33:00:01:00:02") / IPv6(src="fe80::1", dst="ff02::1:2") / UDP(
+        sport=546, dport=547) / DHCP6_InfoRequest(trid=1) / DHCP6OptClientId(
+        duid=DUID_LL(lladdr=E["src"])) / DHCP6OptOptReq(reqopts=[23])
 
 
 def layer(raw: bytes, name: str):
@@ -52,6 +68,8 @@ def layer(raw: bytes, name: str):
     for cls, nm in ((TCP, "tcp"), (UDP, "udp"), (ICMP, "icmp")):
         if nm == name and cls in p:
             return bytes(p[cls])
+    if name == "dhcp" and UDP in p and p[UDP].dport in (67, 547):
+        return bytes(p[UDP].payload)
     if name == "ndp_options" and ICMPv6ND_NS in p:
         return bytes(p[ICMPv6NDOptSrcLLAddr])
     if name == "tcp_options" and TCP in p:
@@ -68,7 +86,8 @@ def write(name, data):
 
 def main():
     raws = [bytes(f) for f in frames()]
-    names = ["ethernet", "arp", "ipv4", "ipv6", "udp", "tcp", "icmp", "ndp_options", "tcp_options"]
+    names = ["ethernet", "arp", "ipv4", "ipv6", "udp", "tcp", "icmp", "ndp_options", "tcp_options",
+             "dhcp"]
     for raw in raws:
         for nm in names:
             x = layer(raw, nm)

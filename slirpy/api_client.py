@@ -167,6 +167,8 @@ def format_stats(s: dict) -> str:
         out.append("buffers     " + " ".join(f"{k}={v}" for k, v in b.items()) + "\n")
     if isinstance(s.get("dns"), dict):
         out.append("dns         " + " ".join(f"{k}={v}" for k, v in s["dns"].items()) + "\n")
+    if isinstance(s.get("dhcp"), dict) and any(s["dhcp"].values()):
+        out.append("dhcp        " + " ".join(f"{k}={v}" for k, v in s["dhcp"].items()) + "\n")
     if isinstance(s.get("pcap"), dict):
         p = s["pcap"]
         out.append(f"pcap        {p.get('file')}: {p.get('frames')} frames, {p.get('bytes')} bytes"

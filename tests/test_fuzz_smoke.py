@@ -16,7 +16,7 @@ RUNS = {"fuzz_stack.py": 15000, "fuzz_reassembly.py": 8000}
 
 
 def test_harnesses_exist():
-    assert "fuzz_stack.py" in HARNESSES and len(HARNESSES) >= 10
+    assert "fuzz_stack.py" in HARNESSES and "fuzz_dhcp.py" in HARNESSES and len(HARNESSES) >= 10
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 
-from . import wire
+from . import dhcp, wire
 from .events import IcmpEchoRequest, UdpDatagram
 from .reassembly import Reassembler
 from .stats import Stats
@@ -65,6 +65,8 @@ class Stack:
         self._last_src6 = None
         self._ra_count = 0
         self._reass = Reassembler(self.stats)
+        self.dhcp = dhcp.DhcpServer(config, self.stats, self.dns6)
+        self._leased4 = self.dhcp.leased  # addresses the DHCP server gave the guest
         self._ident = 0
         self._next_ra = now
         self._s2p: dict = {}
@@ -134,8 +136,9 @@ class Stack:
             return
         self._solicit_at = now + SOLICIT_INTERVAL
         if family == 4:
+            tpa = dst if dst in self._leased4 else self.guest4
             self._send(wire.build_arp(wire.BROADCAST, self.router_mac, 1, self.router_mac,
-                                      self.gw4, b"\0" * 6, self.guest4))
+                                      self.gw4, b"\0" * 6, tpa))
         else:
             snm = bytes.fromhex("ff0200000000000000000001ff") + dst[13:]
             ns = wire.icmp6_message(self.ll6, snm, 135, 0, 0,
@@ -271,7 +274,7 @@ class Stack:
         if type(a) is str:
             return a
         op, sha, spa, _tha, tpa = a
-        if spa == self.guest4 and smac[0] & 1 == 0:
+        if (spa == self.guest4 or spa in self._leased4) and smac[0] & 1 == 0:
             self._learn_mac(smac)
         if op != 1:
             return "arp_not_request" if op != 2 else None
@@ -285,7 +288,8 @@ class Stack:
         if type(ip) is str:
             return ip
         src, dst, proto, _ttl, ident, foff, more, data = ip
-        if src == self.guest4 and smac[0] & 1 == 0 and smac != self.guest_mac:
+        if smac != self.guest_mac and smac[0] & 1 == 0 and (src == self.guest4
+                                                            or src in self._leased4):
             self._learn_mac(smac)
         if foff or more:
             whole = self._reass.insert((4, bytes(src), bytes(dst), proto, ident), foff, more,
@@ -294,14 +298,16 @@ class Stack:
                 return None
             data = memoryview(whole)
         if dst[0] >= 224 or int.from_bytes(dst, "big") | self._mask4 == 0xFFFFFFFF:
-            return "ipv4_multicast_or_broadcast"  # mDNS, IGMP, DHCP...: never leave the stack
+            if dst == dhcp.BCAST4 and proto == wire.PROTO_UDP:  # DHCP, from 0.0.0.0 or not
+                return self._udp_untrusted(4, src, dst, data, smac, now)
+            return "ipv4_multicast_or_broadcast"  # mDNS, IGMP...: never leave the stack
         bad = self._bad_dst4(dst)
         if bad:
             return bad
         if proto == wire.PROTO_TCP:
             return self._tcp_untrusted(4, src, dst, data, now)
         if proto == wire.PROTO_UDP:
-            return self._udp_untrusted(4, src, dst, data)
+            return self._udp_untrusted(4, src, dst, data, smac, now)
         if proto == wire.PROTO_ICMP:
             return self._icmp4_untrusted(src, dst, data)
         return "ipv4_unknown_proto"
@@ -327,14 +333,50 @@ class Stack:
                             win, bytes(opts), pl, now)
         return None
 
-    def _udp_untrusted(self, family, src, dst, data):
+    def _udp_untrusted(self, family, src, dst, data, smac, now):
         u = wire.parse_udp_untrusted(data, None if self._csum_trusted else
                                      wire.pseudo_sum(family, src, dst, 17, len(data)), family)
         if type(u) is str:
             return u
         sport, dport, pl = u
+        if family == 4:
+            if dport == dhcp.SERVER_PORT and (dst == self.gw4 or dst == dhcp.BCAST4):
+                return self._dhcp4_untrusted(src, smac, pl, now)
+            if dst == dhcp.BCAST4:
+                return "ipv4_multicast_or_broadcast"
+        elif dport == dhcp.DHCP6_SERVER_PORT and (dst == self.gw6 or dst == dhcp.ALL_DHCP6):
+            return self._dhcp6_untrusted(src, sport, smac, pl)
+        elif dst[0] == 0xFF:
+            return "ipv6_multicast"
         self._push_event(UdpDatagram(family, self._str(bytes(src)), sport,
                                      self._str(bytes(dst)), dport, bytes(pl)))
+        return None
+
+    def _dhcp4_untrusted(self, src, smac, payload, now):
+        r = self.dhcp.handle_untrusted(payload, src, smac, now)
+        if r is None or type(r) is str:
+            return r
+        if r.bound is not None and r.bound[0] != self.guest_mac:
+            self._learn_mac(r.bound[0])  # as libslirp's arp_table_add for the ACKed address
+        for f in wire.fragment_ipv4(r.dst_mac, self.router_mac, self.gw4, r.dst_ip,
+                                    wire.PROTO_UDP,
+                                    wire.udp_datagram(4, self.gw4, r.dst_ip, dhcp.SERVER_PORT,
+                                                      dhcp.CLIENT_PORT, r.payload),
+                                    self._next_ident(), self.config.mtu, tos=dhcp.REPLY_TOS):
+            self._send(f)
+        return None
+
+    def _dhcp6_untrusted(self, src, sport, smac, payload):
+        r = self.dhcp.handle6_untrusted(payload)
+        if type(r) is str:
+            return r
+        src = bytes(src)
+        if not any(src):
+            return "dhcp6_unspecified_source"
+        mac = bytes(smac) if smac[0] & 1 == 0 else None
+        self._send_ip6(self.gw6, src, wire.PROTO_UDP,
+                       wire.udp_datagram(6, self.gw6, src, dhcp.DHCP6_SERVER_PORT, sport, r),
+                       dst_mac=mac)
         return None
 
     def _icmp4_untrusted(self, src, dst, data):
@@ -371,7 +413,7 @@ class Stack:
                     return None
                 data = memoryview(whole)
         if dst[0] == 0xFF:
-            if nh != wire.PROTO_ICMP6:
+            if nh != wire.PROTO_ICMP6 and (nh != wire.PROTO_UDP or dst != dhcp.ALL_DHCP6):
                 return "ipv6_multicast"
         elif dst[0] in (0xFD, 0xFE, 0):
             r = self._dst6_untrusted(dst)
@@ -380,7 +422,7 @@ class Stack:
         if nh == wire.PROTO_TCP:
             return self._tcp_untrusted(6, src, dst, data, now)
         if nh == wire.PROTO_UDP:
-            return self._udp_untrusted(6, src, dst, data)
+            return self._udp_untrusted(6, src, dst, data, smac, now)
         if nh == wire.PROTO_ICMP6:
             return self._icmp6_untrusted(smac, src, dst, hlim, data)
         return "ipv6_unknown_next_header"

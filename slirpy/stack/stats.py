@@ -14,6 +14,8 @@ class Stats:
     bytes_out: int = 0
     # reason -> count; reasons are short snake_case strings such as "ipv4_bad_checksum".
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # the gateway's DHCP server (stack/dhcp.py): messages seen and answered, leases held
+    dhcp: dict = dataclasses.field(default_factory=dict)
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n
@@ -25,4 +27,5 @@ class Stats:
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "dropped": dict(sorted(self.dropped.items())),
+            "dhcp": dict(self.dhcp),
         }

@@ -252,13 +252,13 @@ def pseudo_sum(family: int, src: bytes, dst: bytes, proto: int, length: int) -> 
 
 def build_ipv4(dst_mac, src_mac, src: bytes, dst: bytes, proto: int, l4: bytes | bytearray,
                ident: int = 0, ttl: int = 64, frag_off: int = 0, more: bool = False,
-               df: bool = False) -> bytearray:
+               df: bool = False, tos: int = 0) -> bytearray:
     """Ethernet + IPv4 header (no options) around an already-complete L4 payload."""
     n = len(l4)
     out = bytearray(34 + n)
     ETH.pack_into(out, 0, dst_mac, src_mac, ETH_IPV4)
     ff = (frag_off >> 3) | (0x2000 if more else 0) | (0x4000 if df else 0)
-    IP4.pack_into(out, 14, 0x45, 0, 20 + n, ident & 0xFFFF, ff, ttl, proto, 0, src, dst)
+    IP4.pack_into(out, 14, 0x45, tos, 20 + n, ident & 0xFFFF, ff, ttl, proto, 0, src, dst)
     struct.pack_into("!H", out, 24, checksum(memoryview(out)[14:34]))
     out[34:] = l4
     return out
@@ -319,17 +319,17 @@ def icmp6_message(src, dst, typ, code, rest, body):
     return icmp_message(typ, code, rest, body, pseudo_sum(6, src, dst, PROTO_ICMP6, n))
 
 
-def fragment_ipv4(dst_mac, src_mac, src, dst, proto, l4, ident, mtu, ttl=64):
+def fragment_ipv4(dst_mac, src_mac, src, dst, proto, l4, ident, mtu, ttl=64, tos=0):
     """Split one L4 datagram into IPv4 frames of at most ``mtu`` IP bytes."""
     if 20 + len(l4) <= mtu:
-        return [build_ipv4(dst_mac, src_mac, src, dst, proto, l4, ident, ttl)]
+        return [build_ipv4(dst_mac, src_mac, src, dst, proto, l4, ident, ttl, tos=tos)]
     step = max(8, ((mtu - 20) // 8) * 8)
     out = []
     mv = memoryview(l4)
     for off in range(0, len(l4), step):
         chunk = mv[off:off + step]
         out.append(build_ipv4(dst_mac, src_mac, src, dst, proto, chunk, ident, ttl, off,
-                              off + step < len(l4)))
+                              off + step < len(l4), tos=tos))
     return out
 
 
