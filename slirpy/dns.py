@@ -248,9 +248,11 @@ class DnsForwarder:
                     break
             if reply is None:
                 ups = self.upstreams()
-                _problem.log("servfail", "dns: no upstream answered (%s); guest gets SERVFAIL",
-                             ", ".join(f"{h}:{p}" for h, p in ups[:MAX_TRIES]) or
-                             f"none configured: --dns-upstream or nameserver in {self.resolv_conf}")
+                if ups or self._error is None:  # (an unreadable resolv.conf was logged already)
+                    _problem.log("servfail", "dns: no upstream answered (%s); guest gets SERVFAIL",
+                                 ", ".join(f"{h}:{p}" for h, p in ups[:MAX_TRIES]) or
+                                 "none configured: --dns-upstream or nameserver in "
+                                 f"{self.resolv_conf}")
                 reply = build_servfail(q)
                 self.servfails += 1
                 self.stats.drop("dns_servfail")
