@@ -34,8 +34,9 @@ FOLLOW_WITHIN = 3.0  # seconds from the change to the first answer from the new 
 SLIRP4NETNS = "/usr/bin/slirp4netns"
 
 # Run by `unshare -m --propagation private sh -c SETUP sh T PY DAEMON...`: the private /etc and
-# /run, a holder process the test reaches the namespace through, then (once the test has laid
-# the files out and created T/go) the daemon.
+# /run (with a mount below it), every mount shared within this namespace as on a systemd host,
+# a holder process the test reaches the namespace through, then (once the test has laid the
+# files out and created T/go) the daemon.
 SETUP = r"""
 set -e
 T=$1; PY=$2; shift 2
@@ -43,6 +44,9 @@ mount -t tmpfs tmpfs "$T/ov"
 mkdir "$T/ov/up" "$T/ov/work"
 mount -t overlay overlay -o "lowerdir=/etc,upperdir=$T/ov/up,workdir=$T/ov/work" /etc
 mount -t tmpfs tmpfs /run
+mkdir -p /run/user/0
+mount -t tmpfs tmpfs /run/user/0  # a mount below /run: must be read-only in the sandbox too
+mount --make-rshared /  # as systemd makes it on a host: the daemon must cope, and follow mounts
 "$PY" -c 'import os, time; os.closerange(3, 4096); time.sleep(600)' </dev/null >/dev/null 2>&1 &
 echo $! > "$T/holder.pid"
 i=0
@@ -385,10 +389,42 @@ def test_slirpy_resolv_conf_leading_outside_the_sandbox_is_logged(tmp_path):
     assert err.count(f"dns: /etc/resolv.conf now leads to {run.t}/elsewhere/resolv.conf") == 1
 
 
-@pytest.mark.parametrize("row", ["plain-renamed-over", "link-repointed"])
+def _nsenter_mount(holder, *args):
+    p = subprocess.run(["nsenter", "-t", str(holder), "-m", *args], capture_output=True,
+                       text=True, timeout=20)
+    assert p.returncode == 0, p.stderr
+
+
+def test_slirpy_sandbox_mounts_follow_the_host_and_not_back(tmp_path):
+    """The sandbox's mounts are slaves (as slirp4netns's): a mount made on the host under /run
+    after the start appears inside, and its unmount too (a netns file or /run/user/UID unmounted
+    on the host is not kept alive by the daemon); the daemon's own tmpfs root never shows on the
+    host side."""
+    run = Run(tmp_path, _plain)
+    try:
+        assert run.query(timeout=3.0) == A1
+        inside = f"/proc/{run.proc.pid}/root/run/late"
+        assert not os.path.exists(inside)
+        _nsenter_mount(run.holder, "mkdir", "-p", "/run/late")
+        _nsenter_mount(run.holder, "mount", "-t", "tmpfs", "-o", "size=16k", "late", "/run/late")
+        _write(f"{run.root}/run/late/marker", "x")
+        assert open(f"{inside}/marker").read() == "x"
+        _nsenter_mount(run.holder, "umount", "/run/late")
+        assert os.listdir(inside) == []
+        assert [m for m in _mounts(run.proc.pid) if m[0] == "/run/late"] == []
+        # nothing of the sandbox on the host side: its /tmp is still the machine's
+        assert os.path.isdir(f"{run.root}{run.t}/ov")
+        assert not [m for m in _mounts(run.holder) if m[0] in ("/tmp", "/tmp/etc")]
+        run.finish()
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("row", list(ROWS)[:6])
 def test_slirp4netns_reference(tmp_path, row):
-    """The same rows with the real slirp4netns 1.2 --enable-sandbox: it follows them too (the
-    rows where slirpy used to keep the old server), and its root holds /etc and /run."""
+    """The table's rows with the real slirp4netns 1.2 --enable-sandbox on the same input: it
+    follows every one (slirpy used to keep the old server in three), and its root holds /etc
+    and /run."""
     if not os.path.exists(SLIRP4NETNS):
         pytest.skip(f"LOUD: {SLIRP4NETNS} not installed (bash tests/install-deps.sh)")
     setup, switch = ROWS[row]
