@@ -9,8 +9,9 @@ touched) and /run is a fresh tmpfs. The test lays resolv.conf out there (through
 next queries reach the new stub resolver within 3 s. The stub resolvers are UDP servers on
 127.84.1.53 and 127.84.1.54, port 53, answering different A records.
 
-One row also runs the real /usr/bin/slirp4netns --enable-sandbox on the same input (the reference
-for the table rows; it cannot follow the NixOS and WSL chains, slirpy does).
+The real /usr/bin/slirp4netns --enable-sandbox runs on the same input for the six rows of the
+issue's table (it follows them all) and for the NixOS and WSL chains (it never answers there;
+slirpy answers and follows).
 """
 
 from __future__ import annotations
@@ -434,6 +435,23 @@ def test_slirp4netns_reference(tmp_path, row):
         assert sorted(os.listdir(f"/proc/{run.proc.pid}/root")) == ["etc", "run"]
         assert run.follow(switch) < FOLLOW_WITHIN
         assert run.query() == A2
+        run.finish()
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("row", ["nixos-generation-switch", "wsl-renamed-over"])
+def test_slirp4netns_reference_loses_chains_outside_etc_and_run(tmp_path, row):
+    """What slirpy does better: slirp4netns --enable-sandbox holds only /etc and /run, so a
+    resolv.conf whose chain leads elsewhere (NixOS's store, WSL's /mnt/wsl) cannot be read
+    inside and the guest's query gets no answer at all (slirpy: answered, and followed)."""
+    if not os.path.exists(SLIRP4NETNS):
+        pytest.skip(f"LOUD: {SLIRP4NETNS} not installed (bash tests/install-deps.sh)")
+    setup, _switch = ROWS[row]
+    run = Run(tmp_path, setup, daemon="slirp4netns")
+    try:
+        assert run.query(timeout=2.0) == "timeout"
+        assert not run.r1.seen and not run.r2.seen
         run.finish()
     finally:
         run.close()
