@@ -313,10 +313,10 @@ def plan(config, resolv_conf: str = RESOLV_CONF) -> tuple[list[tuple[str, bool]]
     chain_dirs: list[str] = []
     files: list[str] = []
     links: list[tuple[str, str]] = []
+    inter: list[tuple[str, str]] = []  # symlinked directories on the way
     needs_resolv = not config.disable_dns and not config.dns_upstreams
     if needs_resolv:
         final, chain = resolve_chain(resolv_conf)
-        inter = []
         for link, target, last in chain:
             d = os.path.dirname(link)
             if not last:
@@ -331,8 +331,6 @@ def plan(config, resolv_conf: str = RESOLV_CONF) -> tuple[list[tuple[str, bool]]
                 files.append(final)
         elif os.path.isdir(d):
             chain_dirs.append(d)
-    else:
-        inter = []
     api_dir = None
     if config.api_socket:
         api_dir = os.path.dirname(os.path.abspath(config.api_socket))

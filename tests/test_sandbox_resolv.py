@@ -203,7 +203,7 @@ class Run:
     """The daemon (slirpy or slirp4netns) sandboxed in its own mount namespace, a guest netns,
     the two stub resolvers and a guest-side DNS client."""
 
-    def __init__(self, tmp_path, setup, daemon="slirpy"):
+    def __init__(self, tmp_path, setup, daemon="slirpy", api_in_run=False):
         require_netns()
         self.t = str(tmp_path)
         self.daemon = daemon
@@ -212,9 +212,14 @@ class Run:
         self.ns = NsHolder().__enter__()
         self.proc = self.client = None
         self.holder = None
-        self.api = os.path.join(self.t, "api", "api.sock")
+        # the API socket in the test's tmp dir, or where Podman puts it (XDG_RUNTIME_DIR, in
+        # /run): then the test reaches it through the holder's root
+        self.api_in_run = api_in_run
+        self.api = ("/run/user/0/libpod/tmp/api.sock" if api_in_run
+                    else os.path.join(self.t, "api", "api.sock"))
         os.makedirs(os.path.join(self.t, "ov"))
-        os.makedirs(os.path.dirname(self.api))
+        if not api_in_run:
+            os.makedirs(os.path.dirname(self.api))
         try:
             self._start(setup)
         except BaseException:
@@ -244,6 +249,8 @@ class Run:
             time.sleep(0.02)
         self.holder = int(open(pidfile).read())
         self.root = f"/proc/{self.holder}/root"
+        if self.api_in_run:
+            os.makedirs(self.root + os.path.dirname(self.api))
         # the namespace is the holder's own: its /etc is the overlay, not the machine's
         assert os.stat(self.root + "/etc").st_dev != os.stat("/etc").st_dev
         setup(self.root, self.t)
@@ -256,6 +263,10 @@ class Run:
             ["nsenter", "-t", str(self.ns.pid), "-U", "-n", "--preserve-credentials",
              sys.executable, "-c", CLIENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             text=True)
+
+    def api_path(self) -> str:
+        """The API socket as the test (outside the daemon's namespace) reaches it."""
+        return self.root + self.api if self.api_in_run else self.api
 
     def _fail(self, what):
         if self.proc.poll() is None:
@@ -388,6 +399,29 @@ def test_slirpy_resolv_conf_leading_outside_the_sandbox_is_logged(tmp_path):
     assert "restart slirpy" in warn[0] and f"{run.t}/mnt/wsl" in warn[0], warn
     assert err.count(f"dns: upstreams changed: {R1} -> none") == 1, err
     assert err.count(f"dns: /etc/resolv.conf now leads to {run.t}/elsewhere/resolv.conf") == 1
+
+
+def test_slirpy_api_socket_in_run_as_podman_puts_it(tmp_path):
+    """Podman's API socket lives in XDG_RUNTIME_DIR (/run/user/UID/...): its directory is bound
+    read-write over the read-only /run (and below the read-only /run/user/0 mount), the API
+    answers, DNS follows, and the socket is removed at exit."""
+    run = Run(tmp_path, _stub, api_in_run=True)
+    try:
+        assert run.query(timeout=3.0) == A1
+        mounts = _mounts(run.proc.pid)
+        api_dir = os.path.dirname(run.api)
+        assert [m for m in mounts if m[1] == "rw"] == [(api_dir, "rw")], mounts
+        assert ("/run/user/0", "ro") in mounts and ("/run", "ro") in mounts, mounts
+        assert sorted(os.listdir(f"/proc/{run.proc.pid}/root")) == ["etc", "run"]
+        assert run.follow(lambda root, t: _repoint(root + "/etc/resolv.conf", NM)) < FOLLOW_WITHIN
+        st = api(run.api_path(), {"execute": "get_stats"}, timeout=5)["return"]["dns"]
+        assert st["upstreams"] == [R2], st
+        err = run.finish()
+        assert not os.path.exists(run.api_path()), "API socket not removed at exit"
+        assert os.listdir(run.root + api_dir) == []
+    finally:
+        run.close()
+    assert "WARNING" not in err and "Traceback" not in err, err
 
 
 def _nsenter_mount(holder, *args):
