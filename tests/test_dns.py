@@ -176,7 +176,8 @@ def _same_stamp(path, like):
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-async def test_resolv_conf_changes_seen_by_content_and_logged_once(tmp_path, autojump_clock, caplog):
+async def test_resolv_conf_changes_seen_by_content_and_logged_once(tmp_path, autojump_clock,
+                                                                  caplog):
     """Every way a host changes its resolver (issue #25): a rename over the file and a re-pointed
     symlink with the same size and mtime, a link replaced by a plain file; each change is one
     INFO line old -> new; an unreadable resolv.conf is one WARNING (not one per check) and one
