@@ -1,8 +1,16 @@
 """The DNS forwarder at CIDR base + 3 (and fd00::3), port 53 over UDP.
 
-Queries are forwarded to the host's resolvers (``/etc/resolv.conf``, re-read when its mtime
-changes, checked at most once a second) or to ``config.dns_upstreams`` when given. Loopback
-resolvers (127.0.0.53) work because the daemon lives in the host namespace.
+Queries are forwarded to the host's resolvers (``/etc/resolv.conf``) or to
+``config.dns_upstreams`` when given. Loopback resolvers (127.0.0.53) work because the daemon lives
+in the host namespace.
+
+Following the host's resolver: resolv.conf is re-read (opened by its path, so through its whole
+symlink chain as it is now) at most once a second, on demand, and compared by content: a file
+rewritten in place or renamed over, a symlink re-pointed or replaced by a file are all seen (under
+--enable-sandbox too: sandbox.py keeps the directories the chain passes through). A change of
+servers is logged once at INFO (old -> new), a chain that now leads elsewhere once at INFO, a
+resolv.conf that cannot be read once at WARNING (and again INFO when it can); ``status()`` (in
+get_stats) shows the servers in use and where they came from.
 
 Design choices:
 - one host socket per query (connected to the upstream): transaction ids of concurrent guest
@@ -58,6 +66,17 @@ def parse_resolv_conf(text: str) -> list[tuple[str, int]]:
         if (str(ip), 53) not in out:
             out.append((str(ip), 53))
     return out
+
+
+def fmt_upstream(host: str, port: int) -> str:
+    """127.0.0.53, 127.0.0.1:5353, [::1]:5353"""
+    if port == 53:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def fmt_upstreams(ups) -> str:
+    return ", ".join(fmt_upstream(h, p) for h, p in ups) or "none"
 
 
 class TokenBucket:
@@ -128,13 +147,17 @@ class DnsForwarder:
             from slirpy.stack.stats import Stats
             self.stats = Stats()
         self._checked = float("-inf")
-        self._mtime: float | None = None
         self._resolv: list[tuple[str, int]] = []
+        self._final: str | None = None  # where resolv.conf's chain led at the last read
+        self._error: str | None = None  # why the last read failed, None when it worked
+        self.changes = 0  # times the servers from resolv.conf changed after the first read
         self.bucket = TokenBucket(RATE, BURST, daemon.now())
         self.inflight = 0
         self.timeout = UPSTREAM_TIMEOUT
         self.answered = 0
         self.servfails = 0
+        if not daemon.config.dns_upstreams and not daemon.config.disable_dns:
+            self.upstreams()  # the first read and its log line, before any sandbox
 
     def upstreams(self) -> list[tuple[str, int]]:
         cfg = self.daemon.config
@@ -143,18 +166,61 @@ class DnsForwarder:
         now = self.daemon.now()
         if now - self._checked >= 1.0:
             self._checked = now
-            try:
-                st = os.stat(self.resolv_conf)
-                if st.st_mtime != self._mtime:
-                    with open(self.resolv_conf, encoding="utf-8", errors="replace") as f:
-                        self._resolv = parse_resolv_conf(f.read(65536))
-                    self._mtime = st.st_mtime
-            except OSError as e:
-                if self._mtime is not None or not self._resolv:
-                    _problem.log("resolv", "cannot read %s: %s", self.resolv_conf, e)
-                self._resolv = []
-                self._mtime = None
+            self._reread()
         return list(self._resolv)
+
+    def _reread(self) -> None:
+        """Read resolv.conf again; log what changed (servers, where the chain leads, readable)."""
+        path = self.resolv_conf
+        first = self._final is None and self._error is None
+        final = os.path.realpath(path)
+        if not first and final != self._final:
+            log.info("dns: %s now leads to %s (was %s)", path, final, self._final)
+        self._final = final
+        try:
+            with open(path, "rb") as f:
+                text = f.read(65536).decode("utf-8", "replace")
+        except OSError as e:
+            why = e.strerror or str(e)
+            if why != self._error:
+                where = "" if final == path else f" (-> {final})"
+                log.warning("dns: cannot read %s%s: %s; guest queries get SERVFAIL until it can "
+                            "be read%s", path, where, why, self._outside_sandbox(final))
+            self._error = why
+            new: list[tuple[str, int]] = []
+        else:
+            if self._error is not None:
+                log.info("dns: %s can be read again", path)
+            self._error = None
+            new = parse_resolv_conf(text)
+        if first:
+            log.info("dns: upstreams %s (from %s%s)", fmt_upstreams(new), path,
+                     "" if final == path else f" -> {final}")
+        elif new != self._resolv:
+            self.changes += 1
+            log.info("dns: upstreams changed: %s -> %s (from %s%s)", fmt_upstreams(self._resolv),
+                     fmt_upstreams(new), path, "" if final == path else f" -> {final}")
+        self._resolv = new
+
+    def _outside_sandbox(self, final: str) -> str:
+        paths = getattr(self.daemon, "sandbox_paths", None)
+        if paths is None or any(final == p or final.startswith(p.rstrip("/") + "/") for p in paths):
+            return ""
+        return (f"; the sandbox only holds {', '.join(paths)}: to follow a resolv.conf that "
+                "leads elsewhere since the start, restart slirpy")
+
+    def status(self) -> dict:
+        """For get_stats: the servers in use and where they come from."""
+        cfg = self.daemon.config
+        if cfg.disable_dns:
+            return {"upstreams": [], "source": "--disable-dns"}
+        if cfg.dns_upstreams:
+            return {"upstreams": [fmt_upstream(h, p) for h, p in cfg.dns_upstreams],
+                    "source": "--dns-upstream"}
+        ups = self.upstreams()
+        return {"upstreams": [fmt_upstream(h, p) for h, p in ups], "source": self.resolv_conf,
+                "resolv_conf_target": self._final, "resolv_conf_error": self._error,
+                "changes": self.changes}
 
     def handle_query(self, ev) -> None:
         """A UdpDatagram to .3:53 (called by UdpNat)."""
@@ -182,9 +248,11 @@ class DnsForwarder:
                     break
             if reply is None:
                 ups = self.upstreams()
-                _problem.log("servfail", "dns: no upstream answered (%s); guest gets SERVFAIL",
-                             ", ".join(f"{h}:{p}" for h, p in ups[:MAX_TRIES]) or
-                             f"none configured: --dns-upstream or nameserver in {self.resolv_conf}")
+                if ups or self._error is None:  # (an unreadable resolv.conf was logged already)
+                    _problem.log("servfail", "dns: no upstream answered (%s); guest gets SERVFAIL",
+                                 ", ".join(f"{h}:{p}" for h, p in ups[:MAX_TRIES]) or
+                                 "none configured: --dns-upstream or nameserver in "
+                                 f"{self.resolv_conf}")
                 reply = build_servfail(q)
                 self.servfails += 1
                 self.stats.drop("dns_servfail")

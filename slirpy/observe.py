@@ -91,6 +91,8 @@ def collect_stats(daemon) -> dict:
         out["dns"] = {"answered": getattr(dns, "answered", 0),
                       "servfail": getattr(dns, "servfails", 0),
                       "inflight": getattr(dns, "inflight", 0)}
+        if hasattr(dns, "status"):  # upstreams in use and where they come from
+            out["dns"].update(dns.status())
     pcap = getattr(daemon, "pcap_writer", None)
     out["pcap"] = pcap.status() if pcap is not None else None
     return out

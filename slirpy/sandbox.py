@@ -9,10 +9,12 @@ socket, the -p listeners and the pcap file are all open) and before the first gu
 2. seccomp filter built (libseccomp must be loaded from disk before the pivot) when asked.
 3. enter(): unshare(CLONE_NEWNS) -- first creating a user namespace (uid/gid mapped to themselves)
    when the daemon lacks CAP_SYS_ADMIN, as an ordinary user under RootlessKit does --, make every
-   mount private, mount a small tmpfs, bind into it only
-     - /etc/resolv.conf read-only (the DNS forwarder re-reads it; when it is a symlink to another
-       directory, e.g. systemd-resolved's, that directory is bound read-only and the symlink kept,
-       so a replace-by-rename is still seen),
+   mount a slave (the host's later mounts and unmounts still arrive, nothing goes back), mount a
+   small tmpfs, bind into it (plan()), read-only down to every mount below:
+     - /etc and /run, as slirp4netns does;
+     - the directories outside them that /etc/resolv.conf's symlink chain passes through (a
+       WSL-style /mnt/wsl, a NixOS /nix/store), so that DNS follows every way the host changes
+       its resolver: a file rewritten or renamed over, a link re-pointed or replaced;
      - the API socket's directory read-write (the socket is unlinked there at exit),
    pivot_root into it, detach the old root, remount the tmpfs read-only, then drop every capability
    (bounding, ambient, inheritable too) except CAP_NET_BIND_SERVICE when the daemon had it before
@@ -32,6 +34,7 @@ import logging
 import os
 import pkgutil
 import platform
+import stat
 import sys
 
 from .portfwd import StartupError
@@ -48,8 +51,12 @@ MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
-MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MNT_DETACH = 2
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 1, 2, 4, 8
+SYS_MOUNT_SETATTR = 442  # the same on every architecture (added after the syscall tables merged)
 
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -65,6 +72,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 
 TMPFS_OPTS = b"size=64k,nr_inodes=256,mode=0755"
 RESOLV_CONF = "/etc/resolv.conf"
+ALWAYS_VISIBLE = ("/etc", "/run")  # as slirp4netns: bound read-only
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
@@ -241,35 +249,119 @@ def _mkdirs(root: str, path: str) -> str:
     return full
 
 
+def resolve_chain(path: str, max_links: int = 40) -> tuple[str, list[tuple[str, str, bool]]]:
+    """Follow `path` as the kernel does, one component at a time.
+
+    Returns (final path, [(symlink, its target text, last)]) where `last` says the symlink was the
+    last component of what was being resolved (resolv.conf itself, or a link to which another link
+    pointed), as opposed to a directory on the way (NixOS's /etc/static, /var/run). The final path
+    is where the file is or would be: a missing component ends the walk there."""
+    links: list[tuple[str, str, bool]] = []
+    if not path.startswith("/"):
+        path = os.path.join(os.getcwd(), path)
+    todo = [p for p in path.split("/") if p][::-1]
+    cur = "/"
+    while todo:
+        comp = todo.pop()
+        if comp == ".":
+            continue
+        if comp == "..":
+            cur = os.path.dirname(cur)
+            continue
+        nxt = os.path.join(cur, comp)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            return os.path.normpath(os.path.join(nxt, *todo[::-1])), links
+        if not stat.S_ISLNK(st.st_mode):
+            cur = nxt
+            continue
+        if len(links) >= max_links:
+            return nxt, links
+        try:
+            target = os.readlink(nxt)
+        except OSError:
+            return nxt, links
+        links.append((nxt, target, not todo))
+        todo.extend([p for p in target.split("/") if p][::-1])
+        if target.startswith("/"):
+            cur = "/"
+    return cur, links
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def plan(config, resolv_conf: str = RESOLV_CONF) -> tuple[list[tuple[str, bool]], list[tuple[str, str]]]:
-    """What the sandbox will hold: ([(absolute path to bind, read_only)], [(symlink, target)])."""
-    binds: list[tuple[str, bool]] = []
+    """What the sandbox will hold: ([(absolute path to bind, read_only)] in mount order,
+    [(symlink to recreate, its target)]).
+
+    - /etc and /run, read-only, as slirp4netns binds them (tools look for them in
+      /proc/PID/root; resolv.conf and its usual chain -- systemd-resolved, NetworkManager,
+      resolvconf -- live there).
+    - when DNS reads resolv.conf: the directories outside /etc and /run that its resolution chain
+      passes through, read-only: the directory of every symlink that is a last component (the
+      link itself can be re-pointed or replaced) and the directory of the final file (it can be
+      renamed over). A WSL-style link to /mnt/wsl/resolv.conf binds /mnt/wsl; NixOS's
+      /etc/static/resolv.conf -> /nix/store/X-etc/etc/resolv.conf -> /nix/store/Y-resolv.conf
+      binds /nix/store (X-etc/etc is inside it), so a re-pointed /etc/static is followed too.
+      Symlinked directories on the way (/var/run -> /run) outside those are recreated as they are.
+    - the API socket's directory, read-write, last (mounted over whatever holds it).
+    """
+    trees = [d for d in ALWAYS_VISIBLE if os.path.isdir(d)]
+    chain_dirs: list[str] = []
+    files: list[str] = []
     links: list[tuple[str, str]] = []
+    inter: list[tuple[str, str]] = []  # symlinked directories on the way
     needs_resolv = not config.disable_dns and not config.dns_upstreams
-    if needs_resolv and os.path.lexists(resolv_conf):
-        real = os.path.realpath(resolv_conf)
-        if real == os.path.abspath(resolv_conf):
-            if os.path.isfile(real):
-                binds.append((real, True))
-        elif os.path.exists(real):
-            d = os.path.dirname(real)
-            binds.append((d, True))
-            links.append((os.path.abspath(resolv_conf), real))
-    if config.api_socket:
-        d = os.path.dirname(os.path.abspath(config.api_socket))
+    if needs_resolv:
+        final, chain = resolve_chain(resolv_conf)
+        for link, target, last in chain:
+            d = os.path.dirname(link)
+            if not last:
+                inter.append((link, target))
+            elif d == "/":  # cannot bind /: keep the link as it is
+                links.append((link, target))
+            else:
+                chain_dirs.append(d)
+        d = os.path.dirname(final)
         if d == "/":
+            if os.path.isfile(final):
+                files.append(final)
+        elif os.path.isdir(d):
+            chain_dirs.append(d)
+    api_dir = None
+    if config.api_socket:
+        api_dir = os.path.dirname(os.path.abspath(config.api_socket))
+        if api_dir == "/":
             raise SandboxError("the API socket's directory is /: it cannot be bound into the "
                                "sandbox (put the socket in a directory of its own)")
-        binds.append((d, False))
-    # a directory bind covers anything bound below it: drop those
-    dirs = [p for p, _ro in binds if os.path.isdir(p)]
-    out = []
-    for p, ro in binds:
-        if any(p != d and (p + "/").startswith(d.rstrip("/") + "/") for d in dirs):
+    rw_tops = [api_dir] if api_dir else []
+    # a directory bound below another bound directory is folded into it (else it would be
+    # hidden, or its mount point created through the outer bind on the host)
+    extra: list[str] = []
+    for d in sorted(set(chain_dirs), key=len):
+        if any(_under(d, t) for t in trees + extra + rw_tops):
             continue
-        if (p, ro) not in out:
-            out.append((p, ro))
-    return out, links
+        extra.append(d)
+    covered = trees + extra + rw_tops
+    files = [f for f in files if not any(_under(f, t) for t in covered)]
+    for link, target in inter:
+        if not any(_under(link, t) for t in covered) and (link, target) not in links:
+            links.append((link, target))
+    binds = [(p, True) for p in sorted(trees + extra) + files]
+    if api_dir:
+        binds.append((api_dir, False))
+    return binds, links
+
+
+def _setattr_recursive(path: bytes, attrs: int) -> bool:
+    """mount_setattr(AT_RECURSIVE) (Linux 5.12): attrs on path's mount and every mount below.
+    False when the kernel refuses (older kernel, seccomp): the caller remounts the top one."""
+    attr = (ctypes.c_uint64 * 4)(attrs, 0, 0, 0)
+    return _libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_long(AT_FDCWD), path, AT_RECURSIVE, attr,
+                         ctypes.sizeof(attr)) == 0
 
 
 def enter(config, resolv_conf: str = RESOLV_CONF) -> dict:
@@ -281,7 +373,10 @@ def enter(config, resolv_conf: str = RESOLV_CONF) -> dict:
     binds, links = plan(config, resolv_conf)
     cwd = os.getcwd()
     userns = _new_mount_ns()
-    _mount(None, b"/", None, MS_REC | MS_PRIVATE, None, "making / private")
+    # slave, as slirp4netns: mounts and unmounts made on the host later reach the binds (a
+    # netns file or a user's /run/user/UID unmounted there is not kept alive here), and nothing
+    # done here reaches the host
+    _mount(None, b"/", None, MS_REC | MS_SLAVE, None, "making / a slave mount")
     # O_PATH fds (in the new mount namespace: a bind source must be one of its mounts) before
     # the tmpfs goes on, since it may cover where a source lives (/tmp)
     fds = []
@@ -303,6 +398,9 @@ def enter(config, resolv_conf: str = RESOLV_CONF) -> dict:
                 os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
             _mount(_b(f"/proc/self/fd/{fd}"), _b(target), None, MS_BIND | MS_REC, None,
                    f"bind-mounting {path}")
+            locked = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
+            if ro and _setattr_recursive(_b(target), locked | MOUNT_ATTR_RDONLY):
+                continue  # read-only down to every mount below it (/run/user/UID, ...)
             flags = MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV | MS_NOEXEC | (MS_RDONLY if ro else 0)
             _mount(None, _b(target), None, flags, None, f"remounting {path}")
         for link, target in links:
@@ -353,9 +451,12 @@ def lockdown(daemon) -> None:
         hook = LateImportLogger()
         sys.meta_path.insert(0, hook)
         daemon.late_imports = hook.seen
-        done.append("sandbox (%s%s; kept caps %#x)" % (
+        # what DNS can still follow in here (dns.py names it when resolv.conf leads elsewhere)
+        daemon.sandbox_paths = [p for p, _ro in info["binds"]] + [ln for ln, _t in info["links"]]
+        done.append("sandbox (%s%s%s; kept caps %#x)" % (
             "own user namespace, " if info["userns"] else "",
             ", ".join(("ro " if ro else "rw ") + p for p, ro in info["binds"]) or "nothing bound",
+            "".join(f", link {ln} -> {t}" for ln, t in info["links"]),
             info["kept_caps"]))
     if filt is not None:
         try:

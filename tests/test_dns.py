@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -165,6 +166,89 @@ async def test_resolv_conf_read_and_reread(tmp_path, autojump_clock):
         p.unlink()
         await trio.sleep(1.5)
         assert fwd.upstreams() == []
+        n.cancel_scope.cancel()
+
+
+def _same_stamp(path, like):
+    """Give path the size-independent stamps of `like` (mtime), as a writer in the same clock
+    tick would: the change must be seen by content, not by a timestamp."""
+    st = os.stat(like)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+async def test_resolv_conf_changes_seen_by_content_and_logged_once(tmp_path, autojump_clock,
+                                                                  caplog):
+    """Every way a host changes its resolver (issue #25): a rename over the file and a re-pointed
+    symlink with the same size and mtime, a link replaced by a plain file; each change is one
+    INFO line old -> new; an unreadable resolv.conf is one WARNING (not one per check) and one
+    INFO when it comes back; status() (get_stats) shows what is in use."""
+    caplog.set_level(logging.INFO, logger="slirpy.dns")
+    run = tmp_path / "run"
+    run.mkdir()
+    a, b = run / "a.conf", run / "b.conf"
+    a.write_text("nameserver 127.0.0.53\n")
+    b.write_text("nameserver 127.0.0.54\n")  # same size
+    _same_stamp(b, a)
+    link = tmp_path / "resolv.conf"
+    link.symlink_to(a)
+    async with trio.open_nursery() as n:
+        d = FakeDaemon(n)
+        fwd = DnsForwarder(d, resolv_conf=str(link))  # the first read, at start
+        assert fwd.upstreams() == [("127.0.0.53", 53)]
+
+        # symlink re-pointed (atomically) to a file of the same size and mtime
+        tmp = tmp_path / ".new"
+        tmp.symlink_to(b)
+        os.rename(tmp, link)
+        await trio.sleep(1.01)
+        assert fwd.upstreams() == [("127.0.0.54", 53)]
+        # the target renamed over, same size and mtime again
+        c = run / "c.conf"
+        c.write_text("nameserver 127.0.0.55\n")
+        _same_stamp(c, b)
+        os.rename(c, b)
+        await trio.sleep(1.01)
+        assert fwd.upstreams() == [("127.0.0.55", 53)]
+        # the link replaced by a plain file
+        tmp.write_text("nameserver ::1\n")
+        os.rename(tmp, link)
+        await trio.sleep(1.01)
+        assert fwd.upstreams() == [("::1", 53)]
+        assert fwd.status() == {"upstreams": ["::1"], "source": str(link),
+                                "resolv_conf_target": str(link), "resolv_conf_error": None,
+                                "changes": 3}
+        # unreadable: one warning however often it is checked; SERVFAIL meanwhile (no servers)
+        link.unlink()
+        for _ in range(5):
+            await trio.sleep(1.01)
+            assert fwd.upstreams() == []
+        st = fwd.status()
+        assert st["upstreams"] == [] and st["resolv_conf_error"] == "No such file or directory"
+        link.write_text("nameserver 127.0.0.53\n")
+        await trio.sleep(1.01)
+        assert fwd.upstreams() == [("127.0.0.53", 53)]
+        n.cancel_scope.cancel()
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "slirpy.dns"]
+    assert lines == [
+        ("INFO", f"dns: upstreams 127.0.0.53 (from {link} -> {a})"),
+        ("INFO", f"dns: {link} now leads to {b} (was {a})"),
+        ("INFO", f"dns: upstreams changed: 127.0.0.53 -> 127.0.0.54 (from {link} -> {b})"),
+        ("INFO", f"dns: upstreams changed: 127.0.0.54 -> 127.0.0.55 (from {link} -> {b})"),
+        ("INFO", f"dns: {link} now leads to {link} (was {b})"),
+        ("INFO", f"dns: upstreams changed: 127.0.0.55 -> ::1 (from {link})"),
+        ("WARNING", f"dns: cannot read {link}: No such file or directory; guest queries get "
+                    "SERVFAIL until it can be read"),
+        ("INFO", f"dns: upstreams changed: ::1 -> none (from {link})"),
+        ("INFO", f"dns: {link} can be read again"),
+        ("INFO", f"dns: upstreams changed: none -> 127.0.0.53 (from {link})"),
+    ], lines
+
+
+async def test_status_with_configured_upstreams(autojump_clock):
+    async with trio.open_nursery() as n:
+        d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", 5353), ("::1", 53))))
+        assert DnsForwarder(d).status() == {"upstreams": ["127.0.0.1:5353", "::1"],
+                                            "source": "--dns-upstream"}
         n.cancel_scope.cancel()
 
 

@@ -5,6 +5,7 @@ test_e2e_clients.py, where RootlessKit runs slirpy as an ordinary user."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -224,9 +225,14 @@ def test_sandbox_and_seccomp_root_caps_and_every_feature(tmp_path):
         st = proc_status(pid)
         ctx["status"] = st
         root = f"/proc/{pid}/root"
-        # the daemon's root is the sandbox: /etc/resolv.conf and the API socket's directory
-        assert sorted(os.listdir(root)) == ["etc", "tmp"], os.listdir(root)
-        assert os.listdir(f"{root}/etc") == ["resolv.conf"]
+        # the daemon's root is the sandbox: /etc and /run read-only (as slirp4netns), and the API
+        # socket's directory
+        assert sorted(os.listdir(root)) == ["etc", "run", "tmp"], os.listdir(root)
+        for d in ("etc", "run"):
+            assert sorted(os.listdir(f"{root}/{d}")) == sorted(os.listdir(f"/{d}"))
+            with pytest.raises(OSError) as e:
+                open(f"{root}/{d}/slirpy-sandbox-probe", "w").close()
+            assert e.value.errno == errno.EROFS, e.value
         assert open(f"{root}/etc/resolv.conf").read() == f"nameserver {RESOLVER1}\n"
         api_dir = os.path.dirname(ctx["api"])
         parts = [p for p in api_dir.split("/") if p]
@@ -271,7 +277,7 @@ def test_seccomp_alone_keeps_root_and_features(tmp_path):
 def test_sandbox_alone_no_seccomp(tmp_path):
     def inspect(pid, ctx):
         ctx["status"] = proc_status(pid)
-        assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "tmp"]
+        assert sorted(os.listdir(f"/proc/{pid}/root")) == ["etc", "run", "tmp"]
         _exercise_forwards(ctx)
 
     p1, p2, ctx, err = run_scenario(tmp_path, ["--enable-sandbox"], inspect)
@@ -345,6 +351,9 @@ def test_filter_refuses_what_a_network_daemon_never_needs():
 
 
 # ------------------------------------------------------------------------------ the plan
+ETC_RUN = [(d, True) for d in ("/etc", "/run") if os.path.isdir(d)]
+
+
 def test_plan_symlinked_resolv_conf_binds_its_directory(tmp_path):
     from slirpy.config import Config
     from slirpy.sandbox import plan
@@ -355,19 +364,66 @@ def test_plan_symlinked_resolv_conf_binds_its_directory(tmp_path):
     link.parent.mkdir()
     link.symlink_to(d / "stub-resolv.conf")
     (tmp_path / "api").mkdir()
+    # /etc and /run always (as slirp4netns), the link's directory (it may be re-pointed or
+    # replaced), the target's (it may be renamed over), the API directory read-write, last
     binds, links = plan(Config(api_socket=str(tmp_path / "api" / "s")), str(link))
-    assert binds == [(str(d), True), (str(tmp_path / "api"), False)]
-    assert links == [(str(link), str(d / "stub-resolv.conf"))]
+    assert binds == ETC_RUN + [(str(tmp_path / "etc"), True), (str(d), True),
+                               (str(tmp_path / "api"), False)]
+    assert links == []
     # a bind below another bound directory is folded into it (else it would be hidden, or its
     # mount point created through the outer bind on the host)
     binds, links = plan(Config(api_socket=str(tmp_path / "api.sock")), str(link))
-    assert binds == [(str(tmp_path), False)] and links == [(str(link), str(d / "stub-resolv.conf"))]
-    # nothing to read when DNS goes to --dns-upstream or is disabled
+    assert binds == ETC_RUN + [(str(tmp_path), False)] and links == []
+    # nothing to read when DNS goes to --dns-upstream or is disabled: /etc and /run still
     binds, links = plan(Config(dns_upstreams=(("127.0.0.1", 53),),
                                api_socket=str(d / "x.sock")), str(link))
-    assert binds == [(str(d), False)] and links == []
+    assert binds == ETC_RUN + [(str(d), False)] and links == []
     binds, _ = plan(Config(disable_dns=True), str(link))
-    assert binds == []
+    assert binds == ETC_RUN
+
+
+def test_plan_nixos_and_wsl_chains(tmp_path):
+    """NixOS: /etc/resolv.conf -> /etc/static/resolv.conf, /etc/static -> a store path whose
+    resolv.conf links to another store path: the store is bound (a re-pointed /etc/static stays
+    inside it). WSL: a link to /mnt/wsl/resolv.conf binds /mnt/wsl. A symlinked directory on the
+    way outside every bind (/var/run -> /run) is recreated; a dangling link binds the directory
+    its target would be in."""
+    from slirpy.config import Config
+    from slirpy.sandbox import plan, resolve_chain
+    etc, store, wsl, var = (tmp_path / n for n in ("etc", "nix/store", "mnt/wsl", "var"))
+    for p in (etc, store / "aaa-etc" / "etc", wsl, var, tmp_path / "run" / "resolvconf"):
+        p.mkdir(parents=True)
+    (store / "bbb-resolv.conf").write_text("nameserver 127.0.0.53\n")
+    (store / "aaa-etc" / "etc" / "resolv.conf").symlink_to("../../bbb-resolv.conf")
+    (etc / "static").symlink_to(store / "aaa-etc" / "etc")
+    (etc / "resolv.conf").symlink_to("/" + str(etc / "static" / "resolv.conf").lstrip("/"))
+    final, chain = resolve_chain(str(etc / "resolv.conf"))
+    assert final == str(store / "bbb-resolv.conf")
+    assert [(ln, last) for ln, _t, last in chain] == [
+        (str(etc / "resolv.conf"), True), (str(etc / "static"), False),
+        (str(store / "aaa-etc" / "etc" / "resolv.conf"), True)]
+    binds, links = plan(Config(), str(etc / "resolv.conf"))
+    assert binds == ETC_RUN + [(str(etc), True), (str(store), True)] and links == []
+
+    (wsl / "resolv.conf").write_text("nameserver 127.0.0.53\n")
+    (etc / "wsl.conf").symlink_to(wsl / "resolv.conf")
+    binds, links = plan(Config(), str(etc / "wsl.conf"))
+    assert binds == ETC_RUN + [(str(etc), True), (str(wsl), True)] and links == []
+
+    (tmp_path / "run" / "resolvconf" / "resolv.conf").write_text("nameserver 127.0.0.53\n")
+    (var / "run").symlink_to("../run")
+    (etc / "old.conf").symlink_to(var / "run" / "resolvconf" / "resolv.conf")
+    binds, links = plan(Config(), str(etc / "old.conf"))
+    assert binds == ETC_RUN + [(str(etc), True), (str(tmp_path / "run" / "resolvconf"), True)]
+    assert links == [(str(var / "run"), "../run")]
+
+    (etc / "dangling.conf").symlink_to(wsl / "not-yet.conf")
+    binds, _ = plan(Config(), str(etc / "dangling.conf"))
+    assert binds == ETC_RUN + [(str(etc), True), (str(wsl), True)]
+    # a loop: no hang, the directories seen so far
+    (etc / "loop").symlink_to(etc / "loop")
+    binds, _ = plan(Config(), str(etc / "loop"))
+    assert binds == ETC_RUN + [(str(etc), True)]
 
 
 def test_preimport_covers_slirpy():
