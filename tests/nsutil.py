@@ -288,8 +288,13 @@ class NsHolder:
 
 
 class Slirpy:
-    def __init__(self, *flags, tap="tap0", path_form=False, configure=True):
+    def __init__(self, *flags, tap="tap0", path_form=False, configure=True, argv0=None,
+                 operands_first=False, extra_operands=()):
+        """``argv0``: another binary with slirp4netns's command line (the real slirp4netns) in
+        slirpy's place; ``operands_first``: PID TAPNAME first, every option after them (getopt
+        permutes); ``extra_operands`` come after TAPNAME."""
         self.flags, self.tap, self.path_form, self.configure = flags, tap, path_form, configure
+        self.argv0, self.operands_first, self.extra_operands = argv0, operands_first, extra_operands
         self.proc = None
 
     def __enter__(self):
@@ -300,11 +305,14 @@ class Slirpy:
             args = ["-c"] if self.configure else []
             args += ["-r", str(ready_w), "-e", str(exit_r), *self.flags]
             if self.path_form:
-                args += ["--netns-type=path", f"--userns-path=/proc/{self.ns.pid}/ns/user",
-                         f"/proc/{self.ns.pid}/ns/net", self.tap]
+                args += ["--netns-type=path", f"--userns-path=/proc/{self.ns.pid}/ns/user"]
+                operands = [f"/proc/{self.ns.pid}/ns/net", self.tap]
             else:
-                args += [str(self.ns.pid), self.tap]
-            self.proc = subprocess.Popen(slirpy_cmd(*args), pass_fds=(ready_w, exit_r), env=_env(),
+                operands = [str(self.ns.pid), self.tap]
+            operands += self.extra_operands
+            args = operands + args if self.operands_first else args + operands
+            cmd = slirpy_cmd(*args) if self.argv0 is None else [self.argv0, *args]
+            self.proc = subprocess.Popen(cmd, pass_fds=(ready_w, exit_r), env=_env(),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             os.close(ready_w)
             os.close(exit_r)
