@@ -13,11 +13,15 @@ class NsHolder  (context manager)
     `nsenter -t PID -U -n --preserve-credentials` (returns CompletedProcess, text, timeout 20 s);
     `.ip_json(*args)` runs `ip -j ARGS` inside and returns the parsed JSON.
 class Slirpy  (context manager)
-    Slirpy(*flags, tap="tap0", path_form=False) -> with-block yields self with:
+    Slirpy(*flags, tap="tap0", path_form=False, argv0=None, operands_first=False,
+           extra_operands=()) -> with-block yields self with:
       .ns (NsHolder), .proc (Popen of slirpy), .run_in_ns(*cmd) (= .ns.run),
       .close_exit_fd() (ends slirpy through -e), .wait(timeout) -> returncode.
     Passes `-c -r FD -e FD` plus the given flags, waits (<= 30 s: a loaded machine) for b"1" on the ready fd
-    (asserts it), and on exit kills slirpy and the holder and asserts both are gone.
+    (asserts it), and on exit kills slirpy and the holder and asserts both are gone; then
+    .stdout/.stderr hold its output. argv0="/usr/bin/slirp4netns" runs the real slirp4netns
+    with the same command line instead (for comparisons); operands_first puts PID TAPNAME
+    before the options; extra_operands follow TAPNAME.
 run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot slirpy invocation.
 exchange(conn, down) -> (n, sha256 hex)
     Sends `down` on a thread while reading conn to EOF, then shuts the write side down: the
