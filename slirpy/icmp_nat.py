@@ -9,7 +9,8 @@ once and drop (``icmp_ping_socket_denied``).
 Errors: the sockets have IP_RECVERR/IPV6_RECVERR, so ICMP(v6) destination unreachable and time
 exceeded about our echo requests arrive on the error queue; each is sent to the guest from the
 reporting host (SO_EE_OFFENDER) quoting the guest's own request. A send that fails at once
-(ENETUNREACH/EHOSTUNREACH: no route on the host) becomes "no route" / "network unreachable".
+becomes, from the gateway, net unreachable (ICMPv6 no route) for ENETUNREACH and host unreachable
+(ICMPv6 address unreachable) for EHOSTUNREACH.
 """
 
 from __future__ import annotations
