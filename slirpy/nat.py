@@ -369,8 +369,8 @@ class TcpNat:
         d, st = self.d, self.d.stack
         try:
             target = self._map(ev)
-        except Exception:
-            target = "dns_address"
+        except Exception:  # our bug: refuse this flow (net unreachable), loudly in the counters
+            target = "map_error"
         if isinstance(target, str):  # refused by policy: ICMP, or silence for --disable-dns
             _refused.log(target, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport, ev.dst,
                          ev.dport, target.replace("_", " "))
