@@ -283,7 +283,7 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
             return "version"
         if key in ("e", "r"):
             fd = _strtol(value)
-            if fd is None or fd < 0:
+            if fd is None or not 0 <= fd < 1 << 31:  # an int, as in slirp4netns's options
                 raise UsageError(("exit-fd" if key == "e" else "ready-fd")
                                  + " must be a non-negative integer")
             o[key] = fd

@@ -224,6 +224,7 @@ def test_command_form():
     (["-e", "x", "1"], "exit-fd must be a non-negative integer"),
     (["-e", "-1", "1"], "exit-fd must be a non-negative integer"),
     (["-r", "3x", "1"], "ready-fd must be a non-negative integer"),
+    (["-e", "99999999999", "1"], "exit-fd must be a non-negative integer"),  # not an int
     (["--"], "command"),
 ])
 def test_bad_input_one_line_exit_1(args, needle):
