@@ -4,12 +4,16 @@ Three forms:
   slirpy [OPTION]... PID [TAPNAME]
   slirpy [OPTION]... --netns-type=path PATH [TAPNAME]
   slirpy [OPTION]... -- CMD [ARG]...
-Every user error is one line `slirpy: error: ...` on stderr and exit status 1.
+Options are read as glibc's getopt_long reads slirp4netns's (`_getopt_long`): they may come
+anywhere among the operands, long ones may be abbreviated to a unique prefix, short ones grouped
+(`-c6m1500`). Values are checked in slirp4netns's order and, where it has words for the error,
+with its words. Every user error is one line `slirpy: error: ...` on stderr and exit status 1.
+
+Keep this module light to import: `--help` and `--version` are answered before anything heavy.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
@@ -51,63 +55,128 @@ User-mode networking for unprivileged network namespaces.
 """
 
 MIN_TCP_MEM_BUDGET = 64 * 1024  # SLIRPY_TCP_MEM_BUDGET below this is refused
+LIBSLIRP_COMPAT = "4.7.0"  # the libslirp whose behaviour slirpy follows (slirp4netns 1.2.0's)
+SLIRP_CONFIG_VERSION_MAX = 4  # libslirp 4.7's: scripts read it to know --disable-dns/--outbound-addr
 
-# Flags parsed and stored but not working yet: the daemon refuses them up front.
-# Implementing one = deleting its line. Key: Config field; value: the flag as users type it.
-NOT_IMPLEMENTED = {
+# getopt_long's tables. Short options as slirp4netns's "ce:r:m:a:6hv" plus slirpy's -p.
+_SHORT = "ce:r:m:a:6hvp:"
+# long name -> (takes a value, key); the key is the short letter where there is one
+_LONG = {
+    "configure": (False, "c"), "exit-fd": (True, "e"), "ready-fd": (True, "r"),
+    "mtu": (True, "m"), "cidr": (True, "cidr"), "disable-host-loopback": (False, "dhl"),
+    "netns-type": (True, "netns-type"), "userns-path": (True, "userns-path"),
+    "api-socket": (True, "a"), "enable-ipv6": (False, "6"), "enable-sandbox": (False, "sandbox"),
+    "enable-seccomp": (False, "seccomp"), "help": (False, "h"), "version": (False, "v"),
+    "outbound-addr": (True, "outbound-addr"), "outbound-addr6": (True, "outbound-addr6"),
+    "disable-dns": (False, "disable-dns"), "macaddress": (True, "macaddress"),
+    "target-type": (True, "target-type"),
+    # slirp4netns still takes these two (not in --help), with a warning
+    "no-host-loopback": (False, "no-host-loopback"), "create-sandbox": (False, "create-sandbox"),
+    # slirpy's own
+    "port": (True, "p"), "dns-upstream": (True, "dns-upstream"), "pcap": (True, "pcap"),
+    "pcap-max-bytes": (True, "pcap-max-bytes"), "log-level": (True, "log-level"),
 }
+_DEPRECATED = {"no-host-loopback": ("dhl", "--disable-host-loopback"),
+               "create-sandbox": ("sandbox", "--enable-sandbox")}
 
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_MAC_RE = re.compile(r"[0-9a-fA-F]{1,2}(:[0-9a-fA-F]{1,2}){5}")
+_CIDR_RE = re.compile(r"(([0-9]{1,3}\.){3}[0-9]{1,3})/([0-9]{1,2})")  # slirp4netns's regex
+_STRTOL_RE = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
 
 
 class UsageError(Exception):
     """One-line message for `slirpy: error: ...`."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse would print usage and exit 2
-        raise UsageError(message)
+def _getopt_long(argv, short=_SHORT, longopts=_LONG, permute=True):
+    """glibc getopt_long over argv, lazily, so an error surfaces only after the options before
+    it were handled (as in slirp4netns's loop). Yields ("opt", key, value or None) for each
+    option and ("arg", text) for each operand, in argv order (operands are permuted to the end
+    by glibc, which keeps their order). At the first `--` yields ("--", rest) and stops. Without
+    ``permute`` (POSIXLY_CORRECT) the first operand ends the options. Errors: glibc's words."""
+    i, n = 0, len(argv)
+    while i < n:
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            yield ("--", argv[i:])
+            return
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            full = name if name in longopts else None
+            if full is None:
+                cands = [k for k in longopts if k.startswith(name)]
+                if not cands:
+                    raise UsageError(f"unrecognized option '{arg}'")
+                if len(cands) > 1:
+                    raise UsageError(f"option '--{name}' is ambiguous; possibilities: "
+                                     + " ".join(f"'--{c}'" for c in cands))
+                full = cands[0]
+            takes, key = longopts[full]
+            if takes:
+                if not eq:
+                    if i >= n:
+                        raise UsageError(f"option '--{full}' requires an argument")
+                    value = argv[i]
+                    i += 1
+                yield ("opt", key, value)
+            else:
+                if eq:
+                    raise UsageError(f"option '--{full}' doesn't allow an argument")
+                yield ("opt", key, None)
+        elif arg.startswith("-") and arg != "-":
+            j = 1
+            while j < len(arg):
+                ch = arg[j]
+                j += 1
+                k = short.find(ch)
+                if k < 0 or ch == ":":
+                    raise UsageError(f"invalid option -- '{ch}'")
+                if short[k + 1:k + 2] != ":":
+                    yield ("opt", ch, None)
+                    continue
+                if j < len(arg):
+                    value = arg[j:]
+                elif i < n:
+                    value = argv[i]
+                    i += 1
+                else:
+                    raise UsageError(f"option requires an argument -- '{ch}'")
+                yield ("opt", ch, value)
+                break
+        elif permute:
+            yield ("arg", arg)
+        else:
+            for rest in argv[i - 1:]:
+                yield ("arg", rest)
+            return
 
 
-def _build_parser() -> _Parser:
-    p = _Parser(prog="slirpy", add_help=False, allow_abbrev=False)
-    a = p.add_argument
-    a("-c", "--configure", action="store_true")
-    a("-e", "--exit-fd")
-    a("-r", "--ready-fd")
-    a("-m", "--mtu")
-    a("-6", "--enable-ipv6", action="store_true")
-    a("-a", "--api-socket")
-    a("--cidr")
-    a("--disable-host-loopback", action="store_true")
-    a("--netns-type", default="pid")
-    a("--userns-path")
-    a("--enable-sandbox", action="store_true")
-    a("--enable-seccomp", action="store_true")
-    a("--outbound-addr")
-    a("--outbound-addr6")
-    a("--disable-dns", action="store_true")
-    a("--macaddress")
-    a("--target-type", default="netns")
-    a("-p", "--port", action="append", default=[])
-    a("--dns-upstream", action="append", default=[])
-    a("--pcap")
-    a("--pcap-max-bytes")
-    a("--log-level", default="ERROR")
-    a("-h", "--help", action="store_true")
-    a("-v", "--version", action="store_true")
-    a("positional", nargs="*")
-    return p
+def _strtol(text: str) -> int | None:
+    """C strtol(text, &end, 10) with *end == '\0' and no ERANGE, else None."""
+    if not _STRTOL_RE.fullmatch(text):
+        return None
+    v = int(text)
+    return v if -(1 << 63) <= v < (1 << 63) else None
 
 
-def _fd(text: str, flag: str) -> int:
+def _cidr(text: str) -> ipaddress.IPv4Network:
+    """slirp4netns's parse_cidr: its checks in its order, its words."""
+    m = _CIDR_RE.fullmatch(text)
+    if m is None:
+        raise UsageError(f"invalid CIDR: {text}")
     try:
-        n = int(text, 10)
+        addr = ipaddress.IPv4Address(m.group(1))
     except ValueError:
-        raise UsageError(f"{flag}: {text!r} is not a file descriptor number") from None
-    if n < 0:
-        raise UsageError(f"{flag}: {n} is not a file descriptor number")
-    return n
+        raise UsageError(f"invalid network address: {m.group(1)}") from None
+    prefix = int(m.group(3))
+    if not 1 <= prefix <= 25:
+        raise UsageError("prefix length needs to be 1-25")
+    net = ipaddress.IPv4Network((addr, prefix), strict=False)
+    if net.network_address != addr:
+        raise UsageError("CIDR needs to be a network address like 10.0.2.0/24, "
+                         "not like 10.0.2.100/24")
+    return net
 
 
 def _dns_upstream(text: str) -> tuple[str, int]:
@@ -158,24 +227,19 @@ def _interface_addr(name: str, family: int):
 
 
 def _outbound(text: str, family: int):
-    """--outbound-addr(6): an address of that family, or a host interface name; it must be an
-    address of this host (checked by binding a UDP socket to it), else one clear error now
-    instead of every later connection failing with EADDRNOTAVAIL."""
+    """--outbound-addr(6): an address of that family, or a host interface name that has one (as
+    slirp4netns); it must also be a unicast address of this host (checked by binding a UDP socket
+    to it): one clear error now instead of every later connection failing with EADDRNOTAVAIL."""
     import socket
     flag = "--outbound-addr" if family == 4 else "--outbound-addr6"
     cls = ipaddress.IPv4Address if family == 4 else ipaddress.IPv6Address
     try:
         addr = cls(text)
     except ValueError:
-        try:
-            ipaddress.ip_address(text)
-            raise UsageError(f"{flag} {text!r}: not an IPv{family} address") from None
-        except ValueError:
-            pass
         addr = _interface_addr(text, family) if re.fullmatch(r"[^/\s]{1,15}", text) else None
         if addr is None:
-            raise UsageError(f"{flag} {text!r}: neither an IPv{family} address nor a host "
-                             f"interface with one") from None
+            raise UsageError(f"{flag[2:]} has to be valid ipv{family} address or interface "
+                             f"name: {text}") from None
     if addr.is_multicast or addr.is_unspecified or addr.is_link_local:
         raise UsageError(f"{flag} {addr}: must be a unicast, non-link-local address of this host")
     s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
@@ -188,88 +252,135 @@ def _outbound(text: str, family: int):
     return addr
 
 
-def parse_args(argv: list[str]) -> Config | str:
-    """Return a Config, or "help"/"version". Raises UsageError on bad input."""
+def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | str:
+    """Return a Config, or "help"/"version". Raises UsageError on bad input. Warnings that do
+    not stop slirp4netns (too many operands, a deprecated flag) are appended to ``warnings``
+    (without the "WARNING: " that main() prints before each)."""
+    warn = warnings.append if warnings is not None else (lambda _w: None)
+    o: dict = {}
+    ports: list[str] = []
+    upstreams: list[str] = []
+    operands: list[str] = []
     command = None
-    if "--" in argv:
-        i = argv.index("--")
-        argv, command = argv[:i], tuple(argv[i + 1:])
-        if not command:
-            raise UsageError("-- needs a command to run")
-    ns = _build_parser().parse_args(argv)
-    if ns.help:
-        return "help"
-    if ns.version:
-        return "version"
-    for pos in ns.positional:
-        if pos.startswith("-") and len(pos) > 1:
-            raise UsageError(f"unrecognized arguments: {pos}")
+    permute = "POSIXLY_CORRECT" not in os.environ
+    # 1. the options, in argv order: what slirp4netns checks inside its getopt loop, there
+    for item in _getopt_long(argv, permute=permute):
+        if item[0] == "arg":
+            operands.append(item[1])
+            continue
+        if item[0] == "--":
+            if operands:  # `PID -- TAP`: getopt's end of options, the rest are operands
+                operands += item[1]
+            else:
+                command = tuple(item[1])
+                if not command:
+                    raise UsageError("-- needs a command to run")
+            break
+        _, key, value = item
+        if key == "h":
+            return "help"
+        if key == "v":
+            return "version"
+        if key in ("e", "r"):
+            fd = _strtol(value)
+            if fd is None or not 0 <= fd < 1 << 31:  # an int, as in slirp4netns's options
+                raise UsageError(("exit-fd" if key == "e" else "ready-fd")
+                                 + " must be a non-negative integer")
+            o[key] = fd
+        elif key == "m":
+            mtu = _strtol(value)
+            if mtu is None or not 0 < mtu <= MAX_MTU:
+                raise UsageError(f"MTU must be a positive integer (< {MAX_MTU + 1})")
+            o[key] = mtu
+        elif key == "userns-path":
+            if not os.access(value, os.F_OK):
+                raise UsageError(f"userns path doesn't exist: {value}")
+            o[key] = value
+        elif key in _DEPRECATED:
+            key, instead = _DEPRECATED[key]
+            warn(f"--{item[1]} is deprecated and will be removed in future releases, "
+                 f"please use {instead} instead.")
+            o[key] = True
+        elif key == "p":
+            ports.append(value)
+        elif key == "dns-upstream":
+            upstreams.append(value)
+        else:
+            o[key] = True if value is None else value
+    configure = "c" in o or command is not None
+    # 2. after the loop, slirp4netns's order: --macaddress needs -c, the target type, operands
+    if "macaddress" in o and not configure:
+        raise UsageError("--macaddress cannot be specified when --configure or -c is not "
+                         "specified")
+    target_type = o.get("target-type", "netns")
+    if target_type == "bess":
+        raise UsageError("--target-type=bess is not supported by slirpy (only netns)")
+    if target_type != "netns":
+        raise UsageError('--target-type must be either "netns" or "bess"')
+    netns_type = o.get("netns-type", "pid")
+    if netns_type not in ("pid", "path"):
+        raise UsageError(f"--netns-type={netns_type}: must be path or pid")
     if command is not None:
-        if ns.positional:
+        if operands:
             raise UsageError("PID|PATH cannot be combined with -- CMD")
         target, tap = None, "tap0"
     else:
-        if not ns.positional:
+        if not operands:
             raise UsageError("missing PID|PATH (see --help)")
-        if len(ns.positional) > 2:
-            raise UsageError(f"too many arguments: {' '.join(ns.positional[2:])}")
-        target = ns.positional[0]
-        tap = ns.positional[1] if len(ns.positional) == 2 else "tap0"
+        if len(operands) > 2:  # not an error for slirp4netns either, "for compatibility"
+            warn("too many arguments")
+        target = operands[0]
+        tap = operands[1] if len(operands) >= 2 else "tap0"
+        if netns_type == "pid":
+            pid = _strtol(target)
+            if pid is None or pid <= 0:
+                raise UsageError("PID must be a positive integer")
+        else:
+            try:
+                os.stat(target)
+            except OSError as e:
+                raise UsageError(f"existing path expected when --netns-type=path: "
+                                 f"{e.strerror}") from None
     if not tap or len(tap.encode()) > 15 or "/" in tap or tap in (".", "..") or any(c.isspace() for c in tap):
         raise UsageError(f"invalid TAPNAME {tap!r} (1..15 bytes, no '/' or spaces)")
 
-    if ns.netns_type not in ("pid", "path"):
-        raise UsageError(f"--netns-type={ns.netns_type}: must be path or pid")
-    if ns.target_type == "bess":
-        raise UsageError("--target-type=bess is not supported by slirpy (only netns)")
-    if ns.target_type != "netns":
-        raise UsageError(f"--target-type={ns.target_type}: must be netns")
-    if target is not None and ns.netns_type == "pid":
-        if not target.isdigit() or int(target) <= 0:
-            raise UsageError(f"PID {target!r} is not a process id (use --netns-type=path for a path)")
-
-    mtu = 1500
-    if ns.mtu is not None:
-        try:
-            mtu = int(ns.mtu, 10)
-        except ValueError:
-            raise UsageError(f"--mtu {ns.mtu!r}: not a number") from None
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            raise UsageError(f"--mtu {mtu}: out of range {MIN_MTU}..{MAX_MTU}")
-
+    # 3. the values slirp4netns checks when it builds its configuration, in its order
     kw: dict = {}
-    if ns.cidr is not None:
-        try:
-            cidr = ipaddress.IPv4Network(ns.cidr, strict=False)
-        except ValueError:
-            raise UsageError(f"--cidr {ns.cidr!r}: not an IPv4 CIDR") from None
-        if not 1 <= cidr.prefixlen <= 25:
-            raise UsageError(f"--cidr {ns.cidr}: prefix must be /1../25 (room for .100)")
-        kw["cidr"] = cidr
-    if ns.macaddress is not None:
-        if not _MAC_RE.match(ns.macaddress):
-            raise UsageError(f"--macaddress {ns.macaddress!r}: not a MAC address (xx:xx:xx:xx:xx:xx)")
-        if int(ns.macaddress[:2], 16) & 1:
-            raise UsageError(f"--macaddress {ns.macaddress}: multicast MAC not allowed")
-        kw["macaddress"] = ns.macaddress.lower()
-    if ns.outbound_addr is not None:
-        kw["outbound_addr"] = _outbound(ns.outbound_addr, 4)
-    if ns.outbound_addr6 is not None:
-        kw["outbound_addr6"] = _outbound(ns.outbound_addr6, 6)
-    if ns.enable_ipv6 and mtu < 1280:
+    if "cidr" in o:
+        kw["cidr"] = _cidr(o["cidr"])
+    if "outbound-addr" in o:
+        kw["outbound_addr"] = _outbound(o["outbound-addr"], 4)
+    if "outbound-addr6" in o:
+        kw["outbound_addr6"] = _outbound(o["outbound-addr6"], 6)
+    if "macaddress" in o:
+        mac = o["macaddress"]
+        if not _MAC_RE.fullmatch(mac):
+            raise UsageError(f'"{mac}" is an invalid MAC address (hex string, 6 bytes, each byte '
+                             "separated by a ':')")
+        mac = ":".join(f"{int(b, 16):02x}" for b in mac.split(":"))
+        if int(mac[:2], 16) & 1:
+            raise UsageError(f"--macaddress {mac}: multicast MAC not allowed")
+        kw["macaddress"] = mac
+
+    # 4. what only slirpy checks
+    mtu = o.get("m", 1500)
+    if mtu < MIN_MTU:
+        raise UsageError(f"MTU must be at least {MIN_MTU} (IPv4's minimum)")
+    if "6" in o and mtu < 1280:
         raise UsageError(f"--mtu {mtu}: IPv6 (-6) needs an MTU of at least 1280")
-    ports = []
-    for spec in ns.port:
+    parsed_ports = []
+    for spec in ports:
         try:
-            ports.append(parse_port_spec(spec))
+            parsed_ports.append(parse_port_spec(spec))
         except PortSpecError as e:
             raise UsageError(str(e)) from None
-    pcap_max = None
-    if ns.pcap_max_bytes is not None:
-        if not ns.pcap_max_bytes.isdigit():
-            raise UsageError(f"--pcap-max-bytes {ns.pcap_max_bytes!r}: not a number")
-        pcap_max = int(ns.pcap_max_bytes)
-        if ns.pcap is None:
+    pcap, pcap_max = o.get("pcap"), None
+    if "pcap-max-bytes" in o:
+        text = o["pcap-max-bytes"]
+        if not text.isdigit():
+            raise UsageError(f"--pcap-max-bytes {text!r}: not a number")
+        pcap_max = int(text)
+        if pcap is None:
             raise UsageError("--pcap-max-bytes needs --pcap=FILE")
     env_budget = os.environ.get("SLIRPY_TCP_MEM_BUDGET")
     if env_budget is not None:
@@ -277,29 +388,82 @@ def parse_args(argv: list[str]) -> Config | str:
             raise UsageError(f"SLIRPY_TCP_MEM_BUDGET={env_budget!r}: bytes, "
                              f"{MIN_TCP_MEM_BUDGET}..{1 << 40}")
         kw["tcp_mem_budget"] = int(env_budget)
-    level = ns.log_level.upper()
+    log_level = o.get("log-level", "ERROR")
+    level = log_level.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise UsageError(f"--log-level {ns.log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
+        raise UsageError(f"--log-level {log_level!r}: one of DEBUG, INFO, WARNING, ERROR")
 
     return Config(
-        target=target, tap_name=tap, netns_type=ns.netns_type, userns_path=ns.userns_path,
-        command=command, configure=ns.configure or command is not None,
-        exit_fd=_fd(ns.exit_fd, "--exit-fd") if ns.exit_fd is not None else None,
-        ready_fd=_fd(ns.ready_fd, "--ready-fd") if ns.ready_fd is not None else None,
-        mtu=mtu, enable_ipv6=ns.enable_ipv6, api_socket=ns.api_socket,
-        disable_host_loopback=ns.disable_host_loopback, enable_sandbox=ns.enable_sandbox,
-        enable_seccomp=ns.enable_seccomp, disable_dns=ns.disable_dns, ports=tuple(ports),
-        dns_upstreams=tuple(_dns_upstream(d) for d in ns.dns_upstream), pcap=ns.pcap,
+        target=target, tap_name=tap, netns_type=netns_type, userns_path=o.get("userns-path"),
+        command=command, configure=configure, exit_fd=o.get("e"), ready_fd=o.get("r"),
+        mtu=mtu, enable_ipv6="6" in o, api_socket=o.get("a"), disable_host_loopback="dhl" in o,
+        enable_sandbox="sandbox" in o, enable_seccomp="seccomp" in o,
+        disable_dns="disable-dns" in o, ports=tuple(parsed_ports),
+        dns_upstreams=tuple(_dns_upstream(d) for d in upstreams), pcap=pcap,
         pcap_max_bytes=pcap_max, log_level=level, **kw)
 
 
-def not_implemented(config: Config) -> str | None:
-    """The first flag in NOT_IMPLEMENTED that this config uses, or None."""
-    default = Config()
-    for field, flag in NOT_IMPLEMENTED.items():
-        if getattr(config, field) != getattr(default, field):
-            return flag
-    return None
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from, read from .git's files (no git
+    process); "unknown" for an installed package or anything unexpected."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        gitdir = os.path.join(root, ".git")
+        if os.path.isfile(gitdir):  # a worktree: "gitdir: PATH"
+            with open(gitdir) as f:
+                line = f.read().strip()
+            if not line.startswith("gitdir: "):
+                return "unknown"
+            gitdir = os.path.join(root, line[8:])
+        with open(os.path.join(gitdir, "HEAD")) as f:
+            head = f.read().strip()
+        common = gitdir
+        if os.path.isfile(os.path.join(gitdir, "commondir")):
+            with open(os.path.join(gitdir, "commondir")) as f:
+                common = os.path.join(gitdir, f.read().strip())
+        if head.startswith("ref: "):
+            ref = head[5:]
+            head = ""
+            for d in (gitdir, common):
+                p = os.path.join(d, ref)
+                if os.path.isfile(p):
+                    with open(p) as f:
+                        head = f.read().strip()
+                    break
+            else:
+                with open(os.path.join(common, "packed-refs")) as f:
+                    for line in f:
+                        sha, _, name = line.strip().partition(" ")
+                        if name == ref:
+                            head = sha
+                            break
+        return head if re.fullmatch(r"[0-9a-f]{40}", head) else "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
+def _libseccomp_version() -> str:
+    """The libseccomp that --enable-seccomp would load (slirp4netns prints the one it links)."""
+    try:
+        import ctypes
+
+        class _V(ctypes.Structure):
+            _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+        lib = ctypes.CDLL("libseccomp.so.2")
+        lib.seccomp_version.restype = ctypes.POINTER(_V)
+        v = lib.seccomp_version()
+        return f"{v.contents.major}.{v.contents.minor}.{v.contents.micro}" if v else "unknown"
+    except (OSError, AttributeError):
+        return "not found"
+
+
+def version_text() -> str:
+    """slirp4netns --version's lines, in its order, with slirpy's values."""
+    return (f"slirpy version {__version__}\n"
+            f"commit: {_git_commit()}\n"
+            f"libslirp: slirpy (compatible with {LIBSLIRP_COMPAT})\n"
+            f"SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n"
+            f"libseccomp: {_libseccomp_version()}\n")
 
 
 def fail(msg: str) -> int:
@@ -310,19 +474,20 @@ def fail(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings: list[str] = []
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, warnings)
     except UsageError as e:
         return fail(str(e))
     if cfg == "help":
         sys.stdout.write(HELP)
         return 0
     if cfg == "version":
-        sys.stdout.write(f"slirpy version {__version__}\n")
+        sys.stdout.write(version_text())
         return 0
-    flag = not_implemented(cfg)
-    if flag is not None:
-        return fail(f"{flag}: not implemented yet")
+    if warnings:  # slirp4netns prints its warnings on stdout
+        sys.stdout.write("".join(f"WARNING: {w}\n" for w in warnings))
+        sys.stdout.flush()
     from .logutil import setup_logging
     setup_logging(cfg.log_level)
     from .launch import start

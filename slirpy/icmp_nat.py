@@ -9,7 +9,8 @@ once and drop (``icmp_ping_socket_denied``).
 Errors: the sockets have IP_RECVERR/IPV6_RECVERR, so ICMP(v6) destination unreachable and time
 exceeded about our echo requests arrive on the error queue; each is sent to the guest from the
 reporting host (SO_EE_OFFENDER) quoting the guest's own request. A send that fails at once
-(ENETUNREACH/EHOSTUNREACH: no route on the host) becomes "no route" / "network unreachable".
+becomes, from the gateway, net unreachable (ICMPv6 no route) for ENETUNREACH and host unreachable
+(ICMPv6 address unreachable) for EHOSTUNREACH.
 """
 
 from __future__ import annotations
@@ -160,14 +161,17 @@ class IcmpNat:
             self._no_route(ev, e)
 
     def _no_route(self, ev: IcmpEchoRequest, e: OSError) -> None:
-        """No route on the host: net unreachable (v4) / no route to destination (v6) from the
-        gateway, so the guest's ping fails at once instead of timing out."""
+        """No route on the host: from the gateway, net unreachable / ICMPv6 no route for
+        ENETUNREACH, host / address unreachable for EHOSTUNREACH, so the guest's ping fails at
+        once instead of timing out."""
         if e.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH):
             return
         d = self.daemon
         gw = family_gateway(d.config, ev.family)
+        host = e.errno == errno.EHOSTUNREACH
+        code = (1 if host else 0) if ev.family == 4 else (3 if host else 0)
         d.stack.send_icmp_echo_error(ev.family, gw, ev.src, ev.dst, ev.ident, ev.seq,
-                                     bytes(ev.payload), 3 if ev.family == 4 else 1, 0, d.now())
+                                     bytes(ev.payload), 3 if ev.family == 4 else 1, code, d.now())
         d.flush()
 
     async def _reader(self, p: _Ping) -> None:

@@ -73,6 +73,20 @@ def _reason(err: int) -> str:
     return "unreachable"
 
 
+def _unreach(err: int, at_once: bool) -> str | None:
+    """How the guest learns that the host's connect() failed, as libslirp answers: None for an
+    RST (ECONNREFUSED, and a failure reported later other than the ones below); "host" (ICMP
+    host / address unreachable) for EHOSTUNREACH and our connect timeout; "net" (net
+    unreachable / no route) for ENETUNREACH and any other failure of connect() itself."""
+    if err == errno.ECONNREFUSED:
+        return None
+    if err in (errno.EHOSTUNREACH, errno.ETIMEDOUT):
+        return "host"
+    if err == errno.ENETUNREACH or at_once:
+        return "net"
+    return None
+
+
 class TcpNat:
     def __init__(self, daemon):
         self.d = daemon
@@ -142,7 +156,7 @@ class TcpNat:
             while cq and cq[0][0] <= now:
                 _, c = cq.popleft()
                 if c.state == CONNECTING:
-                    self._refuse(c, "timeout")
+                    self._refuse(c, errno.ETIMEDOUT)
             while lq and lq[0][0] <= now:
                 _, c = lq.popleft()
                 if c.state == LINGER:
@@ -322,49 +336,53 @@ class TcpNat:
 
     # ------------------------------------------------------------------------- outbound
     def _map(self, ev):
-        """(host, port) to dial for a guest SYN, or None to refuse it."""
+        """(host, port) to dial for a guest SYN, or why not: "dns_disabled" (no answer at all),
+        "host_loopback_disabled" or "dns_address" (ICMP net unreachable, as libslirp)."""
         cfg = self.d.config
         dst = ipaddress.ip_address(ev.dst)
         if ev.family == 4:
             if dst == cfg.gateway:
-                return None if cfg.disable_host_loopback else ("127.0.0.1", ev.dport)
+                return "host_loopback_disabled" if cfg.disable_host_loopback else ("127.0.0.1", ev.dport)
             if dst == cfg.dns:
                 return self._dns_upstream(ev)
         else:
             if str(dst) == "fd00::2":
-                return None if cfg.disable_host_loopback else ("::1", ev.dport)
+                return "host_loopback_disabled" if cfg.disable_host_loopback else ("::1", ev.dport)
             if str(dst) == "fd00::3":
                 return self._dns_upstream(ev)
         return ev.dst, ev.dport
 
     def _dns_upstream(self, ev):
-        """DNS over TCP at .3:53 goes to the first upstream, at the upstream's own port."""
+        """DNS over TCP at .3:53 goes to the first upstream, at the upstream's own port. With
+        --disable-dns nothing answers at .3 (and nothing is dialled for it)."""
+        if self.d.config.disable_dns:
+            return "dns_disabled"
         dns = getattr(self.d, "dns", None)
-        if ev.dport != 53 or dns is None or self.d.config.disable_dns:
-            return None
+        if ev.dport != 53 or dns is None:
+            return "dns_address"
         ups = dns.upstreams()
         if not ups:
-            return None
+            return "dns_address"
         return (str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple) else (str(ups[0]), 53)
 
     def _on_request(self, ev):
         d, st = self.d, self.d.stack
         try:
             target = self._map(ev)
-        except Exception:
-            target = None
-        if target is None:
-            _refused.log("policy", "tcp %s:%d -> %s:%d refused: no host mapping (host loopback disabled "
-                         "or DNS address)", ev.src, ev.sport, ev.dst, ev.dport)
-            st.reject_tcp(ev.flow, "refused", d.now())
+        except Exception:  # our bug: refuse this flow (net unreachable), loudly in the counters
+            target = "map_error"
+        if isinstance(target, str):  # refused by policy: ICMP, or silence for --disable-dns
+            _refused.log(target, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport, ev.dst,
+                         ev.dport, target.replace("_", " "))
+            st.refuse_tcp(ev.flow, None if target == "dns_disabled" else "net", target, d.now())
             return
         host, port = target
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as e:  # EMFILE/ENFILE/ENOBUFS: refuse this flow, the others go on
-            st.reject_tcp(ev.flow, "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE) else "socket",
-                          d.now())
+            st.refuse_tcp(ev.flow, "net", "no_fd" if e.errno in (errno.EMFILE, errno.ENFILE)
+                          else "socket", d.now())
             return
         c = _Conn(ev.flow, sock, CONNECTING, (ev.src, ev.sport, ev.dst, ev.dport, host, port))
         try:
@@ -379,13 +397,22 @@ class TcpNat:
         if err not in (0, errno.EINPROGRESS):
             sock.close()
             self._log_refused(c, _reason(err))
-            st.reject_tcp(ev.flow, _reason(err), d.now())
+            self._answer_failure(ev.flow, err, True)
             return
         self._add(c)
         if err == 0 or self._done_already(c.fd):
             self._connected(c)
             return
         self._schedule(self._connecting, c, CONNECT_TIMEOUT)
+
+    def _answer_failure(self, flow, err, at_once):
+        """The guest's SYN gets libslirp's answer to the failed connect(): an RST or ICMP."""
+        st, now = self.d.stack, self.d.now()
+        unreach = _unreach(err, at_once)
+        if unreach is None:
+            st.reject_tcp(flow, _reason(err), now)
+        else:
+            st.refuse_tcp(flow, unreach, _reason(err), now)
 
     def _done_already(self, fd):
         """A connect to a local port has usually finished (or failed) by the time connect()
@@ -400,7 +427,7 @@ class TcpNat:
     def _connected(self, c):
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._refuse(c, _reason(err))
+            self._refuse(c, err)
             return
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
@@ -411,10 +438,11 @@ class TcpNat:
         c.writable = True  # the connect's EPOLLOUT edge is used up; the socket has room
         self.d.stack.accept_tcp(c.flow, self.d.now())
 
-    def _refuse(self, c, reason):
-        self._log_refused(c, reason)
+    def _refuse(self, c, err):
+        """The host connect failed later (SO_ERROR) or timed out (ETIMEDOUT)."""
+        self._log_refused(c, _reason(err))
         self._close(c)
-        self.d.stack.reject_tcp(c.flow, reason, self.d.now())
+        self._answer_failure(c.flow, err, False)
 
     @staticmethod
     def _log_refused(c, reason):

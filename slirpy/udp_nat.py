@@ -11,8 +11,11 @@ Table policy (``FlowTable``, pure and clock-free so tests drive ``now`` by hand)
   ``udp_flow_evicted``); new flows are never refused, so a guest can always make progress.
 
 Address mapping: the gateway (.2 / fd00::2) maps to 127.0.0.1 / ::1 unless
-``disable_host_loopback``, in which case the guest gets ICMP port unreachable.  UDP to the DNS
-address goes to the DnsForwarder on port 53 and gets port unreachable on any other port.
+``disable_host_loopback``. UDP to the DNS address (.3 / fd00::3) goes to the DnsForwarder on port
+53. Refusals are libslirp's: the gateway with ``disable_host_loopback``, the DNS address on another
+port, and a host socket that cannot be opened toward the destination get ICMP net unreachable
+(ICMPv6 no route; host / address unreachable for EHOSTUNREACH); with ``disable_dns`` nothing at
+all answers at the DNS address (and nothing is sent to that address from the host).
 """
 
 from __future__ import annotations
@@ -49,10 +52,16 @@ SO_EE_ORIGIN_ICMP6 = 3
 _EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
 
 # ICMP destination-unreachable codes handed to stack.send_udp_unreachable
+ICMP_NET_UNREACH = 0
 ICMP_HOST_UNREACH = 1
 ICMP_PORT_UNREACH = 3
+ICMP6_NO_ROUTE = 0
 ICMP6_ADDR_UNREACH = 3
 ICMP6_PORT_UNREACH = 4
+# an error from a host socket's send/recv without an ICMP report: the guest's code (IPv4, IPv6)
+_ERRNO_CODES = {errno.ECONNREFUSED: (ICMP_PORT_UNREACH, ICMP6_PORT_UNREACH),
+                errno.EHOSTUNREACH: (ICMP_HOST_UNREACH, ICMP6_ADDR_UNREACH),
+                errno.ENETUNREACH: (ICMP_NET_UNREACH, ICMP6_NO_ROUTE)}
 
 
 class FlowTable:
@@ -271,18 +280,22 @@ class UdpNat:
                 return
         cfg = d.config
         now = d.now()
+        net_unreach = ICMP_NET_UNREACH if ev.family == 4 else ICMP6_NO_ROUTE
         if ev.dst in (self.dns4, self.dns6):
             dns = getattr(d, "dns", None)
-            if ev.dport == 53 and not cfg.disable_dns and dns is not None:
+            if cfg.disable_dns:
+                self.stats.drop("udp_dns_disabled")  # no answer at all, as slirp4netns
+            elif ev.dport == 53 and dns is not None:
                 dns.handle_query(ev)
             else:
-                self._unreachable(ev, ICMP_PORT_UNREACH if ev.family == 4 else ICMP6_PORT_UNREACH)
+                self.stats.drop("udp_dns_address")
+                self._unreachable(ev, net_unreach)
             return
         host_dst = ev.dst
         if ev.dst == self.gateway4 or ev.dst == self.gateway6:
             if cfg.disable_host_loopback:
                 self.stats.drop("udp_host_loopback_disabled")
-                self._unreachable(ev, ICMP_PORT_UNREACH if ev.family == 4 else ICMP6_PORT_UNREACH)
+                self._unreachable(ev, net_unreach)
                 return
             host_dst = "127.0.0.1" if ev.family == 4 else "::1"
         if not self._allowed(ev.family, host_dst, ev.dport):
@@ -307,8 +320,10 @@ class UdpNat:
                         self.fds_logged = True
                         log.warning("udp: cannot open a host socket (%s); new flows are dropped "
                                     "until descriptors free up (counted udp_socket_no_fds)", e)
-                if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL):
+                elif e.errno == errno.EHOSTUNREACH:
                     self._unreachable(ev, ICMP_HOST_UNREACH if ev.family == 4 else ICMP6_ADDR_UNREACH)
+                else:  # ENETUNREACH, EADDRNOTAVAIL, EACCES...: libslirp's net unreachable
+                    self._unreachable(ev, net_unreach)
                 return
             flow = _Flow(key, sock, host_dst)
             timeout = DNS_IDLE_TIMEOUT if ev.dport == 53 else UDP_IDLE_TIMEOUT
@@ -372,11 +387,8 @@ class UdpNat:
     def _on_error(self, flow: _Flow, exc: OSError) -> None:
         fam, gsrc, gsport, gdst, gdport = flow.key
         errs = read_errqueue(flow.sock)
-        if not errs and exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-            errs = [(exc.errno, ICMP_PORT_UNREACH if exc.errno == errno.ECONNREFUSED else ICMP_HOST_UNREACH)]
-            if fam == 6:
-                errs = [(e, ICMP6_PORT_UNREACH if c == ICMP_PORT_UNREACH else ICMP6_ADDR_UNREACH)
-                        for e, c in errs]
+        if not errs and exc.errno in _ERRNO_CODES:
+            errs = [(exc.errno, _ERRNO_CODES[exc.errno][fam == 6])]
         d = self.daemon
         for _err, code in errs[:1]:
             self.stats.drop("udp_host_unreachable")

@@ -13,11 +13,15 @@ class NsHolder  (context manager)
     `nsenter -t PID -U -n --preserve-credentials` (returns CompletedProcess, text, timeout 20 s);
     `.ip_json(*args)` runs `ip -j ARGS` inside and returns the parsed JSON.
 class Slirpy  (context manager)
-    Slirpy(*flags, tap="tap0", path_form=False) -> with-block yields self with:
+    Slirpy(*flags, tap="tap0", path_form=False, argv0=None, operands_first=False,
+           extra_operands=()) -> with-block yields self with:
       .ns (NsHolder), .proc (Popen of slirpy), .run_in_ns(*cmd) (= .ns.run),
       .close_exit_fd() (ends slirpy through -e), .wait(timeout) -> returncode.
     Passes `-c -r FD -e FD` plus the given flags, waits (<= 30 s: a loaded machine) for b"1" on the ready fd
-    (asserts it), and on exit kills slirpy and the holder and asserts both are gone.
+    (asserts it), and on exit kills slirpy and the holder and asserts both are gone; then
+    .stdout/.stderr hold its output. argv0="/usr/bin/slirp4netns" runs the real slirp4netns
+    with the same command line instead (for comparisons); operands_first puts PID TAPNAME
+    before the options; extra_operands follow TAPNAME.
 run_slirpy(*args, timeout=20, **kw) -> CompletedProcess (text) of a one-shot slirpy invocation.
 exchange(conn, down) -> (n, sha256 hex)
     Sends `down` on a thread while reading conn to EOF, then shuts the write side down: the
@@ -288,8 +292,13 @@ class NsHolder:
 
 
 class Slirpy:
-    def __init__(self, *flags, tap="tap0", path_form=False, configure=True):
+    def __init__(self, *flags, tap="tap0", path_form=False, configure=True, argv0=None,
+                 operands_first=False, extra_operands=()):
+        """``argv0``: another binary with slirp4netns's command line (the real slirp4netns) in
+        slirpy's place; ``operands_first``: PID TAPNAME first, every option after them (getopt
+        permutes); ``extra_operands`` come after TAPNAME."""
         self.flags, self.tap, self.path_form, self.configure = flags, tap, path_form, configure
+        self.argv0, self.operands_first, self.extra_operands = argv0, operands_first, extra_operands
         self.proc = None
 
     def __enter__(self):
@@ -300,11 +309,14 @@ class Slirpy:
             args = ["-c"] if self.configure else []
             args += ["-r", str(ready_w), "-e", str(exit_r), *self.flags]
             if self.path_form:
-                args += ["--netns-type=path", f"--userns-path=/proc/{self.ns.pid}/ns/user",
-                         f"/proc/{self.ns.pid}/ns/net", self.tap]
+                args += ["--netns-type=path", f"--userns-path=/proc/{self.ns.pid}/ns/user"]
+                operands = [f"/proc/{self.ns.pid}/ns/net", self.tap]
             else:
-                args += [str(self.ns.pid), self.tap]
-            self.proc = subprocess.Popen(slirpy_cmd(*args), pass_fds=(ready_w, exit_r), env=_env(),
+                operands = [str(self.ns.pid), self.tap]
+            operands += self.extra_operands
+            args = operands + args if self.operands_first else args + operands
+            cmd = slirpy_cmd(*args) if self.argv0 is None else [self.argv0, *args]
+            self.proc = subprocess.Popen(cmd, pass_fds=(ready_w, exit_r), env=_env(),
                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             os.close(ready_w)
             os.close(exit_r)

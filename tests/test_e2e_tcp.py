@@ -270,14 +270,15 @@ print("DONE", recv_all(s))
 
 
 def test_disable_host_loopback_refuses():
+    """As slirp4netns: ICMP net unreachable, not an RST (tests/test_e2e_refusals.py compares)."""
     out, _ = run_guest("""
-        import socket
+        import errno, socket
         try:
             socket.create_connection(("10.0.2.2", 1), timeout=10); print("OPEN")
-        except ConnectionRefusedError:
-            print("REFUSED")
+        except OSError as e:
+            print("ERR", errno.errorcode.get(e.errno))
     """, "--disable-host-loopback")
-    assert "REFUSED" in out
+    assert "ERR ENETUNREACH" in out
 
 
 def test_200_concurrent_connections_each_checked(server):
@@ -351,7 +352,7 @@ print("SENT")
 def test_host_connect_that_never_finishes_is_refused_after_the_connect_timeout():
     """A host listener whose accept queue is full drops SYNs, so slirpy's connect() never
     finishes: after the connect timeout (1 s here, through the shim; 15 s in the product) the
-    guest's connection is refused with an RST."""
+    guest's connect() fails with EHOSTUNREACH (ICMP host unreachable, no RST)."""
     full = socket.socket()
     full.bind(("127.0.0.1", 0))
     full.listen(0)
@@ -367,17 +368,17 @@ def test_host_connect_that_never_finishes_is_refused_after_the_connect_timeout()
 t0 = time.monotonic()
 try:
     socket.create_connection(("10.0.2.2", {port}), timeout=20); print("OPEN")
-except ConnectionRefusedError:
-    print("REFUSED %.2f" % (time.monotonic() - t0))
 except socket.timeout:
     print("TIMEOUT")
+except OSError as e:  # the connect timeout comes as ICMP host unreachable
+    print(errno.errorcode.get(e.errno), "%.2f" % (time.monotonic() - t0))
 """, shim=True, env={"SHIM_EXEC": "import slirpy.nat; slirpy.nat.CONNECT_TIMEOUT = 1.0"})
     finally:
         for f in fillers:
             f.close()
         full.close()
-    line = [ln for ln in out.splitlines() if ln.startswith(("REFUSED", "OPEN", "TIMEOUT"))]
-    assert line and line[0].startswith("REFUSED"), out
+    line = [ln for ln in out.splitlines() if ln.startswith(("E", "OPEN", "TIMEOUT"))]
+    assert line and line[0].startswith("EHOSTUNREACH"), out
     assert 0.9 <= float(line[0].split()[1]) < 10, out  # it waited for the timeout, then gave up
 
 
@@ -401,19 +402,20 @@ print("DONE")
 
 
 def test_unreachable_destination_is_refused_fast():
-    """slirpy's parent in a netns with no route: connect() fails at once -> RST to the guest."""
+    """slirpy's parent in a netns with no route: connect() fails at once (ENETUNREACH) -> ICMP
+    net unreachable to the guest, as libslirp: its connect() fails at once with ENETUNREACH."""
     _need()
     guest = GUEST_LIB + """
 t0 = time.monotonic()
 try:
     socket.create_connection(("198.51.100.1", 80), timeout=10); print("OPEN")
-except ConnectionRefusedError:
-    print("REFUSED %.3f" % (time.monotonic() - t0))
+except OSError as e:
+    print(errno.errorcode.get(e.errno), "%.3f" % (time.monotonic() - t0))
 """
     r = subprocess.run(["unshare", "-n", sys.executable, "-m", "slirpy", "-c", "--", sys.executable,
                         "-c", guest], capture_output=True, text=True, timeout=60, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("REFUSED") and float(r.stdout.split()[1]) < 0.5, r.stdout
+    assert r.stdout.startswith("ENETUNREACH ") and float(r.stdout.split()[1]) < 0.5, r.stdout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,8 +536,9 @@ print("OK", ok)
 
 def test_fd_exhaustion_refuses_new_flows_keeps_old(server):
     """RLIMIT_NOFILE 200 in the daemon, 5000 flows attempted while one old flow stays open:
-    new flows beyond the limit are refused (RST), the old one still echoes, and once the guest
-    lets go everything works again."""
+    new flows beyond the limit are refused (ICMP net unreachable, as libslirp answers a failed
+    socket(): ENETUNREACH in the guest), the old one still echoes, and once the guest lets go
+    everything works again."""
     with ShimDaemon(env={"SHIM_NOFILE": "200"}) as d:
         out = d.guest(GUEST_LIB + f"""
 import resource
@@ -550,10 +553,11 @@ for i in range(5000):
         s = socket.create_connection(A, timeout=20)
         s.sendall(b"HOLD\\n")
         held.append(s)
-    except ConnectionRefusedError:
-        refused += 1
     except OSError as e:
-        other[e.errno] = other.get(e.errno, 0) + 1
+        if e.errno == errno.ENETUNREACH:
+            refused += 1
+        else:
+            other[e.errno] = other.get(e.errno, 0) + 1
 print("HELD", len(held), "REFUSED", refused, "OTHER", other, "%.1fs" % (time.monotonic() - t0))
 old.sendall(b"still here")
 print("OLD", old.recv(100))
@@ -562,7 +566,9 @@ for i in range(100):  # the daemon closes the host sockets as the flows wind dow
     try:
         r = both_ways(A, b"BOTH 100000 a\\n", b"y" * 1000)
         break
-    except ConnectionRefusedError:
+    except OSError as e:
+        if e.errno != errno.ENETUNREACH:
+            raise
         time.sleep(0.2)
 print("AFTER", r, "RETRIES", i)
 """, timeout=300)

@@ -122,3 +122,28 @@ def test_real_ping_socket_in_private_netns():
     payload = bytes(range(56))
     assert lines == [repr((4, "127.0.0.1", "10.0.2.100", 0x1111, 9, b"two"))] + [
         repr((4, "127.0.0.1", "10.0.2.100", 0xABCD, seq, payload)) for seq in range(3)]
+
+
+@pytest.mark.parametrize("err, family, want", [
+    (101, 4, (3, 0)), (113, 4, (3, 1)),  # ENETUNREACH: net unreachable; EHOSTUNREACH: host
+    (101, 6, (1, 0)), (113, 6, (1, 3)),  # ICMPv6: no route; address unreachable
+])
+async def test_send_failing_at_once_gives_the_matching_unreachable(monkeypatch, err, family, want):
+    import slirpy.icmp_nat as m
+
+    def fail(self, fam, dst):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(m.IcmpNat, "_open", fail)
+    errors = []
+    async with trio.open_nursery() as n:
+        d = FakeDaemon(n)
+        d.stack.send_icmp_echo_error = lambda *a: errors.append(a)
+        nat = IcmpNat(d)
+        dst, src = ("192.0.2.1", G) if family == 4 else ("2001:db8::1", "fd00::100")
+        nat.handle(IcmpEchoRequest(family, src, dst, 0x42, 7, b"x"))
+        (e,) = errors
+        assert (e[0], e[1], e[2], e[3]) == (family, "10.0.2.2" if family == 4 else "fd00::2",
+                                            src, dst)
+        assert (e[7], e[8]) == want
+        n.cancel_scope.cancel()

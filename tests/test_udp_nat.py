@@ -13,7 +13,8 @@ from slirpy.config import Config
 from slirpy.stack.events import UdpDatagram
 from slirpy.stack.stats import Stats
 from slirpy.udp_nat import (
-    ICMP_HOST_UNREACH, ICMP_PORT_UNREACH, SO_EE_ORIGIN_ICMP, FlowTable, UdpNat, parse_errqueue,
+    ICMP6_NO_ROUTE, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ICMP_PORT_UNREACH, SO_EE_ORIGIN_ICMP,
+    FlowTable, UdpNat, parse_errqueue,
 )
 from test_udp_fakes import FakeDaemon, wait_for
 
@@ -126,16 +127,28 @@ async def test_closed_port_gives_port_unreachable_quoting_datagram():
 
 
 async def test_disable_host_loopback_and_dns_ports():
+    """libslirp's answers: the gateway with --disable-host-loopback and the DNS address on a port
+    other than 53 get ICMP net unreachable; with --disable-dns nothing answers at the DNS
+    address at all, and no host socket is opened for it."""
     async with trio.open_nursery() as n:
-        d = FakeDaemon(n, Config(disable_host_loopback=True, disable_dns=True))
+        d = FakeDaemon(n, Config(disable_host_loopback=True))
         nat = UdpNat(d)
         nat.handle(UdpDatagram(4, G, 1, "10.0.2.2", 9, b"x"))
-        nat.handle(UdpDatagram(4, G, 2, "10.0.2.3", 53, b"y" * 20))  # DNS disabled
         nat.handle(UdpDatagram(4, G, 3, "10.0.2.3", 54, b"z"))
-        codes = [(u[2], u[6]) for u in d.stack.unreach]
-        assert codes == [(1, ICMP_PORT_UNREACH), (2, ICMP_PORT_UNREACH), (3, ICMP_PORT_UNREACH)]
+        nat.handle(UdpDatagram(6, "fd00::100", 4, "fd00::2", 9, b"v6"))
+        codes = [(u[0], u[2], u[6]) for u in d.stack.unreach]
+        assert codes == [(4, 1, ICMP_NET_UNREACH), (4, 3, ICMP_NET_UNREACH), (6, 4, ICMP6_NO_ROUTE)]
         assert len(nat.table) == 0
-        assert d.stack.stats.dropped["udp_host_loopback_disabled"] == 1
+        assert d.stack.stats.dropped["udp_host_loopback_disabled"] == 2
+        assert d.stack.stats.dropped["udp_dns_address"] == 1
+
+        d = FakeDaemon(n, Config(disable_dns=True))
+        nat = UdpNat(d)
+        nat.handle(UdpDatagram(4, G, 2, "10.0.2.3", 53, b"y" * 20))
+        nat.handle(UdpDatagram(4, G, 5, "10.0.2.3", 54, b"w"))
+        nat.handle(UdpDatagram(6, "fd00::100", 6, "fd00::3", 53, b"q"))
+        assert d.stack.unreach == [] and len(nat.table) == 0 and d.stack.udp == []
+        assert d.stack.stats.dropped["udp_dns_disabled"] == 3
         n.cancel_scope.cancel()
 
 

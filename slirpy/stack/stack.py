@@ -551,7 +551,8 @@ class Stack:
             self._send_ip6(s, d, 58, wire.icmp6_message(s, d, 129, 0, rest, payload))
 
     def send_udp_unreachable(self, family, src, sport, dst, dport, payload, code, now):
-        """ICMP(v6) destination unreachable to the guest ``src`` about its datagram to dst:dport.
+        """ICMP(v6) destination unreachable to the guest ``src`` about its datagram to dst:dport,
+        from the gateway 10.0.2.2 (IPv6: fe80::2, as libslirp sends its ICMPv6 errors).
 
         The quoted datagram is rebuilt guest->remote and truncated (576/1280 byte limits)."""
         self._last_now = now
@@ -562,7 +563,32 @@ class Stack:
             self._send_ip4(self.gw4, s, wire.PROTO_ICMP, wire.build_icmp4_error(3, code, orig))
         else:
             orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
-            self._send_ip6(self.gw6, s, 58, wire.build_icmp6_error(self.gw6, s, 1, code, orig))
+            self._send_ip6(self.ll6, s, 58, wire.build_icmp6_error(self.ll6, s, 1, code, orig))
+
+    # ICMP(v6) destination-unreachable codes by kind: (IPv4, IPv6)
+    UNREACH_CODES = {"net": (0, 0), "host": (1, 3)}  # net/no route; host/address unreachable
+
+    def refuse_tcp(self, flow, unreach, reason, now):
+        """Refuse the guest's pending SYN as libslirp does when its connect() fails other than
+        with ECONNREFUSED: ICMP destination unreachable (``unreach`` "net": net unreachable /
+        ICMPv6 no route; "host": host / address unreachable) quoting the SYN, from the gateway
+        10.0.2.2 (IPv6: fe80::2, libslirp's source for ICMPv6 errors); the guest's connect()
+        fails at once (ENETUNREACH / EHOSTUNREACH). ``unreach`` None: no answer at all (the
+        guest times out). No RST either way. Counted as ``tcp_connect_<reason>``."""
+        self._last_now = now
+        syn = self.tcp.forget_syn(flow, reason, now)
+        if syn is None or unreach is None:
+            return
+        family, guest, gport, remote, rport, isn = syn
+        code = self.UNREACH_CODES[unreach][family == 6]
+        seg = wire.tcp_segment(family, guest, remote, gport, rport, isn, 0, 0x02, 0, b"", b"")
+        if family == 4:
+            orig = wire.build_ipv4(b"\0" * 6, b"\0" * 6, guest, remote, wire.PROTO_TCP, seg)[14:]
+            self._send_ip4(self.gw4, guest, wire.PROTO_ICMP, wire.build_icmp4_error(3, code, orig))
+        else:
+            orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, guest, remote, wire.PROTO_TCP, seg)[14:]
+            self._send_ip6(self.ll6, guest, 58, wire.build_icmp6_error(self.ll6, guest, 1, code,
+                                                                         orig))
 
     def send_icmp_echo_error(self, family, err_src: str, guest: str, dst: str, ident, seq,
                              payload, typ, code, now):

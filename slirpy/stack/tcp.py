@@ -19,6 +19,7 @@ The contract between stack.py and the engine, fixed here so both can be built si
 
   Glue calls (Stack delegates them to the engine):
     accept_tcp(flow, now); reject_tcp(flow, reason, now)   reason in {"refused","unreachable","timeout"}
+    forget_syn(flow, reason, now): a refused SYN without an RST (Stack.refuse_tcp sends ICMP)
     send_tcp(flow, data, now) -> int (bytes taken); recv_tcp(flow, n, now) -> bytes
     shutdown_tcp(flow, now) (host EOF -> FIN); reset_tcp(flow, now) (host RST -> RST)
     connect_tcp(family, src: str, sport, dst: str, dport, now) -> flow  (port forwarding: SYN to guest)
@@ -910,6 +911,21 @@ class TcpEngine:
         else:
             self._send(f, f.snd_nxt, RST | ACK)
         self._remove(f, (TcpClosed(f.id),))
+
+    def forget_syn(self, flow, reason, now):
+        """The glue refuses a guest's SYN with no TCP answer (the stack answers with ICMP, or not
+        at all): the pending flow goes without an RST. -> (family, guest, gport, remote, rport,
+        isn) of the SYN, or None when the flow is gone or past its SYN (then reset as reject_tcp)."""
+        f = self._flows.get(flow)
+        if f is None:
+            return None
+        if f.state != "SYN_PENDING":
+            self.reject_tcp(flow, reason, now)
+            return None
+        self.stats.drop("tcp_connect_" + str(reason))
+        syn = (f.family, f.gaddr, f.gport, f.raddr, f.rport, seq.add(f.rcv_nxt, -1))
+        self._remove(f, (TcpClosed(f.id),))
+        return syn
 
     def send_tcp(self, flow, data, now):
         f = self._flows.get(flow)
