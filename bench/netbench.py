@@ -6,11 +6,16 @@ Each round, for each implementation: a fresh `unshare -Urn` namespace, the daemo
 reached from the guest through the gateway 10.0.2.2. Prints one table of medians with the ratio
 slirpy/slirp4netns and appends it to bench/results/.
 
-  bench/run [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss,parse] [--flows 10000]
+  bench/run [--rounds 3] [--seconds 5] [--only tput,rr,crr,ready,rss,parse,start,podman]
+            [--flows 10000] [--start-runs 10]
 
 Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest), RR/CRR a
 1-byte echo from the guest, "start to ready" from exec to the ready-fd byte, RSS from /proc.
 slirpy runs as `python3 -m slirpy` from this tree (PYTHONPATH), never the console script.
+
+"start" and "podman": the start-up figures of startbench.py (--help, --version, ready, tap
+appears/configured, first connection served, RSS idle, exit after SIGTERM / exit-fd EOF; `podman
+run --rm IMAGE true` as an ordinary user), --start-runs alternating runs each, medians.
 
 Traffic goes only to loopback and to the namespaces made here.
 """
@@ -222,7 +227,7 @@ def run(args) -> dict:
 
     def rec(impl, name, value):
         results.setdefault((name, impl), []).append(value)
-        print(f"  {impl:12s} {name:28s} {value:10.3f}", flush=True)
+        print(f"  {impl:12s} {name:36s} {value:10.3f}", flush=True)
 
     echo = EchoServer()
     import resource
@@ -257,6 +262,12 @@ def run(args) -> dict:
                 except Exception as e:  # a failing implementation is reported, not fatal
                     print(f"  {impl} MTU {mtu}: FAILED: {e}", flush=True)
     echo.close()
+    if {"start", "podman"} & only:
+        sys.path.insert(0, str(HERE))
+        from startbench import run_start
+        print(f"start-up: {args.start_runs} alternating runs", flush=True)
+        run_start({k: f() for k, f in IMPLS.items()}, args.start_runs, rec,
+                  podman="podman" in only, attach="start" in only)
     return results
 
 
@@ -294,10 +305,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--flows", type=int, default=10000)
-    ap.add_argument("--only", default="tput,rr,crr,ready,rss,parse")
+    ap.add_argument("--only", default="tput,rr,crr,ready,rss,parse,start,podman")
+    ap.add_argument("--start-runs", type=int, default=10)
     args = ap.parse_args()
     if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
         ap.error("--rounds 1..20, --seconds (0, 60]")
+    if not 1 <= args.start_runs <= 100:
+        ap.error("--start-runs 1..100")
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     res = run(args)
     parse_out = ""
@@ -308,7 +322,8 @@ def main():
                      + (p.stdout or p.stderr[-1000:]) + "```\n")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     out = (f"# slirpy vs slirp4netns, {stamp}\n\nmachine: {machine()}\n"
-           f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, medians\n\n"
+           f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, "
+           f"start-up runs: {args.start_runs}, medians\n\n"
            f"{table(res)}\n{parse_out}")
     print()
     print(out)
