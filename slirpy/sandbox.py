@@ -25,7 +25,6 @@ All through ctypes on libc: no shelling out, nothing installed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import importlib
 import logging
@@ -34,7 +33,7 @@ import pkgutil
 import platform
 import sys
 
-from .portfwd import StartupError
+from .listeners import StartupError  # not portfwd's re-export: launch's probe imports no trio
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 TMPFS_OPTS = b"size=64k,nr_inodes=256,mode=0755"
 RESOLV_CONF = "/etc/resolv.conf"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded; find_library("c") costs ~25 ms
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
