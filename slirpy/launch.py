@@ -222,6 +222,7 @@ def run(started) -> int:
         os.close(go_fd)
     if exit_fd_closed(config.exit_fd):
         early.exit()
+    _test_pause()
     from . import daemon  # trio, the stack, the components: the long import, after ready
     if exit_fd_closed(config.exit_fd):
         early.exit()
@@ -234,6 +235,18 @@ def run(started) -> int:
         sys.stderr.write(f"slirpy: error: {msg}\n")
         code = 1
     fast_exit(code)
+
+
+def _test_pause() -> None:
+    """SLIRPY_TEST_PAUSE_AFTER_READY=SECONDS (at most 10): wait that long between ready and the
+    loop, so that a test can show that what comes in that window is served (tests only)."""
+    v = os.environ.get("SLIRPY_TEST_PAUSE_AFTER_READY")
+    if v:
+        import time
+        try:
+            time.sleep(min(max(float(v), 0.0), 10.0))
+        except ValueError:
+            pass
 
 
 def startup_error(e: BaseException) -> str | None:
