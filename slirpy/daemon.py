@@ -23,7 +23,10 @@ import select
 import signal
 import sys
 
-import trio
+from ._lazy import defer
+
+defer("ssl", "hmac")  # trio imports them for TLS/DTLS, which slirpy never uses: ~5 MB of RSS
+import trio  # noqa: E402
 
 from .stack.events import TcpConnectRequest
 from .tap import Tap, TapGone
