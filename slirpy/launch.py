@@ -29,6 +29,8 @@ EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def start(config):
     """-> (config, PendingTap, child_pid, go_fd) or an exit status after a one-line error."""
+    from . import _early
+    early = _early.take(config)  # forked by __main__ for exactly this config, or None
     for name in ("exit_fd", "ready_fd"):
         fd = getattr(config, name)
         if fd is not None:
@@ -37,7 +39,11 @@ def start(config):
             except OSError:
                 sys.stderr.write(f"slirpy: error: --{name.replace('_', '-')} {fd}: "
                                  "bad file descriptor\n")
+                if early is not None:
+                    early.abandon()
                 return 1
+    if early is not None:
+        return config, early, None, None
     child_pid = go_fd = None
     try:
         if config.command is not None:

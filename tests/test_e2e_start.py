@@ -210,3 +210,43 @@ def test_help_and_version_fast_path(flag):
     with contextlib.redirect_stdout(buf):
         assert cli.main([flag]) == 0
     assert p.stdout == buf.getvalue() and p.stdout
+
+
+EARLY_ARGV = [
+    "-c 123 tap0", "123", "-c -m 65520 123 tap1",
+    "--disable-host-loopback --mtu=65520 --enable-sandbox --enable-seccomp --enable-ipv6 -c "
+    "-e 0 -r 1 --netns-type=path /run/user/1000/netns/x tap0",
+    "-c --cidr=10.0.3.0/24 --macaddress=02:AA:00:00:00:01 5",
+    "--netns-type=path --userns-path=/proc/9/ns/user /proc/9/ns/net",
+    "-p 8080:80 -p 127.0.0.1:1:2/udp -m 1400 -a /tmp/api.sock 7",
+    "-c 5 --api-socket /tmp/x tap1", "-- sh -c true", "-c6 5", "--cidr=10.0.2.100/24 5",
+    "--cidr=10.0.2.0/26 5", "-c --bogus 5", "5 tap0 extra", "-e 99 5", "--mtu=67 5",
+    "--mtu 1280 -6 5", "--mtu 1200 -6 5", "--macaddress=01:00:00:00:00:01 -c 5",
+    "--netns-type=pid /run/x", "-c 0", "-c 5 tap/0", "-c 5 " + "t" * 16, "--target-type=bess 5",
+    "-c --cidr 10.0.2.0/24 --cidr 10.0.3.0/24 5", "--log-level=bogus 5", "--help 5",
+]
+
+
+@pytest.mark.parametrize("line", EARLY_ARGV)
+def test_early_helper_reads_only_what_cli_agrees_with(line):
+    """__main__ forks the helper before cli.py's imports only for command lines it reads the
+    same way as cli.parse_args (the key launch.start compares); otherwise it leaves them alone."""
+    import shlex
+    sys.path.insert(0, REPO)
+    from slirpy import _early, cli
+    argv = shlex.split(line)
+    early = _early.parse(argv)
+    if early is None:
+        return
+    cfg = cli.parse_args(argv)  # must not raise: the early helper would have made a tap
+    assert _early.config_key(cfg) == early.key()
+
+
+def test_early_helper_leaves_no_tap_on_a_refused_command_line():
+    """A command line the full parser refuses after the early helper was forked would leave a
+    tap for a moment; these are read as 'not sure' instead (no early helper at all)."""
+    sys.path.insert(0, REPO)
+    from slirpy import _early
+    for line in (["--log-level=bogus", "5"], ["-p", "x", "5"], ["--pcap-max-bytes=1", "5"],
+                 ["--outbound-addr=eth9", "5"], ["--dns-upstream=1.2.3.4", "5"]):
+        assert _early.parse(line) is None, line
