@@ -208,10 +208,10 @@ def rss_with_flows(daemon_pid: int, ns_pid: int, port: int, flows: int) -> float
 REPO = HERE.parent
 
 
-def _slirpy_env() -> dict:
+def _slirpy_env(tree=REPO) -> dict:
     # this tree's code, not the `slirpy` console script (which may point at another checkout)
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -219,6 +219,11 @@ IMPLS = {
     "slirp4netns": lambda: ([shutil.which("slirp4netns") or "slirp4netns"], None),
     "slirpy": lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env()),
 }
+# BENCH_BASE_TREE=/path/to/another/checkout: a third column, "slirpy-base", that tree's slirpy
+# measured in the same alternating rounds (a before/after under the same machine load)
+BASE_TREE = os.environ.get("BENCH_BASE_TREE")
+if BASE_TREE:
+    IMPLS["slirpy-base"] = lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env(BASE_TREE))
 
 
 def run(args) -> dict:
@@ -276,7 +281,10 @@ def table(results) -> str:
     for name, _ in results:
         if name not in names:
             names.append(name)
-    lines = [f"| figure | slirpy | slirp4netns | slirpy/slirp4netns |", "|---|---:|---:|---:|"]
+    base = any(impl == "slirpy-base" for _, impl in results)
+    lines = [f"| figure | slirpy | slirp4netns | slirpy/slirp4netns |"
+             + (" slirpy-base (BENCH_BASE_TREE) |" if base else ""),
+             "|---|---:|---:|---:|" + ("---:|" if base else "")]
     for name in names:
         a = results.get((name, "slirpy"))
         b = results.get((name, "slirp4netns"))
@@ -285,7 +293,11 @@ def table(results) -> str:
         ratio = f"{ma / mb:.2f}x" if ma is not None and mb else "-"
         fa = f"{ma:.3f}" if ma is not None else "failed"
         fb = f"{mb:.3f}" if mb is not None else "failed"
-        lines.append(f"| {name} | {fa} | {fb} | {ratio} |")
+        line = f"| {name} | {fa} | {fb} | {ratio} |"
+        if base:
+            c = results.get((name, "slirpy-base"))
+            line += f" {statistics.median(c):.3f} |" if c else " failed |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -128,7 +128,7 @@ def _wait_exit(proc, timeout: float) -> None:
 
 def _oneshot(cmd, env) -> float:
     t0 = time.monotonic()
-    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/")
     dt = time.monotonic() - t0
     if r.returncode:
         raise RuntimeError(f"{cmd} exited {r.returncode}")
@@ -162,7 +162,8 @@ def attach_once(cmd, env, echo_port: int, how: str) -> dict:
         proc = subprocess.Popen(
             cmd + ["-c", f"--mtu={MTU}", f"--macaddress={MAC}", "-r", str(ready_w), "-e", str(exit_r),
                    str(holder.pid), "tap0"],
-            pass_fds=(ready_w, exit_r), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+            pass_fds=(ready_w, exit_r), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            cwd="/")  # not a checkout: `python -m` puts the cwd first on sys.path
         os.close(ready_w)
         os.close(exit_r)
         ready_w = exit_r = -1
@@ -232,6 +233,17 @@ class PodmanRig:
             raise RuntimeError(f"podman run: {r.stdout}{r.stderr}"[-800:])
         return dt * 1000
 
+    def wrapper(self, name: str, impl) -> str:
+        """A wrapper like Rootless.wrapper for (argv prefix, env) with its own PYTHONPATH."""
+        cmd, env = impl
+        path = os.path.join(self.rootless.work, f"{name}-wrapper")
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f"PYTHONPATH={env['PYTHONPATH'].split(os.pathsep)[0]} exec "
+                    f"{' '.join(cmd)} \"$@\"\n")
+        os.chmod(path, 0o755)
+        return path
+
     def close(self):
         self.podman.teardown()
         self.rootless.teardown()
@@ -266,7 +278,10 @@ def run_start(impls: dict, runs: int, rec, podman: bool = True, attach: bool = T
         print(f"  podman: FAILED to set up: {e}", flush=True)
         return
     try:
-        cmds = {"slirpy": rig.rootless.wrapper, "slirp4netns": shutil.which("slirp4netns")}
+        cmds = {"slirp4netns": shutil.which("slirp4netns")}
+        for impl in names:
+            if impl not in cmds:  # another tree's slirpy (BENCH_BASE_TREE): a wrapper of its own
+                cmds[impl] = rig.wrapper(impl, impls[impl])
         for impl in names:  # one warm-up each: image and storage in the page cache
             rig.run(cmds[impl])
         for i in range(runs):
