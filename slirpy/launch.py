@@ -110,8 +110,9 @@ class _EarlyExit:
         self.exit()
 
     def exit(self):
-        self.pre.close()
-        self.pre.unlink_api()
+        if self.pre is not None:
+            self.pre.close()
+            self.pre.unlink_api()
         code = 0
         if self.child_pid is not None:
             from .netns import exit_status
@@ -195,8 +196,9 @@ def run(started) -> int:
     config, pending, child_pid, go_fd = started
     from .listeners import Prebound, StartupError
     probe = LockdownProbe(config) if config.enable_sandbox or config.enable_seccomp else None
+    early = _EarlyExit(None, child_pid)  # from here a stop request exits at once
     try:
-        pre = Prebound.open(config)
+        pre = early.pre = Prebound.open(config)
     except StartupError as e:
         pending.abandon()
         if probe is not None:
@@ -220,7 +222,6 @@ def run(started) -> int:
             target_pidfd = os.pidfd_open(int(config.target))
         except OSError:
             pass  # gone already: the tap fd pins the namespace; nothing to watch
-    early = _EarlyExit(pre, child_pid)
     if config.ready_fd is not None:
         write_ready(config.ready_fd)
     if go_fd is not None:
