@@ -9,7 +9,9 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
                                              it with daemon.hot_ep.modify); one flush per round
-    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before ready-fd.
+    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before the pump
+                                             (launch.run wrote the ready byte before the loop;
+                                             what it opened is in daemon.prebound)
 Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 """
 
