@@ -32,3 +32,34 @@ def defer(*names: str) -> None:
 
 def is_deferred(name: str) -> bool:
     return isinstance(sys.modules.get(name), _Deferred)
+
+
+class known_libraries:
+    """`with known_libraries(): import trio`: trio's thread cache asks ctypes.util.find_library
+    ("pthread") at import, which runs `ldconfig -p` (a fork and exec of the whole process, a
+    few ms, tens under load). While the block runs, a library that dlopen() finds under its
+    usual soname is answered with that name; anything else goes to find_library as before."""
+
+    SONAMES = {"pthread": "libpthread.so.0", "c": "libc.so.6"}
+
+    def __enter__(self):
+        import ctypes
+        import ctypes.util
+        self.mod, self.orig = ctypes.util, ctypes.util.find_library
+        orig, sonames = self.orig, self.SONAMES
+
+        def find_library(name):
+            soname = sonames.get(name)
+            if soname is not None:
+                try:
+                    ctypes.CDLL(soname)
+                    return soname
+                except OSError:
+                    pass
+            return orig(name)
+
+        ctypes.util.find_library = find_library
+        return self
+
+    def __exit__(self, *exc):
+        self.mod.find_library = self.orig

@@ -25,10 +25,11 @@ import select
 import signal
 import sys
 
-from ._lazy import defer
+from ._lazy import defer, known_libraries
 
 defer("ssl", "hmac")  # trio imports them for TLS/DTLS, which slirpy never uses: ~5 MB of RSS
-import trio  # noqa: E402
+with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
+    import trio
 
 from .stack.events import TcpConnectRequest
 from .tap import Tap, TapGone
