@@ -116,6 +116,7 @@ class Daemon:
         self.exit_code = 0
         self.prebound = None  # listeners.Prebound: host sockets opened before ready (launch.run)
         self.target_pidfd: int | None = None  # PID form: the target's pidfd, opened before ready
+        self.exit_fd_handoff = None  # launch: ends its SIGIO watch of the exit fd
 
     # -------------------------------------------------------------------------- contract
     def now(self) -> float:  # main() replaces it with the running clock's bound method
@@ -295,6 +296,9 @@ class Daemon:
                 await trio.lowlevel.wait_writable(self.tap_fd)
 
     async def _watch_exit_fd(self, fd: int, cancel: trio.CancelScope):
+        handoff, self.exit_fd_handoff = self.exit_fd_handoff, None
+        if handoff is not None:
+            handoff()  # launch's SIGIO watch stops: from here on this task sees the EOF
         os.set_blocking(fd, False)
         while True:
             try:
@@ -425,7 +429,7 @@ def _write_ready(fd: int) -> None:
 
 
 def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
-             target_pidfd: int | None = None) -> int:
+             target_pidfd: int | None = None, exit_fd_handoff=None) -> int:
     """The loop, once launch.run() has the tap fd, has opened the host sockets (``prebound``,
     listeners.Prebound) and has written the ready byte. -> exit status."""
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
@@ -433,6 +437,7 @@ def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
     d = Daemon(config, tap_fd, offload=offload)
     d.prebound = prebound
     d.target_pidfd = target_pidfd
+    d.exit_fd_handoff = exit_fd_handoff
     code = trio.run(d.main, child_pid, None, True)
     prebound.close()  # whatever no component took
     if d.exit_message:

@@ -9,8 +9,9 @@ command's go byte), and only then import trio, the stack and the components and 
 in the sockets' queues, the guest's frames in the tap's queue (1000 frames); the loop (and, with
 --enable-sandbox/--enable-seccomp, the lockdown before it) reads none of it until it runs.
 
-A SIGTERM/SIGINT/SIGHUP or an exit-fd EOF before the loop runs ends the daemon at once (the API
-socket file removed, the `--` command stopped); once the loop ends, the process leaves through
+A SIGTERM/SIGINT/SIGHUP or an exit-fd EOF (SIGIO through O_ASYNC) before the loop's own watchers
+run ends the daemon at once, even mid-import (the API socket file removed, the `--` command
+stopped); once the loop ends, the process leaves through
 os._exit() after flushing, without the interpreter's teardown of every module (tens of ms).
 """
 
@@ -108,6 +109,36 @@ class _EarlyExit:
 
     def _on_signal(self, signum, frame):
         self.exit()
+
+    def watch_exit_fd(self, fd: int | None):
+        """Until the loop's own watcher runs (Daemon._watch_exit_fd calls the returned function):
+        the exit fd raises SIGIO when it becomes readable (O_ASYNC), and at EOF the process ends
+        there and then, even in the middle of the imports or the lockdown. Podman waits for the
+        daemon's exit after a short container, which may close the fd before the loop runs."""
+        if fd is None:
+            return None
+        import fcntl
+
+        def on_sigio(signum, frame):
+            if exit_fd_closed(fd):
+                self.exit()
+
+        try:
+            signal.signal(signal.SIGIO, on_sigio)
+            fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+        except OSError:  # an fd that cannot signal: the loop's watcher will see the EOF
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+            return None
+
+        def handoff():
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_ASYNC)
+            except OSError:
+                pass
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
+
+        return handoff
 
     def exit(self):
         if self.pre is not None:
@@ -222,6 +253,7 @@ def run(started) -> int:
             target_pidfd = os.pidfd_open(int(config.target))
         except OSError:
             pass  # gone already: the tap fd pins the namespace; nothing to watch
+    handoff = early.watch_exit_fd(config.exit_fd)
     if config.ready_fd is not None:
         write_ready(config.ready_fd)
     if go_fd is not None:
@@ -234,7 +266,7 @@ def run(started) -> int:
     if exit_fd_closed(config.exit_fd):
         early.exit()
     try:
-        code = daemon.run_loop(config, tap_fd, offload, pre, child_pid, target_pidfd)
+        code = daemon.run_loop(config, tap_fd, offload, pre, child_pid, target_pidfd, handoff)
     except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)
         msg = startup_error(e)
         if msg is None:

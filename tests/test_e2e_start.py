@@ -252,29 +252,41 @@ def test_early_helper_leaves_no_tap_on_a_refused_command_line():
         assert _early.parse(line) is None, line
 
 
-def test_sigterm_between_ready_and_loop_exits_at_once(tmp_path):
-    """Ready is written before the loop; a SIGTERM in that window ends the daemon there and
-    then (status 0, API socket removed), not after the loop has started. The daemon is held
-    10 s in the window (SLIRPY_TEST_PAUSE_AFTER_READY): the wait's bound is below that."""
+@pytest.mark.parametrize("how", ["SIGTERM", "exit-fd EOF"])
+def test_stop_between_ready_and_loop_exits_at_once(tmp_path, how):
+    """Ready is written before the loop; a SIGTERM or an exit-fd EOF in that window ends the
+    daemon there and then (status 0, API socket removed), not once the loop runs (Podman waits
+    for the daemon after a container as short as `true`). The daemon is held 10 s in the window
+    (SLIRPY_TEST_PAUSE_AFTER_READY): the wait's bound is below that."""
     require_netns()
     import signal
     api_path = str(tmp_path / "api.sock")
     with NsHolder() as ns:
         ready_r, ready_w = os.pipe()
-        proc = subprocess.Popen(slirpy_cmd("-c", "-r", str(ready_w), "-a", api_path, str(ns.pid)),
-                                pass_fds=(ready_w,), env=dict(_env(), SLIRPY_TEST_PAUSE_AFTER_READY="10"),
+        exit_r, exit_w = os.pipe()
+        proc = subprocess.Popen(slirpy_cmd("-c", "-r", str(ready_w), "-e", str(exit_r), "-a",
+                                           api_path, str(ns.pid)),
+                                pass_fds=(ready_w, exit_r),
+                                env=dict(_env(), SLIRPY_TEST_PAUSE_AFTER_READY="10"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         os.close(ready_w)
+        os.close(exit_r)
         try:
             r, _, _ = select.select([ready_r], [], [], 30)
             assert r and os.read(ready_r, 1) == b"1"
             assert os.path.exists(api_path)
-            proc.send_signal(signal.SIGTERM)
+            if how == "SIGTERM":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.close(exit_w)
+                exit_w = -1
             assert proc.wait(timeout=8) == 0
             assert proc.stderr.read() == ""
             assert not os.path.exists(api_path)
         finally:
             os.close(ready_r)
+            if exit_w >= 0:
+                os.close(exit_w)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
