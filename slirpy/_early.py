@@ -13,7 +13,6 @@ abandoned (its tap goes with it) and the ordinary helper forked.
 from __future__ import annotations
 
 import os
-import sys
 
 from ._usage import HELP
 
@@ -60,17 +59,29 @@ class EarlyConfig:
     """What helper.py reads of a Config."""
 
     def __init__(self, target, tap_name, netns_type, userns_path, configure, mtu, macaddress,
-                 net: int, prefixlen: int, enable_ipv6):
+                 net: int, prefixlen: int, enable_ipv6, enable_sandbox=False,
+                 enable_seccomp=False, api_socket=None, disable_dns=False):
         self.target, self.tap_name, self.netns_type = target, tap_name, netns_type
         self.userns_path, self.configure, self.mtu = userns_path, configure, mtu
         self.macaddress, self.enable_ipv6, self.prefixlen = macaddress, enable_ipv6, prefixlen
         self.net = net
         self.gateway, self.guest = _Addr(net + 2), _Addr(net + 100)
+        # what _probe.LockdownProbe (sandbox.plan) reads; --dns-upstream never gets here
+        self.enable_sandbox, self.enable_seccomp = enable_sandbox, enable_seccomp
+        self.api_socket, self.disable_dns, self.dns_upstreams = api_socket, disable_dns, ()
+
+    def probe_key(self) -> tuple:
+        return (self.enable_sandbox, self.enable_seccomp, self.api_socket, self.disable_dns, ())
 
     def key(self) -> tuple:
         return (self.target, self.tap_name, self.netns_type, self.userns_path, self.configure,
                 self.mtu, self.macaddress, f"{_Addr(self.net)}/{self.prefixlen}",
                 self.enable_ipv6)
+
+
+def probe_key(config) -> tuple:
+    return (config.enable_sandbox, config.enable_seccomp, config.api_socket, config.disable_dns,
+            tuple(config.dns_upstreams))
 
 
 def config_key(config) -> tuple:
@@ -197,11 +208,13 @@ def parse(argv: list[str]) -> EarlyConfig | None:
         if mac is None:
             return None
     return EarlyConfig(target, tap, netns_type, seen.get("userns-path"), "configure" in seen,
-                       mtu, mac, net, plen, ipv6)
+                       mtu, mac, net, plen, ipv6, "enable-sandbox" in seen,
+                       "enable-seccomp" in seen, seen.get("api-socket"), "disable-dns" in seen)
 
 
 def early_helper(argv: list[str]):
-    """-> (PendingTap, key) or None. Never raises: any doubt is None."""
+    """-> (PendingTap, key, probe or None, probe key) or None. Never raises: any doubt is
+    None. With --enable-sandbox/--enable-seccomp the lockdown probe (_probe.py) is forked too."""
     if os.environ.get("SLIRPY_NO_EARLY_HELPER"):
         return None
     try:
@@ -212,15 +225,23 @@ def early_helper(argv: list[str]):
         return None
     from .helper import start_helper
     try:
-        return start_helper(cfg), cfg.key()
+        pending = start_helper(cfg)
     except Exception:  # noqa: BLE001 - the fork failed: the ordinary start will say why
         return None
+    probe = None
+    if cfg.enable_sandbox or cfg.enable_seccomp:
+        from ._probe import LockdownProbe
+        try:
+            probe = LockdownProbe(cfg)
+        except Exception:  # noqa: BLE001 - launch.run forks one
+            probe = None
+    return pending, cfg.key(), probe, cfg.probe_key()
 
 
 def take(config):
     """launch.start(): the early helper's PendingTap when it was forked for exactly this
     config; one forked for anything else is abandoned (its tap goes). None: fork one now."""
-    early = sys.modules[__name__].__dict__.pop("_pending", None)
+    early = globals().pop("_pending", None)
     if early is None:
         return None
     pending, key = early
@@ -230,8 +251,24 @@ def take(config):
     return None
 
 
+def take_probe(config):
+    """launch.run(): the early lockdown probe when it was forked for this config, else None
+    (one forked for another is waited for and dropped)."""
+    early = globals().pop("_probe", None)
+    if early is None:
+        return None
+    probe, key = early
+    if key == probe_key(config):
+        return probe
+    probe.wait()
+    return None
+
+
 def start(argv: list[str]) -> None:
     """__main__: fork the early helper when the command line allows it."""
     got = early_helper(argv)
     if got is not None:
-        globals()["_pending"] = got
+        pending, key, probe, pkey = got
+        globals()["_pending"] = (pending, key)
+        if probe is not None:
+            globals()["_probe"] = (probe, pkey)

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+from ._probe import LockdownProbe
 from .helper import HelperError, start_helper
 from .netns import spawn_command
 
@@ -170,63 +171,15 @@ def fast_exit(code: int):
     os._exit(code)
 
 
-class LockdownProbe:
-    """--enable-sandbox/--enable-seccomp: the lockdown itself happens in the loop, after every
-    module is imported (nothing can be imported from disk inside the sandbox), so after ready.
-    What can refuse it is tried first in a forked child, while the helper works: the same
-    sandbox.enter() (its own mount namespace, the binds, pivot_root, the capability drop) and
-    seccomp.build(). A refusal there is the one-line error before ready, as slirp4netns gives
-    it; the child's namespace and mounts go with it."""
-
-    def __init__(self, config):
-        r, w = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:
-            try:
-                os.close(r)
-                os.write(w, self._try(config).encode(errors="replace")[:4000])
-            finally:
-                os._exit(0)
-        os.close(w)
-        self.fd = r
-
-    @staticmethod
-    def _try(config) -> str:
-        try:
-            if config.enable_seccomp:
-                from . import seccomp
-                try:
-                    seccomp.build().release()
-                except seccomp.SeccompError as e:
-                    return f"--enable-seccomp: {e}"
-            if config.enable_sandbox:
-                from . import sandbox
-                try:
-                    sandbox.enter(config)
-                except sandbox.SandboxError as e:
-                    return f"--enable-sandbox: {e}"
-        except BaseException as e:  # noqa: BLE001 - any surprise is one line, as in the loop
-            return f"lockdown: {type(e).__name__}: {e}".replace("\n", " ")
-        return ""
-
-    def wait(self) -> str:
-        """'' when the lockdown can be done, else the error line."""
-        msg = b""
-        try:
-            while chunk := os.read(self.fd, 4096):
-                msg += chunk
-        finally:
-            os.close(self.fd)
-            os.waitpid(self.pid, 0)
-        return msg.decode(errors="replace")
-
-
 def run(started) -> int:
     """From the forked helper to the running daemon: see the module docstring. Does not return
     when the daemon ran (fast_exit); returns 1 after a start-up error before ready."""
     config, pending, child_pid, go_fd = started
     from .listeners import Prebound, StartupError
-    probe = LockdownProbe(config) if config.enable_sandbox or config.enable_seccomp else None
+    from . import _early
+    probe = _early.take_probe(config)  # forked by __main__ for exactly this config, or None
+    if probe is None and (config.enable_sandbox or config.enable_seccomp):
+        probe = LockdownProbe(config)
     early = _EarlyExit(None, child_pid)  # from here a stop request exits at once
     try:
         pre = early.pre = Prebound.open(config)

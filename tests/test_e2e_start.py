@@ -224,6 +224,7 @@ EARLY_ARGV = [
     "--mtu 1280 -6 5", "--mtu 1200 -6 5", "--macaddress=01:00:00:00:00:01 -c 5",
     "--netns-type=pid /run/x", "-c 0", "-c 5 tap/0", "-c 5 " + "t" * 16, "--target-type=bess 5",
     "-c --cidr 10.0.2.0/24 --cidr 10.0.3.0/24 5", "--log-level=bogus 5", "--help 5",
+    "-c --enable-sandbox --disable-dns -a rel/api.sock 5", "--enable-seccomp 5",
 ]
 
 
@@ -240,6 +241,7 @@ def test_early_helper_reads_only_what_cli_agrees_with(line):
         return
     cfg = cli.parse_args(argv)  # must not raise: the early helper would have made a tap
     assert _early.config_key(cfg) == early.key()
+    assert _early.probe_key(cfg) == early.probe_key()  # the lockdown probe forked with it
 
 
 def test_early_helper_leaves_no_tap_on_a_refused_command_line():
