@@ -3,16 +3,17 @@
 start(): check the fds, make the command's namespace (`--` form) and fork the helper, which joins
 the target's namespaces and creates and configures the tap (helper.py; a few ms).
 run(): meanwhile open everything on the host that can refuse (the API socket, the `-p` forwards'
-sockets, the --pcap file: listeners.py), collect the tap fd, write the ready byte (and the `--`
-command's go byte), and only then import trio, the stack and the components and start the loop
-(daemon.run_loop). What arrives in between waits: connections in the listen backlogs, datagrams
-in the sockets' queues, the guest's frames in the tap's queue (1000 frames); the loop (and, with
---enable-sandbox/--enable-seccomp, the lockdown before it) reads none of it until it runs.
+sockets, the --pcap file: listeners.py), have the lockdown tried in a forked child
+(_probe.py, with --enable-sandbox/--enable-seccomp), collect the tap fd, write the ready byte
+(and the `--` command's go byte), and only then import trio, the stack and the components and
+start the loop (daemon.run_loop). What arrives in between waits: connections in the listen
+backlogs, datagrams in the sockets' queues, the guest's frames in the tap's queue (1000 frames);
+the loop reads none of it before the lockdown.
 
 A SIGTERM/SIGINT/SIGHUP or an exit-fd EOF (SIGIO through O_ASYNC) before the loop's own watchers
 run ends the daemon at once, even mid-import (the API socket file removed, the `--` command
-stopped); once the loop ends, the process leaves through
-os._exit() after flushing, without the interpreter's teardown of every module (tens of ms).
+stopped). Once the loop ends, the process leaves through os._exit() after flushing, without the
+interpreter's teardown of every module.
 """
 
 from __future__ import annotations
