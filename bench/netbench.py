@@ -10,12 +10,17 @@ Prints one table of medians with the ratios slirpy/slirp4netns and slirpy/pasta 
 bench/results/. pasta's "start to ready" is from exec until its first process exits, which it does
 once the namespace is configured and it has forked into the background.
 
-  bench/run [--rounds 3] [--seconds 5] [--only tput,fwd,rr,crr,ready,rss,parse] [--flows 10000]
+  bench/run [--rounds 3] [--seconds 5] [--only tput,fwd,rr,crr,ready,rss,parse,start,podman]
+            [--flows 10000] [--start-runs 10]
 
 Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest; "forward": a
 host client on 127.0.0.1 through a forwarded port to a server in the guest), RR/CRR a
 1-byte echo from the guest, "start to ready" from exec to the ready-fd byte, RSS from /proc.
 slirpy runs as `python3 -m slirpy` from this tree (PYTHONPATH), never the console script.
+
+"start" and "podman": the start-up figures of startbench.py (--help, --version, ready, tap
+appears/configured, first connection served, RSS idle, exit after SIGTERM / exit-fd EOF; `podman
+run --rm IMAGE true` as an ordinary user), --start-runs alternating runs each, medians.
 
 Traffic goes only to loopback and to the namespaces made here.
 """
@@ -293,10 +298,10 @@ def rss_with_flows(daemon_pid: int, ns_pid: int, port: int, flows: int) -> float
 REPO = HERE.parent
 
 
-def _slirpy_env() -> dict:
+def _slirpy_env(tree=REPO) -> dict:
     # this tree's code, not the `slirpy` console script (which may point at another checkout)
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
@@ -305,6 +310,11 @@ IMPLS = {
     "slirpy": lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env()),
     "pasta": lambda: ([shutil.which("pasta") or "pasta"], None),
 }
+# BENCH_BASE_TREE=/path/to/another/checkout: a third column, "slirpy-base", that tree's slirpy
+# measured in the same alternating rounds (a before/after under the same machine load)
+BASE_TREE = os.environ.get("BENCH_BASE_TREE")
+if BASE_TREE:
+    IMPLS["slirpy-base"] = lambda: ([sys.executable, "-m", "slirpy"], _slirpy_env(BASE_TREE))
 
 
 def run(args) -> dict:
@@ -313,7 +323,7 @@ def run(args) -> dict:
 
     def rec(impl, name, value):
         results.setdefault((name, impl), []).append(value)
-        print(f"  {impl:12s} {name:28s} {value:10.3f}", flush=True)
+        print(f"  {impl:12s} {name:36s} {value:10.3f}", flush=True)
 
     echo = EchoServer()
     import resource
@@ -355,6 +365,13 @@ def run(args) -> dict:
                     except Exception as e:
                         print(f"  {impl} forward: FAILED: {e}", flush=True)
     echo.close()
+    if {"start", "podman"} & only:
+        sys.path.insert(0, str(HERE))
+        from startbench import run_start
+        print(f"start-up: {args.start_runs} alternating runs", flush=True)
+        # pasta has no slirp4netns command line (-r/-e, -c): its start is "start to ready" above
+        run_start({k: f() for k, f in IMPLS.items() if k != "pasta"}, args.start_runs, rec,
+                  podman="podman" in only, attach="start" in only)
     return results
 
 
@@ -363,9 +380,11 @@ def table(results) -> str:
     for name, _ in results:
         if name not in names:
             names.append(name)
-    impls = ("slirpy", "slirp4netns", "pasta")
-    lines = ["| figure | slirpy | slirp4netns | pasta | slirpy/slirp4netns | slirpy/pasta |",
-             "|---|---:|---:|---:|---:|---:|"]
+    impls = ["slirpy", "slirp4netns", "pasta"]
+    if any(impl == "slirpy-base" for _, impl in results):
+        impls.append("slirpy-base")  # BENCH_BASE_TREE
+    lines = ["| figure | " + " | ".join(impls) + " | slirpy/slirp4netns | slirpy/pasta |",
+             "|---|" + "---:|" * (len(impls) + 2)]
     for name in names:
         med = {i: statistics.median(results[(name, i)]) if results.get((name, i)) else None
                for i in impls}
@@ -393,10 +412,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--flows", type=int, default=10000)
-    ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse")
+    ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse,start,podman")
+    ap.add_argument("--start-runs", type=int, default=10)
     args = ap.parse_args()
     if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
         ap.error("--rounds 1..20, --seconds (0, 60]")
+    if not 1 <= args.start_runs <= 100:
+        ap.error("--start-runs 1..100")
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     res = run(args)
     parse_out = ""
@@ -406,8 +428,8 @@ def main():
         parse_out = ("\nparser frames/s (Ethernet+IPv4+L4, slirpy verifies checksums):\n\n```\n"
                      + (p.stdout or p.stderr[-1000:]) + "```\n")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    out = (f"# slirpy vs slirp4netns vs pasta, {stamp}\n\nmachine: {machine()}\n"
-           f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, medians\n\n"
+    ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse,start,podman")
+    ap.add_argument("--start-runs", type=int, default=10)
            f"{table(res)}\n{parse_out}")
     print()
     print(out)

@@ -11,11 +11,10 @@ import ipaddress
 import json
 import logging
 import os
-import socket as _socket
-import stat
 
 import trio
 
+from .listeners import _live, open_api_listener  # noqa: F401
 from .logutil import RateLimited
 from .observe import collect_flows, collect_stats
 from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
@@ -129,42 +128,9 @@ def _add(daemon, args) -> bytes:
     return _dump({"return": {"id": fid}})
 
 
-def _live(path: str) -> bool:
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    s.settimeout(0.5)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def open_listener(path: str) -> _socket.socket:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise StartupError(f"--api-socket {path}: exists and is not a socket")
-        if _live(path):
-            raise StartupError(f"--api-socket {path}: another daemon is listening on it")
-        os.unlink(path)  # stale
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        s.bind(path)
-    except OSError as e:
-        s.close()
-        raise StartupError(f"--api-socket {path}: {e.strerror or e}") from None
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    s.listen(64)
-    s.setblocking(False)
-    return s
+# open_listener and _live live in listeners.py (no trio: launch.run() opens the socket before
+# ready); the names stay here for the tests.
+open_listener = open_api_listener
 
 
 class ApiServer:
@@ -179,8 +145,13 @@ class ApiServer:
         if not self.path:
             task_status.started()
             return
-        raw = open_listener(self.path)
-        ino = os.stat(self.path).st_ino
+        pre = getattr(self.daemon, "prebound", None)
+        raw = pre.take("api") if pre is not None and pre.api_path == self.path else None
+        if raw is None:
+            raw = open_listener(self.path)
+            ino = os.stat(self.path).st_ino
+        else:
+            ino = pre.api_ino  # opened before ready
         sock = trio.socket.from_stdlib_socket(raw)
         try:
             async with trio.open_nursery() as nursery:

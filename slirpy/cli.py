@@ -19,40 +19,9 @@ import os
 import re
 import sys
 
-from . import __version__
+from ._usage import HELP, version_text  # noqa: F401 - HELP: tests and callers read cli.HELP
 from .config import MAX_MTU, MIN_MTU, Config
 from .portspec import PortSpecError, parse_port_spec
-
-HELP = """\
-Usage: slirpy [OPTION]... PID|PATH [TAPNAME]
-       slirpy [OPTION]... -- CMD [ARG]...
-User-mode networking for unprivileged network namespaces.
-
--c, --configure          bring up the interface
--e, --exit-fd=FD         specify the FD for terminating slirp4netns
--r, --ready-fd=FD        specify the FD to write to when the network is configured
--m, --mtu=MTU            specify MTU (default=1500, max=65521)
--6, --enable-ipv6        enable IPv6 (experimental)
--a, --api-socket=PATH    specify API socket path
---cidr=CIDR              specify network address CIDR (default=10.0.2.0/24)
---disable-host-loopback  prohibit connecting to 127.0.0.1:* on the host namespace
---netns-type=TYPE 	 specify network namespace type ([path|pid], default=pid)
---userns-path=PATH	 specify user namespace path
---enable-sandbox         create a new mount namespace (and drop all caps except CAP_NET_BIND_SERVICE if running as the root)
---enable-seccomp         enable seccomp to limit syscalls (experimental)
---outbound-addr=IPv4     sets outbound ipv4 address to bound to (experimental)
---outbound-addr6=IPv6    sets outbound ipv6 address to bound to (experimental)
---disable-dns            disables 10.0.2.3 (or configured internal ip) to host dns redirect (experimental)
---macaddress=MAC         specify the MAC address of the TAP (only valid with -c)
---target-type=TYPE       specify the target type ([netns|bess], default=netns)
--p, --port=[HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]  forward a host port to the guest (repeatable)
---dns-upstream=ADDR[:PORT]  DNS server to forward to instead of /etc/resolv.conf (repeatable, IPv6 in brackets)
---pcap=FILE              write every tap frame to FILE (pcap format)
---pcap-max-bytes=N       stop writing the pcap file after N bytes
---log-level=LEVEL        logging level (DEBUG, INFO, WARNING, ERROR; default=ERROR)
--h, --help               show this help and exit
--v, --version            show version and exit
-"""
 
 MIN_TCP_MEM_BUDGET = 64 * 1024  # SLIRPY_TCP_MEM_BUDGET below this is refused
 LIBSLIRP_COMPAT = "4.7.0"  # the libslirp whose behaviour slirpy follows (slirp4netns 1.2.0's)
@@ -494,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     started = start(cfg)  # forks the helper before the heavy imports below
     if isinstance(started, int):
         return started
-    from .daemon import run
+    from .launch import run  # ready, then the loop (daemon.py) once trio is imported
     try:
         return run(started)
     except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)

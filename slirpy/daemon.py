@@ -9,7 +9,9 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
                                              it with daemon.hot_ep.modify); one flush per round
-    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before ready-fd.
+    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before the pump
+                                             (launch.run wrote the ready byte before the loop;
+                                             what it opened is in daemon.prebound)
 Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 """
 
@@ -23,7 +25,11 @@ import select
 import signal
 import sys
 
-import trio
+from ._lazy import defer, known_libraries
+
+defer("ssl", "hmac")  # trio imports them for TLS/DTLS, which slirpy never uses: ~5 MB of RSS
+with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
+    import trio
 
 from .stack.events import TcpConnectRequest
 from .tap import Tap, TapGone
@@ -108,6 +114,9 @@ class Daemon:
         self.exit_message: str | None = None
         self._main_cancel: trio.CancelScope | None = None
         self.exit_code = 0
+        self.prebound = None  # listeners.Prebound: host sockets opened before ready (launch.run)
+        self.target_pidfd: int | None = None  # PID form: the target's pidfd, opened before ready
+        self.exit_fd_handoff = None  # launch: ends its SIGIO watch of the exit fd
 
     # -------------------------------------------------------------------------- contract
     def now(self) -> float:  # main() replaces it with the running clock's bound method
@@ -287,6 +296,9 @@ class Daemon:
                 await trio.lowlevel.wait_writable(self.tap_fd)
 
     async def _watch_exit_fd(self, fd: int, cancel: trio.CancelScope):
+        handoff, self.exit_fd_handoff = self.exit_fd_handoff, None
+        if handoff is not None:
+            handoff()  # launch's SIGIO watch stops: from here on this task sees the EOF
         os.set_blocking(fd, False)
         while True:
             try:
@@ -322,11 +334,15 @@ class Daemon:
 
     async def _watch_target(self, pid: int, cancel: trio.CancelScope):
         """PID form: our tap fd pins the netns, so the tap never errors; the target dying is the
-        sign that the guest network is gone."""
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return
+        sign that the guest network is gone. The pidfd was opened before ready when
+        launch.run() started us (self.target_pidfd): the target may be gone, and reaped, by
+        the time the loop runs."""
+        pidfd, self.target_pidfd = self.target_pidfd, None
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                return
         try:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
@@ -349,7 +365,9 @@ class Daemon:
             self._tap_gone(e)
             cancel.cancel()
 
-    async def main(self, child_pid: int | None = None, go_fd: int | None = None):
+    async def main(self, child_pid: int | None = None, go_fd: int | None = None,
+                   ready_written: bool = False):
+        """ready_written: launch.run() wrote the ready (and go) byte before the loop existed."""
         # trio.current_time() looks the runner up on every call, a few times per frame
         self.now = trio.lowlevel.current_clock().current_time
         if self.stack is None:
@@ -384,7 +402,7 @@ class Daemon:
                     nursery.start_soon(self._watch_child, child_pid, cancel)
                 elif self.config.netns_type == "pid" and self.config.target:
                     nursery.start_soon(self._watch_target, int(self.config.target), cancel)
-                if self.config.ready_fd is not None:
+                if self.config.ready_fd is not None and not ready_written:
                     _write_ready(self.config.ready_fd)
                 log.info("ready: %d components, guest %s via tap %s", len(self.components),
                          self.config.guest, self.config.tap_name)
@@ -406,33 +424,22 @@ class Daemon:
 
 
 def _write_ready(fd: int) -> None:
-    try:
-        os.write(fd, b"1")
-    except OSError as e:
-        log.warning("ready fd %d: %s", fd, e)
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    from .launch import write_ready
+    write_ready(fd)
 
 
-def run(started) -> int:
-    """Entry point from the CLI once launch.start() has forked the helper (and the command's
-    namespace): importing this module (trio) and preload() overlap with the helper's work."""
-    config, pending, child_pid, go_fd = started
-    from .helper import HelperError
-    from .stack import stack  # noqa: F401  - preload what the loop needs while the helper works
-    for spec in COMPONENTS:
-        load_component(spec)
-    try:
-        tap_fd, offload = pending.wait()
-    except HelperError as e:
-        from .launch import start_failed
-        return start_failed(e, child_pid, go_fd)
+def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
+             target_pidfd: int | None = None, exit_fd_handoff=None) -> int:
+    """The loop, once launch.run() has the tap fd, has opened the host sockets (``prebound``,
+    listeners.Prebound) and has written the ready byte. -> exit status."""
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
              f"virtio-net header, offload flags {offload:#x}")
     d = Daemon(config, tap_fd, offload=offload)
-    code = trio.run(d.main, child_pid, go_fd)
+    d.prebound = prebound
+    d.target_pidfd = target_pidfd
+    d.exit_fd_handoff = exit_fd_handoff
+    code = trio.run(d.main, child_pid, None, True)
+    prebound.close()  # whatever no component took
     if d.exit_message:
         sys.stderr.write(f"slirpy: error: {d.exit_message}\n")
     if child_pid is not None:

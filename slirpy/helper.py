@@ -8,7 +8,6 @@ or b"ERR <one line>". Then it _exit()s.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import socket
@@ -17,7 +16,9 @@ import struct
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# the symbols already loaded (libc's among them): ctypes.util.find_library("c") would run
+# ldconfig or a compiler, ~25 ms of every start
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class HelperError(Exception):
@@ -118,13 +119,16 @@ def set_offload(fd: int, ioctl=None) -> int:
 
 
 def _tunsetiff(name: str, flags: int) -> int:
-    """Create the tap with python-pytun; -> a fd of our own (pytun's object is closed)."""
-    import pytun
-    dev = pytun.TunTapDevice(name=name, flags=flags)
+    """Open /dev/net/tun and TUNSETIFF: the tap device named ``name`` exists from this call on,
+    for as long as the returned fd (close-on-exec) is open. OSError when refused."""
+    import fcntl
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     try:
-        return os.dup(dev.fileno())  # os.dup: close-on-exec, and the tap lives while it is open
-    finally:
-        dev.close()
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
@@ -135,11 +139,10 @@ def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
     if vnet:
         try:
             fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-        except Exception:  # pytun.Error or OSError
+        except OSError:
             fd = None  # a kernel without IFF_VNET_HDR: plain frames below
         if fd is not None:
             import fcntl
-            import struct
             try:
                 fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
             except OSError:
@@ -147,8 +150,8 @@ def _create_tap(name: str, vnet: bool = True) -> tuple[int, int]:
             return fd, set_offload(fd)
     try:
         fd = _tunsetiff(name, IFF_TAP | IFF_NO_PI)
-    except Exception as e:  # pytun.Error (errno, message) or OSError
-        code = e.args[0] if e.args and isinstance(e.args[0], int) else getattr(e, "errno", None)
+    except OSError as e:
+        code = e.errno
         msg = os.strerror(code) if code else str(e)
         if code in (errno.EBUSY, errno.EINVAL):
             msg += f" (does {name!r} already exist?)"
@@ -172,7 +175,7 @@ def _sysctl6(tap: str, name: str, value: str) -> None:
         raise HelperError(f"-6: cannot write {path}: {e.strerror}") from None
 
 
-def _configure_ipv6(ipr, idx: int, tap: str) -> None:
+def _configure_ipv6(nl, idx: int, tap: str) -> None:
     """Leave the guest ready for SLAAC from our router advertisements, before the link goes up:
     IPv6 on, RAs accepted even if someone turns forwarding on (accept_ra=2), no DAD (nothing
     else is on this link; DAD would hold the link-local address, hence the first RS, and then
@@ -185,34 +188,33 @@ def _configure_ipv6(ipr, idx: int, tap: str) -> None:
         _sysctl6(tap, "router_solicitation_delay", "0")
     except HelperError:
         pass  # an old kernel without it: the first RS comes up to a second later, that is all
-    ipr.link("set", index=idx, IFLA_AF_SPEC={"attrs": [
-        ("AF_INET6", {"attrs": [("IFLA_INET6_TOKEN", GUEST_IPV6_TOKEN)]})]})
+    nl.set_link(idx, ipv6_token=socket.inet_pton(socket.AF_INET6, GUEST_IPV6_TOKEN),
+                what="IPv6 token")
 
 
-def _configure(config) -> None:
-    """-c over netlink with pyroute2: lo up, MAC, MTU, txqueuelen, (IPv6 SLAAC setup), link up,
-    CIDR base+100, default route via base+2. pyroute2's import (~80 ms) overlaps with the
-    parent's own start-up work: see start_helper()."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+def _configure(config, nl) -> None:
+    """-c over rtnetlink (``nl``: a slirpy.rtnl.Rtnl opened in the guest's namespace before the
+    tap was created, so that the tap gets all this within a millisecond of appearing): lo up;
+    MAC, MTU, txqueuelen; (IPv6 SLAAC setup); link up; CIDR base+100; default route via base+2."""
+    from .rtnl import NetlinkError
+    tap = config.tap_name
     try:
-        with IPRoute() as ipr:
-            lo = ipr.link_lookup(ifname="lo")
-            if lo:
-                ipr.link("set", index=lo[0], state="up")
-            idx = ipr.link_lookup(ifname=config.tap_name)[0]
-            if config.macaddress:
-                ipr.link("set", index=idx, address=config.macaddress)
-            ipr.link("set", index=idx, mtu=config.mtu)
-            ipr.link("set", index=idx, txqlen=TXQUEUELEN)
-            if config.enable_ipv6:
-                _configure_ipv6(ipr, idx, config.tap_name)
-            ipr.link("set", index=idx, state="up")
-            ipr.addr("add", index=idx, address=str(config.guest), prefixlen=config.prefixlen)
-            ipr.route("add", dst="0.0.0.0/0", gateway=str(config.gateway), oif=idx)
+        try:
+            lo = socket.if_nametoindex("lo")
+        except OSError:
+            lo = None
+        if lo is not None:
+            nl.set_link(lo, up=True, what="lo up")
+        idx = socket.if_nametoindex(tap)
+        mac = bytes.fromhex(config.macaddress.replace(":", "")) if config.macaddress else None
+        nl.set_link(idx, mac=mac, mtu=config.mtu, txqlen=TXQUEUELEN, what="MAC, MTU, txqueuelen")
+        if config.enable_ipv6:
+            _configure_ipv6(nl, idx, tap)
+        nl.set_link(idx, up=True, what="link up")
+        nl.add_addr4(idx, config.guest.packed, config.prefixlen, what=f"address {config.guest}")
+        nl.add_default_route4(idx, config.gateway.packed, what=f"default route via {config.gateway}")
     except NetlinkError as e:
-        raise HelperError(f"configuring {config.tap_name}: netlink error {e.code}: "
-                          f"{os.strerror(e.code) if e.code else e}") from None
+        raise HelperError(f"configuring {tap}: {e.strerror}") from None
 
 
 def _child(config, sock: socket.socket) -> None:
@@ -221,9 +223,14 @@ def _child(config, sock: socket.socket) -> None:
         if userns:
             _join(userns, CLONE_NEWUSER, "user")
         _join(netns, CLONE_NEWNET, "network")
-        fd, offload = _create_tap(config.tap_name, vnet_wanted())
+        nl = None
         if config.configure:
-            _configure(config)
+            from .rtnl import Rtnl
+            nl = Rtnl()  # before the tap: it appears, and is configured a few syscalls later
+        fd, offload = _create_tap(config.tap_name, vnet_wanted())
+        if nl is not None:
+            _configure(config, nl)
+            nl.close()
         socket.send_fds(sock, [b"OK %d" % offload], [fd])
     except HelperError as e:
         sock.sendall(b"ERR " + str(e).replace("\n", " ").encode(errors="replace"))
@@ -256,6 +263,19 @@ class PendingTap:
         if msg.startswith(b"ERR "):
             raise HelperError(msg[4:].decode(errors="replace"))
         raise HelperError("helper died without a reply")
+
+
+    def abandon(self) -> None:
+        """Start-up failed elsewhere: let the helper finish, close the fd it sends."""
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 4)
+            for fd in fds:
+                os.close(fd)
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+            os.waitpid(self.pid, 0)
 
 
 def start_helper(config) -> PendingTap:

@@ -37,11 +37,12 @@ class PcapWriter:
         self._w = None
         if not self.path:
             return
-        try:
-            self._f = open(self.path, "wb")
-        except OSError as e:
-            from .portfwd import StartupError
-            raise StartupError(f"--pcap {self.path}: {e.strerror or e}") from None
+        pre = getattr(daemon, "prebound", None)
+        if pre is not None and pre.pcap is not None and self.path == cfg.pcap:
+            self._f = pre.take("pcap")  # opened before ready
+        else:
+            from .listeners import open_pcap
+            self._f = open_pcap(self.path)
         import dpkt  # here, not at the top: ~50 ms of start-up for a daemon without --pcap
         self._w = dpkt.pcap.Writer(self._f, snaplen=SNAPLEN, linktype=dpkt.pcap.DLT_EN10MB)
         self.bytes = FILE_HEADER

@@ -37,26 +37,10 @@ UDP_PORT_LO, UDP_PORT_HI = 32768, 60999
 ALLOWED_HOST_ADDRS = ("0.0.0.0", "127.0.0.1", "::", "::1")
 
 
-class StartupError(Exception):
-    """A forward from the command line that cannot be set up; the CLI prints it and exits 1."""
-
-
-class ForwardError(Exception):
-    """add()/remove() refused; str(e) says why."""
-
-
-_last_port_start: list[int] = []
-
-
-def unprivileged_port_start() -> int:
-    """The sysctl's value; inside --enable-sandbox (no /proc) the last value read before it."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            v = int(f.read().strip())
-    except (OSError, ValueError):
-        return _last_port_start[0] if _last_port_start else 1024
-    _last_port_start[:] = [v]
-    return v
+# StartupError, ForwardError and the binding live in listeners.py (no trio: launch.run() binds
+# the command line's forwards before ready); re-exported here for the API and the tests.
+from .listeners import (ForwardError, StartupError, bind_forward,  # noqa: E402,F401
+                        forward_conflict, unprivileged_port_start)
 
 
 def guest_visible_source(config, family: int, addr: str) -> str:
@@ -118,27 +102,7 @@ class PortForwarder:
         return [f.entry() for f in sorted(self.forwards.values(), key=lambda f: f.id)]
 
     def _bind(self, proto: str, host_addr: str, host_port: int):
-        if host_port < unprivileged_port_start():
-            raise ForwardError(f"port {host_port}: below ip_unprivileged_port_start "
-                               f"({unprivileged_port_start()}), refusing privileged port")
-        family = _socket.AF_INET6 if ":" in host_addr else _socket.AF_INET
-        kind = _socket.SOCK_STREAM if proto == "tcp" else _socket.SOCK_DGRAM
-        s = _socket.socket(family, kind)
-        try:
-            if proto == "tcp":
-                s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-            if family == _socket.AF_INET6:
-                # as libslirp: "::" is v6 only, "0.0.0.0" is v4 only
-                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
-            s.bind((host_addr, host_port))
-            if proto == "tcp":
-                s.listen(128)
-            s.setblocking(False)
-        except OSError as e:
-            s.close()
-            why = "already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
-            raise ForwardError(f"port {host_addr}:{host_port}/{proto}: {why}") from None
-        return s
+        return bind_forward(proto, host_addr, host_port)
 
     def guest_for(self, fwd: Forward) -> str:
         """The guest address a new connection/mapping of ``fwd`` goes to now."""
@@ -156,16 +120,15 @@ class PortForwarder:
         return str(cfg.guest), False
 
     def add(self, proto, host_addr, host_port, guest_addr, guest_port,
-            default_guest=False) -> int:
+            default_guest=False, sock=None) -> int:
+        """sock: the forward's socket when it was bound before ready (listeners.Prebound)."""
         if proto not in ("tcp", "udp"):
             raise ForwardError(f"bad proto {proto!r}")
-        for f in self.forwards.values():
-            if f.proto == proto and f.host_port == host_port and (
-                    f.host_addr == host_addr or "0.0.0.0" in (f.host_addr, host_addr)
-                    and ":" not in f.host_addr + host_addr
-                    or "::" in (f.host_addr, host_addr) and ":" in f.host_addr and ":" in host_addr):
-                raise ForwardError(f"port {host_addr}:{host_port}/{proto}: already forwarded")
-        sock = self._bind(proto, host_addr, host_port)
+        if forward_conflict([(f.proto, f.host_addr, f.host_port) for f in self.forwards.values()],
+                            proto, host_addr, host_port):
+            raise ForwardError(f"port {host_addr}:{host_port}/{proto}: already forwarded")
+        if sock is None:
+            sock = self._bind(proto, host_addr, host_port)
         fwd = Forward(self._next_id, proto, host_addr, host_port, str(guest_addr), guest_port, sock,
                       default_guest)
         self._next_id += 1
@@ -187,13 +150,16 @@ class PortForwarder:
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
         cfg = self.daemon.config
-        for pf in cfg.ports:
+        pre = getattr(self.daemon, "prebound", None)
+        socks = pre.take("ports") if pre is not None else None  # bound before ready
+        for i, pf in enumerate(cfg.ports):
             if pf.guest_addr:
                 guest, follow = pf.guest_addr, False
             else:
                 guest, follow = self.default_guest_addr(pf.host_addr)
             try:
-                self.add(pf.proto, pf.host_addr, pf.host_port, guest, pf.guest_port, follow)
+                self.add(pf.proto, pf.host_addr, pf.host_port, guest, pf.guest_port, follow,
+                         sock=socks[i] if socks else None)
             except ForwardError as e:
                 for fid in list(self.forwards):
                     self.remove(fid)

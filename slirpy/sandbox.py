@@ -27,7 +27,6 @@ All through ctypes on libc: no shelling out, nothing installed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import importlib
 import logging
@@ -37,7 +36,7 @@ import platform
 import stat
 import sys
 
-from .portfwd import StartupError
+from .listeners import StartupError  # not portfwd's re-export: launch's probe imports no trio
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ TMPFS_OPTS = b"size=64k,nr_inodes=256,mode=0755"
 RESOLV_CONF = "/etc/resolv.conf"
 ALWAYS_VISIBLE = ("/etc", "/run")  # as slirp4netns: bound read-only
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # libc is loaded; find_library("c") costs ~25 ms
 _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)

@@ -28,7 +28,6 @@ daemon logs, and an attacker gains nothing either way.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
@@ -100,11 +99,17 @@ def _load():
     global _lib
     if _lib is not None:
         return _lib
-    name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    # the usual soname first: find_library() runs ldconfig or a compiler (~25 ms of start-up)
+    name = "libseccomp.so.2"
     try:
         lib = ctypes.CDLL(name, use_errno=True)
-    except OSError as e:
-        raise SeccompError(f"cannot load libseccomp ({name}): {e} (install libseccomp2)") from None
+    except OSError:
+        from ctypes.util import find_library
+        name = find_library("seccomp") or name
+        try:
+            lib = ctypes.CDLL(name, use_errno=True)
+        except OSError as e:
+            raise SeccompError(f"cannot load libseccomp ({name}): {e} (install libseccomp2)") from None
     lib.seccomp_init.argtypes = (ctypes.c_uint32,)
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_release.argtypes = (ctypes.c_void_p,)
