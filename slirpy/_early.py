@@ -183,6 +183,13 @@ def parse(argv: list[str]) -> EarlyConfig | None:
             return None
     elif netns_type != "path" or not target:
         return None
+    else:
+        try:
+            os.stat(target)  # cli.py refuses a path that does not exist
+        except OSError:
+            return None
+    if "userns-path" in seen and not os.access(seen["userns-path"], os.F_OK):
+        return None  # cli.py: "userns path doesn't exist"
     if not tap or len(tap.encode()) > 15 or "/" in tap or tap in (".", "..") or \
             any(c.isspace() for c in tap):
         return None

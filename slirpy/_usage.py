@@ -5,6 +5,8 @@ every container start). Import nothing here beyond what the text needs.
 cli.py uses the same HELP and version_text(): one place for each text.
 """
 
+import os
+
 from . import __version__
 
 HELP = """\
@@ -39,6 +41,70 @@ User-mode networking for unprivileged network namespaces.
 """
 
 
+LIBSLIRP_COMPAT = "4.7.0"  # the libslirp whose behaviour slirpy follows (slirp4netns 1.2.0's)
+SLIRP_CONFIG_VERSION_MAX = 4  # libslirp 4.7's: scripts read it to know --disable-dns/--outbound-addr
+
+
+def _git_commit() -> str:
+    """The commit of the checkout this package runs from, read from .git's files (no git
+    process); "unknown" for an installed package or anything unexpected."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        gitdir = os.path.join(root, ".git")
+        if os.path.isfile(gitdir):  # a worktree: "gitdir: PATH"
+            with open(gitdir) as f:
+                line = f.read().strip()
+            if not line.startswith("gitdir: "):
+                return "unknown"
+            gitdir = os.path.join(root, line[8:])
+        with open(os.path.join(gitdir, "HEAD")) as f:
+            head = f.read().strip()
+        common = gitdir
+        if os.path.isfile(os.path.join(gitdir, "commondir")):
+            with open(os.path.join(gitdir, "commondir")) as f:
+                common = os.path.join(gitdir, f.read().strip())
+        if head.startswith("ref: "):
+            ref = head[5:]
+            head = ""
+            for d in (gitdir, common):
+                p = os.path.join(d, ref)
+                if os.path.isfile(p):
+                    with open(p) as f:
+                        head = f.read().strip()
+                    break
+            else:
+                with open(os.path.join(common, "packed-refs")) as f:
+                    for line in f:
+                        sha, _, name = line.strip().partition(" ")
+                        if name == ref:
+                            head = sha
+                            break
+        return head if len(head) == 40 and all(c in "0123456789abcdef" for c in head) else "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
+def _libseccomp_version() -> str:
+    """The libseccomp that --enable-seccomp would load (slirp4netns prints the one it links)."""
+    try:
+        import ctypes
+
+        class _V(ctypes.Structure):
+            _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+        lib = ctypes.CDLL("libseccomp.so.2")
+        lib.seccomp_version.restype = ctypes.POINTER(_V)
+        v = lib.seccomp_version()
+        return f"{v.contents.major}.{v.contents.minor}.{v.contents.micro}" if v else "unknown"
+    except (OSError, AttributeError):
+        return "not found"
+
+
 def version_text() -> str:
-    """What `--version` prints (every line, newline-terminated)."""
-    return f"slirpy version {__version__}\n"
+    """slirp4netns --version's lines, in its order, with slirpy's values."""
+    return (f"slirpy version {__version__}\n"
+            f"commit: {_git_commit()}\n"
+            f"libslirp: slirpy (compatible with {LIBSLIRP_COMPAT})\n"
+            f"SLIRP_CONFIG_VERSION_MAX: {SLIRP_CONFIG_VERSION_MAX}\n"
+            f"libseccomp: {_libseccomp_version()}\n")
+
+
