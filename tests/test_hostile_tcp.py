@@ -78,3 +78,54 @@ def test_rst_after_both_fins_keeps_the_guests_last_bytes():
     h2.ev.clear()
     h2.seg(1005, s2, RST)
     assert any(isinstance(e, E.TcpReset) for e in h2.ev)
+
+
+def test_nothing_past_an_out_of_order_fin_is_delivered():
+    """Issue #20 (2): "world"+FIN at offset 5, then "EVILEVIL" at offset 10 (past the FIN), then
+    the hole: the host got `helloworldVILEVIL` (the drain loop went on after the FIN, one byte
+    shifted by the FIN's sequence number). The stream ends at the FIN."""
+    from slirpy.stack import events as E
+    from slirpy.stack.tcp import FIN
+    h = H()
+    fl, s = est(h)
+    h.seg(1006, s, ACK | FIN, b"world")
+    h.seg(1011, s, ACK, b"EVILEVIL")
+    h.seg(1001, s, ACK, b"hello")
+    assert h.e.recv_tcp(fl, 1 << 20, 0.0) == b"helloworld"
+    assert E.TcpGuestEof(fl) in h.ev
+    assert h.e.recv_tcp(fl, 1 << 20, 0.0) == b""
+    f = h.e._flows[fl]
+    assert f.rcv_nxt == 1012 and not f.ooo and f.ooo_bytes == 0
+    assert h.e.mem_bytes == h.e.mem_recount() == 0
+    assert h.stats.dropped["tcp_data_after_fin"] == 1
+    # a retransmission of the bytes past the FIN changes nothing either
+    h.seg(1011, s, ACK, b"EVILEVIL")
+    assert h.e.recv_tcp(fl, 1 << 20, 0.0) == b""
+    # the same with the FIN segment arriving in order after the queued bytes past it
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.seg(1011, s2, ACK, b"EVILEVIL")
+    h2.seg(1001, s2, ACK | FIN, b"helloworld")
+    assert h2.e.recv_tcp(fl2, 1 << 20, 0.0) == b"helloworld"
+    assert h2.e.mem_bytes == h2.e.mem_recount() == 0
+
+
+def test_ack_of_data_never_sent_drops_the_segment():
+    """Issue #20 (3), RFC 9293 3.10.7.4 / RFC 5961 5.2: a segment whose ACK acknowledges data we
+    never sent is answered with an ACK and dropped, payload and FIN included. Then the guest's
+    correct retransmission is new data and its FIN ends the stream."""
+    from slirpy.stack import events as E
+    from slirpy.stack.tcp import FIN, PSH
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    h.seg(1001, s + 1000, ACK | PSH | FIN, b"bogus")  # acks 1000 bytes we never sent
+    assert h.ev == [] and h.e.recv_tcp(fl, 100, 0.0) == b""
+    (ack,) = h.pop()
+    assert ack[7] == ACK and ack[5] == s and ack[6] == 1001 and not bytes(ack[10])
+    assert h.stats.dropped["tcp_ack_future"] == 1
+    f = h.e._flows[fl]
+    assert f.rcv_nxt == 1001 and not f.their_fin and f.snd_una == s
+    h.seg(1001, s, ACK | PSH | FIN, b"right")
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"right"
+    assert E.TcpGuestEof(fl) in h.ev

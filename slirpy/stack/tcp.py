@@ -608,7 +608,7 @@ class TcpEngine:
                 self.stats.drop("tcp_mem_drop")
         was_empty = not f.rbuf
         self._accept(f, data, fin)
-        while f.ooo:
+        while f.ooo and not f.their_fin:  # the stream ends at the FIN: nothing past it
             hit = f.ooo.pop(f.rcv_nxt, None)
             if hit is None:
                 for s in list(f.ooo):
@@ -628,6 +628,12 @@ class TcpEngine:
                 break
             room = self.rcvbuf - len(f.rbuf or b"")
             self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
+        if f.ooo and f.their_fin:  # queued bytes beyond the FIN: never delivered
+            self.stats.drop("tcp_data_after_fin")
+            self.mem_bytes -= f.ooo_bytes
+            self._mem_freed += f.ooo_bytes
+            f.ooo_bytes = 0
+            f.ooo = None
         if not f.ooo:
             f.ooo = None
         if was_empty and f.rbuf:
