@@ -129,3 +129,12 @@ def test_ack_of_data_never_sent_drops_the_segment():
     h.seg(1001, s, ACK | PSH | FIN, b"right")
     assert h.e.recv_tcp(fl, 100, 0.0) == b"right"
     assert E.TcpGuestEof(fl) in h.ev
+    # RFC 5961 5.2's other end: an ACK older than anything ever in flight is dropped the same way
+    assert h.e.send_tcp(fl, b"x" * 100, 0.0) == 100
+    h.seg(1006, s + 100, ACK)  # acked: snd_una = s + 100
+    h.pop()
+    h.seg(1006, s - 300000, ACK | PSH, b"blind")
+    (ack,) = h.pop()
+    assert ack[7] == ACK and ack[6] == 1007
+    assert h.stats.dropped["tcp_ack_too_old"] == 1
+    assert h.e.recv_tcp(fl, 100, 0.0) == b""

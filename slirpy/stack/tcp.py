@@ -442,7 +442,8 @@ class TcpEngine:
             f.retries = 0
             f.snd_wnd = window << f.snd_ws
             self._arm(f, None)
-        self._process_ack(f, ackno, window, options, plen, flags, now)
+        if not self._process_ack(f, ackno, window, options, plen, flags, now):
+            return  # it acknowledged what we never sent: dropped, payload, FIN and all
         if f.state == "CLOSED":
             return
         if plen or flags & FIN:
@@ -452,10 +453,13 @@ class TcpEngine:
             self._maybe_done(f, now)
 
     def _process_ack(self, f, ackno, window, options, plen, flags, now):
+        """False: the segment must be dropped (RFC 9293 3.10.7.4, RFC 5961 5.2: an ACK of data
+        never sent, or older than anything ever in flight, is answered with an ACK, and the
+        segment, payload and FIN, goes no further)."""
         if seq.gt(ackno, f.snd_max):
             self.stats.drop("tcp_ack_future")
             self._send(f, f.snd_nxt, ACK)
-            return
+            return False
         if seq.gt(ackno, f.snd_nxt):  # after a go-back-N: the guest already had these bytes
             f.snd_nxt = ackno
         new_wnd = window << f.snd_ws
@@ -515,6 +519,13 @@ class TcpEngine:
             if f.snd_wnd == 0 and new_wnd:
                 f.retries = 0
             f.snd_wnd = new_wnd
+        elif seq.sub(f.snd_una, ackno) > self.sndbuf + 1:
+            # older than anything that was ever in flight (RFC 5961 5.2 bounds it by the peer's
+            # largest window; never more than our send buffer and a FIN here): a blind guess
+            self.stats.drop("tcp_ack_too_old")
+            self._send(f, f.snd_nxt, ACK)
+            return False
+        return True
 
     def _retransmit_holes(self, f, now, budget=16):
         """Resend what the guest has not SACKed between max(snd_una, rexmit_hi) and its highest
