@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import resource
 import time
 
 import trio
@@ -22,6 +24,7 @@ from .logutil import RateLimited
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 2.0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 # drop reasons that mean a limit was hit (a cap, a full queue, an eviction, a rate limit)
 _CAP_WORDS = ("cap", "full", "evict", "rate_limited", "too_many", "no_port", "denied")
 
@@ -93,7 +96,20 @@ def collect_stats(daemon) -> dict:
                       "inflight": getattr(dns, "inflight", 0)}
     pcap = getattr(daemon, "pcap_writer", None)
     out["pcap"] = pcap.status() if pcap is not None else None
+    out["memory"] = memory_stats()
     return out
+
+
+def memory_stats() -> dict:
+    """The process's resident set now (None where /proc is gone: --enable-sandbox) and its peak."""
+    rss = None
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"rss_bytes": rss,
+            "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def collect_flows(daemon) -> list[dict]:

@@ -294,7 +294,8 @@ def test_send_budget_floor_and_writable_when_room_returns():
 
 
 ops = st.lists(st.tuples(st.sampled_from(["fill", "ooo", "dup", "read", "send", "gack", "gwin0",
-                                          "gfin", "hfin", "hrst", "grst", "timer", "open", "flush"]),
+                                          "gfin", "hfin", "hrst", "grst", "timer", "open", "flush",
+                                          "peek", "room"]),
                          st.integers(0, 3), st.integers(1, 70000)),
                min_size=1, max_size=60)
 
@@ -329,6 +330,17 @@ def test_running_total_never_drifts(plan):
         elif op == "read":
             n.e.recv_tcp(m.flow, k, now)
             n.pump()
+        elif op == "peek":  # the glue's way: send from the buffer, then let go of what went
+            v = n.e.peek_tcp(m.flow)
+            if v is not None:
+                took = min(k, len(v))
+                v.release()
+                n.e.consume_tcp(m.flow, took, now)
+                n.pump()
+        elif op == "room":  # send_tcp takes all that send_room offers (0: TcpWritable later)
+            room = n.e.send_room(m.flow)
+            if room:
+                assert n.host_send(m, min(room, k)) == min(room, k)
         elif op == "send":
             n.host_send(m, k)
         elif op == "gack":

@@ -74,7 +74,7 @@ class Stack:
         if self.vnet:
             t.seg_max = wire.GSO_MAX_PAYLOAD
         for name in ("accept_tcp", "reject_tcp", "send_tcp", "recv_tcp", "shutdown_tcp",
-                     "reset_tcp", "connect_tcp", "flows"):
+                     "reset_tcp", "connect_tcp", "flows", "send_room", "peek_tcp", "consume_tcp"):
             setattr(self, name, getattr(t, name, self._unsupported))
 
     @staticmethod

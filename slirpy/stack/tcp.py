@@ -20,6 +20,8 @@ The contract between stack.py and the engine, fixed here so both can be built si
   Glue calls (Stack delegates them to the engine):
     accept_tcp(flow, now); reject_tcp(flow, reason, now)   reason in {"refused","unreachable","timeout"}
     send_tcp(flow, data, now) -> int (bytes taken); recv_tcp(flow, n, now) -> bytes
+    send_room(flow) -> int (what send_tcp takes now); peek_tcp(flow) -> memoryview | None and
+      consume_tcp(flow, n, now) (guest bytes leave the buffer only when the host took them)
     shutdown_tcp(flow, now) (host EOF -> FIN); reset_tcp(flow, now) (host RST -> RST)
     connect_tcp(family, src: str, sport, dst: str, dport, now) -> flow  (port forwarding: SYN to guest)
     flows() -> list[dict]  (for stats / list_flows)
@@ -950,6 +952,50 @@ class TcpEngine:
             self._output(f, now)
         return n
 
+    def send_room(self, flow):
+        """How many bytes send_tcp would take now (the glue reads no more than that from the
+        host, so no host byte waits outside the budget). 0: TcpWritable comes when there is
+        worthwhile room (a segment, or the whole buffer), as after a short send_tcp."""
+        f = self._flows.get(flow)
+        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+            return 0
+        room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
+        if room > 0 and self.mem_bytes + room > self._soft_lim:
+            n = self._send_allow(f, room)
+            if n < room and n < f.mss:  # less than a segment: wait for more (as _writable does)
+                if not f.slim:
+                    f.slim = True
+                    self._swait[f.id] = f
+                    self.stats.drop("tcp_mem_cap_send")
+                n = 0
+            room = n
+        if room <= 0:
+            f.want_writable = True
+            return 0
+        return room
+
+    def peek_tcp(self, flow):
+        """The guest bytes waiting for the host, as a memoryview over the receive buffer
+        (release it before the next call into the engine), or None. They stay in the buffer,
+        counted in the budget and keeping the window shut, until consume_tcp."""
+        f = self._flows.get(flow)
+        if f is None or not f.rbuf:
+            return None
+        return memoryview(f.rbuf)
+
+    def consume_tcp(self, flow, n, now):
+        """The host took n of the bytes peek_tcp showed."""
+        f = self._flows.get(flow)
+        if f is None or not f.rbuf or n <= 0:
+            return
+        rb = f.rbuf
+        if n >= len(rb):
+            n = len(rb)
+            f.rbuf = None
+        else:
+            del rb[:n]
+        self._consumed(f, n, now)
+
     def recv_tcp(self, flow, n, now):
         f = self._flows.get(flow)
         if f is None or not f.rbuf:
@@ -960,8 +1006,12 @@ class TcpEngine:
         else:
             out = rb[:n]
             del rb[:n]
-        self.mem_bytes -= len(out)
-        self._mem_freed += len(out)
+        self._consumed(f, len(out), now)
+        return out
+
+    def _consumed(self, f, n, now):
+        self.mem_bytes -= n
+        self._mem_freed += n
         # a window update goes at once when the guest may be short of window; otherwise an ACK
         # already owed (sent within DELACK, or carried by the answer) brings the new window
         if f.state == "ESTABLISHED" and not f.their_fin and not (
@@ -973,7 +1023,6 @@ class TcpEngine:
                 f.eof_pushed = True
                 self._push(TcpGuestEof(f.id))
                 self._maybe_done(f, now)
-        return out
 
     def shutdown_tcp(self, flow, now):
         f = self._flows.get(flow)
