@@ -154,16 +154,44 @@ class TcpNat:
         state = c.state
         if state != OPEN:
             if state == CONNECTING and mask & (_OUT | _ERR | _HUP):
-                self._connected(c)
-            return  # GUEST_WAIT: TcpConnected starts with both edges assumed
+                self._connected(c)  # bytes or an EOF that came with it are served below
+            elif state == GUEST_WAIT and mask & (_ERR | _HUP | _RDHUP) and self._gone_early(c, mask):
+                # the host client hung up before the guest answered our SYN: the flow would go
+                # on retrying it, and the guest, once it answers, get a dead connection first
+                self.d.stack.stats.drop("tcp_host_gone_early")
+                self._fail(c.flow, c)
+                return
+            if c.state != OPEN:
+                return  # GUEST_WAIT: TcpConnected starts with both edges assumed
         if mask & (_IN | _ERR | _HUP | _RDHUP):
             c.readable = True
             if mask & (_RDHUP | _HUP | _ERR):
                 c.rdhup = True
             self._to_guest(c)
+            if (c.state == OPEN and c.readable and not c.host_eof and mask & (_ERR | _HUP)
+                    and not c.shut_wr):
+                # the host is gone (reset, or closed both ways) while its last bytes wait for
+                # a guest that takes nothing: nobody is left to take them, so no wait
+                self.d.stack.stats.drop("tcp_host_gone")
+                self._fail(c.flow, c)
+                return
         if mask & (_OUT | _ERR | _HUP) and c.state == OPEN:
             c.writable = True
             self._to_host(c)
+
+    @staticmethod
+    def _gone_early(c, mask):
+        """A forward's client, before the guest answered: reset or closed (HUP/ERR), or an EOF
+        with nothing sent before it. An EOF after a request is a half-close: the request still
+        waits for the guest, and its answer for the client."""
+        if mask & (_ERR | _HUP):
+            return True
+        try:
+            return c.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _to_guest(self, c):
         """Host socket -> stack, while both have something to give and room to take it: no

@@ -43,7 +43,7 @@ def test_many_flows_out_of_order_total_is_windows_not_segments():
 def _est_port(h, port, gisn=1000):
     from slirpy.stack import events as E
     from slirpy.stack import seq
-    from slirpy.stack.tcp import SYN
+    from slirpy.stack.tcp import RST, SYN
     h.seg(gisn, 0, SYN, sport=port)
     req = [e for e in h.ev if isinstance(e, E.TcpConnectRequest)][-1]
     h.ev.clear()
@@ -138,3 +138,21 @@ def test_ack_of_data_never_sent_drops_the_segment():
     assert ack[7] == ACK and ack[6] == 1007
     assert h.stats.dropped["tcp_ack_too_old"] == 1
     assert h.e.recv_tcp(fl, 100, 0.0) == b""
+
+
+def test_reset_of_a_forward_before_the_guest_answered_stops_its_syns():
+    """Issue #20 (4), the engine's part: the glue resets a forward whose host client hung up
+    while our SYN waits for the guest: a bare RST at the SYN's end (no ACK: the guest's ISN is
+    unknown), the flow is gone, and no SYN is retransmitted."""
+    from slirpy.stack import events as E
+    from slirpy.stack.tcp import RST, SYN
+    h = H(isn=100)
+    fl = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40000, 0.0)
+    (syn,) = h.pop()
+    assert syn[7] == SYN
+    h.e.reset_tcp(fl, 0.5)
+    (rst,) = h.pop()
+    assert rst[7] == RST and rst[5] == 101 and rst[6] == 0
+    assert h.ev == [E.TcpClosed(fl)] and h.e.flows() == []
+    h.e.handle_timer(100.0)
+    assert h.pop() == [] and h.e.get_timer() is None

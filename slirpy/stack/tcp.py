@@ -1038,6 +1038,8 @@ class TcpEngine:
             return
         if f.state == "SYN_PENDING":
             self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+        elif f.state == "SYN_SENT":  # the guest's ISN is unknown: a bare RST at our SYN's end
+            self._send(f, f.snd_nxt, RST)
         elif f.state != "TIME_WAIT":
             self._send(f, f.snd_nxt, RST | ACK)
         self._remove(f, () if f.state == "TIME_WAIT" else (TcpClosed(f.id),))
