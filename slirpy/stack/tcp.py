@@ -62,6 +62,12 @@ WAKE_MISSES = 16  # a wake pass gives up after this many budget-limited flows it
 WAKE_RETRY = 0.2  # flows still wait while room is free (handed to flows that left it unused): retry
 MAX_FLOWS = 10000
 MAX_HALF_OPEN = 1024
+# At the half-open cap a new SYN evicts the oldest half-open flow only once that one is this old
+# (a stale handshake: a guest that never ACKs, a host that never answers). While all are younger,
+# the guest is opening connections faster than the loop completes them: its SYN is dropped and
+# retransmitted (1 s, 3 s, ... later), so connects are admitted at the rate the loop serves them
+# instead of resetting the ones nearly done.
+HALF_OPEN_STALE = 3.0
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
 MAX_RETRIES = 8
 # A lone in-order data segment is ACKed after at most this long, so that the host's answer can
@@ -82,7 +88,7 @@ class _Flow:
                  "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
                  "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
                  "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
-                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim")
+                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim", "born")
 
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
@@ -122,6 +128,7 @@ class _Flow:
         self.rcv_edge = 0  # right edge of the window advertised (never moves back): set with rcv_nxt
         self.rlim = False  # the last window advertised was cut by the memory budget (in _rwait)
         self.slim = False  # send_tcp was cut short by the memory budget (in _swait)
+        self.born = 0.0  # when the flow's first SYN came or went
 
 
 class TcpEngine:
@@ -345,8 +352,12 @@ class TcpEngine:
                         self.stats.drop("tcp_flow_cap")
                         self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                         return
-                    # SYN flood: the oldest half-open flow makes room (RST to it, glue told)
+                    # SYN flood: the oldest half-open flow makes room (RST to it, glue told),
+                    # if it is stale; a burst of young ones is served first (HALF_OPEN_STALE)
                     old = next(iter(self._half_open.values()))
+                    if now - old.born < HALF_OPEN_STALE:
+                        self.stats.drop("tcp_syn_deferred")
+                        return
                     self.stats.drop("tcp_half_open_evicted")
                     self.reset_tcp(old.id, now)
                 opts = parse_tcp_options_untrusted(options)
@@ -355,6 +366,7 @@ class TcpEngine:
                     return
                 f = self._new_flow(family, src, sport, dst, dport)
                 f.state = "SYN_PENDING"
+                f.born = now
                 self._half_open[f.id] = f
                 f.rcv_nxt = f.rcv_edge = seq.add(seqno, 1)
                 f.mss = min(opts.mss or 536, self._mss_for(family))
@@ -1058,6 +1070,7 @@ class TcpEngine:
             return None
         f = self._new_flow(family, gaddr, dport, raddr, sport)
         f.state = "SYN_SENT"
+        f.born = now
         self._half_open[f.id] = f
         f.mss = self._mss_for(family)
         f.iss = self.isn() & seq.MASK
