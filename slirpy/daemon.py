@@ -15,6 +15,7 @@ Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import math
@@ -26,7 +27,7 @@ import sys
 import trio
 
 from .stack.events import TcpConnectRequest
-from .tap import Tap, TapGone
+from .tap import MAX_READ_BATCH, Tap, TapGone
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,24 @@ COMPONENTS = [
 
 MAX_DISPATCH = 100_000  # events per flush, a guard against a handler feeding itself forever
 MAX_HOT_ROUNDS = 8  # busy pump rounds between checkpoints (trio's other tasks get their turn)
+# Bounded work per round, so that no source takes every round (issue #20): the tap gives at most
+# one batch (tap.MAX_READ_BATCH frames), and at most HOST_FDS_PER_ROUND host sockets are served;
+# the others keep their events in the backlog, in order, for the next rounds.
+HOST_FDS_PER_ROUND = 64
+# The guest's tap queue is short (500 frames): during a burst (thousands of SYNs and ACKs) it
+# overflowed while the stack worked, and dropped frames (pings, ACKs, RSTs) came back only as
+# retransmissions, or never. The pump reads the tap ahead of the stack into its own queue
+# (reading is cheap; bounded in frames and bytes, beyond that the tap keeps what waits) and
+# gives the stack RX_PER_ROUND frames per round, RX_CHUNK at a time, each chunk flushed (its
+# events dispatched: the NAT's host connects for SYNs) and the tap read again after it; so is the
+# tap after every HOST_CHUNK host sockets served. A guest's burst of thousands of RSTs thus finds
+# the tap read every few milliseconds.
+RX_QUEUE_FRAMES = 8192
+RX_QUEUE_BYTES = 8 << 20
+RX_PER_ROUND = 256
+RX_CHUNK = 32
+HOST_CHUNK = 16
+BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
 
 
 def _trio_runner():
@@ -99,6 +118,10 @@ class Daemon:
         self.components: list = []
         self._handlers: dict = {}
         self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
+        # fd -> events epoll reported that the pump has not served yet (HOST_FDS_PER_ROUND)
+        self._backlog: collections.OrderedDict = collections.OrderedDict()
+        self._rx: collections.deque = collections.deque()  # frames read, not yet given the stack
+        self._rx_bytes = 0
         self.hot_ep = select.epoll()
         self._flushing = False
         self._timer_scope: trio.CancelScope | None = None
@@ -121,6 +144,7 @@ class Daemon:
         self._hot[fd] = fn
 
     def remove_hot_fd(self, fd: int) -> None:
+        self._backlog.pop(fd, None)  # the number may come back for another socket
         if self._hot.pop(fd, None) is not None:
             try:
                 self.hot_ep.unregister(fd)
@@ -174,15 +198,41 @@ class Daemon:
             self.stack.reject_tcp(ev.flow, "refused", self.now())
 
     # ----------------------------------------------------------------------------- tasks
+    def _drain_tap(self) -> None:
+        """Read the tap ahead of the stack into the rx queue, until EAGAIN or the queue's caps."""
+        tap, q = self.tap, self._rx
+        while len(q) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
+            frames = tap.read_batch()
+            q.extend(frames)
+            for f in frames:
+                self._rx_bytes += len(f)
+            if len(frames) < MAX_READ_BATCH:
+                break
+
     def _read_tap(self) -> None:
-        tap, stack = self.tap, self.stack
-        frames = tap.read_batch()
-        if frames:
+        """One round's share of the rx queue to the stack, RX_CHUNK frames at a time, each
+        chunk flushed and the tap read again after it."""
+        stack, q = self.stack, self._rx
+        for _ in range(RX_PER_ROUND // RX_CHUNK):
+            n = len(q)
+            if not n:
+                return
+            if n <= RX_CHUNK:
+                frames = list(q)
+                q.clear()
+                self._rx_bytes = 0
+            else:
+                pop = q.popleft
+                frames = [pop() for _ in range(RX_CHUNK)]
+                for f in frames:
+                    self._rx_bytes -= len(f)
             now = self.now()
             if self.pcap is not None:
                 self._capture(frames)
             for f in frames:
                 stack.receive_frame(f, now)
+            self.flush()
+            self._drain_tap()
 
     def _timer_due(self) -> float | None:
         """Run the stack's timer if it is due; return when it is next due (None: never)."""
@@ -198,8 +248,12 @@ class Daemon:
 
     async def _pump(self):
         """The hot path: one epoll set holds the tap and the components' hot fds (every host
-        TCP socket of the NAT). Each round serves every ready fd, then flushes once. The pump
-        also runs the stack's timer (when idle, and every few busy rounds).
+        TCP socket of the NAT). Each round reads one batch from the tap (the guest's ACKs, its
+        SYNs, pings), serves up to HOST_FDS_PER_ROUND ready host sockets, oldest events first
+        (the rest wait in the backlog: one busy guest's thousands of flows cannot make a round
+        long), then flushes once. Busy rounds yield to trio every MAX_HOT_ROUNDS rounds or
+        BUSY_SLICE seconds, and at once when trio's fd is ready. The pump also runs the stack's
+        timer (when idle, and whenever it yields).
 
         With the trio runner at hand, trio's own epoll fd is in the set too. Going idle with no
         other task scheduled, the pump sleeps in its set until the stack's timer or trio's next
@@ -226,12 +280,15 @@ class Daemon:
             await trio.lowlevel.checkpoint()
         log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
                  "waits through trio (no trio runner with an epoll backend at hand)")
-        timer_due, now, read_tap = self._timer_due, self.now, self._read_tap
+        timer_due, now, read_tap, drain_tap = self._timer_due, self.now, self._read_tap, self._drain_tap
+        backlog, rx = self._backlog, self._rx
+        popitem = backlog.popitem
         rounds = 0
+        slice_end = now() + BUSY_SLICE
         try:
             while True:
                 events = poll(0)
-                if not events:
+                if not events and not backlog and not rx:
                     rounds = 0
                     t = timer_due()
                     if runner is not None and (runner.waiting_for_idle or
@@ -259,22 +316,37 @@ class Daemon:
                     events = poll(-1 if timeout == math.inf else timeout)
                     if not events:
                         continue  # a timeout: ours runs at the top, trio's at the checkpoint
-                trio_ready = False
+                    slice_end = now() + BUSY_SLICE
+                trio_ready = tap_ready = False
                 for fd, mask in events:
                     if fd == tap_fd:
-                        read_tap()  # until EAGAIN: a burst of the guest's ACKs, then one answer
+                        tap_ready = True
                     elif fd == trio_fd:
                         trio_ready = True
                     else:
-                        fn = hot.get(fd)
-                        if fn is not None:
-                            fn(fd, mask)
+                        backlog[fd] = backlog.get(fd, 0) | mask  # a new edge keeps its place
+                if tap_ready:
+                    drain_tap()
+                if rx:
+                    read_tap()  # a burst of the guest's ACKs, then one answer
+                for i in range(HOST_FDS_PER_ROUND):
+                    if not backlog:
+                        break
+                    fd, mask = popitem(last=False)
+                    fn = hot.get(fd)
+                    if fn is not None:
+                        fn(fd, mask)
+                    if i % HOST_CHUNK == HOST_CHUNK - 1:
+                        self.flush()
+                        drain_tap()
                 self.flush()
                 rounds += 1
-                if trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending):
+                if (trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending)
+                        or now() >= slice_end):
                     rounds = 0
                     timer_due()
                     await trio.lowlevel.checkpoint()
+                    slice_end = now() + BUSY_SLICE
         finally:
             if runner is not None:
                 trio.lowlevel.remove_instrument(sched)
