@@ -56,11 +56,15 @@ HOST_FDS_PER_ROUND = 64
 # events dispatched: the NAT's host connects for SYNs) and the tap read again after it; so is the
 # tap after every HOST_CHUNK host sockets served. A guest's burst of thousands of RSTs thus finds
 # the tap read every few milliseconds.
+# SYNs (new connections) wait in a queue of their own and get SYN_PER_ROUND per round after
+# everything else: established flows, pings and the API first, connects at the rate the loop
+# serves them (the engine's half-open cap defers the rest to the guest's retransmissions).
 RX_QUEUE_FRAMES = 8192
 RX_QUEUE_BYTES = 8 << 20
 RX_PER_ROUND = 256
 RX_CHUNK = 32
 HOST_CHUNK = 16
+SYN_PER_ROUND = 64
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
 
 
@@ -121,6 +125,7 @@ class Daemon:
         # fd -> events epoll reported that the pump has not served yet (HOST_FDS_PER_ROUND)
         self._backlog: collections.OrderedDict = collections.OrderedDict()
         self._rx: collections.deque = collections.deque()  # frames read, not yet given the stack
+        self._rx_syn: collections.deque = collections.deque()  # ... of them, the guest's SYNs
         self._rx_bytes = 0
         self.hot_ep = select.epoll()
         self._flushing = False
@@ -199,40 +204,52 @@ class Daemon:
 
     # ----------------------------------------------------------------------------- tasks
     def _drain_tap(self) -> None:
-        """Read the tap ahead of the stack into the rx queue, until EAGAIN or the queue's caps."""
-        tap, q = self.tap, self._rx
-        while len(q) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
+        """Read the tap ahead of the stack into the rx queues, until EAGAIN or their caps."""
+        tap, q, sq = self.tap, self._rx, self._rx_syn
+        opens = getattr(self.stack, "opens_tcp", None)  # a test's stand-in may have none
+        while len(q) + len(sq) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
             frames = tap.read_batch()
-            q.extend(frames)
             for f in frames:
                 self._rx_bytes += len(f)
+                if opens is not None and opens(f):
+                    sq.append(f)
+                else:
+                    q.append(f)
             if len(frames) < MAX_READ_BATCH:
                 break
 
     def _read_tap(self) -> None:
-        """One round's share of the rx queue to the stack, RX_CHUNK frames at a time, each
-        chunk flushed and the tap read again after it."""
-        stack, q = self.stack, self._rx
-        for _ in range(RX_PER_ROUND // RX_CHUNK):
-            n = len(q)
-            if not n:
-                return
-            if n <= RX_CHUNK:
-                frames = list(q)
-                q.clear()
-                self._rx_bytes = 0
-            else:
-                pop = q.popleft
-                frames = [pop() for _ in range(RX_CHUNK)]
-                for f in frames:
-                    self._rx_bytes -= len(f)
-            now = self.now()
-            if self.pcap is not None:
-                self._capture(frames)
-            for f in frames:
-                stack.receive_frame(f, now)
-            self.flush()
-            self._drain_tap()
+        """One round's share of the rx queues to the stack, RX_CHUNK frames at a time, each
+        chunk flushed and the tap read again after it: up to RX_PER_ROUND frames, then up to
+        SYN_PER_ROUND SYNs."""
+        for q, chunks in ((self._rx, RX_PER_ROUND // RX_CHUNK),
+                          (self._rx_syn, SYN_PER_ROUND // RX_CHUNK)):
+            for _ in range(chunks):
+                if not self._feed(q):
+                    break
+
+    def _feed(self, q) -> bool:
+        """RX_CHUNK frames (or fewer) of q to the stack, flushed, the tap read again."""
+        stack = self.stack
+        n = len(q)
+        if not n:
+            return False
+        if n <= RX_CHUNK:
+            frames = list(q)
+            q.clear()
+        else:
+            pop = q.popleft
+            frames = [pop() for _ in range(RX_CHUNK)]
+        for f in frames:
+            self._rx_bytes -= len(f)
+        now = self.now()
+        if self.pcap is not None:
+            self._capture(frames)
+        for f in frames:
+            stack.receive_frame(f, now)
+        self.flush()
+        self._drain_tap()
+        return True
 
     def _timer_due(self) -> float | None:
         """Run the stack's timer if it is due; return when it is next due (None: never)."""
@@ -281,14 +298,14 @@ class Daemon:
         log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
                  "waits through trio (no trio runner with an epoll backend at hand)")
         timer_due, now, read_tap, drain_tap = self._timer_due, self.now, self._read_tap, self._drain_tap
-        backlog, rx = self._backlog, self._rx
+        backlog, rx, rx_syn = self._backlog, self._rx, self._rx_syn
         popitem = backlog.popitem
         rounds = 0
         slice_end = now() + BUSY_SLICE
         try:
             while True:
                 events = poll(0)
-                if not events and not backlog and not rx:
+                if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
                     t = timer_due()
                     if runner is not None and (runner.waiting_for_idle or
@@ -327,7 +344,7 @@ class Daemon:
                         backlog[fd] = backlog.get(fd, 0) | mask  # a new edge keeps its place
                 if tap_ready:
                     drain_tap()
-                if rx:
+                if rx or rx_syn:
                     read_tap()  # a burst of the guest's ACKs, then one answer
                 for i in range(HOST_FDS_PER_ROUND):
                     if not backlog:
