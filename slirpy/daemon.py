@@ -65,6 +65,9 @@ RX_PER_ROUND = 256
 RX_CHUNK = 32
 HOST_CHUNK = 16
 SYN_PER_ROUND = 64
+RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest retransmits them
+# (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
+# that established traffic needs
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
 
 
@@ -207,14 +210,17 @@ class Daemon:
         """Read the tap ahead of the stack into the rx queues, until EAGAIN or their caps."""
         tap, q, sq = self.tap, self._rx, self._rx_syn
         opens = getattr(self.stack, "opens_tcp", None)  # a test's stand-in may have none
-        while len(q) + len(sq) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
+        while len(q) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
             frames = tap.read_batch()
             for f in frames:
-                self._rx_bytes += len(f)
                 if opens is not None and opens(f):
+                    if len(sq) >= RX_SYN_QUEUE:
+                        self.stack.stats.drop("tcp_syn_queue_full")
+                        continue
                     sq.append(f)
                 else:
                     q.append(f)
+                self._rx_bytes += len(f)
             if len(frames) < MAX_READ_BATCH:
                 break
 
