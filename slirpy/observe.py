@@ -165,10 +165,13 @@ class Trimmer:
     20,000-connection flood ended). Python's own free lists go with a full gc; malloc's with
     glibc's malloc_trim(0) through ctypes (None elsewhere: musl has none, nothing to do).
     check() runs every WATCH_INTERVAL: once the TCP flows have fallen TRIM_AFTER below their
-    high-water mark, it trims and starts a new mark."""
+    high-water mark and held still since the last check (a full gc takes tens of ms with many
+    objects: not in the middle of the guest's burst of RSTs, whose frames would wait), it
+    trims and starts a new mark."""
 
     def __init__(self):
         self._peak = 0
+        self._last = -1
         self.trims = 0
         self._malloc_trim = None
         try:
@@ -180,10 +183,11 @@ class Trimmer:
             pass
 
     def check(self, flows: int) -> bool:
+        last, self._last = self._last, flows
         if flows >= self._peak:
             self._peak = flows
             return False
-        if self._peak - flows < TRIM_AFTER:
+        if self._peak - flows < TRIM_AFTER or flows != last:
             return False
         self._peak = flows
         self.trim()
