@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import sys
+import struct
 import textwrap
 import threading
 import time
@@ -217,5 +218,56 @@ def test_host_bytes_for_zero_window_flows_stay_within_the_budget(tmp_path, monke
                   f"{limit >> 10} KiB); buffers {b}")
             assert b["tcp_mem_bytes"] <= budget and st["memory"]["rss_bytes"] > 0, st
             assert grown <= limit, (grown, limit, b)
+    finally:
+        srv.close()
+
+
+RESET_GUEST = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a zero window soon: never read
+s.settimeout(30)
+s.connect(("10.0.2.2", {port}))
+print("UP", flush=True)
+time.sleep(4)  # sends nothing: a send would find the host gone the old way (EPIPE)
+print("SO_ERROR", s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), flush=True)
+"""
+
+
+def test_host_reset_while_its_bytes_wait_for_a_guest_that_does_not_read(tmp_path):
+    """Issue #20 (4), an open flow: the host server pushes 2 MB, more than the guest's window and
+    slirpy's buffer take, then resets the connection. Its last bytes wait for a guest that never
+    reads; nobody is left to take them, so the flow is reset at once (tcp_host_gone) instead of
+    holding its buffer until the guest reads, which may be never."""
+    require_netns()
+    api_path = str(tmp_path / "api.sock")
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    done = threading.Event()
+
+    def serve():
+        c, _ = srv.accept()
+        c.setblocking(False)
+        sent = 0
+        end = time.monotonic() + 10
+        while sent < (2 << 20) and time.monotonic() < end:
+            try:
+                sent += c.send(b"h" * 65536)
+            except BlockingIOError:
+                time.sleep(0.05)
+        time.sleep(1)  # slirpy holds what it took, the rest waits in the kernels
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+        done.set()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with Slirpy(f"--api-socket={api_path}") as s:
+            r = s.run_in_ns(sys.executable, "-c", textwrap.dedent(RESET_GUEST.format(port=port)),
+                            timeout=30)
+            assert done.wait(10)
+            st = _stats(api_path)
+            assert "UP" in r.stdout and "SO_ERROR 104" in r.stdout, (r.stdout, r.stderr[-1000:])
+            assert st["dropped"].get("tcp_host_gone") == 1, st["dropped"]
+            assert st["flows"]["tcp"]["open"] == 0 and st["buffers"]["tcp_mem_bytes"] == 0, st
     finally:
         srv.close()
