@@ -224,14 +224,15 @@ class Daemon:
             if len(frames) < MAX_READ_BATCH:
                 break
 
-    def _read_tap(self) -> None:
+    def _read_tap(self, deadline: float = math.inf) -> None:
         """One round's share of the rx queues to the stack, RX_CHUNK frames at a time, each
         chunk flushed and the tap read again after it: up to RX_PER_ROUND frames, then up to
-        SYN_PER_ROUND SYNs."""
+        SYN_PER_ROUND SYNs; past the deadline (the busy slice) one chunk of each."""
+        now = self.now
         for q, chunks in ((self._rx, RX_PER_ROUND // RX_CHUNK),
                           (self._rx_syn, SYN_PER_ROUND // RX_CHUNK)):
-            for _ in range(chunks):
-                if not self._feed(q):
+            for k in range(chunks):
+                if (k and now() >= deadline) or not self._feed(q):
                     break
 
     def _feed(self, q) -> bool:
@@ -271,11 +272,13 @@ class Daemon:
 
     async def _pump(self):
         """The hot path: one epoll set holds the tap and the components' hot fds (every host
-        TCP socket of the NAT). Each round reads one batch from the tap (the guest's ACKs, its
-        SYNs, pings), serves up to HOST_FDS_PER_ROUND ready host sockets, oldest events first
-        (the rest wait in the backlog: one busy guest's thousands of flows cannot make a round
-        long), then flushes once. Busy rounds yield to trio every MAX_HOT_ROUNDS rounds or
-        BUSY_SLICE seconds, and at once when trio's fd is ready. The pump also runs the stack's
+        TCP socket of the NAT). Each round reads the tap ahead into the rx queues, gives the
+        stack up to RX_PER_ROUND frames and SYN_PER_ROUND SYNs, serves up to HOST_FDS_PER_ROUND
+        ready host sockets, oldest events first (the rest wait in the backlog: one busy guest's
+        thousands of flows cannot make a round long), then flushes. Busy rounds yield to trio
+        every MAX_HOT_ROUNDS rounds or BUSY_SLICE seconds, and at once when trio's fd is ready;
+        past the slice a round takes one chunk of each kind and yields, so trio's tasks (the
+        API) get a turn every few milliseconds under any flood. The pump also runs the stack's
         timer (when idle, and whenever it yields).
 
         With the trio runner at hand, trio's own epoll fd is in the set too. Going idle with no
@@ -351,7 +354,7 @@ class Daemon:
                 if tap_ready:
                     drain_tap()
                 if rx or rx_syn:
-                    read_tap()  # a burst of the guest's ACKs, then one answer
+                    read_tap(slice_end)  # a burst of the guest's ACKs, then one answer
                 for i in range(HOST_FDS_PER_ROUND):
                     if not backlog:
                         break
@@ -362,6 +365,8 @@ class Daemon:
                     if i % HOST_CHUNK == HOST_CHUNK - 1:
                         self.flush()
                         drain_tap()
+                        if now() >= slice_end:  # the slice is spent: trio's turn
+                            break
                 self.flush()
                 rounds += 1
                 if (trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending)
