@@ -159,6 +159,14 @@ class Daemon:
             except (OSError, ValueError):
                 pass
 
+    def compact(self) -> None:
+        """After a crowd of flows closed (the Observer's trim): the hot-fd table and the
+        backlog at their present size (in place: the pump holds them)."""
+        for d in (self._hot, self._backlog):
+            items = list(d.items())
+            d.clear()
+            d.update(items)
+
     def flush(self) -> None:
         if self._flushing:
             return

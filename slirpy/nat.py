@@ -294,6 +294,18 @@ class TcpNat:
         self._by_fd[c.fd] = c
         self.d.add_hot_fd(c.fd, self._host_ready, _MASK_OUT)
 
+    def compact(self) -> None:
+        """After a crowd of flows closed (the Observer's trim): the tables at their present
+        size, and the connect queue without the finished."""
+        for d in (self.conns, self._by_fd):
+            items = list(d.items())
+            d.clear()
+            d.update(items)
+        q = self._connecting
+        live = [e for e in q if e[1].state == CONNECTING]
+        q.clear()
+        q.extend(live)
+
     # --------------------------------------------------------------------- stack events
     def _on_readable(self, ev):  # TcpReadable, and TcpGuestEof: _to_host sees the EOF itself
         c = self.conns.get(ev.flow)

@@ -182,7 +182,7 @@ class Trimmer:
         except (ImportError, OSError, AttributeError):
             pass
 
-    def check(self, flows: int) -> bool:
+    def check(self, flows: int, compact=()) -> bool:
         last, self._last = self._last, flows
         if flows >= self._peak:
             self._peak = flows
@@ -190,11 +190,14 @@ class Trimmer:
         if self._peak - flows < TRIM_AFTER or flows != last:
             return False
         self._peak = flows
-        self.trim()
+        self.trim(compact)
         return True
 
-    def trim(self) -> None:
+    def trim(self, compact=()) -> None:
+        """compact: callables run first (tables and heaps rebuilt at their present size)."""
         import gc
+        for fn in compact:
+            fn()
         gc.collect()
         if self._malloc_trim is not None:
             self._malloc_trim(0)
@@ -218,6 +221,12 @@ class Observer:
                  cfg.tap_name, cfg.mtu, cfg.cidr, " ipv6" if cfg.enable_ipv6 else "",
                  f" api={cfg.api_socket}" if cfg.api_socket else "")
 
+    def _compactors(self, tcp) -> list:
+        out = [fn for fn in (getattr(tcp, "compact", None),
+                             getattr(getattr(self.daemon, "tcp_nat", None), "compact", None),
+                             getattr(self.daemon, "compact", None)) if fn is not None]
+        return out
+
     def check(self) -> None:
         """Diff the drop counters since the last check; log limits that were hit."""
         stats = getattr(getattr(self.daemon, "stack", None), "stats", None)
@@ -240,7 +249,7 @@ class Observer:
                 await trio.sleep(WATCH_INTERVAL)
                 self.check()
                 tcp = getattr(getattr(self.daemon, "stack", None), "tcp", None)
-                if tcp is not None and self.trimmer.check(len(tcp._flows)):
+                if tcp is not None and self.trimmer.check(len(tcp._flows), self._compactors(tcp)):
                     log.debug("memory trimmed after flows closed")
         finally:
             self.check()

@@ -901,6 +901,17 @@ class TcpEngine:
         self._push(TcpWritable(f.id))
         return r
 
+    def compact(self):
+        """After a crowd of flows closed (the glue's memory trim): the timer heap without the
+        stale entries of flows gone, and the tables rebuilt at their present size (a dict never
+        shrinks by deleting)."""
+        flows = self._flows
+        self._heap[:] = [e for e in self._heap
+                         if (f := flows.get(e[1])) is not None and f.gen == e[2]]
+        heapq.heapify(self._heap)
+        for d in (flows, self._by_key, self._ack_set, self._half_open, self._rwait, self._swait):
+            _rebuild(d)
+
     def mem_recount(self):
         """The bytes held in every flow's buffers, recounted from scratch (tests: == mem_bytes)."""
         total = 0
@@ -1088,6 +1099,13 @@ class TcpEngine:
                         "dst": str(ipaddress.ip_address(f.raddr)), "dport": f.rport,
                         "state": f.state, "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
         return out
+
+
+def _rebuild(d):
+    """d again, in a table of its present size (in place: others hold references to it)."""
+    items = list(d.items())
+    d.clear()
+    d.update(items)
 
 
 def plen_or_fin(payload, flags):
