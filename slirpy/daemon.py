@@ -8,7 +8,9 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
     daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
-                                             it with daemon.hot_ep.modify); one flush per round
+                                             it with daemon.hot_ep.modify); HOST_FDS_PER_ROUND
+                                             per round, the others in later rounds, in order
+                                             (events of a removed fd are forgotten)
     optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before ready-fd.
 Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 """
