@@ -3,7 +3,8 @@ sockets in. Bytes move between the host sockets and the sans-IO stack's flows wi
 on both sides.
 
 No task per flow. Every host TCP socket is an edge-triggered hot fd in the daemon pump's epoll
-set: per round, every ready socket is served and the daemon flushed once. Guest data
+set: per round, up to the pump's HOST_FDS_PER_ROUND ready sockets are served (the others in
+the next rounds, in order) and the daemon flushed. Guest data
 goes to the host socket from the stack's event handler itself (TcpReadable), so a request from
 the guest reaches the host in the same loop iteration that read it from the tap.
 
