@@ -316,7 +316,8 @@ class Daemon:
             await trio.lowlevel.checkpoint()
         log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
                  "waits through trio (no trio runner with an epoll backend at hand)")
-        timer_due, now, read_tap, drain_tap = self._timer_due, self.now, self._read_tap, self._drain_tap
+        timer_due, now = self._timer_due, self.now
+        read_tap, drain_tap = self._read_tap, self._drain_tap
         backlog, rx, rx_syn = self._backlog, self._rx, self._rx_syn
         popitem = backlog.popitem
         rounds = 0

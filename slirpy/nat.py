@@ -156,7 +156,8 @@ class TcpNat:
         if state != OPEN:
             if state == CONNECTING and mask & (_OUT | _ERR | _HUP):
                 self._connected(c)  # bytes or an EOF that came with it are served below
-            elif state == GUEST_WAIT and mask & (_ERR | _HUP | _RDHUP) and self._gone_early(c, mask):
+            elif (state == GUEST_WAIT and mask & (_ERR | _HUP | _RDHUP)
+                  and self._gone_early(c, mask)):
                 # the host client hung up before the guest answered our SYN: the flow would go
                 # on retrying it, and the guest, once it answers, get a dead connection first
                 self.d.stack.stats.drop("tcp_host_gone_early")
