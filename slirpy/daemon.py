@@ -8,7 +8,10 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
     daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
-                                             it with daemon.hot_ep.modify); one flush per round
+                                             it with daemon.hot_ep.modify); HOST_FDS_PER_ROUND
+                                             per round, the others in later rounds, in order
+                                             (events of a removed fd are forgotten); one flush
+                                             per round
     optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before the pump
                                              (launch.run wrote the ready byte before the loop;
                                              what it opened is in daemon.prebound)
@@ -17,6 +20,7 @@ Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import math
@@ -32,7 +36,7 @@ with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
     import trio
 
 from .stack.events import TcpConnectRequest
-from .tap import Tap, TapGone
+from .tap import MAX_READ_BATCH, Tap, TapGone
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,31 @@ COMPONENTS = [
 
 MAX_DISPATCH = 100_000  # events per flush, a guard against a handler feeding itself forever
 MAX_HOT_ROUNDS = 8  # busy pump rounds between checkpoints (trio's other tasks get their turn)
+# Bounded work per round, so that no source takes every round (issue #20): the tap gives at most
+# one batch (tap.MAX_READ_BATCH frames), and at most HOST_FDS_PER_ROUND host sockets are served;
+# the others keep their events in the backlog, in order, for the next rounds.
+HOST_FDS_PER_ROUND = 64
+# The guest's tap queue is short (500 frames): during a burst (thousands of SYNs and ACKs) it
+# overflowed while the stack worked, and dropped frames (pings, ACKs, RSTs) came back only as
+# retransmissions, or never. The pump reads the tap ahead of the stack into its own queue
+# (reading is cheap; bounded in frames and bytes, beyond that the tap keeps what waits) and
+# gives the stack RX_PER_ROUND frames per round, RX_CHUNK at a time, each chunk flushed (its
+# events dispatched: the NAT's host connects for SYNs) and the tap read again after it; so is the
+# tap after every HOST_CHUNK host sockets served. A guest's burst of thousands of RSTs thus finds
+# the tap read every few milliseconds.
+# SYNs (new connections) wait in a queue of their own and get SYN_PER_ROUND per round after
+# everything else: established flows, pings and the API first, connects at the rate the loop
+# serves them (the engine's half-open cap defers the rest to the guest's retransmissions).
+RX_QUEUE_FRAMES = 8192
+RX_QUEUE_BYTES = 8 << 20
+RX_PER_ROUND = 256
+RX_CHUNK = 32
+HOST_CHUNK = 16
+SYN_PER_ROUND = 64
+RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest retransmits them
+# (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
+# that established traffic needs
+BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
 
 
 def _trio_runner():
@@ -105,6 +134,11 @@ class Daemon:
         self.components: list = []
         self._handlers: dict = {}
         self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
+        # fd -> events epoll reported that the pump has not served yet (HOST_FDS_PER_ROUND)
+        self._backlog: collections.OrderedDict = collections.OrderedDict()
+        self._rx: collections.deque = collections.deque()  # frames read, not yet given the stack
+        self._rx_syn: collections.deque = collections.deque()  # ... of them, the guest's SYNs
+        self._rx_bytes = 0
         self.hot_ep = select.epoll()
         self._flushing = False
         self._timer_scope: trio.CancelScope | None = None
@@ -130,11 +164,20 @@ class Daemon:
         self._hot[fd] = fn
 
     def remove_hot_fd(self, fd: int) -> None:
+        self._backlog.pop(fd, None)  # the number may come back for another socket
         if self._hot.pop(fd, None) is not None:
             try:
                 self.hot_ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def compact(self) -> None:
+        """After a crowd of flows closed (the Observer's trim): the hot-fd table and the
+        backlog at their present size (in place: the pump holds them)."""
+        for d in (self._hot, self._backlog):
+            items = list(d.items())
+            d.clear()
+            d.update(items)
 
     def flush(self) -> None:
         if self._flushing:
@@ -183,15 +226,57 @@ class Daemon:
             self.stack.reject_tcp(ev.flow, "refused", self.now())
 
     # ----------------------------------------------------------------------------- tasks
-    def _read_tap(self) -> None:
-        tap, stack = self.tap, self.stack
-        frames = tap.read_batch()
-        if frames:
-            now = self.now()
-            if self.pcap is not None:
-                self._capture(frames)
+    def _drain_tap(self) -> None:
+        """Read the tap ahead of the stack into the rx queues, until EAGAIN or their caps."""
+        tap, q, sq = self.tap, self._rx, self._rx_syn
+        opens = getattr(self.stack, "opens_tcp", None)  # a test's stand-in may have none
+        while len(q) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
+            frames = tap.read_batch()
             for f in frames:
-                stack.receive_frame(f, now)
+                if opens is not None and opens(f):
+                    if len(sq) >= RX_SYN_QUEUE:
+                        self.stack.stats.drop("tcp_syn_queue_full")
+                        continue
+                    sq.append(f)
+                else:
+                    q.append(f)
+                self._rx_bytes += len(f)
+            if len(frames) < MAX_READ_BATCH:
+                break
+
+    def _read_tap(self, deadline: float = math.inf) -> None:
+        """One round's share of the rx queues to the stack, RX_CHUNK frames at a time, each
+        chunk flushed and the tap read again after it: up to RX_PER_ROUND frames, then up to
+        SYN_PER_ROUND SYNs; past the deadline (the busy slice) one chunk of each."""
+        now = self.now
+        for q, chunks in ((self._rx, RX_PER_ROUND // RX_CHUNK),
+                          (self._rx_syn, SYN_PER_ROUND // RX_CHUNK)):
+            for k in range(chunks):
+                if (k and now() >= deadline) or not self._feed(q):
+                    break
+
+    def _feed(self, q) -> bool:
+        """RX_CHUNK frames (or fewer) of q to the stack, flushed, the tap read again."""
+        stack = self.stack
+        n = len(q)
+        if not n:
+            return False
+        if n <= RX_CHUNK:
+            frames = list(q)
+            q.clear()
+        else:
+            pop = q.popleft
+            frames = [pop() for _ in range(RX_CHUNK)]
+        for f in frames:
+            self._rx_bytes -= len(f)
+        now = self.now()
+        if self.pcap is not None:
+            self._capture(frames)
+        for f in frames:
+            stack.receive_frame(f, now)
+        self.flush()
+        self._drain_tap()
+        return True
 
     def _timer_due(self) -> float | None:
         """Run the stack's timer if it is due; return when it is next due (None: never)."""
@@ -207,8 +292,14 @@ class Daemon:
 
     async def _pump(self):
         """The hot path: one epoll set holds the tap and the components' hot fds (every host
-        TCP socket of the NAT). Each round serves every ready fd, then flushes once. The pump
-        also runs the stack's timer (when idle, and every few busy rounds).
+        TCP socket of the NAT). Each round reads the tap ahead into the rx queues, gives the
+        stack up to RX_PER_ROUND frames and SYN_PER_ROUND SYNs, serves up to HOST_FDS_PER_ROUND
+        ready host sockets, oldest events first (the rest wait in the backlog: one busy guest's
+        thousands of flows cannot make a round long), then flushes. Busy rounds yield to trio
+        every MAX_HOT_ROUNDS rounds or BUSY_SLICE seconds, and at once when trio's fd is ready;
+        past the slice a round takes one chunk of each kind and yields, so trio's tasks (the
+        API) get a turn every few milliseconds under any flood. The pump also runs the stack's
+        timer (when idle, and whenever it yields).
 
         With the trio runner at hand, trio's own epoll fd is in the set too. Going idle with no
         other task scheduled, the pump sleeps in its set until the stack's timer or trio's next
@@ -235,12 +326,16 @@ class Daemon:
             await trio.lowlevel.checkpoint()
         log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
                  "waits through trio (no trio runner with an epoll backend at hand)")
-        timer_due, now, read_tap = self._timer_due, self.now, self._read_tap
+        timer_due, now = self._timer_due, self.now
+        read_tap, drain_tap = self._read_tap, self._drain_tap
+        backlog, rx, rx_syn = self._backlog, self._rx, self._rx_syn
+        popitem = backlog.popitem
         rounds = 0
+        slice_end = now() + BUSY_SLICE
         try:
             while True:
                 events = poll(0)
-                if not events:
+                if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
                     t = timer_due()
                     if runner is not None and (runner.waiting_for_idle or
@@ -268,22 +363,39 @@ class Daemon:
                     events = poll(-1 if timeout == math.inf else timeout)
                     if not events:
                         continue  # a timeout: ours runs at the top, trio's at the checkpoint
-                trio_ready = False
+                    slice_end = now() + BUSY_SLICE
+                trio_ready = tap_ready = False
                 for fd, mask in events:
                     if fd == tap_fd:
-                        read_tap()  # until EAGAIN: a burst of the guest's ACKs, then one answer
+                        tap_ready = True
                     elif fd == trio_fd:
                         trio_ready = True
                     else:
-                        fn = hot.get(fd)
-                        if fn is not None:
-                            fn(fd, mask)
+                        backlog[fd] = backlog.get(fd, 0) | mask  # a new edge keeps its place
+                if tap_ready:
+                    drain_tap()
+                if rx or rx_syn:
+                    read_tap(slice_end)  # a burst of the guest's ACKs, then one answer
+                for i in range(HOST_FDS_PER_ROUND):
+                    if not backlog:
+                        break
+                    fd, mask = popitem(last=False)
+                    fn = hot.get(fd)
+                    if fn is not None:
+                        fn(fd, mask)
+                    if i % HOST_CHUNK == HOST_CHUNK - 1:
+                        self.flush()
+                        drain_tap()
+                        if now() >= slice_end:  # the slice is spent: trio's turn
+                            break
                 self.flush()
                 rounds += 1
-                if trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending):
+                if (trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending)
+                        or now() >= slice_end):
                     rounds = 0
                     timer_due()
                     await trio.lowlevel.checkpoint()
+                    slice_end = now() + BUSY_SLICE
         finally:
             if runner is not None:
                 trio.lowlevel.remove_instrument(sched)

@@ -3,13 +3,18 @@ sockets in. Bytes move between the host sockets and the sans-IO stack's flows wi
 on both sides.
 
 No task per flow. Every host TCP socket is an edge-triggered hot fd in the daemon pump's epoll
-set: per round, every ready socket is served and the daemon flushed once. Guest data
+set: per round, up to the pump's HOST_FDS_PER_ROUND ready sockets are served (the others in
+the next rounds, in order) and the daemon flushed. Guest data
 goes to the host socket from the stack's event handler itself (TcpReadable), so a request from
-the guest reaches the host in the same loop iteration that read it from the tap. What a socket
-cannot take now waits in `_Conn.out` until EPOLLOUT; what the stack cannot take waits in
-`_Conn.held` until TcpWritable. Connect timeouts are one deque (the timeout is constant, so
-deadlines come in order) and one task; so are lingering closes (a flow that ended while guest
-bytes still wait for a host that reads slowly: they are sent, then the socket closes).
+the guest reaches the host in the same loop iteration that read it from the tap.
+
+The glue holds no flow's bytes: it reads from a host socket only what the stack takes now
+(`send_room`), and sends guest bytes straight from the stack's receive buffer (`peek_tcp`),
+which lets go of them only when the socket took them (`consume_tcp`). So every byte slirpy
+holds for a flow is in the engine's memory budget. What a socket cannot take now waits in the
+stack until EPOLLOUT; what the stack cannot take waits in the host's kernel until TcpWritable.
+Connect timeouts are one deque (the timeout is constant, so deadlines come in order) and one
+task.
 """
 
 from __future__ import annotations
@@ -32,8 +37,7 @@ from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestE
 log = logging.getLogger(__name__)
 _refused = RateLimited(log, logging.INFO, interval=10.0)  # one line per reason per 10 s
 CONNECT_TIMEOUT = 15.0
-LINGER_TIMEOUT = 60.0  # a finished flow's last guest bytes wait this long for the host to read
-CHUNK = 256 * 1024  # per host recv / guest read: fewer wakeups, syscalls and ACKs
+CHUNK = 256 * 1024  # per host recv: fewer wakeups, syscalls and ACKs
 SOCK_BUF = 1 << 20
 
 _IN, _OUT, _ERR, _HUP, _RDHUP = (select.EPOLLIN, select.EPOLLOUT, select.EPOLLERR, select.EPOLLHUP,
@@ -45,13 +49,13 @@ _MASK_OUT = _IN | _OUT | _RDHUP | select.EPOLLET
 _LINGER0 = struct.pack("ii", 1, 0)
 
 # conn states: host connect in progress / a forward's SYN into the guest unanswered yet / bridging /
-# the flow is gone but guest bytes still go to the host / closed
-CONNECTING, GUEST_WAIT, OPEN, LINGER, DONE = range(5)
+# closed
+CONNECTING, GUEST_WAIT, OPEN, DONE = range(4)
 
 
 class _Conn:
     __slots__ = ("flow", "sock", "fd", "state", "readable", "want_out", "writable", "rdhup",
-                 "host_eof", "shut_wr", "out", "held", "desc")
+                 "host_eof", "shut_wr", "desc")
 
     def __init__(self, flow, sock, state, desc):
         self.flow, self.sock, self.fd, self.state = flow, sock, sock.fileno(), state
@@ -59,8 +63,6 @@ class _Conn:
         self.readable = self.writable = self.rdhup = False  # edges seen, not yet used up
         self.want_out = True  # registered for EPOLLOUT
         self.host_eof = self.shut_wr = False
-        self.out = None  # guest bytes taken from the stack that the host socket has not taken
-        self.held = None  # host bytes the stack has not taken (its send buffer was full)
 
 
 def _reason(err: int) -> str:
@@ -95,7 +97,6 @@ class TcpNat:
         self._by_fd: dict[int, _Conn] = {}
         self._ep = daemon.hot_ep  # the pump's set: every host socket is one of its hot fds
         self._connecting: collections.deque = collections.deque()  # (deadline, conn), in order
-        self._lingering: collections.deque = collections.deque()  # (deadline, conn), in order
         self._reaper_scope: trio.CancelScope | None = None
         self._probe = select.poll()
         self._buf = bytearray(CHUNK)
@@ -119,11 +120,9 @@ class TcpNat:
 
     def _fail(self, flow, c=None):
         c = c or self.conns.get(flow)
-        lingering = c is not None and c.state == LINGER  # then the flow id is no longer ours
         if c is not None:
             self._close(c, linger0=True)
-        if not lingering:
-            self.d.stack.reset_tcp(flow, self.d.now())
+        self.d.stack.reset_tcp(flow, self.d.now())
 
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
@@ -144,11 +143,10 @@ class TcpNat:
             self._fail(c.flow, c)
 
     async def _reaper(self):
-        """Connect timeouts (the flow is refused) and linger timeouts (the socket is closed)."""
-        cq, lq, d = self._connecting, self._lingering, self.d
+        """Connect timeouts (the flow is refused)."""
+        cq, d = self._connecting, self.d
         while True:
-            with trio.CancelScope(deadline=min(cq[0][0] if cq else math.inf,
-                                               lq[0][0] if lq else math.inf)) as cs:
+            with trio.CancelScope(deadline=cq[0][0] if cq else math.inf) as cs:
                 self._reaper_scope = cs
                 await trio.sleep_forever()
             self._reaper_scope = None
@@ -157,11 +155,6 @@ class TcpNat:
                 _, c = cq.popleft()
                 if c.state == CONNECTING:
                     self._refuse(c, errno.ETIMEDOUT)
-            while lq and lq[0][0] <= now:
-                _, c = lq.popleft()
-                if c.state == LINGER:
-                    self.d.stack.stats.drop("tcp_linger_timeout")
-                    self._close(c, linger0=True)
             d.flush()
 
     def _schedule(self, q, c, timeout):
@@ -176,33 +169,59 @@ class TcpNat:
         state = c.state
         if state != OPEN:
             if state == CONNECTING and mask & (_OUT | _ERR | _HUP):
-                self._connected(c)
-            elif state == LINGER and mask & (_OUT | _ERR | _HUP):
-                c.writable = True
-                self._to_host(c)
-            return  # GUEST_WAIT: TcpConnected starts with both edges assumed
+                self._connected(c)  # bytes or an EOF that came with it are served below
+            elif (state == GUEST_WAIT and mask & (_ERR | _HUP | _RDHUP)
+                  and self._gone_early(c, mask)):
+                # the host client hung up before the guest answered our SYN: the flow would go
+                # on retrying it, and the guest, once it answers, get a dead connection first
+                self.d.stack.stats.drop("tcp_host_gone_early")
+                self._fail(c.flow, c)
+                return
+            if c.state != OPEN:
+                return  # GUEST_WAIT: TcpConnected starts with both edges assumed
         if mask & (_IN | _ERR | _HUP | _RDHUP):
             c.readable = True
             if mask & (_RDHUP | _HUP | _ERR):
                 c.rdhup = True
             self._to_guest(c)
+            if (c.state == OPEN and c.readable and not c.host_eof and mask & (_ERR | _HUP)
+                    and not c.shut_wr):
+                # the host is gone (reset, or closed both ways) while its last bytes wait for
+                # a guest that takes nothing: nobody is left to take them, so no wait
+                self.d.stack.stats.drop("tcp_host_gone")
+                self._fail(c.flow, c)
+                return
         if mask & (_OUT | _ERR | _HUP) and c.state == OPEN:
             c.writable = True
             self._to_host(c)
 
+    @staticmethod
+    def _gone_early(c, mask):
+        """A forward's client, before the guest answered: reset or closed (HUP/ERR), or an EOF
+        with nothing sent before it. An EOF after a request is a half-close: the request still
+        waits for the guest, and its answer for the client."""
+        if mask & (_ERR | _HUP):
+            return True
+        try:
+            return c.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
     def _to_guest(self, c):
-        """Host socket -> stack, while both have something to give and room to take it."""
+        """Host socket -> stack, while both have something to give and room to take it: no
+        more is read than the stack takes now, so nothing waits here."""
         st, now, flow = self.d.stack, self.d.now(), c.flow
-        if c.held is not None:
-            n = st.send_tcp(flow, c.held, now)
-            if n < len(c.held):
-                c.held = c.held[n:]
-                return
-            c.held = None
-        buf, view = self._buf, self._view
+        view = self._view
         while c.readable and not c.host_eof:
+            want = st.send_room(flow)
+            if want <= 0:
+                return  # TcpWritable brings us back
+            if want > CHUNK:
+                want = CHUNK
             try:
-                k = c.sock.recv_into(buf)
+                k = c.sock.recv_into(view[:want] if want < CHUNK else view)
             except BlockingIOError:
                 c.readable = False
                 return
@@ -215,45 +234,42 @@ class TcpNat:
                 c.host_eof = True
                 st.shutdown_tcp(flow, now)
                 return
-            if k < CHUNK and not c.rdhup:
+            if k < want and not c.rdhup:
                 c.readable = False  # a short read emptied the socket; the next arrival re-arms
             n = st.send_tcp(flow, view[:k], now)
-            if n < k:
-                c.held = bytes(view[n:k])  # the buffer is reused: copy what waits
-                return
+            if n < k:  # send_room promised it: our bug, loud in tests, this flow's RST here
+                raise RuntimeError(f"send_tcp took {n} of {k} bytes send_room offered")
 
     def _to_host(self, c):
-        """Stack -> host socket, while the socket takes it."""
+        """Stack -> host socket, while the socket takes it. The bytes leave the stack's buffer
+        (and the budget) only once the socket has taken them."""
         st, flow, sock = self.d.stack, c.flow, c.sock
-        while c.writable:
-            out = c.out
+        while c.writable and c.state == OPEN:
+            out = st.peek_tcp(flow)
             if out is None:
-                out = st.recv_tcp(flow, CHUNK, self.d.now()) if c.state == OPEN else None
-                if not out:
-                    if c.state == LINGER:
-                        self._shut_wr(c)
-                        self._close(c)
-                    elif self._guest_eof(flow):
-                        self._shut_wr(c)
-                    return
+                if self._guest_eof(flow):
+                    self._shut_wr(c)
+                return
+            size = len(out)
             try:
                 n = sock.send(out)
             except BlockingIOError:
                 n = 0
             except InterruptedError:
-                c.out = out
                 continue
             except OSError:  # EPIPE / ECONNRESET
                 self._host_failed(c)
                 return
-            if n < len(out):
-                c.out = memoryview(out)[n:]
+            finally:
+                out.release()  # before the engine's buffer changes
+            if n:
+                st.consume_tcp(flow, n, self.d.now())
+            if n < size:
                 c.writable = False  # full: EPOLLOUT re-arms
                 if not c.want_out:
                     c.want_out = True
                     self._ep.modify(c.fd, _MASK_OUT)
                 return
-            c.out = None
             if c.want_out:
                 c.want_out = False
                 self._ep.modify(c.fd, _MASK_IN)
@@ -281,7 +297,6 @@ class TcpNat:
         if self.conns.get(c.flow) is c:
             del self.conns[c.flow]
         self._by_fd.pop(c.fd, None)
-        c.out = c.held = None
         self.d.remove_hot_fd(c.fd)
         if linger0:
             try:
@@ -294,6 +309,18 @@ class TcpNat:
         self.conns[c.flow] = c
         self._by_fd[c.fd] = c
         self.d.add_hot_fd(c.fd, self._host_ready, _MASK_OUT)
+
+    def compact(self) -> None:
+        """After a crowd of flows closed (the Observer's trim): the tables at their present
+        size, and the connect queue without the finished."""
+        for d in (self.conns, self._by_fd):
+            items = list(d.items())
+            d.clear()
+            d.update(items)
+        q = self._connecting
+        live = [e for e in q if e[1].state == CONNECTING]
+        q.clear()
+        q.extend(live)
 
     # --------------------------------------------------------------------- stack events
     def _on_readable(self, ev):  # TcpReadable, and TcpGuestEof: _to_host sees the EOF itself
@@ -321,18 +348,11 @@ class TcpNat:
             self._close(c, linger0=True)
 
     def _on_closed(self, ev):
-        """The flow is gone (an RST-worthy end came as TcpReset first). Guest bytes the host
-        has not taken yet still go to it, then an orderly close."""
+        """The flow is gone (an RST-worthy end came as TcpReset first; an orderly end only
+        once the host took every guest byte, which stay in the stack until then)."""
         c = self.conns.get(ev.flow)
-        if c is None:
-            return
-        if c.state == OPEN and c.out is not None and not c.shut_wr:
-            c.state = LINGER
-            c.held = None
-            self.conns.pop(c.flow, None)  # the flow id may be reused; the fd stays ours
-            self._schedule(self._lingering, c, LINGER_TIMEOUT)
-            return
-        self._close(c)
+        if c is not None:
+            self._close(c)
 
     # ------------------------------------------------------------------------- outbound
     def _map(self, ev):

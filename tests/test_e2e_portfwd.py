@@ -7,8 +7,10 @@ import importlib.util
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -276,3 +278,98 @@ def test_tcp_forward_keeps_world_source_address():
     address (192.0.2.2); a loopback client as the gateway 10.0.2.2."""
     lines, err = forward_from_world("0.0.0.0:40124:9000", TCP_WHO, WORLD_TCP_CLIENT, 40124)
     assert lines == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], err
+
+
+GUEST_LATE_ACCEPT = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(0)  # one connection fits the accept queue; SYNs beyond it are dropped, unanswered
+print("ready", flush=True)
+sys.stdin.readline()
+served = dead = 0
+s.settimeout(5)
+while served < int(sys.argv[2]):
+    try:
+        c, a = s.accept()
+    except socket.timeout:
+        break
+    c.settimeout(5)
+    try:
+        d = c.recv(100)
+    except OSError:
+        d = b""
+    if not d:
+        dead += 1
+    else:
+        c.sendall(b"echo:" + d)
+        served += 1
+    c.close()
+print("served", served, "dead", dead, flush=True)
+"""
+
+
+def _tcp_flows(path):
+    return json.loads(api(path, {"execute": "get_stats"}))["return"]["flows"]["tcp"]
+
+
+def test_forward_clients_that_hang_up_before_the_guest_answers_are_forgotten(tmp_path):
+    """Issue #20 (4): host clients connect through a forward while the guest does not answer
+    SYNs (its accept queue is full) and give up (close, or reset). Their flows used to go on
+    retrying SYNs for a minute, and the guest, once it accepted, got those dead connections
+    first. Now a host hang-up while the forward waits for the guest resets the flow at once."""
+    require_netns()
+    hp, gp, dead_n, live_n = free_port(), 8011, 30, 5
+    api_path = str(tmp_path / "api.sock")
+    with Slirpy("--port", f"127.0.0.1:{hp}:{gp}", f"--api-socket={api_path}") as sl:
+        g = subprocess.Popen(["nsenter", "-t", str(sl.ns.pid), "-U", "-n", "--preserve-credentials",
+                              sys.executable, "-c", GUEST_LATE_ACCEPT, str(gp), str(live_n + 1)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        clients = []
+        try:
+            assert g.stdout.readline().strip() == "ready"
+            hold = socket.create_connection(("127.0.0.1", hp), timeout=10)
+            hold.sendall(b"hold")
+            clients.append(hold)
+            for _ in range(100):  # the guest's accept queue is full once this one is in
+                if _tcp_flows(api_path)["states"].get("ESTABLISHED") == 1:
+                    break
+                time.sleep(0.05)
+            assert _tcp_flows(api_path)["states"] == {"ESTABLISHED": 1}
+            for i in range(dead_n):  # connect and give up: half close, half reset
+                c = socket.create_connection(("127.0.0.1", hp), timeout=10)
+                if i % 2:
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+            for _ in range(100):  # every dead client's flow is reset (they retried SYNs 60 s)
+                st = json.loads(api(api_path, {"execute": "get_stats"}))["return"]
+                if st["dropped"].get("tcp_host_gone_early", 0) == dead_n:
+                    break
+                time.sleep(0.1)
+            assert st["dropped"].get("tcp_host_gone_early") == dead_n, st
+            assert st["flows"]["tcp"]["open"] == 1, st["flows"]
+            for i in range(live_n):
+                c = socket.create_connection(("127.0.0.1", hp), timeout=10)
+                c.sendall(b"live%d" % i)
+                clients.append(c)
+            g.stdin.write("go\n")
+            g.stdin.flush()
+            for i, c in enumerate(clients):
+                c.settimeout(20)
+                want = b"echo:" + (b"hold" if i == 0 else b"live%d" % (i - 1))
+                got = b""
+                while len(got) < len(want):
+                    b = c.recv(100)
+                    if not b:
+                        break
+                    got += b
+                assert got == want, (i, got)
+            out, _ = g.communicate(timeout=30)
+            assert out.split() == ["served", str(live_n + 1), "dead", "0"], out
+        finally:
+            for c in clients:
+                c.close()
+            if g.poll() is None:
+                g.kill()
+                g.wait()

@@ -706,8 +706,9 @@ print("OK", sum(1 for v in res.values() if v is True), [v for v in res.values() 
 def test_syn_flood_to_a_black_hole_evicts_oldest_half_open():
     """slirpy's parent runs in a netns the test made, where 192.0.2.9 is a static neighbour on a
     veth whose peer has another MAC (SYNs vanish, connect() hangs). The guest starts 1500 connections there: at most 1024 stay
-    half-open, the oldest are evicted with an RST (ECONNREFUSED in the guest) and a connection
-    to a live server still works meanwhile."""
+    half-open; the SYNs beyond wait for the guest's retransmissions until the oldest are stale
+    (HALF_OPEN_STALE, 3 s: the retransmission at 3 s), which are then evicted with an RST
+    (ECONNREFUSED in the guest); a connection to a live server still works meanwhile."""
     _need()
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("LOUD: need root and ip(8) to build the black-hole netns")
@@ -723,7 +724,7 @@ for i in range(1500):
     except BlockingIOError:
         pass
     socks.append(s)
-time.sleep(3)
+time.sleep(5.5)  # the guest's SYN retransmissions at 1 s (deferred) and 3 s (evicting)
 refused = pending = other = 0
 for s in socks:
     e = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -173,7 +173,7 @@ def test_get_stats_and_list_flows_on_real_stack_and_tables():
     for k in ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped", "uptime", "dropped_total",
               "flows", "forwards", "reassembly", "buffers", "pcap"):
         assert k in st, k
-    assert st["flows"]["tcp"] == {"open": 0, "states": {}, "max": 10000}
+    assert st["flows"]["tcp"] == {"open": 0, "states": {}, "max": 32768}
     assert st["reassembly"]["max_entries"] == 64 and st["pcap"] is None
 
     class Nat:
@@ -278,3 +278,20 @@ def test_udp_forward_mappings_listed():
         {"proto": "udp", "family": 4, "src": "10.0.2.100", "sport": 53, "dst": "192.0.2.7",
          "dport": 33000, "state": "FORWARDED", "forward": 3, "client": "192.0.2.7:5555",
          "bytes_in": 5, "bytes_out": 11, "idle": 2.5}]
+
+
+def test_trimmer_trims_once_a_crowd_of_flows_has_gone(monkeypatch):
+    """Issue #20: memory goes back after a flood ends. The trim runs when the TCP flows have
+    fallen TRIM_AFTER below their high-water mark and held still for one check, once per fall;
+    glibc's malloc_trim is found."""
+    from slirpy import observe
+    t = observe.Trimmer()
+    assert t._malloc_trim is not None  # glibc here
+    calls = []
+    monkeypatch.setattr(t, "_malloc_trim", lambda pad: calls.append(pad) or 1)
+    assert not t.check(0) and not t.check(3000) and not t.check(3000 - observe.TRIM_AFTER + 1)
+    assert not t.check(3000 - observe.TRIM_AFTER)  # still falling: not in the middle of it
+    assert t.check(3000 - observe.TRIM_AFTER) and calls == [0] and t.trims == 1
+    assert not t.check(100) and t.check(100) and t.trims == 2  # from the new mark (2488)
+    assert not t.check(100) and not t.check(400) and not t.check(0)  # 400 -> 0: a small fall
+    assert calls == [0, 0] and t.trims == 2

@@ -316,3 +316,28 @@ def test_port_forward_reusing_a_time_wait_port_gets_a_new_flow():
     assert s.stats.dropped["tcp_time_wait_recycled"] == 1
     # a live flow on the same ports is still refused
     assert s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.6) is None
+
+
+def test_opens_tcp_spots_the_guests_syns_and_nothing_else():
+    """The pump serves established traffic before new connections (issue #20): Stack.opens_tcp
+    must say yes to a guest's SYN (IPv4 with options, IPv6), no to SYN-ACK, ACK, UDP, ARP and
+    to anything truncated, without raising."""
+    import struct as _s
+    from slirpy.config import Config as _C
+    from slirpy.stack.stack import Stack as _S
+    st = _S(_C(enable_ipv6=True), 0.0)
+    eth4 = b"\x02" * 12 + b"\x08\x00"
+    eth6 = b"\x02" * 12 + b"\x86\xdd"
+
+    def v4(proto, flags, ihl=5):
+        ip = bytes([0x40 | ihl, 0]) + b"\0" * 7 + bytes([proto]) + b"\0" * (ihl * 4 - 10)
+        return eth4 + ip + _s.pack("!HHIIBB", 1, 2, 3, 4, 0x50, flags) + b"\0" * 6
+
+    def v6(nh, flags):
+        return eth6 + b"\x60" + b"\0" * 5 + bytes([nh]) + b"\0" * 33 + _s.pack(
+            "!HHIIBB", 1, 2, 3, 4, 0x50, flags) + b"\0" * 6
+    assert st.opens_tcp(v4(6, 0x02)) and st.opens_tcp(v4(6, 0x02, ihl=8))
+    assert st.opens_tcp(v6(6, 0x02))
+    for f in (v4(6, 0x12), v4(6, 0x10), v4(17, 0x02), v6(6, 0x12), v6(17, 0x02),
+              b"\x02" * 12 + b"\x08\x06" + b"\0" * 28, v4(6, 0x02)[:40], b"", b"\x01"):
+        assert not st.opens_tcp(f), f

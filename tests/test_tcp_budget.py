@@ -294,7 +294,8 @@ def test_send_budget_floor_and_writable_when_room_returns():
 
 
 ops = st.lists(st.tuples(st.sampled_from(["fill", "ooo", "dup", "read", "send", "gack", "gwin0",
-                                          "gfin", "hfin", "hrst", "grst", "timer", "open", "flush"]),
+                                          "gfin", "hfin", "hrst", "grst", "timer", "open", "flush",
+                                          "peek", "room"]),
                          st.integers(0, 3), st.integers(1, 70000)),
                min_size=1, max_size=60)
 
@@ -329,6 +330,17 @@ def test_running_total_never_drifts(plan):
         elif op == "read":
             n.e.recv_tcp(m.flow, k, now)
             n.pump()
+        elif op == "peek":  # the glue's way: send from the buffer, then let go of what went
+            v = n.e.peek_tcp(m.flow)
+            if v is not None:
+                took = min(k, len(v))
+                v.release()
+                n.e.consume_tcp(m.flow, took, now)
+                n.pump()
+        elif op == "room":  # send_tcp takes all that send_room offers (0: TcpWritable later)
+            room = n.e.send_room(m.flow)
+            if room:
+                assert n.host_send(m, min(room, k)) == min(room, k)
         elif op == "send":
             n.host_send(m, k)
         elif op == "gack":
@@ -412,3 +424,22 @@ def test_room_left_unused_by_a_woken_flow_reaches_the_next_one_after_a_retry():
     assert n.writable() == {b.flow} and not n.e._swait
     assert n.host_send(b, 100 * KIB) == 32 * KIB
     assert n.host_send(a, 100 * KIB) == 0 and set(n.e._swait) == {a.flow, b.flow}
+
+
+def test_compact_keeps_live_timers_and_tables_drops_the_rest():
+    """The memory trim after a crowd of flows closed (issue #20): compact() leaves the timer
+    heap with only live entries and the tables with the same contents."""
+    n = Net(1 << 20)
+    ms = [n.open(30000 + i, wnd=65535) for i in range(40)]
+    for m in ms[:30]:
+        n.e.reset_tcp(m.flow, 0.0)
+    n.pump()
+    for m in ms[30:]:
+        n.host_send(m, 100)  # armed: an RTO each
+    before = {fid: f for fid, f in n.e._flows.items()}
+    t = n.e.get_timer()
+    n.e.compact()
+    assert n.e._flows == before and set(n.e._by_key.values()) == set(before.values())
+    assert {e[1] for e in n.e._heap} <= set(before) and len(n.e._heap) == 10
+    assert n.e.get_timer() == t
+    assert n.e.mem_bytes == n.e.mem_recount()

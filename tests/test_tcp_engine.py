@@ -5,7 +5,7 @@ from slirpy.config import Config
 from slirpy.stack import events as E
 from slirpy.stack import seq
 from slirpy.stack.stats import Stats
-from slirpy.stack.tcp import ACK, DELACK, FIN, PSH, RST, SYN, TcpEngine
+from slirpy.stack.tcp import ACK, DELACK, FIN, HALF_OPEN_STALE, PSH, RST, SYN, TcpEngine
 from slirpy.stack.tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 G = bytes([10, 0, 2, 100])
@@ -197,21 +197,30 @@ def test_reject_and_flow_cap_rst_when_nothing_half_open():
 
 
 def test_syn_flood_evicts_oldest_half_open():
+    """At the half-open cap a SYN evicts the oldest half-open flow once it is stale (older than
+    HALF_OPEN_STALE); while all are young, a burst the loop is still working through, the new
+    SYN is dropped for the guest to retransmit and nothing is reset for it (issue #20)."""
     h = H(max_half_open=4)
     fl, s = est(h)
     h.ev.clear()
     h.pop()
-    for p in range(1, 11):
+    for p in range(1, 5):
         h.seg(p * 1000, 0, SYN, sport=p)
+    for p in (5, 6):  # the four are young: deferred, not evicting anyone
+        h.seg(p * 1000, 0, SYN, sport=p, now=HALF_OPEN_STALE - 0.1)
+    assert h.pop() == [] and h.stats.dropped["tcp_syn_deferred"] == 2
+    assert h.stats.dropped["tcp_half_open_evicted"] == 0
+    for p in range(7, 11):
+        h.seg(p * 1000, 0, SYN, sport=p, now=HALF_OPEN_STALE)
     reqs = [e for e in h.ev if isinstance(e, E.TcpConnectRequest)]
-    assert [r.sport for r in reqs] == list(range(1, 11))
+    assert [r.sport for r in reqs] == [1, 2, 3, 4, 7, 8, 9, 10]
     alive = {f["sport"] for f in h.e.flows()}
     assert alive == {40000, 7, 8, 9, 10}  # the established flow and the 4 newest SYNs
     closed = [e.flow for e in h.ev if isinstance(e, E.TcpClosed)]
-    assert closed == [r.flow for r in reqs[:6]]
+    assert closed == [r.flow for r in reqs[:4]]
     rsts = [o for o in h.pop() if o[7] & RST]
-    assert [(o[4], o[6]) for o in rsts] == [(p, p * 1000 + 1) for p in range(1, 7)]
-    assert h.stats.dropped["tcp_half_open_evicted"] == 6
+    assert [(o[4], o[6]) for o in rsts] == [(p, p * 1000 + 1) for p in range(1, 5)]
+    assert h.stats.dropped["tcp_half_open_evicted"] == 4
     # the evicted flow's late connect result is ignored; the established flow still works
     h.e.accept_tcp(reqs[0].flow, 0.0)
     assert h.pop() == []

@@ -76,7 +76,7 @@ class Stack:
         if self.vnet:
             t.seg_max = wire.GSO_MAX_PAYLOAD
         for name in ("accept_tcp", "reject_tcp", "send_tcp", "recv_tcp", "shutdown_tcp",
-                     "reset_tcp", "connect_tcp", "flows"):
+                     "reset_tcp", "connect_tcp", "flows", "send_room", "peek_tcp", "consume_tcp"):
             setattr(self, name, getattr(t, name, self._unsupported))
 
     @staticmethod
@@ -237,6 +237,27 @@ class Stack:
         return None
 
     # ----------------------------------------------------------------------------- input
+    def opens_tcp(self, buf) -> bool:
+        """Is this frame a TCP SYN (no ACK), a guest opening a connection? A cheap look at
+        fixed offsets (IPv4 with any IHL, IPv6 without extension headers), for the glue to serve
+        established traffic first; never raises, anything odd is 'no'."""
+        h = self.vnet_hdr_len + 14
+        try:
+            et = buf[h - 2:h]
+            if et == b"\x08\x00":
+                if buf[h + 9] != 6:
+                    return False
+                t = h + (buf[h] & 15) * 4
+            elif et == b"\x86\xdd":
+                if buf[h + 6] != 6:
+                    return False
+                t = h + 40
+            else:
+                return False
+            return buf[t + 13] & 0x12 == 0x02  # SYN without ACK
+        except IndexError:
+            return False
+
     def receive_frame(self, buf, now):
         self._last_now = now
         self.stats.frames_in += 1

@@ -21,6 +21,8 @@ The contract between stack.py and the engine, fixed here so both can be built si
     accept_tcp(flow, now); reject_tcp(flow, reason, now)   reason in {"refused","unreachable","timeout"}
     forget_syn(flow, reason, now): a refused SYN without an RST (Stack.refuse_tcp sends ICMP)
     send_tcp(flow, data, now) -> int (bytes taken); recv_tcp(flow, n, now) -> bytes
+    send_room(flow) -> int (what send_tcp takes now); peek_tcp(flow) -> memoryview | None and
+      consume_tcp(flow, n, now) (guest bytes leave the buffer only when the host took them)
     shutdown_tcp(flow, now) (host EOF -> FIN); reset_tcp(flow, now) (host RST -> RST)
     connect_tcp(family, src: str, sport, dst: str, dport, now) -> flow  (port forwarding: SYN to guest)
     flows() -> list[dict]  (for stats / list_flows)
@@ -59,8 +61,14 @@ MEM_BUDGET = 128 * 1024 * 1024  # all flows' send + receive + out-of-order bytes
 MEM_FLOOR = 16 * 1024  # a flow may always hold max(MEM_FLOOR, its MSS) each way while under budget
 WAKE_MISSES = 16  # a wake pass gives up after this many budget-limited flows it could not help
 WAKE_RETRY = 0.2  # flows still wait while room is free (handed to flows that left it unused): retry
-MAX_FLOWS = 10000
+MAX_FLOWS = 32768  # issue #20: a guest with 20,000 connections is served (fds permitting)
 MAX_HALF_OPEN = 1024
+# At the half-open cap a new SYN evicts the oldest half-open flow only once that one is this old
+# (a stale handshake: a guest that never ACKs, a host that never answers). While all are younger,
+# the guest is opening connections faster than the loop completes them: its SYN is dropped and
+# retransmitted (1 s, 3 s, ... later), so connects are admitted at the rate the loop serves them
+# instead of resetting the ones nearly done.
+HALF_OPEN_STALE = 3.0
 MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
 MAX_RETRIES = 8
 # A lone in-order data segment is ACKed after at most this long, so that the host's answer can
@@ -81,7 +89,7 @@ class _Flow:
                  "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
                  "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
                  "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
-                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim")
+                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim", "born")
 
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
@@ -121,6 +129,7 @@ class _Flow:
         self.rcv_edge = 0  # right edge of the window advertised (never moves back): set with rcv_nxt
         self.rlim = False  # the last window advertised was cut by the memory budget (in _rwait)
         self.slim = False  # send_tcp was cut short by the memory budget (in _swait)
+        self.born = 0.0  # when the flow's first SYN came or went
 
 
 class TcpEngine:
@@ -344,8 +353,12 @@ class TcpEngine:
                         self.stats.drop("tcp_flow_cap")
                         self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                         return
-                    # SYN flood: the oldest half-open flow makes room (RST to it, glue told)
+                    # SYN flood: the oldest half-open flow makes room (RST to it, glue told),
+                    # if it is stale; a burst of young ones is served first (HALF_OPEN_STALE)
                     old = next(iter(self._half_open.values()))
+                    if now - old.born < HALF_OPEN_STALE:
+                        self.stats.drop("tcp_syn_deferred")
+                        return
                     self.stats.drop("tcp_half_open_evicted")
                     self.reset_tcp(old.id, now)
                 opts = parse_tcp_options_untrusted(options)
@@ -354,6 +367,7 @@ class TcpEngine:
                     return
                 f = self._new_flow(family, src, sport, dst, dport)
                 f.state = "SYN_PENDING"
+                f.born = now
                 self._half_open[f.id] = f
                 f.rcv_nxt = f.rcv_edge = seq.add(seqno, 1)
                 f.mss = min(opts.mss or 536, self._mss_for(family))
@@ -443,7 +457,8 @@ class TcpEngine:
             f.retries = 0
             f.snd_wnd = window << f.snd_ws
             self._arm(f, None)
-        self._process_ack(f, ackno, window, options, plen, flags, now)
+        if not self._process_ack(f, ackno, window, options, plen, flags, now):
+            return  # it acknowledged what we never sent: dropped, payload, FIN and all
         if f.state == "CLOSED":
             return
         if plen or flags & FIN:
@@ -453,10 +468,13 @@ class TcpEngine:
             self._maybe_done(f, now)
 
     def _process_ack(self, f, ackno, window, options, plen, flags, now):
+        """False: the segment must be dropped (RFC 9293 3.10.7.4, RFC 5961 5.2: an ACK of data
+        never sent, or older than anything ever in flight, is answered with an ACK, and the
+        segment, payload and FIN, goes no further)."""
         if seq.gt(ackno, f.snd_max):
             self.stats.drop("tcp_ack_future")
             self._send(f, f.snd_nxt, ACK)
-            return
+            return False
         if seq.gt(ackno, f.snd_nxt):  # after a go-back-N: the guest already had these bytes
             f.snd_nxt = ackno
         new_wnd = window << f.snd_ws
@@ -516,6 +534,13 @@ class TcpEngine:
             if f.snd_wnd == 0 and new_wnd:
                 f.retries = 0
             f.snd_wnd = new_wnd
+        elif seq.sub(f.snd_una, ackno) > self.sndbuf + 1:
+            # older than anything that was ever in flight (RFC 5961 5.2 bounds it by the peer's
+            # largest window; never more than our send buffer and a FIN here): a blind guess
+            self.stats.drop("tcp_ack_too_old")
+            self._send(f, f.snd_nxt, ACK)
+            return False
+        return True
 
     def _retransmit_holes(self, f, now, budget=16):
         """Resend what the guest has not SACKed between max(snd_una, rexmit_hi) and its highest
@@ -609,7 +634,7 @@ class TcpEngine:
                 self.stats.drop("tcp_mem_drop")
         was_empty = not f.rbuf
         self._accept(f, data, fin)
-        while f.ooo:
+        while f.ooo and not f.their_fin:  # the stream ends at the FIN: nothing past it
             hit = f.ooo.pop(f.rcv_nxt, None)
             if hit is None:
                 for s in list(f.ooo):
@@ -629,6 +654,12 @@ class TcpEngine:
                 break
             room = self.rcvbuf - len(f.rbuf or b"")
             self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
+        if f.ooo and f.their_fin:  # queued bytes beyond the FIN: never delivered
+            self.stats.drop("tcp_data_after_fin")
+            self.mem_bytes -= f.ooo_bytes
+            self._mem_freed += f.ooo_bytes
+            f.ooo_bytes = 0
+            f.ooo = None
         if not f.ooo:
             f.ooo = None
         if was_empty and f.rbuf:
@@ -871,6 +902,17 @@ class TcpEngine:
         self._push(TcpWritable(f.id))
         return r
 
+    def compact(self):
+        """After a crowd of flows closed (the glue's memory trim): the timer heap without the
+        stale entries of flows gone, and the tables rebuilt at their present size (a dict never
+        shrinks by deleting)."""
+        flows = self._flows
+        self._heap[:] = [e for e in self._heap
+                         if (f := flows.get(e[1])) is not None and f.gen == e[2]]
+        heapq.heapify(self._heap)
+        for d in (flows, self._by_key, self._ack_set, self._half_open, self._rwait, self._swait):
+            _rebuild(d)
+
     def mem_recount(self):
         """The bytes held in every flow's buffers, recounted from scratch (tests: == mem_bytes)."""
         total = 0
@@ -949,6 +991,50 @@ class TcpEngine:
             self._output(f, now)
         return n
 
+    def send_room(self, flow):
+        """How many bytes send_tcp would take now (the glue reads no more than that from the
+        host, so no host byte waits outside the budget). 0: TcpWritable comes when there is
+        worthwhile room (a segment, or the whole buffer), as after a short send_tcp."""
+        f = self._flows.get(flow)
+        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+            return 0
+        room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
+        if room > 0 and self.mem_bytes + room > self._soft_lim:
+            n = self._send_allow(f, room)
+            if n < room and n < f.mss:  # less than a segment: wait for more (as _writable does)
+                if not f.slim:
+                    f.slim = True
+                    self._swait[f.id] = f
+                    self.stats.drop("tcp_mem_cap_send")
+                n = 0
+            room = n
+        if room <= 0:
+            f.want_writable = True
+            return 0
+        return room
+
+    def peek_tcp(self, flow):
+        """The guest bytes waiting for the host, as a memoryview over the receive buffer
+        (release it before the next call into the engine), or None. They stay in the buffer,
+        counted in the budget and keeping the window shut, until consume_tcp."""
+        f = self._flows.get(flow)
+        if f is None or not f.rbuf:
+            return None
+        return memoryview(f.rbuf)
+
+    def consume_tcp(self, flow, n, now):
+        """The host took n of the bytes peek_tcp showed."""
+        f = self._flows.get(flow)
+        if f is None or not f.rbuf or n <= 0:
+            return
+        rb = f.rbuf
+        if n >= len(rb):
+            n = len(rb)
+            f.rbuf = None
+        else:
+            del rb[:n]
+        self._consumed(f, n, now)
+
     def recv_tcp(self, flow, n, now):
         f = self._flows.get(flow)
         if f is None or not f.rbuf:
@@ -959,8 +1045,12 @@ class TcpEngine:
         else:
             out = rb[:n]
             del rb[:n]
-        self.mem_bytes -= len(out)
-        self._mem_freed += len(out)
+        self._consumed(f, len(out), now)
+        return out
+
+    def _consumed(self, f, n, now):
+        self.mem_bytes -= n
+        self._mem_freed += n
         # a window update goes at once when the guest may be short of window; otherwise an ACK
         # already owed (sent within DELACK, or carried by the answer) brings the new window
         if f.state == "ESTABLISHED" and not f.their_fin and not (
@@ -972,7 +1062,6 @@ class TcpEngine:
                 f.eof_pushed = True
                 self._push(TcpGuestEof(f.id))
                 self._maybe_done(f, now)
-        return out
 
     def shutdown_tcp(self, flow, now):
         f = self._flows.get(flow)
@@ -988,6 +1077,8 @@ class TcpEngine:
             return
         if f.state == "SYN_PENDING":
             self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+        elif f.state == "SYN_SENT":  # the guest's ISN is unknown: a bare RST at our SYN's end
+            self._send(f, f.snd_nxt, RST)
         elif f.state != "TIME_WAIT":
             self._send(f, f.snd_nxt, RST | ACK)
         self._remove(f, () if f.state == "TIME_WAIT" else (TcpClosed(f.id),))
@@ -1006,6 +1097,7 @@ class TcpEngine:
             return None
         f = self._new_flow(family, gaddr, dport, raddr, sport)
         f.state = "SYN_SENT"
+        f.born = now
         self._half_open[f.id] = f
         f.mss = self._mss_for(family)
         f.iss = self.isn() & seq.MASK
@@ -1023,6 +1115,13 @@ class TcpEngine:
                         "dst": str(ipaddress.ip_address(f.raddr)), "dport": f.rport,
                         "state": f.state, "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
         return out
+
+
+def _rebuild(d):
+    """d again, in a table of its present size (in place: others hold references to it)."""
+    items = list(d.items())
+    d.clear()
+    d.update(items)
 
 
 def plen_or_fin(payload, flags):
