@@ -24,6 +24,7 @@ import struct
 import trio
 
 from slirpy.logutil import RateLimited
+from slirpy.stack import addrmap
 from slirpy.stack.events import IcmpEchoRequest
 from slirpy.udp_nat import (IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE, FlowTable,
                              close_socket_flow, serve_expiry)
@@ -95,6 +96,7 @@ class IcmpNat:
         self.table = FlowTable(max_flows, close_socket_flow, self.stats, "icmp_flow")
         self.denied_logged = False
         daemon.icmp_nat = self
+        self.addrs = addrmap.AddressMap(daemon.config)
         daemon.add_handler(IcmpEchoRequest, self.handle)
 
     def _open(self, family: int, dst: str) -> socket.socket:
@@ -121,14 +123,13 @@ class IcmpNat:
     def handle(self, ev: IcmpEchoRequest) -> None:
         d = self.daemon
         now = d.now()
-        dst = ev.dst
-        cfg = d.config
-        if family_gateway(cfg, ev.family) == dst:
-            # normally answered by the stack; if it reaches us, map it like UDP does
-            if cfg.disable_host_loopback:
-                self.stats.drop("icmp_host_loopback_disabled")
-                return
-            dst = "127.0.0.1" if ev.family == 4 else "::1"
+        v = self.addrs.outbound("icmp", ev.family, ev.dst, 0)
+        if v.kind != addrmap.DIAL:
+            self.stats.drop("icmp_" + v.reason)
+            if v.unreach is not None:
+                self._unreachable(ev, v.unreach)
+            return
+        dst = v.host
         key = (ev.family, ev.src, ev.ident, ev.dst)
         p = self.table.get(key, now)
         if p is None:
@@ -161,17 +162,22 @@ class IcmpNat:
             self._no_route(ev, e)
 
     def _no_route(self, ev: IcmpEchoRequest, e: OSError) -> None:
-        """No route on the host: from the gateway, net unreachable / ICMPv6 no route for
-        ENETUNREACH, host / address unreachable for EHOSTUNREACH, so the guest's ping fails at
-        once instead of timing out."""
-        if e.errno not in (errno.ENETUNREACH, errno.EHOSTUNREACH):
-            return
+        """No route on the host: net unreachable / ICMPv6 no route for ENETUNREACH, host /
+        address unreachable for EHOSTUNREACH, so the guest's ping fails at once instead of
+        timing out."""
+        if e.errno == errno.ENETUNREACH:
+            self._unreachable(ev, "net")
+        elif e.errno == errno.EHOSTUNREACH:
+            self._unreachable(ev, "host")
+
+    def _unreachable(self, ev: IcmpEchoRequest, unreach: str) -> None:
+        """Destination unreachable of kind ``unreach`` (addrmap.UNREACH_CODES) from the gateway
+        to the guest, quoting its echo request."""
         d = self.daemon
-        gw = family_gateway(d.config, ev.family)
-        host = e.errno == errno.EHOSTUNREACH
-        code = (1 if host else 0) if ev.family == 4 else (3 if host else 0)
-        d.stack.send_icmp_echo_error(ev.family, gw, ev.src, ev.dst, ev.ident, ev.seq,
-                                     bytes(ev.payload), 3 if ev.family == 4 else 1, code, d.now())
+        d.stack.send_icmp_echo_error(ev.family, self.addrs.gateway(ev.family), ev.src, ev.dst,
+                                     ev.ident, ev.seq, bytes(ev.payload),
+                                     3 if ev.family == 4 else 1,
+                                     addrmap.unreach_code(unreach, ev.family), d.now())
         d.flush()
 
     async def _reader(self, p: _Ping) -> None:
@@ -237,9 +243,3 @@ class IcmpNat:
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
         await serve_expiry(self.table, self.daemon.now, task_status)
 
-
-def family_gateway(cfg, family: int) -> str:
-    if family == 4:
-        return str(cfg.gateway)
-    from slirpy.config import IPV6_GATEWAY
-    return str(IPV6_GATEWAY)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import ipaddress
 import logging
 import math
 import select
@@ -31,6 +30,7 @@ import struct
 import trio
 
 from .logutil import RateLimited
+from .stack import addrmap
 from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
                            TcpReset, TcpWritable)
 
@@ -93,6 +93,7 @@ class TcpNat:
     def __init__(self, daemon):
         self.d = daemon
         daemon.tcp_nat = self
+        self.addrs = addrmap.AddressMap(daemon.config)
         self.conns: dict[int, _Conn] = {}  # flow id -> conn
         self._by_fd: dict[int, _Conn] = {}
         self._ep = daemon.hot_ep  # the pump's set: every host socket is one of its hot fds
@@ -356,47 +357,29 @@ class TcpNat:
 
     # ------------------------------------------------------------------------- outbound
     def _map(self, ev):
-        """(host, port) to dial for a guest SYN, or why not: "dns_disabled" (no answer at all),
-        "host_loopback_disabled" or "dns_address" (ICMP net unreachable, as libslirp)."""
-        cfg = self.d.config
-        dst = ipaddress.ip_address(ev.dst)
-        if ev.family == 4:
-            if dst == cfg.gateway:
-                return "host_loopback_disabled" if cfg.disable_host_loopback else ("127.0.0.1", ev.dport)
-            if dst == cfg.dns:
-                return self._dns_upstream(ev)
-        else:
-            if str(dst) == "fd00::2":
-                return "host_loopback_disabled" if cfg.disable_host_loopback else ("::1", ev.dport)
-            if str(dst) == "fd00::3":
-                return self._dns_upstream(ev)
-        return ev.dst, ev.dport
-
-    def _dns_upstream(self, ev):
-        """DNS over TCP at .3:53 goes to the first upstream, at the upstream's own port. With
-        --disable-dns nothing answers at .3 (and nothing is dialled for it)."""
-        if self.d.config.disable_dns:
-            return "dns_disabled"
-        dns = getattr(self.d, "dns", None)
-        if ev.dport != 53 or dns is None:
-            return "dns_address"
-        ups = dns.upstreams()
+        """Where to dial for a guest SYN (addrmap's verdict): DNS over TCP at .3:53 goes to the
+        first upstream of the DNS forwarder, at the upstream's own port."""
+        v = self.addrs.outbound("tcp", ev.family, ev.dst, ev.dport)
+        if v.kind != addrmap.DNS:
+            return v
+        ups = self.d.dns.upstreams()
         if not ups:
-            return "dns_address"
-        return (str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple) else (str(ups[0]), 53)
+            return addrmap.refuse("dns_address", "net")
+        return (addrmap.dial(str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple)
+                else addrmap.dial(str(ups[0]), 53))
 
     def _on_request(self, ev):
         d, st = self.d, self.d.stack
         try:
-            target = self._map(ev)
+            v = self._map(ev)
         except Exception:  # our bug: refuse this flow (net unreachable), loudly in the counters
-            target = "map_error"
-        if isinstance(target, str):  # refused by policy: ICMP, or silence for --disable-dns
-            _refused.log(target, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport, ev.dst,
-                         ev.dport, target.replace("_", " "))
-            st.refuse_tcp(ev.flow, None if target == "dns_disabled" else "net", target, d.now())
+            v = addrmap.refuse("map_error", "net")
+        if v.kind == addrmap.REFUSE:  # ICMP, or silence for --disable-dns
+            _refused.log(v.reason, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport, ev.dst,
+                         ev.dport, v.reason.replace("_", " "))
+            st.refuse_tcp(ev.flow, v.unreach, v.reason, d.now())
             return
-        host, port = target
+        host, port = v.host, v.port
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             sock = socket.socket(fam, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)

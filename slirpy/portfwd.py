@@ -4,8 +4,8 @@ TCP: a listener per forward; each accepted socket goes to daemon.tcp_nat.forward
 own task (the TCP bridge is the NAT's job). UDP: a socket per forward, a per-client mapping to a
 guest-side source port, replies caught through daemon.udp_intercepts.
 
-Source address seen by the guest: a client on the host loopback appears as the gateway
-(CIDR base + 2, or fd00::2); any other client keeps its own address.
+Source address seen by the guest (stack/addrmap.py): a client on the host loopback appears as
+the gateway (CIDR base + 2, or fd00::2); any other client keeps its own address.
 
 Guest address: IPv4 forwards go to CIDR base + 100 unless told otherwise. With -6, a forward
 on an IPv6 host address (`[::]:P:G`, `[::1]:P:G`, API host_addr "::"/"::1") without an explicit
@@ -19,13 +19,13 @@ addresses), each new connection/mapping goes to the one it most recently used as
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import socket as _socket
 
 import trio
 
-from .config import IPV6_GATEWAY, IPV6_PREFIX
+from .config import IPV6_PREFIX
+from .stack.addrmap import AddressMap
 
 GUEST_IPV6 = str(IPV6_PREFIX.network_address + 0x100)  # fd00::100
 
@@ -41,19 +41,6 @@ ALLOWED_HOST_ADDRS = ("0.0.0.0", "127.0.0.1", "::", "::1")
 # the command line's forwards before ready); re-exported here for the API and the tests.
 from .listeners import (ForwardError, StartupError, bind_forward,  # noqa: E402,F401
                         forward_conflict, unprivileged_port_start)
-
-
-def guest_visible_source(config, family: int, addr: str) -> str:
-    """The address a host client appears from inside the guest."""
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return str(config.gateway) if family == 4 else str(IPV6_GATEWAY)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    if ip.is_loopback:
-        return str(config.gateway) if family == 4 else str(IPV6_GATEWAY)
-    return str(ip)
 
 
 class _UdpMap:
@@ -91,6 +78,7 @@ class PortForwarder:
     def __init__(self, daemon):
         self.daemon = daemon
         daemon.portfwd = self
+        self.addrs = AddressMap(daemon.config)
         self.forwards: dict[int, Forward] = {}
         self._next_id = 1
         self._nursery = None
@@ -205,9 +193,7 @@ class PortForwarder:
             return
         family = 6 if conn.family == _socket.AF_INET6 else 4
         gfamily = 6 if ":" in fwd.guest_addr else 4
-        src = guest_visible_source(d.config, gfamily, peer[0])
-        if (":" in src) != (gfamily == 6):  # a v6 client to a v4 guest: appear as the gateway
-            src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
+        src = self.addrs.guest_visible_source(gfamily, peer[0])
         gaddr = self.guest_for(fwd)
         try:
             await nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
@@ -258,9 +244,7 @@ class PortForwarder:
                 if gport is None:
                     d.stack.stats.drop("portfwd_udp_no_port")
                     continue
-                src = guest_visible_source(d.config, gfamily, peer[0])
-                if (":" in src) != (gfamily == 6):
-                    src = str(d.config.gateway) if gfamily == 4 else str(IPV6_GATEWAY)
+                src = self.addrs.guest_visible_source(gfamily, peer[0])
                 m = _UdpMap(client, gport, src, now, self.guest_for(fwd))
                 fwd.by_client[client] = m
                 fwd.by_gport[gport] = m

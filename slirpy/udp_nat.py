@@ -10,12 +10,10 @@ Table policy (``FlowTable``, pure and clock-free so tests drive ``now`` by hand)
 - a cap (4096 flows): when full, the least recently used flow is evicted (counted
   ``udp_flow_evicted``); new flows are never refused, so a guest can always make progress.
 
-Address mapping: the gateway (.2 / fd00::2) maps to 127.0.0.1 / ::1 unless
-``disable_host_loopback``. UDP to the DNS address (.3 / fd00::3) goes to the DnsForwarder on port
-53. Refusals are libslirp's: the gateway with ``disable_host_loopback``, the DNS address on another
-port, and a host socket that cannot be opened toward the destination get ICMP net unreachable
-(ICMPv6 no route; host / address unreachable for EHOSTUNREACH); with ``disable_dns`` nothing at
-all answers at the DNS address (and nothing is sent to that address from the host).
+Where a datagram goes (the gateway's host loopback, the DNS forwarder at .3:53, refusals and
+their ICMP answer) is stack/addrmap.py's verdict. A host socket that cannot be opened toward the
+destination gets libslirp's ICMP net unreachable (ICMPv6 no route; host / address unreachable
+for EHOSTUNREACH).
 """
 
 from __future__ import annotations
@@ -32,6 +30,7 @@ from typing import Any, Callable, Hashable
 import trio
 
 from slirpy.logutil import RateLimited
+from slirpy.stack import addrmap
 from slirpy.stack.events import UdpDatagram
 
 log = logging.getLogger(__name__)
@@ -259,11 +258,7 @@ class UdpNat:
         if self.stats is None:
             from slirpy.stack.stats import Stats
             self.stats = Stats()
-        self.gateway4 = str(cfg.gateway)
-        self.dns4 = str(cfg.dns)
-        from slirpy.config import IPV6_DNS, IPV6_GATEWAY
-        self.gateway6 = str(IPV6_GATEWAY)
-        self.dns6 = str(IPV6_DNS)
+        self.addrs = addrmap.AddressMap(cfg)
         self.table = FlowTable(max_flows, close_socket_flow, self.stats, "udp_flow")
         self.fds_logged = False
         daemon.udp_nat = self
@@ -280,24 +275,16 @@ class UdpNat:
                 return
         cfg = d.config
         now = d.now()
-        net_unreach = ICMP_NET_UNREACH if ev.family == 4 else ICMP6_NO_ROUTE
-        if ev.dst in (self.dns4, self.dns6):
-            dns = getattr(d, "dns", None)
-            if cfg.disable_dns:
-                self.stats.drop("udp_dns_disabled")  # no answer at all, as slirp4netns
-            elif ev.dport == 53 and dns is not None:
-                dns.handle_query(ev)
-            else:
-                self.stats.drop("udp_dns_address")
-                self._unreachable(ev, net_unreach)
-            return
-        host_dst = ev.dst
-        if ev.dst == self.gateway4 or ev.dst == self.gateway6:
-            if cfg.disable_host_loopback:
-                self.stats.drop("udp_host_loopback_disabled")
-                self._unreachable(ev, net_unreach)
+        v = self.addrs.outbound("udp", ev.family, ev.dst, ev.dport)
+        if v.kind != addrmap.DIAL:
+            if v.kind == addrmap.DNS:
+                d.dns.handle_query(ev)
                 return
-            host_dst = "127.0.0.1" if ev.family == 4 else "::1"
+            self.stats.drop("udp_" + v.reason)  # silence for --disable-dns, as slirp4netns
+            if v.unreach is not None:
+                self._unreachable(ev, addrmap.unreach_code(v.unreach, ev.family))
+            return
+        host_dst = v.host
         if not self._allowed(ev.family, host_dst, ev.dport):
             self.stats.drop("udp_bad_destination")
             return
@@ -321,9 +308,9 @@ class UdpNat:
                         log.warning("udp: cannot open a host socket (%s); new flows are dropped "
                                     "until descriptors free up (counted udp_socket_no_fds)", e)
                 elif e.errno == errno.EHOSTUNREACH:
-                    self._unreachable(ev, ICMP_HOST_UNREACH if ev.family == 4 else ICMP6_ADDR_UNREACH)
+                    self._unreachable(ev, addrmap.unreach_code("host", ev.family))
                 else:  # ENETUNREACH, EADDRNOTAVAIL, EACCES...: libslirp's net unreachable
-                    self._unreachable(ev, net_unreach)
+                    self._unreachable(ev, addrmap.unreach_code("net", ev.family))
                 return
             flow = _Flow(key, sock, host_dst)
             timeout = DNS_IDLE_TIMEOUT if ev.dport == 53 else UDP_IDLE_TIMEOUT

@@ -11,7 +11,7 @@ import trio
 from nsutil import free_port
 from slirpy import portfwd
 from slirpy.config import Config, PortForward
-from slirpy.portfwd import ForwardError, PortForwarder, StartupError, guest_visible_source
+from slirpy.portfwd import ForwardError, PortForwarder, StartupError
 from slirpy.portspec import PortSpecError, parse_port_spec
 from slirpy.stack.events import UdpDatagram
 from test_api import FakeDaemon
@@ -28,18 +28,6 @@ class FakeNat:
         data = await sock.recv(100)
         await sock.send(b"echo:" + data)
         await trio.sleep_forever()
-
-
-def test_guest_visible_source():
-    cfg = Config()
-    assert guest_visible_source(cfg, 4, "127.0.0.1") == "10.0.2.2"
-    assert guest_visible_source(cfg, 4, "127.8.9.10") == "10.0.2.2"
-    assert guest_visible_source(cfg, 6, "::1") == "fd00::2"
-    assert guest_visible_source(cfg, 4, "::ffff:127.0.0.1") == "10.0.2.2"
-    assert guest_visible_source(cfg, 4, "192.0.2.7") == "192.0.2.7"
-    assert guest_visible_source(cfg, 6, "2001:db8::9") == "2001:db8::9"
-    cfg2 = Config(cidr=__import__("ipaddress").ip_network("10.9.0.0/16"))
-    assert guest_visible_source(cfg2, 4, "127.0.0.1") == "10.9.0.2"
 
 
 async def test_tcp_accept_goes_to_nat_with_gateway_source_and_remove_keeps_conns():

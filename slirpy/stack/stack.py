@@ -13,6 +13,7 @@ import collections
 import ipaddress
 
 from . import dhcp, wire
+from .addrmap import AddressMap, unreach_code
 from .events import IcmpEchoRequest, UdpDatagram
 from .reassembly import Reassembler
 from .stats import Stats
@@ -47,16 +48,16 @@ class Stack:
         self.guest_mac = wire.BROADCAST  # BROADCAST = not known yet
         self._unresolved = collections.deque()
         self._solicit_at = -1.0
-        self.gw4 = config.gateway.packed
-        self.dns4 = config.dns.packed
+        self.addrs = addrs = AddressMap(config)
+        self.gw4 = addrs.gateway4_packed
+        self.dns4 = addrs.dns4_packed
         self.guest4 = config.guest.packed
         self._net4 = int(config.cidr.network_address)
         self._mask4 = int(config.cidr.netmask)
         self._local4 = {self.gw4, self.dns4}
-        v6 = ipaddress.IPv6Address
-        self.gw6 = v6("fd00::2").packed
-        self.dns6 = v6("fd00::3").packed
-        self.ll6 = v6("fe80::2").packed
+        self.gw6 = addrs.gateway6_packed
+        self.dns6 = addrs.dns6_packed
+        self.ll6 = addrs.link_local6_packed
         self._local6 = {self.gw6, self.dns6, self.ll6}
         self.prefix6 = self.gw6[:8]
         # the guest's addresses in fd00::/64, learned from its traffic and NDP; last = the one
@@ -586,13 +587,11 @@ class Stack:
             orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
             self._send_ip6(self.ll6, s, 58, wire.build_icmp6_error(self.ll6, s, 1, code, orig))
 
-    # ICMP(v6) destination-unreachable codes by kind: (IPv4, IPv6)
-    UNREACH_CODES = {"net": (0, 0), "host": (1, 3)}  # net/no route; host/address unreachable
 
     def refuse_tcp(self, flow, unreach, reason, now):
         """Refuse the guest's pending SYN as libslirp does when its connect() fails other than
-        with ECONNREFUSED: ICMP destination unreachable (``unreach`` "net": net unreachable /
-        ICMPv6 no route; "host": host / address unreachable) quoting the SYN, from the gateway
+        with ECONNREFUSED: ICMP destination unreachable (``unreach``, addrmap.UNREACH_CODES: "net":
+        net unreachable / ICMPv6 no route; "host": host / address unreachable) quoting the SYN, from the gateway
         10.0.2.2 (IPv6: fe80::2, libslirp's source for ICMPv6 errors); the guest's connect()
         fails at once (ENETUNREACH / EHOSTUNREACH). ``unreach`` None: no answer at all (the
         guest times out). No RST either way. Counted as ``tcp_connect_<reason>``."""
@@ -601,7 +600,7 @@ class Stack:
         if syn is None or unreach is None:
             return
         family, guest, gport, remote, rport, isn = syn
-        code = self.UNREACH_CODES[unreach][family == 6]
+        code = unreach_code(unreach, family)
         seg = wire.tcp_segment(family, guest, remote, gport, rport, isn, 0, 0x02, 0, b"", b"")
         if family == 4:
             orig = wire.build_ipv4(b"\0" * 6, b"\0" * 6, guest, remote, wire.PROTO_TCP, seg)[14:]
