@@ -16,7 +16,6 @@ import trio
 
 from .listeners import _live, open_api_listener  # noqa: F401
 from .logutil import RateLimited
-from .observe import collect_flows, collect_stats
 from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,9 @@ def _is_port(v) -> bool:
     return type(v) is int and 1 <= v <= 65535
 
 
-def handle_request(daemon, raw: bytes) -> bytes:
-    """Pure request -> reply bytes (the socket plumbing is in ApiServer)."""
+def handle_request(api, raw: bytes) -> bytes:
+    """Pure request -> reply bytes (the socket plumbing is in ApiServer). ``api``: what the
+    requests reach (an ApiServer): .config, .portfwd, .observer."""
     try:
         req = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -52,33 +52,29 @@ def handle_request(daemon, raw: bytes) -> bytes:
         return _err("bad request: no execute found")
     args = req.get("arguments")
     if execute == "add_hostfwd":
-        return _add(daemon, args)
+        return _add(api, args)
     if execute == "list_hostfwd":
-        pf = getattr(daemon, "portfwd", None)
-        return _dump({"entries": pf.list() if pf is not None else []})
+        return _dump({"entries": api.portfwd.list()})
     if execute == "remove_hostfwd":
         if not isinstance(args, dict) or type(args.get("id")) is not int:
             return _err("bad request: remove_hostfwd: bad arguments.id")
-        pf = getattr(daemon, "portfwd", None)
         try:
-            if pf is None:
-                raise ForwardError("no port forwarder")
-            pf.remove(args["id"])
+            api.portfwd.remove(args["id"])
         except ForwardError:
             return _err("bad request: remove_hostfwd: bad arguments.id")
         return _dump({"return": {}})
     if execute in ("get_stats", "list_flows"):  # slirpy's own, read-only
         try:
             if execute == "get_stats":  # counters, flows by state, buffers, uptime
-                return _dump({"return": collect_stats(daemon)})
-            return _dump({"return": {"flows": collect_flows(daemon)}})  # open TCP/UDP/ICMP flows
+                return _dump({"return": api.observer.stats()})
+            return _dump({"return": {"flows": api.observer.flows()}})  # open TCP/UDP/ICMP flows
         except Exception:  # introspection must never take the API down
             _busy.log(execute, "%s failed", execute, exc_info=True)
             return _err(f"bad request: {execute}: internal error")
     return _err("bad request: unknown execute")
 
 
-def _add(daemon, args) -> bytes:
+def _add(api, args) -> bytes:
     p = "bad request: add_hostfwd: "
     if not isinstance(args, dict):  # as api.c: arguments.proto is the first lookup to fail
         return _err(p + "bad arguments.proto")
@@ -92,15 +88,12 @@ def _add(daemon, args) -> bytes:
         return _err(p + "bad arguments.host_addr")
     if not _is_port(args.get("host_port")):
         return _err(p + "bad arguments.host_port")
-    cfg = daemon.config
+    cfg = api.config
     guest_addr = args.get("guest_addr", None)
     follow = False
     if (guest_addr is None and "guest_addr" not in args) or guest_addr == "":
         # "" is what Podman sends (api.c: the default guest)
-        guest_addr = str(cfg.guest)
-        pf = getattr(daemon, "portfwd", None)
-        if pf is not None and hasattr(pf, "default_guest_addr"):
-            guest_addr, follow = pf.default_guest_addr(host_addr)  # IPv6 with -6: fd00::100
+        guest_addr, follow = api.portfwd.default_guest_addr(host_addr)  # -6, IPv6: fd00::100
     if not isinstance(guest_addr, str):
         return _err(p + "bad arguments.guest_addr")
     try:
@@ -117,11 +110,8 @@ def _add(daemon, args) -> bytes:
         return _err(p + "bad arguments.guest_addr")
     if not _is_port(args.get("guest_port")):
         return _err(p + "bad arguments.guest_port")
-    pf = getattr(daemon, "portfwd", None)
     try:
-        if pf is None:
-            raise ForwardError("no port forwarder")
-        fid = pf.add(proto, host_addr, args["host_port"], str(g), args["guest_port"], follow)
+        fid = api.portfwd.add(proto, host_addr, args["host_port"], str(g), args["guest_port"], follow)
     except ForwardError as e:
         log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")
@@ -134,9 +124,15 @@ open_listener = open_api_listener
 
 
 class ApiServer:
-    def __init__(self, daemon, path: str | None = None):
-        self.daemon = daemon
-        self.path = path if path is not None else daemon.config.api_socket
+    """needs: the config, the port forwarder (add/list/remove_hostfwd), the observer (get_stats,
+    list_flows), ``prebound`` (the socket opened before ready, or None)."""
+
+    def __init__(self, config, portfwd, observer, prebound=None, path: str | None = None):
+        self.config = config
+        self.portfwd = portfwd
+        self.observer = observer
+        self.prebound = prebound
+        self.path = path if path is not None else config.api_socket
         self.active = 0
         self.served = 0
         self.refused = 0
@@ -145,7 +141,7 @@ class ApiServer:
         if not self.path:
             task_status.started()
             return
-        pre = getattr(self.daemon, "prebound", None)
+        pre = self.prebound
         raw = pre.take("api") if pre is not None and pre.api_path == self.path else None
         if raw is None:
             raw = open_listener(self.path)
@@ -198,7 +194,7 @@ class ApiServer:
                 if cs.cancelled_caught:
                     return
                 reply = _err("bad request: too large message") if too_big else \
-                    handle_request(self.daemon, bytes(buf))
+                    handle_request(self, bytes(buf))
                 self.served += 1
                 with trio.move_on_after(READ_TIMEOUT):
                     view = memoryview(reply)

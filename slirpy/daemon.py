@@ -1,7 +1,9 @@
 """The daemon: one trio loop around the tap fd and the sans-IO stack; the hub glue plugs into.
 
-Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
-    daemon.config, daemon.stack, daemon.nursery, daemon.udp_intercepts (list of fn(ev)->bool)
+`wire(daemon)` below builds every component and is the daemon's wiring diagram: what a component
+needs is a constructor argument, what it offers is a method. What the components use of the
+daemon (its `daemon` argument):
+    daemon.config, daemon.stack, daemon.nursery, daemon.prebound, daemon.tap
     daemon.now() -> float                    trio.current_time() (the clock's own method)
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)
@@ -12,16 +14,13 @@ Contract for glue components (classes `X(daemon)` listed in COMPONENTS):
                                              per round, the others in later rounds, in order
                                              (events of a removed fd are forgotten); one flush
                                              per round
-    optional: async def serve(self, task_status=trio.TASK_STATUS_IGNORED), started before the pump
-                                             (launch.run wrote the ready byte before the loop;
-                                             what it opened is in daemon.prebound)
-Glue may set attributes on the daemon (daemon.tcp_nat, daemon.dns, ...).
+Every component wire() returns has async def serve(self, task_status), started before the pump
+(launch.run wrote the ready byte before the loop; what it opened is in daemon.prebound).
 """
 
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import math
 import os
@@ -35,21 +34,19 @@ defer("ssl", "hmac")  # trio imports them for TLS/DTLS, which slirpy never uses:
 with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
     import trio
 
-from .stack.events import TcpConnectRequest
+from .api_socket import ApiServer
+from .dns import DnsForwarder
+from .icmp_nat import IcmpNat
+from .nat import TcpNat
+from .observe import Observer
+from .pcap import PcapWriter
+from .portfwd import PortForwarder
+from .stack.addrmap import AddressMap
+from .stack.events import IcmpEchoRequest, TcpConnectRequest, UdpDatagram
 from .tap import MAX_READ_BATCH, Tap, TapGone
+from .udp_nat import UdpNat
 
 log = logging.getLogger(__name__)
-
-# Dotted names; a component whose module does not exist yet is skipped.
-COMPONENTS = [
-    "slirpy.observe:Observer",
-    "slirpy.nat:TcpNat",
-    "slirpy.udp_nat:UdpNat",
-    "slirpy.icmp_nat:IcmpNat",
-    "slirpy.portfwd:PortForwarder",
-    "slirpy.api_socket:ApiServer",
-    "slirpy.pcap:PcapWriter",
-]
 
 MAX_DISPATCH = 100_000  # events per flush, a guard against a handler feeding itself forever
 MAX_HOT_ROUNDS = 8  # busy pump rounds between checkpoints (trio's other tasks get their turn)
@@ -112,25 +109,38 @@ class _Scheduled(trio.abc.Instrument):
         self.tasks.discard(task)
 
 
-def load_component(spec: str):
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name == mod_name:
-            return None
-        raise
-    return getattr(mod, attr)
+def wire(d: Daemon) -> list:
+    """The daemon's wiring diagram: every component, what it needs, which events it serves.
+    Returns the components whose serve() tasks run, in the order they start."""
+    cfg, pre = d.config, d.prebound
+    addrs = AddressMap(cfg)  # where a guest's destination goes on the host (stack/addrmap.py)
+    dns = DnsForwarder(d)  # UDP at .3:53 -> the upstreams
+    tcp = TcpNat(d, addrs, dns)  # TCP flows <-> host sockets (hot fds of the pump)
+    portfwd = PortForwarder(d, addrs, tcp, pre)  # host listeners -> tcp.forward_inbound, UDP
+    udp = UdpNat(d, addrs, dns, intercept=portfwd.intercept_udp)  # UDP flows <-> host sockets
+    icmp = IcmpNat(d, addrs)  # echo requests <-> ping sockets
+    pcap = PcapWriter(cfg, pre, on_stop=d.stop_capture)
+    observer = Observer(d, tcp_nat=tcp, udp_nat=udp, icmp_nat=icmp, portfwd=portfwd, dns=dns,
+                        pcap=pcap)
+    api = ApiServer(cfg, portfwd, observer, pre)
+
+    for ev_type, fn in tcp.handlers().items():
+        d.add_handler(ev_type, fn)
+    d.add_handler(UdpDatagram, udp.handle)
+    d.add_handler(IcmpEchoRequest, icmp.handle)
+    d.pcap = pcap if pcap.active else None  # sees every frame
+    return [observer, tcp, udp, icmp, portfwd, api, pcap]
 
 
 class Daemon:
-    def __init__(self, config, tap_fd: int, stack=None, offload: int = -1):
+    def __init__(self, config, tap_fd: int, stack=None, offload: int = -1, wiring=wire):
+        """wiring: builds the components (tests give a bare daemon: lambda d: [])."""
         self.config = config
+        self._wiring = wiring
         self.tap_fd = tap_fd
         self.offload = offload  # TUN_F_* flags the tap accepted; -1: no virtio-net header
         self.stack = stack
         self.nursery = None
-        self.udp_intercepts: list = []
         self.components: list = []
         self._handlers: dict = {}
         self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
@@ -151,6 +161,7 @@ class Daemon:
         self.prebound = None  # listeners.Prebound: host sockets opened before ready (launch.run)
         self.target_pidfd: int | None = None  # PID form: the target's pidfd, opened before ready
         self.exit_fd_handoff = None  # launch: ends its SIGIO watch of the exit fd
+        self.sandbox_paths = None  # sandbox.lockdown: what the sandbox holds (DNS's messages)
 
     # -------------------------------------------------------------------------- contract
     def now(self) -> float:  # main() replaces it with the running clock's bound method
@@ -170,6 +181,10 @@ class Daemon:
                 self.hot_ep.unregister(fd)
             except (OSError, ValueError):
                 pass
+
+    def stop_capture(self) -> None:
+        """The pcap writer stopped (cap reached, write failed, exit)."""
+        self.pcap = None
 
     def compact(self) -> None:
         """After a crowd of flows closed (the Observer's trim): the hot-fd table and the
@@ -229,11 +244,11 @@ class Daemon:
     def _drain_tap(self) -> None:
         """Read the tap ahead of the stack into the rx queues, until EAGAIN or their caps."""
         tap, q, sq = self.tap, self._rx, self._rx_syn
-        opens = getattr(self.stack, "opens_tcp", None)  # a test's stand-in may have none
+        opens = self.stack.opens_tcp
         while len(q) < RX_QUEUE_FRAMES and self._rx_bytes < RX_QUEUE_BYTES:
             frames = tap.read_batch()
             for f in frames:
-                if opens is not None and opens(f):
+                if opens(f):
                     if len(sq) >= RX_SYN_QUEUE:
                         self.stack.stats.drop("tcp_syn_queue_full")
                         continue
@@ -492,14 +507,9 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 await nursery.start(self._watch_signals, cancel)
-                for spec in COMPONENTS:
-                    cls = load_component(spec)
-                    if cls is None:
-                        continue
-                    comp = cls(self)
-                    self.components.append(comp)
-                    if hasattr(comp, "serve"):
-                        await nursery.start(comp.serve)
+                self.components = self._wiring(self)
+                for comp in self.components:
+                    await nursery.start(comp.serve)
                 if self.config.enable_sandbox or self.config.enable_seccomp:
                     # everything is open now (tap, API socket, listeners, pcap): lock down
                     # before the first guest frame is read

@@ -140,12 +140,8 @@ def build_servfail(q: bytes) -> bytes | None:
 class DnsForwarder:
     def __init__(self, daemon, resolv_conf: str = RESOLV_CONF):
         self.daemon = daemon
-        daemon.dns = self
         self.resolv_conf = resolv_conf
-        self.stats = getattr(daemon.stack, "stats", None)
-        if self.stats is None:
-            from slirpy.stack.stats import Stats
-            self.stats = Stats()
+        self.stats = daemon.stack.stats
         self._checked = float("-inf")
         self._resolv: list[tuple[str, int]] = []
         self._final: str | None = None  # where resolv.conf's chain led at the last read
@@ -203,7 +199,7 @@ class DnsForwarder:
         self._resolv = new
 
     def _outside_sandbox(self, final: str) -> str:
-        paths = getattr(self.daemon, "sandbox_paths", None)
+        paths = self.daemon.sandbox_paths  # set by sandbox.lockdown
         if paths is None or any(final == p or final.startswith(p.rstrip("/") + "/") for p in paths):
             return ""
         return (f"; the sandbox only holds {', '.join(paths)}: to follow a resolv.conf that "

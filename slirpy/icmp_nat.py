@@ -87,17 +87,15 @@ def parse_echo_reply_untrusted(data: bytes, family: int) -> tuple[int, bytes] | 
 
 
 class IcmpNat:
-    def __init__(self, daemon, max_flows: int = MAX_FLOWS):
+    """needs: the daemon (stack, flush, nursery), the address rules. offers:
+    handle(IcmpEchoRequest), the flow table (get_stats, list_flows)."""
+
+    def __init__(self, daemon, addrs, max_flows: int = MAX_FLOWS):
         self.daemon = daemon
-        self.stats = getattr(daemon.stack, "stats", None)
-        if self.stats is None:
-            from slirpy.stack.stats import Stats
-            self.stats = Stats()
+        self.stats = daemon.stack.stats
+        self.addrs = addrs
         self.table = FlowTable(max_flows, close_socket_flow, self.stats, "icmp_flow")
         self.denied_logged = False
-        daemon.icmp_nat = self
-        self.addrs = addrmap.AddressMap(daemon.config)
-        daemon.add_handler(IcmpEchoRequest, self.handle)
 
     def _open(self, family: int, dst: str) -> socket.socket:
         cfg = self.daemon.config

@@ -90,10 +90,14 @@ def _unreach(err: int, at_once: bool) -> str | None:
 
 
 class TcpNat:
-    def __init__(self, daemon):
+    """needs: the daemon (stack, flush, hot fds), the address rules, the DNS forwarder (for
+    DNS over TCP at .3:53). offers: handlers() for the stack's TCP events, accept_inbound()
+    for port forwards, compact()."""
+
+    def __init__(self, daemon, addrs, dns):
         self.d = daemon
-        daemon.tcp_nat = self
-        self.addrs = addrmap.AddressMap(daemon.config)
+        self.addrs = addrs
+        self.dns = dns
         self.conns: dict[int, _Conn] = {}  # flow id -> conn
         self._by_fd: dict[int, _Conn] = {}
         self._ep = daemon.hot_ep  # the pump's set: every host socket is one of its hot fds
@@ -102,11 +106,14 @@ class TcpNat:
         self._probe = select.poll()
         self._buf = bytearray(CHUNK)
         self._view = memoryview(self._buf)
-        for ev_type, fn in ((TcpConnectRequest, self._on_request), (TcpConnected, self._on_connected),
-                            (TcpReadable, self._on_readable), (TcpGuestEof, self._on_readable),
-                            (TcpWritable, self._on_writable), (TcpReset, self._on_reset),
-                            (TcpClosed, self._on_closed)):
-            daemon.add_handler(ev_type, self._safe(fn))
+
+    def handlers(self) -> dict:
+        """The stack's TCP events and what serves each (the daemon dispatches them)."""
+        return {ev_type: self._safe(fn) for ev_type, fn in (
+            (TcpConnectRequest, self._on_request), (TcpConnected, self._on_connected),
+            (TcpReadable, self._on_readable), (TcpGuestEof, self._on_readable),
+            (TcpWritable, self._on_writable), (TcpReset, self._on_reset),
+            (TcpClosed, self._on_closed))}
 
     def _safe(self, fn):
         """One flow's failure is that flow's RST, never the daemon's end."""
@@ -362,7 +369,7 @@ class TcpNat:
         v = self.addrs.outbound("tcp", ev.family, ev.dst, ev.dport)
         if v.kind != addrmap.DNS:
             return v
-        ups = self.d.dns.upstreams()
+        ups = self.dns.upstreams()
         if not ups:
             return addrmap.refuse("dns_address", "net")
         return (addrmap.dial(str(ups[0][0]), int(ups[0][1])) if isinstance(ups[0], tuple)

@@ -1,7 +1,6 @@
 """Introspection for the API (`get_stats`, `list_flows`) and the `Observer` daemon component.
 
-Everything here reads the daemon's parts through getattr with defaults, so it works on a partial
-daemon (a test's fake, or a build where a component is missing) and costs nothing per packet: it
+The Observer is given the parts it reports on (daemon.wire); it costs nothing per packet: it
 runs only when a client asks, or once every WATCH_INTERVAL seconds.
 
 The Observer logs the start, a one-line summary at exit, and -- from a periodic diff of the drop
@@ -34,71 +33,53 @@ def is_cap_reason(reason: str) -> bool:
     return any(w in reason for w in _CAP_WORDS)
 
 
-def _started(daemon) -> float | None:
-    return getattr(daemon, "started_monotonic", None)
-
-
-def collect_stats(daemon) -> dict:
-    stack = getattr(daemon, "stack", None)
-    st = stack.stats.as_dict() if stack is not None and hasattr(stack, "stats") else {}
+def collect_stats(obs: "Observer") -> dict:
+    d, stack = obs.daemon, obs.daemon.stack
+    st = stack.stats.as_dict()
     out = dict(st)
-    started = _started(daemon)
-    out["uptime"] = round(time.monotonic() - started, 3) if started is not None else 0.0
+    out["uptime"] = round(time.monotonic() - obs.started, 3)
     out["dropped_total"] = sum(st.get("dropped", {}).values())
 
     flows = {}
-    tcp = getattr(stack, "tcp", None)
+    tcp = stack.tcp
     states: collections.Counter = collections.Counter()
     sbuf = rbuf = ooo = 0
-    if tcp is not None:
-        for f in getattr(tcp, "_flows", {}).values():
-            states[f.state] += 1
-            sbuf += len(f.sbuf) if f.sbuf is not None else 0
-            rbuf += len(f.rbuf) if f.rbuf is not None else 0
-            if f.ooo:
-                ooo += sum(len(v[0]) for v in f.ooo.values())  # values are (bytes, fin)
+    for f in tcp._flows.values():
+        states[f.state] += 1
+        sbuf += len(f.sbuf) if f.sbuf is not None else 0
+        rbuf += len(f.rbuf) if f.rbuf is not None else 0
+        if f.ooo:
+            ooo += sum(len(v[0]) for v in f.ooo.values())  # values are (bytes, fin)
     flows["tcp"] = {"open": sum(states.values()), "states": dict(sorted(states.items())),
-                    "max": getattr(tcp, "max_flows", None)}
-    for proto in ("udp", "icmp"):
-        nat = getattr(daemon, f"{proto}_nat", None)
-        table = getattr(nat, "table", None)
-        flows[proto] = {"open": len(table) if table is not None else 0,
-                        "max": getattr(table, "cap", None),
-                        "expired": getattr(table, "expired", 0),
-                        "evicted": getattr(table, "evicted", 0)}
+                    "max": tcp.max_flows}
+    for proto, nat in (("udp", obs.udp_nat), ("icmp", obs.icmp_nat)):
+        table = nat.table
+        flows[proto] = {"open": len(table), "max": table.cap, "expired": table.expired,
+                        "evicted": table.evicted}
     out["flows"] = flows
 
-    pf = getattr(daemon, "portfwd", None)
-    fwds = list(getattr(pf, "forwards", {}).values())
+    fwds = list(obs.portfwd.forwards.values())
     out["forwards"] = {"tcp": sum(1 for f in fwds if f.proto == "tcp"),
                        "udp": sum(1 for f in fwds if f.proto == "udp"),
                        "udp_mappings": sum(len(f.by_client) for f in fwds)}
 
-    reass = getattr(stack, "_reass", None)
-    out["reassembly"] = {"entries": len(reass) if reass is not None else 0,
-                         "bytes": getattr(reass, "bytes_held", 0),
-                         "max_entries": getattr(reass, "max_entries", None),
-                         "max_bytes": getattr(reass, "max_bytes", None)}
+    reass = stack._reass
+    out["reassembly"] = {"entries": len(reass), "bytes": reass.bytes_held,
+                         "max_entries": reass.max_entries, "max_bytes": reass.max_bytes}
 
-    tap = getattr(daemon, "tap", None)
-    mem = tcp.mem_stats() if hasattr(tcp, "mem_stats") else {}
+    tap = d.tap  # None before the loop runs
     out["buffers"] = {"tcp_send_bytes": sbuf, "tcp_recv_bytes": rbuf, "tcp_ooo_bytes": ooo,
-                      **mem,  # tcp_mem_bytes (the engine's running total), tcp_mem_budget, ...
+                      **tcp.mem_stats(),  # tcp_mem_bytes (the engine's running total), ...
                       "tap_write_queue": len(tap.queue) if tap is not None else 0,
-                      "tap_write_queue_bytes": getattr(tap, "queue_bytes", 0),
-                      "stack_frames_queued": len(getattr(stack, "_out", ())),
-                      "stack_events_queued": len(getattr(stack, "_events", ())),
-                      "unresolved_frames": len(getattr(stack, "_unresolved", ()))}
+                      "tap_write_queue_bytes": tap.queue_bytes if tap is not None else 0,
+                      "stack_frames_queued": len(stack._out),
+                      "stack_events_queued": len(stack._events),
+                      "unresolved_frames": len(stack._unresolved)}
 
-    dns = getattr(daemon, "dns", None)
-    if dns is not None:
-        out["dns"] = {"answered": getattr(dns, "answered", 0),
-                      "servfail": getattr(dns, "servfails", 0),
-                      "inflight": getattr(dns, "inflight", 0)}
-        if hasattr(dns, "status"):  # upstreams in use and where they come from
-            out["dns"].update(dns.status())
-    pcap = getattr(daemon, "pcap_writer", None)
-    out["pcap"] = pcap.status() if pcap is not None else None
+    dns = obs.dns
+    out["dns"] = {"answered": dns.answered, "servfail": dns.servfails, "inflight": dns.inflight,
+                  **dns.status()}  # upstreams in use and where they come from
+    out["pcap"] = obs.pcap.status() if obs.pcap.path else None
     out["memory"] = memory_stats()
     return out
 
@@ -115,50 +96,34 @@ def memory_stats() -> dict:
             "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def collect_flows(daemon) -> list[dict]:
+def collect_flows(obs: "Observer") -> list[dict]:
     """Open flows: TCP from the engine, UDP and ICMP from their NAT tables.
     bytes_in: payload from the guest; bytes_out: payload to the guest."""
-    out = []
-    stack = getattr(daemon, "stack", None)
-    tcp = getattr(stack, "tcp", None)
-    if tcp is not None and hasattr(tcp, "flows"):
-        for f in tcp.flows():
-            out.append({"proto": "tcp", **f})
-    try:
-        now = daemon.now()
-    except Exception:  # outside the trio loop (a test's fake): no ages
-        now = None
-    for proto in ("udp", "icmp"):
-        nat = getattr(daemon, f"{proto}_nat", None)
-        table = getattr(nat, "table", None)
-        if table is None or not hasattr(table, "items"):
-            continue
-        for key, v, deadline, timeout in table.items():
+    out = [{"proto": "tcp", **f} for f in obs.daemon.stack.tcp.flows()]
+    now = obs.daemon.now()
+    for proto, nat in (("udp", obs.udp_nat), ("icmp", obs.icmp_nat)):
+        for key, v, deadline, timeout in nat.table.items():
             if proto == "udp":
                 fam, src, sport, dst, dport = key
             else:
                 fam, src, ident, dst = key
                 sport, dport = ident, None
-            e = {"proto": proto, "family": fam, "src": src, "sport": sport, "dst": dst,
-                 "dport": dport, "state": "ACTIVE",
-                 "bytes_in": getattr(v, "bytes_in", 0), "bytes_out": getattr(v, "bytes_out", 0)}
-            if now is not None:
-                e["idle"] = round(max(0.0, now - (deadline - timeout)), 3)
-                e["expires_in"] = round(max(0.0, deadline - now), 3)
-            out.append(e)
-    pf = getattr(daemon, "portfwd", None)
-    for fwd in list(getattr(pf, "forwards", {}).values()):
+            out.append({"proto": proto, "family": fam, "src": src, "sport": sport, "dst": dst,
+                        "dport": dport, "state": "ACTIVE",
+                        "bytes_in": v.bytes_in, "bytes_out": v.bytes_out,
+                        "idle": round(max(0.0, now - (deadline - timeout)), 3),
+                        "expires_in": round(max(0.0, deadline - now), 3)})
+    for fwd in list(obs.portfwd.forwards.values()):
         if fwd.proto != "udp":
             continue
         for m in list(fwd.by_client.values()):  # forwarded UDP: the guest is the server
             gaddr = m.gaddr or fwd.guest_addr
-            e = {"proto": "udp", "family": 6 if ":" in gaddr else 4, "src": gaddr,
-                 "sport": fwd.guest_port, "dst": m.src, "dport": m.gport, "state": "FORWARDED",
-                 "forward": fwd.id, "client": f"{m.client[0]}:{m.client[1]}",
-                 "bytes_in": m.bytes_in, "bytes_out": m.bytes_out}
-            if now is not None:
-                e["idle"] = round(max(0.0, now - m.last), 3)
-            out.append(e)
+            out.append({"proto": "udp", "family": 6 if ":" in gaddr else 4, "src": gaddr,
+                        "sport": fwd.guest_port, "dst": m.src, "dport": m.gport,
+                        "state": "FORWARDED", "forward": fwd.id,
+                        "client": f"{m.client[0]}:{m.client[1]}",
+                        "bytes_in": m.bytes_in, "bytes_out": m.bytes_out,
+                        "idle": round(max(0.0, now - m.last), 3)})
     return out
 
 
@@ -208,11 +173,16 @@ class Trimmer:
 
 class Observer:
     """Daemon component: start line, cap warnings from counter diffs, exit summary, memory
-    trimmed after a crowd of flows closed (Trimmer)."""
+    trimmed after a crowd of flows closed (Trimmer); and what the API's get_stats and
+    list_flows read (stats(), flows()).
 
-    def __init__(self, daemon):
+    needs: the daemon (config, stack, tap, now, compact) and the parts it reports on."""
+
+    def __init__(self, daemon, *, tcp_nat, udp_nat, icmp_nat, portfwd, dns, pcap):
         self.daemon = daemon
-        daemon.started_monotonic = time.monotonic()
+        self.tcp_nat, self.udp_nat, self.icmp_nat = tcp_nat, udp_nat, icmp_nat
+        self.portfwd, self.dns, self.pcap = portfwd, dns, pcap
+        self.started = time.monotonic()
         self._last: dict = {}
         self._caps = RateLimited(log, logging.WARNING, interval=30.0)
         self._other = RateLimited(log, logging.DEBUG, interval=30.0)
@@ -223,17 +193,18 @@ class Observer:
                  cfg.tap_name, cfg.mtu, cfg.cidr, " ipv6" if cfg.enable_ipv6 else "",
                  f" api={cfg.api_socket}" if cfg.api_socket else "")
 
-    def _compactors(self, tcp) -> list:
-        out = [fn for fn in (getattr(tcp, "compact", None),
-                             getattr(getattr(self.daemon, "tcp_nat", None), "compact", None),
-                             getattr(self.daemon, "compact", None)) if fn is not None]
-        return out
+    def stats(self) -> dict:
+        return collect_stats(self)
+
+    def flows(self) -> list[dict]:
+        return collect_flows(self)
+
+    def _compactors(self) -> list:
+        return [self.daemon.stack.tcp.compact, self.tcp_nat.compact, self.daemon.compact]
 
     def check(self) -> None:
         """Diff the drop counters since the last check; log limits that were hit."""
-        stats = getattr(getattr(self.daemon, "stack", None), "stats", None)
-        if stats is None:
-            return
+        stats = self.daemon.stack.stats
         for reason, n in list(stats.dropped.items()):
             delta = n - self._last.get(reason, 0)
             if delta <= 0:
@@ -250,12 +221,12 @@ class Observer:
             while True:
                 await trio.sleep(WATCH_INTERVAL)
                 self.check()
-                tcp = getattr(getattr(self.daemon, "stack", None), "tcp", None)
-                if tcp is not None and self.trimmer.check(len(tcp._flows), self._compactors(tcp)):
+                tcp = self.daemon.stack.tcp
+                if self.trimmer.check(len(tcp._flows), self._compactors()):
                     log.debug("memory trimmed after flows closed")
         finally:
             self.check()
-            s = collect_stats(self.daemon)
+            s = collect_stats(self)
             log.info("exit after %.1fs: frames in/out %d/%d, bytes in/out %d/%d, %d dropped",
                      s["uptime"], s.get("frames_in", 0), s.get("frames_out", 0),
                      s.get("bytes_in", 0), s.get("bytes_out", 0), s["dropped_total"])

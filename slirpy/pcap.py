@@ -25,9 +25,13 @@ FLUSH_INTERVAL = 1.0
 
 
 class PcapWriter:
-    def __init__(self, daemon, path: str | None = None, max_bytes: int | None = None):
-        self.daemon = daemon
-        cfg = daemon.config
+    """needs: the config, ``prebound`` (the file opened before ready, or None), ``on_stop()``
+    (the daemon stops handing it frames). offers: write(frames), status(), ``active``."""
+
+    def __init__(self, config, prebound=None, on_stop=None, path: str | None = None,
+                 max_bytes: int | None = None):
+        self.on_stop = on_stop
+        cfg = config
         self.path = path if path is not None else cfg.pcap
         self.max_bytes = max_bytes if max_bytes is not None else cfg.pcap_max_bytes
         self.frames = 0
@@ -37,7 +41,7 @@ class PcapWriter:
         self._w = None
         if not self.path:
             return
-        pre = getattr(daemon, "prebound", None)
+        pre = prebound
         if pre is not None and pre.pcap is not None and self.path == cfg.pcap:
             self._f = pre.take("pcap")  # opened before ready
         else:
@@ -46,8 +50,6 @@ class PcapWriter:
         import dpkt  # here, not at the top: ~50 ms of start-up for a daemon without --pcap
         self._w = dpkt.pcap.Writer(self._f, snaplen=SNAPLEN, linktype=dpkt.pcap.DLT_EN10MB)
         self.bytes = FILE_HEADER
-        daemon.pcap = self  # the hook the daemon tests per batch; None again once stopped
-        daemon.pcap_writer = self  # stays, for get_stats
         log.info("capturing frames to %s%s", self.path,
                  f" (at most {self.max_bytes} bytes)" if self.max_bytes is not None else "")
 
@@ -73,6 +75,11 @@ class PcapWriter:
             self.frames += 1
             self.bytes += size
 
+    @property
+    def active(self) -> bool:
+        """Capturing: frames go to write()."""
+        return self._w is not None
+
     def status(self) -> dict:
         return {"file": self.path, "frames": self.frames, "bytes": self.bytes,
                 "max_bytes": self.max_bytes, "stopped": self.capped or self._w is None}
@@ -84,8 +91,9 @@ class PcapWriter:
 
     def close(self) -> None:
         self._w = None
-        if getattr(self.daemon, "pcap", None) is self:
-            self.daemon.pcap = None  # back to the one-attribute-test fast path
+        if self.on_stop is not None:
+            on_stop, self.on_stop = self.on_stop, None
+            on_stop()  # the daemon back to its one-attribute-test fast path
         f, self._f = self._f, None
         if f is not None:
             try:

@@ -1,8 +1,9 @@
 """Host-to-guest port forwarding (`-p/--port` and the API socket's add/list/remove_hostfwd).
 
-TCP: a listener per forward; each accepted socket goes to daemon.tcp_nat.forward_inbound in its
+TCP: a listener per forward; each accepted socket goes to the TCP NAT's forward_inbound in its
 own task (the TCP bridge is the NAT's job). UDP: a socket per forward, a per-client mapping to a
-guest-side source port, replies caught through daemon.udp_intercepts.
+guest-side source port; the guest's replies come back through intercept_udp (the UDP NAT asks
+it first).
 
 Source address seen by the guest (stack/addrmap.py): a client on the host loopback appears as
 the gateway (CIDR base + 2, or fd00::2); any other client keeps its own address.
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket as _socket
 
 import trio
 
 from .config import IPV6_PREFIX
-from .stack.addrmap import AddressMap
 
 GUEST_IPV6 = str(IPV6_PREFIX.network_address + 0x100)  # fd00::100
 
@@ -75,15 +74,19 @@ class Forward:
 
 
 class PortForwarder:
-    def __init__(self, daemon):
+    """needs: the daemon (config, stack, flush), the address rules, the TCP NAT (which bridges
+    accepted connections), ``prebound`` (listeners.Prebound: the -p sockets bound before ready,
+    or None). offers: add/remove/list (the API), intercept_udp (the UDP NAT), the table."""
+
+    def __init__(self, daemon, addrs, tcp_nat, prebound=None):
         self.daemon = daemon
-        daemon.portfwd = self
-        self.addrs = AddressMap(daemon.config)
+        self.addrs = addrs
+        self.tcp_nat = tcp_nat
+        self.prebound = prebound
         self.forwards: dict[int, Forward] = {}
         self._next_id = 1
         self._nursery = None
         self._next_udp_port = UDP_PORT_LO
-        daemon.udp_intercepts.append(self._intercept)
 
     # ------------------------------------------------------------------------------ table
     def list(self) -> list[dict]:
@@ -95,9 +98,7 @@ class PortForwarder:
     def guest_for(self, fwd: Forward) -> str:
         """The guest address a new connection/mapping of ``fwd`` goes to now."""
         if fwd.default_guest:
-            g = getattr(self.daemon.stack, "guest_ipv6", None)
-            if g is not None:
-                return g(fwd.guest_addr) or fwd.guest_addr
+            return self.daemon.stack.guest_ipv6(fwd.guest_addr) or fwd.guest_addr
         return fwd.guest_addr
 
     def default_guest_addr(self, host_addr: str) -> tuple[str, bool]:
@@ -138,7 +139,7 @@ class PortForwarder:
     # ------------------------------------------------------------------------------ tasks
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
         cfg = self.daemon.config
-        pre = getattr(self.daemon, "prebound", None)
+        pre = self.prebound
         socks = pre.take("ports") if pre is not None else None  # bound before ready
         for i, pf in enumerate(cfg.ports):
             if pf.guest_addr:
@@ -185,18 +186,11 @@ class PortForwarder:
             self._nursery.start_soon(self._inbound, fwd, conn, peer)
 
     async def _inbound(self, fwd, conn, peer):
-        d = self.daemon
-        nat = getattr(d, "tcp_nat", None)
-        if nat is None:
-            d.stack.stats.drop("portfwd_no_tcp_nat")
-            conn.close()
-            return
-        family = 6 if conn.family == _socket.AF_INET6 else 4
         gfamily = 6 if ":" in fwd.guest_addr else 4
         src = self.addrs.guest_visible_source(gfamily, peer[0])
         gaddr = self.guest_for(fwd)
         try:
-            await nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
+            await self.tcp_nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
         except Exception:  # a bridge failure must not take the forwarder down
             log.exception("forward_inbound %s -> %s:%d", peer, gaddr, fwd.guest_port)
             conn.close()
@@ -254,7 +248,9 @@ class PortForwarder:
                              data, now)
             d.flush()
 
-    def _intercept(self, ev) -> bool:
+    def intercept_udp(self, ev) -> bool:
+        """A guest datagram that answers one of our UDP forwards' clients goes to that client
+        (True); anything else is not ours (False)."""
         for fwd in self.forwards.values():
             if fwd.proto != "udp" or ev.sport != fwd.guest_port:
                 continue

@@ -249,36 +249,31 @@ class _Flow:
 
 
 class UdpNat:
-    """The daemon component: consumes UdpDatagram events."""
+    """needs: the daemon (stack, flush, nursery), the address rules, the DNS forwarder (queries
+    to .3:53), ``intercept(ev) -> bool`` (port forwarding's replies to its clients; True: taken).
+    offers: handle(UdpDatagram), the flow table (get_stats, list_flows)."""
 
-    def __init__(self, daemon, max_flows: int = UDP_MAX_FLOWS):
+    def __init__(self, daemon, addrs, dns, intercept: Callable[[UdpDatagram], bool] | None = None,
+                 max_flows: int = UDP_MAX_FLOWS):
         self.daemon = daemon
-        cfg = daemon.config
-        self.stats = getattr(daemon.stack, "stats", None)
-        if self.stats is None:
-            from slirpy.stack.stats import Stats
-            self.stats = Stats()
-        self.addrs = addrmap.AddressMap(cfg)
+        self.stats = daemon.stack.stats
+        self.addrs = addrs
+        self.dns = dns
+        self.intercept = intercept
         self.table = FlowTable(max_flows, close_socket_flow, self.stats, "udp_flow")
         self.fds_logged = False
-        daemon.udp_nat = self
-        if getattr(daemon, "dns", None) is None:
-            from slirpy.dns import DnsForwarder
-            DnsForwarder(daemon)  # sets daemon.dns
-        daemon.add_handler(UdpDatagram, self.handle)
 
     # ---- guest -> host ----------------------------------------------------------------------
     def handle(self, ev: UdpDatagram) -> None:
         d = self.daemon
-        for fn in getattr(d, "udp_intercepts", ()):
-            if fn(ev):
-                return
+        if self.intercept is not None and self.intercept(ev):
+            return
         cfg = d.config
         now = d.now()
         v = self.addrs.outbound("udp", ev.family, ev.dst, ev.dport)
         if v.kind != addrmap.DIAL:
             if v.kind == addrmap.DNS:
-                d.dns.handle_query(ev)
+                self.dns.handle_query(ev)
                 return
             self.stats.drop("udp_" + v.reason)  # silence for --disable-dns, as slirp4netns
             if v.unreach is not None:

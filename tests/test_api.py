@@ -15,6 +15,7 @@ from slirpy import api_socket
 from slirpy.api_socket import ApiServer, handle_request
 from slirpy.config import Config
 from slirpy.portfwd import PortForwarder, StartupError
+from slirpy.stack.addrmap import AddressMap
 from slirpy.stack.stats import Stats
 
 
@@ -31,13 +32,40 @@ class FakeDaemon:
     def __init__(self, **cfg):
         self.config = Config(**cfg)
         self.stack = FakeStack()
-        self.udp_intercepts = []
 
     def now(self):
         return trio.current_time()
 
     def flush(self):
         pass
+
+
+class ClosingNat:
+    """The TCP NAT's part for a forward: counts and closes what it is given."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    async def forward_inbound(self, sock, *_):
+        self.stats.drop("nat_took_connection")
+        sock.close()
+
+
+def forwarder(d, tcp_nat=None):
+    return PortForwarder(d, AddressMap(d.config), tcp_nat or ClosingNat(d.stack.stats))
+
+
+class StatsOnly:
+    """The observer's part of the API: get_stats answers the stack's counters."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def stats(self):
+        return self.stack.stats.as_dict()
+
+    def flows(self):
+        return []
 
 
 async def call(path, data: bytes) -> bytes:
@@ -56,10 +84,10 @@ async def call(path, data: bytes) -> bytes:
 
 async def start(nursery, tmp_path, **cfg):
     d = FakeDaemon(**cfg)
-    pf = PortForwarder(d)
+    pf = forwarder(d)
     await nursery.start(pf.serve)
     path = str(tmp_path / "api.sock")
-    srv = ApiServer(d, path)
+    srv = ApiServer(d.config, pf, StatsOnly(d.stack), path=path)
     await nursery.start(srv.serve)
     return d, pf, srv, path
 
@@ -105,7 +133,7 @@ async def test_compat_table_exact_bytes(tmp_path):
              "guest_addr": "10.0.2.100", "guest_port": 53}]
         d.stack.stats.drop("x_reason", 3)
         st = json.loads(await call(path, b'{"execute":"get_stats"}'))
-        assert st["return"]["dropped"] == {"portfwd_no_tcp_nat": 1, "x_reason": 3}
+        assert st["return"]["dropped"] == {"nat_took_connection": 1, "x_reason": 3}
         n.cancel_scope.cancel()
     assert not os.path.exists(path)
 
@@ -214,21 +242,22 @@ async def test_stale_socket_replaced_live_refused(tmp_path):
     stale.close()  # file left behind, nobody listening
     d = FakeDaemon()
     async with trio.open_nursery() as n:
-        srv = ApiServer(d, path)
+        srv = ApiServer(d.config, forwarder(d), StatsOnly(d.stack), path=path)
         await n.start(srv.serve)
         assert await call(path, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
         with pytest.raises(StartupError, match="another daemon"):
-            await ApiServer(d, path).serve()
+            await ApiServer(d.config, forwarder(d), StatsOnly(d.stack), path=path).serve()
         n.cancel_scope.cancel()
     assert not os.path.exists(path)
     open(path, "w").close()
     with pytest.raises(StartupError, match="not a socket"):
-        await ApiServer(d, path).serve()
+        await ApiServer(d.config, forwarder(d), StatsOnly(d.stack), path=path).serve()
 
 
-def test_handle_request_without_forwarder():
+def test_handle_request_with_no_forwards():
     d = FakeDaemon()
-    assert handle_request(d, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+    api = ApiServer(d.config, forwarder(d), StatsOnly(d.stack))
+    assert handle_request(api, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
 
 
 async def test_client_cli(tmp_path, capsys):
@@ -273,9 +302,8 @@ _args = hs.fixed_dictionaries({}, optional={
 def test_handle_request_never_raises(raw):
     d = FakeDaemon()
 
-    class NoBind:  # table stand-in: never binds real ports (hypothesis picks privileged ones too)
-        def __init__(self):
-            self.n = 0
+    class NoBind(PortForwarder):  # never binds real ports (hypothesis picks privileged ones too)
+        n = 0
 
         def add(self, *a):
             self.n += 1
@@ -288,7 +316,7 @@ def test_handle_request_never_raises(raw):
         def list(self):
             return []
 
-    d.portfwd = NoBind()
-    out = json.loads(handle_request(d, raw))
+    api = ApiServer(d.config, NoBind(d, AddressMap(d.config), None), StatsOnly(d.stack))
+    out = json.loads(handle_request(api, raw))
     assert isinstance(out, dict) and len(out) == 1
     assert set(out) <= {"return", "error", "entries"}

@@ -15,6 +15,11 @@ from slirpy.stack.events import TcpConnectRequest, UdpDatagram
 from slirpy.stack.stats import Stats
 
 
+def bare(d):
+    """No components: the daemon's loop alone (handlers are added by the test)."""
+    return []
+
+
 class FakeStack:
     def __init__(self):
         self.stats = Stats()
@@ -24,6 +29,9 @@ class FakeStack:
     def receive_frame(self, buf, now):
         self.received.append(bytes(buf))
         self.out.append(b"echo:" + bytes(buf))
+
+    def opens_tcp(self, buf):
+        return False
 
     def frames_to_send(self):
         o, self.out = self.out, []
@@ -54,11 +62,6 @@ def pair():
     b.close()
 
 
-@pytest.fixture(autouse=True)
-def no_components(monkeypatch):
-    monkeypatch.setattr(daemon_mod, "COMPONENTS", [])
-
-
 def _recv_all(sock):
     out = []
     while True:
@@ -72,7 +75,7 @@ async def test_frames_echoed_events_dispatched_and_exit_fd_ends(pair):
     a, b = pair
     exit_r, exit_w = os.pipe()
     stack = FakeStack()
-    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack)
+    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack, wiring=bare)
     seen = []
 
     def on_udp(ev):
@@ -116,7 +119,7 @@ async def test_timer_fires_at_deadline_and_rearms(pair, autojump_clock):
     a, b = pair
     exit_r, exit_w = os.pipe()
     stack = FakeStack()
-    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack)
+    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack, wiring=bare)
     async with trio.open_nursery() as n:
         n.start_soon(d.main)
         await trio.sleep(1)
@@ -136,7 +139,7 @@ async def test_write_eagain_queues_then_drains(pair):
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     exit_r, exit_w = os.pipe()
     stack = FakeStack()
-    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack)
+    d = daemon_mod.Daemon(Config(exit_fd=exit_r), a.fileno(), stack, wiring=bare)
     async with trio.open_nursery() as n:
         n.start_soon(d.main)
         await trio.sleep(0.05)
@@ -153,9 +156,3 @@ async def test_write_eagain_queues_then_drains(pair):
         assert got == frames
         assert not d.tap.queue
         os.close(exit_w)
-
-
-def test_load_component_missing_module_is_skipped():
-    assert daemon_mod.load_component("slirpy.no_such_module_xyz:Thing") is None
-    with pytest.raises(AttributeError):
-        daemon_mod.load_component("slirpy.config:NoSuchClass")

@@ -418,11 +418,11 @@ def test_stats_show_dhcp():
     assert d["offers"] == 1 and d["acks"] == 1 and d["naks"] == 0 and d["leases"] == 1
     assert set(d) == set(dhcp.COUNTERS)
     # get_stats and slirpy-api stats show them
-    from types import SimpleNamespace
-
     from slirpy.api_client import format_stats
-    from slirpy.observe import collect_stats
-    got = collect_stats(SimpleNamespace(stack=s))
+    from test_observe import FakeDaemon, observer
+    fake = FakeDaemon()
+    fake.stack = s
+    got = observer(fake).stats()
     assert got["dhcp"]["leases"] == 1 and got["dhcp"]["offers"] == 1
     assert "dhcp        discovers=1 requests=1 offers=1 acks=1 naks=0" in format_stats(got)
 

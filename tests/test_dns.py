@@ -14,8 +14,7 @@ from slirpy.dns import (
     DnsForwarder, TokenBucket, build_servfail, parse_query_untrusted, parse_resolv_conf,
 )
 from slirpy.stack.events import UdpDatagram
-from slirpy.udp_nat import UdpNat
-from test_udp_fakes import FakeDaemon, wait_for
+from test_udp_fakes import FakeDaemon, udp_nat, wait_for
 
 G = "10.0.2.100"
 
@@ -103,9 +102,9 @@ async def test_forward_with_fallback_from_silent_upstream():
         await n.start(_dns_server, srv, "192.0.2.7")
         cfg = Config(dns_upstreams=(("127.0.0.1", sport), ("127.0.0.1", port)))
         d = FakeDaemon(n, cfg)
-        nat = UdpNat(d)
-        assert d.dns.upstreams() == [("127.0.0.1", sport), ("127.0.0.1", port)]
-        d.dns.timeout = 0.3
+        nat = udp_nat(d)
+        assert nat.dns.upstreams() == [("127.0.0.1", sport), ("127.0.0.1", port)]
+        nat.dns.timeout = 0.3
         queries = [make_query(0x1234), make_query(0x1234, "other.example")]  # same id, concurrent
         for i, q in enumerate(queries):
             nat.handle(UdpDatagram(4, G, 5000 + i, "10.0.2.3", 53, q))
@@ -115,7 +114,7 @@ async def test_forward_with_fallback_from_silent_upstream():
             assert (fam, src, sp, dst) == (4, "10.0.2.3", 53, G)
             q = queries[dp - 5000]
             assert payload == answer(q, "192.0.2.7")
-        assert d.dns.answered == 2 and len(nat.table) == 0
+        assert nat.dns.answered == 2 and len(nat.table) == 0
         n.cancel_scope.cancel()
 
 
@@ -126,7 +125,7 @@ async def test_no_upstream_answers_gives_servfail():
         dead = s.getsockname()[1]
         s.close()
         d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", dead),)))
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         q = make_query(7)
         nat.handle(UdpDatagram(4, G, 999, "10.0.2.3", 53, q))
         nat.handle(UdpDatagram(4, G, 999, "10.0.2.3", 53, b"\x01"))  # garbage: dropped

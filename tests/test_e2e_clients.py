@@ -341,25 +341,26 @@ def test_podman_default_network_outbound(rootless, podman):
 
 def test_podman_sends_empty_guest_addr_and_it_means_the_guest():
     # found by running Podman: its add_hostfwd carries "guest_addr":"" (api.c: the default guest)
-    from slirpy.api_socket import handle_request
-    from slirpy.config import Config
+    from types import SimpleNamespace
 
-    class Fwd:
-        def __init__(self):
-            self.added = []
+    from slirpy.api_socket import ApiServer, handle_request
+    from slirpy.config import Config
+    from slirpy.portfwd import PortForwarder
+    from slirpy.stack.addrmap import AddressMap
+
+    class Fwd(PortForwarder):
+        added: list = []
 
         def add(self, proto, host_addr, host_port, guest_addr, guest_port, *_follow):
             self.added.append((proto, host_addr, host_port, guest_addr, guest_port))
             return len(self.added)
 
-    class D:
-        config = Config()
-        portfwd = Fwd()
-
+    cfg = Config()
+    fwd = Fwd(SimpleNamespace(config=cfg), AddressMap(cfg), None)
     req = (b'{"execute":"add_hostfwd","arguments":{"proto":"tcp","host_addr":"",'
            b'"host_port":18080,"guest_addr":"","guest_port":8000}}')
-    assert handle_request(D, req) == b'{"return":{"id":1}}'
-    assert D.portfwd.added == [("tcp", "0.0.0.0", 18080, "10.0.2.100", 8000)]
+    assert handle_request(ApiServer(cfg, fwd, None), req) == b'{"return":{"id":1}}'
+    assert fwd.added == [("tcp", "0.0.0.0", 18080, "10.0.2.100", 8000)]
 
 
 def test_ordinary_user_command_form_sandboxed(rootless):

@@ -12,11 +12,9 @@ import trio
 
 from slirpy.config import Config
 from slirpy.dns import build_servfail
-from slirpy.icmp_nat import IcmpNat
 from slirpy.stack.events import IcmpEchoRequest, UdpDatagram
-from slirpy.udp_nat import UdpNat
 from test_dns import make_query
-from test_udp_fakes import FakeDaemon, wait_for
+from test_udp_fakes import FakeDaemon, icmp_nat, udp_nat, wait_for
 
 G = "10.0.2.100"
 
@@ -63,7 +61,7 @@ async def test_udp_emfile_is_a_counted_drop_and_existing_flow_lives():
         port = srv.getsockname()[1]
         await n.start(_echo, srv)
         d = FakeDaemon(n)
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         nat.handle(UdpDatagram(4, G, 1000, "10.0.2.2", port, b"before"))
         assert await wait_for(d.stack, lambda: len(d.stack.udp) == 1)
         with fds_exhausted():
@@ -85,7 +83,7 @@ async def test_udp_emfile_is_a_counted_drop_and_existing_flow_lives():
 async def test_icmp_emfile_is_a_counted_drop(monkeypatch):
     async with trio.open_nursery() as n:
         d = FakeDaemon(n)
-        nat = IcmpNat(d)
+        nat = icmp_nat(d)
         with fds_exhausted():
             for i in range(50):
                 nat.handle(IcmpEchoRequest(4, G, "198.51.100.7", i, 1, b"x"))
@@ -100,14 +98,14 @@ async def test_dns_emfile_gives_servfail_not_a_crash():
     """Before the fix the upstream socket() raised out of the query task and killed the daemon."""
     async with trio.open_nursery() as n:
         d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", 9),)))
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         q = make_query(0x4242)
         with fds_exhausted():
             nat.handle(UdpDatagram(4, G, 5353, "10.0.2.3", 53, q))
             assert await wait_for(d.stack, lambda: d.stack.udp)
         assert d.stack.udp == [(4, "10.0.2.3", 53, G, 5353, build_servfail(q))]
         assert d.stack.stats.dropped["dns_socket_failed"] == 1
-        assert d.dns.inflight == 0
+        assert nat.dns.inflight == 0
         n.cancel_scope.cancel()
 
 
@@ -118,13 +116,13 @@ async def test_resolver_down_servfail_for_every_query_and_inflight_returns_to_ze
         dead = s.getsockname()[1]
         s.close()
         d = FakeDaemon(n, Config(dns_upstreams=(("127.0.0.1", dead), ("127.0.0.1", dead))))
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         qs = [make_query(i) for i in range(100)]
         for i, q in enumerate(qs):
             nat.handle(UdpDatagram(4, G, 6000 + i, "10.0.2.3", 53, q))
         assert await wait_for(d.stack, lambda: len(d.stack.udp) == 100)
         assert sorted(u[5] for u in d.stack.udp) == sorted(build_servfail(q) for q in qs)
-        assert d.dns.inflight == 0 and d.stack.stats.dropped["dns_servfail"] == 100
+        assert nat.dns.inflight == 0 and d.stack.stats.dropped["dns_servfail"] == 100
         n.cancel_scope.cancel()
 
 
@@ -228,12 +226,11 @@ async def test_tap_gone_during_a_flush_from_any_task_ends_cleanly(monkeypatch):
     """flush() runs in the timer task and in every glue task, not only in the guarded reader and
     writer: a dead tap found there must end the daemon with its message, not a traceback."""
     from slirpy import daemon as daemon_mod
-    from test_cli_daemon import FakeStack
-    monkeypatch.setattr(daemon_mod, "COMPONENTS", [])
+    from test_cli_daemon import FakeStack, bare
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     a.setblocking(False)
     stack = FakeStack()
-    d = daemon_mod.Daemon(Config(), a.fileno(), stack)
+    d = daemon_mod.Daemon(Config(), a.fileno(), stack, wiring=bare)
     async with trio.open_nursery() as n:
         async def glue_task():
             await trio.sleep(0.05)

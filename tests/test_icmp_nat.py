@@ -12,9 +12,9 @@ import textwrap
 import pytest
 import trio
 
-from slirpy.icmp_nat import IcmpNat, parse_echo_reply_untrusted
+from slirpy.icmp_nat import parse_echo_reply_untrusted
 from slirpy.stack.events import IcmpEchoRequest
-from test_udp_fakes import FakeDaemon
+from test_udp_fakes import FakeDaemon, icmp_nat
 
 G = "10.0.2.100"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,7 +38,7 @@ async def test_ping_socket_denied_is_logged_once_and_counted(monkeypatch, caplog
     monkeypatch.setattr(m.IcmpNat, "_open", deny)
     async with trio.open_nursery() as n:
         d = FakeDaemon(n)
-        nat = IcmpNat(d)
+        nat = icmp_nat(d)
         for i in range(3):
             nat.handle(IcmpEchoRequest(4, G, "192.0.2.1", 0x42, i, b"x"))
         assert d.stack.stats.dropped["icmp_ping_socket_denied"] == 3
@@ -64,7 +64,7 @@ def test_table_cap_and_expiry_with_fake_sockets(monkeypatch):
     async def main():
         async with trio.open_nursery() as n:
             d = FakeDaemon(n)
-            nat = IcmpNat(d, max_flows=8)
+            nat = icmp_nat(d, max_flows=8)
             for i in range(20):
                 nat.handle(IcmpEchoRequest(4, G, "192.0.2.%d" % i, 7, 1, b"p"))
             assert len(nat.table) == 8 and d.stack.stats.dropped["icmp_flow_evicted"] == 12
@@ -88,14 +88,14 @@ def test_table_cap_and_expiry_with_fake_sockets(monkeypatch):
 CHILD = textwrap.dedent("""
     import sys, trio
     sys.path.insert(0, %r)
-    from test_udp_fakes import FakeDaemon
+    from test_udp_fakes import FakeDaemon, icmp_nat
     from slirpy.icmp_nat import IcmpNat
     from slirpy.stack.events import IcmpEchoRequest
 
     async def main():
         async with trio.open_nursery() as n:
             d = FakeDaemon(n)
-            nat = IcmpNat(d)
+            nat = icmp_nat(d)
             payload = bytes(range(56))
             for seq in range(3):
                 nat.handle(IcmpEchoRequest(4, "10.0.2.100", "127.0.0.1", 0xABCD, seq, payload))
@@ -139,7 +139,7 @@ async def test_send_failing_at_once_gives_the_matching_unreachable(monkeypatch, 
     async with trio.open_nursery() as n:
         d = FakeDaemon(n)
         d.stack.send_icmp_echo_error = lambda *a: errors.append(a)
-        nat = IcmpNat(d)
+        nat = icmp_nat(d)
         dst, src = ("192.0.2.1", G) if family == 4 else ("2001:db8::1", "fd00::100")
         nat.handle(IcmpEchoRequest(family, src, dst, 0x42, 7, b"x"))
         (e,) = errors

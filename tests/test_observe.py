@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from types import SimpleNamespace
 
 import dpkt
 import pytest
@@ -15,8 +16,11 @@ from slirpy import api_client
 from slirpy.api_socket import ApiServer, handle_request
 from slirpy.config import Config
 from slirpy.logutil import RateLimited, setup_logging
-from slirpy.observe import Observer, collect_flows, collect_stats, is_cap_reason
+from slirpy.dns import DnsForwarder
+from slirpy.observe import Observer, is_cap_reason
 from slirpy.pcap import PcapWriter
+from slirpy.portfwd import PortForwarder
+from slirpy.stack.addrmap import AddressMap
 from slirpy.stack.stack import Stack
 from slirpy.udp_nat import FlowTable
 
@@ -110,14 +114,32 @@ class FakeDaemon:
         self.config = Config(**cfg)
         self.stack = Stack(self.config, 0.0)
         self.t = 0.0
+        self.tap = None
+        self.sandbox_paths = None
 
     def now(self):
         return self.t
 
+    def compact(self):
+        pass
+
+
+def observer(d, udp=None, icmp=None, portfwd=None):
+    """An Observer over d with the parts daemon.wire gives it; tables and forwards as given."""
+    return Observer(d, tcp_nat=SimpleNamespace(compact=lambda: None),
+                    udp_nat=SimpleNamespace(table=udp if udp is not None else FlowTable(8)),
+                    icmp_nat=SimpleNamespace(table=icmp if icmp is not None else FlowTable(8)),
+                    portfwd=portfwd or PortForwarder(d, AddressMap(d.config), None),
+                    dns=DnsForwarder(d), pcap=PcapWriter(d.config))
+
+
+def api(obs):
+    return ApiServer(obs.daemon.config, obs.portfwd, obs)
+
 
 def test_observer_warns_once_per_cap_not_per_drop(caught):
     d = FakeDaemon()
-    obs = Observer(d)
+    obs = observer(d)
     assert any("starting" in m for _, m in caught)
     caught.clear()
     for _ in range(50):
@@ -136,12 +158,13 @@ def test_observer_warns_once_per_cap_not_per_drop(caught):
 def test_pcap_writer_unit(tmp_path, caught):
     path = str(tmp_path / "u.pcap")
     d = FakeDaemon(pcap=path, pcap_max_bytes=24 + 3 * (16 + 60))
-    w = PcapWriter(d)
-    assert d.pcap is w and d.pcap_writer is w
+    stops = []
+    w = PcapWriter(d.config, on_stop=lambda: stops.append(1))
+    assert w.active
     frames = [bytes([i]) * 60 for i in range(5)]
     w.write(frames[:2])
     w.write([bytearray(frames[2]), memoryview(frames[3])])  # 4th passes the cap: not written
-    assert w.frames == 3 and w.capped and d.pcap is None  # hook back off
+    assert w.frames == 3 and w.capped and not w.active and stops == [1]  # the daemon's hook off
     w.write(frames[4:])
     assert [m for lv, m in caught if lv == "WARNING"] == [
         f"pcap {path}: --pcap-max-bytes 252 reached after 3 frames; capture stopped"]
@@ -153,9 +176,8 @@ def test_pcap_writer_unit(tmp_path, caught):
 
 def test_no_pcap_no_hook(tmp_path):
     d = FakeDaemon()
-    d.pcap = None
-    w = PcapWriter(d)
-    assert d.pcap is None and w._w is None
+    w = PcapWriter(d.config)
+    assert not w.active and w._w is None
     w.write([b"x" * 60])
     assert w.frames == 0
 
@@ -163,40 +185,32 @@ def test_no_pcap_no_hook(tmp_path):
 def test_pcap_unwritable_is_startup_error(tmp_path):
     from slirpy.portfwd import StartupError
     with pytest.raises(StartupError, match="--pcap"):
-        PcapWriter(FakeDaemon(pcap=str(tmp_path / "no" / "such" / "dir.pcap")))
+        PcapWriter(FakeDaemon(pcap=str(tmp_path / "no" / "such" / "dir.pcap")).config)
 
 
 def test_get_stats_and_list_flows_on_real_stack_and_tables():
     d = FakeDaemon()
-    Observer(d)
-    st = json.loads(handle_request(d, b'{"execute":"get_stats"}'))["return"]
+    u, i = FlowTable(8), FlowTable(8)
+    obs = observer(d, udp=u, icmp=i)
+    st = json.loads(handle_request(api(obs), b'{"execute":"get_stats"}'))["return"]
     for k in ("frames_in", "frames_out", "bytes_in", "bytes_out", "dropped", "uptime", "dropped_total",
               "flows", "forwards", "reassembly", "buffers", "pcap"):
         assert k in st, k
     assert st["flows"]["tcp"] == {"open": 0, "states": {}, "max": 32768}
     assert st["reassembly"]["max_entries"] == 64 and st["pcap"] is None
 
-    class Nat:
-        pass
-    u = Nat()
-    u.table = FlowTable(8)
-
     class V:
         bytes_in, bytes_out = 12, 34
-    u.table.add((4, "10.0.2.100", 5000, "1.2.3.4", 53), V(), 0.0, 10.0)
-    d.udp_nat = u
-    i = Nat()
-    i.table = FlowTable(8)
-    i.table.add((4, "10.0.2.100", 77, "1.2.3.4"), V(), 0.0, 30.0)
-    d.icmp_nat = i
+    u.add((4, "10.0.2.100", 5000, "1.2.3.4", 53), V(), 0.0, 10.0)
+    i.add((4, "10.0.2.100", 77, "1.2.3.4"), V(), 0.0, 30.0)
     d.t = 4.0
-    fl = json.loads(handle_request(d, b'{"execute":"list_flows"}'))["return"]["flows"]
+    fl = json.loads(handle_request(api(obs), b'{"execute":"list_flows"}'))["return"]["flows"]
     assert fl == [
         {"proto": "udp", "family": 4, "src": "10.0.2.100", "sport": 5000, "dst": "1.2.3.4", "dport": 53,
          "state": "ACTIVE", "bytes_in": 12, "bytes_out": 34, "idle": 4.0, "expires_in": 6.0},
         {"proto": "icmp", "family": 4, "src": "10.0.2.100", "sport": 77, "dst": "1.2.3.4", "dport": None,
          "state": "ACTIVE", "bytes_in": 12, "bytes_out": 34, "idle": 4.0, "expires_in": 26.0}]
-    st = collect_stats(d)
+    st = obs.stats()
     assert st["flows"]["udp"]["open"] == 1 and st["flows"]["icmp"]["open"] == 1
 
 
@@ -204,47 +218,36 @@ def test_tcp_flows_listed_from_engine():
     d = FakeDaemon()
     fid = d.stack.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 80, 0.0)
     assert fid is not None
-    fl = collect_flows(d)
+    obs = observer(d)
+    fl = obs.flows()
     assert len(fl) == 1 and fl[0]["proto"] == "tcp" and fl[0]["dst"] == "10.0.2.2"
-    assert fl[0]["state"] == collect_stats(d)["flows"]["tcp"]["states"].popitem()[0]
+    assert fl[0]["state"] == obs.stats()["flows"]["tcp"]["states"].popitem()[0]
 
 
-def test_introspection_outside_trio_and_broken_parts_never_raise():
+def test_introspection_of_broken_parts_never_raises():
     d = FakeDaemon()
-
-    def no_loop():
-        raise RuntimeError("must be called from async context")
-    d.now = no_loop
-    t = FlowTable(4)
-    t.add((4, "10.0.2.100", 1, "1.2.3.4", 2), object(), 0.0, 10.0)
-    d.udp_nat = type("N", (), {"table": t})()
-    fl = json.loads(handle_request(d, b'{"execute":"list_flows"}'))["return"]["flows"]
-    assert len(fl) == 1 and "idle" not in fl[0] and fl[0]["bytes_in"] == 0
-    d.udp_nat = type("N", (), {"table": 5})()  # garbage where a table should be
-    d.icmp_nat = type("N", (), {"table": type("T", (), {"items": lambda self: [(1,)]})()})()
-    assert handle_request(d, b'{"execute":"list_flows"}') == \
+    obs = observer(d, icmp=type("T", (), {"items": lambda self: [(1,)]})())  # garbage for a table
+    assert handle_request(api(obs), b'{"execute":"list_flows"}') == \
         b'{"error":{"desc":"bad request: list_flows: internal error"}}'
 
 
 def test_existing_replies_unchanged():
-    d = FakeDaemon()
-    assert handle_request(d, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
-    assert handle_request(d, b'{"execute":"nosuch"}') == b'{"error":{"desc":"bad request: unknown execute"}}'
-    assert handle_request(d, b"not json") == b'{"error":{"desc":"bad request: cannot parse JSON"}}'
+    a = api(observer(FakeDaemon()))
+    assert handle_request(a, b'{"execute":"list_hostfwd"}') == b'{"entries":[]}'
+    assert handle_request(a, b'{"execute":"nosuch"}') == b'{"error":{"desc":"bad request: unknown execute"}}'
+    assert handle_request(a, b"not json") == b'{"error":{"desc":"bad request: cannot parse JSON"}}'
 
 
 async def test_client_stats_and_flows_table_and_json(tmp_path, capsys):
     d = FakeDaemon()
-    Observer(d)
+    u = FlowTable(8)
+    obs = observer(d, udp=u)
     d.stack.stats.drop("eth_unknown_type", 5)
-    u = type("N", (), {})()
-    u.table = FlowTable(8)
     v = type("V", (), {"bytes_in": 7, "bytes_out": 9})()
-    u.table.add((4, "10.0.2.100", 5000, "10.0.2.2", 9999), v, 0.0, 60.0)
-    d.udp_nat = u
+    u.add((4, "10.0.2.100", 5000, "10.0.2.2", 9999), v, 0.0, 60.0)
     path = str(tmp_path / "api.sock")
     async with trio.open_nursery() as n:
-        await n.start(ApiServer(d, path).serve)
+        await n.start(ApiServer(d.config, obs.portfwd, obs, path=path).serve)
         rcs = []
         for argv in (["stats"], ["stats", "--json"], ["flows"], ["flows", "--json"]):
             rcs.append(await trio.to_thread.run_sync(api_client.main, ["--socket", path, *argv]))
@@ -272,9 +275,9 @@ def test_udp_forward_mappings_listed():
     fwd = type("F", (), {"proto": "udp", "id": 3, "guest_addr": "10.0.2.100", "guest_port": 53,
                          "by_client": {("192.0.2.7", 5555): m}})()
     tcpf = type("F", (), {"proto": "tcp", "id": 4, "by_client": {}})()
-    d.portfwd = type("P", (), {"forwards": {3: fwd, 4: tcpf}})()
+    obs = observer(d, portfwd=type("P", (), {"forwards": {3: fwd, 4: tcpf}})())
     d.t = 3.5
-    assert collect_flows(d) == [
+    assert obs.flows() == [
         {"proto": "udp", "family": 4, "src": "10.0.2.100", "sport": 53, "dst": "192.0.2.7",
          "dport": 33000, "state": "FORWARDED", "forward": 3, "client": "192.0.2.7:5555",
          "bytes_in": 5, "bytes_out": 11, "idle": 2.5}]

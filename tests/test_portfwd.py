@@ -10,11 +10,11 @@ import trio
 
 from nsutil import free_port
 from slirpy import portfwd
-from slirpy.config import Config, PortForward
-from slirpy.portfwd import ForwardError, PortForwarder, StartupError
+from slirpy.config import PortForward
+from slirpy.portfwd import ForwardError, StartupError
 from slirpy.portspec import PortSpecError, parse_port_spec
 from slirpy.stack.events import UdpDatagram
-from test_api import FakeDaemon
+from test_api import FakeDaemon, forwarder
 
 
 class FakeNat:
@@ -32,13 +32,12 @@ class FakeNat:
 
 async def test_tcp_accept_goes_to_nat_with_gateway_source_and_remove_keeps_conns():
     d = FakeDaemon()
-    d.tcp_nat = nat = FakeNat()
+    nat = FakeNat()
     p = free_port()
     d.config = dataclasses.replace(d.config, ports=(PortForward("tcp", "127.0.0.1", p, 8000),))
     async with trio.open_nursery() as n:
-        pf = PortForwarder(d)
+        pf = forwarder(d, nat)
         await n.start(pf.serve)
-        assert d.portfwd is pf
         clients = []
         for i in range(5):
             c = trio.socket.socket()
@@ -66,9 +65,9 @@ async def test_tcp_accept_goes_to_nat_with_gateway_source_and_remove_keeps_conns
 
 async def test_tcp_ipv6_loopback_to_v4_guest():
     d = FakeDaemon()
-    d.tcp_nat = nat = FakeNat()
+    nat = FakeNat()
     async with trio.open_nursery() as n:
-        pf = PortForwarder(d)
+        pf = forwarder(d, nat)
         await n.start(pf.serve)
         p = free_port(addr="::1")
         assert pf.add("tcp", "::1", p, "10.0.2.100", 22) == 1
@@ -88,7 +87,7 @@ async def test_tcp_ipv6_loopback_to_v4_guest():
 async def test_udp_forward_mappings_replies_expiry_cap(monkeypatch):
     d = FakeDaemon()
     async with trio.open_nursery() as n:
-        pf = PortForwarder(d)
+        pf = forwarder(d)
         await n.start(pf.serve)
         p = free_port(socket.SOCK_DGRAM)
         pf.add("udp", "127.0.0.1", p, "10.0.2.100", 9000)
@@ -106,14 +105,14 @@ async def test_udp_forward_mappings_replies_expiry_cap(monkeypatch):
         assert (fb, sb, db, dpb, pb) == (4, "10.0.2.2", "10.0.2.100", 9000, b"from-b")
         assert spa != spb  # two clients, two guest-side ports
         # guest replies go back to the right client
-        assert d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spb, b"to-b"))
-        assert d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spa, b"to-a"))
+        assert pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spb, b"to-b"))
+        assert pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spa, b"to-a"))
         with trio.fail_after(5):
             assert await a.recvfrom(100) == (b"to-a", ("127.0.0.1", p))
             assert await b.recvfrom(100) == (b"to-b", ("127.0.0.1", p))
         # not ours: wrong source port / unknown mapping -> not consumed
-        assert not d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9001, "10.0.2.2", spa, b""))
-        assert not d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", 1, b""))
+        assert not pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9001, "10.0.2.2", spa, b""))
+        assert not pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", 1, b""))
         # same client again reuses its mapping
         await a.sendto(b"again", ("127.0.0.1", p))
         with trio.fail_after(5):
@@ -131,7 +130,7 @@ async def test_udp_forward_mappings_replies_expiry_cap(monkeypatch):
             while len(d.stack.sent) < 4:
                 await trio.sleep(0.01)
         assert list(fwd.by_client) == [c.getsockname()]
-        assert not d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spa, b""))
+        assert not pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", spa, b""))
         # cap: oldest evicted, counted
         monkeypatch.setattr(portfwd, "UDP_MAX_MAPPINGS", 3)
         socks = []
@@ -157,14 +156,14 @@ async def test_startup_errors_name_the_port():
                       (PortForward("tcp", "0.0.0.0", 80, 80), "ip_unprivileged_port_start")]:
         d = FakeDaemon(ports=(spec,))
         with pytest.raises(StartupError) as ei:
-            await PortForwarder(d).serve()
+            await forwarder(d).serve()
         assert str(spec.host_port) in str(ei.value) and why in str(ei.value)
     taken.close()
     # a failing second forward releases the first one's port
     p = free_port()
     d = FakeDaemon(ports=(PortForward("tcp", "127.0.0.1", p, 80), PortForward("tcp", "127.0.0.1", 1, 80)))
     with pytest.raises(StartupError):
-        await PortForwarder(d).serve()
+        await forwarder(d).serve()
     s = socket.socket()
     s.bind(("127.0.0.1", p))
     s.close()
@@ -172,7 +171,7 @@ async def test_startup_errors_name_the_port():
 
 async def test_duplicate_forward_refused_before_bind():
     d = FakeDaemon()
-    pf = PortForwarder(d)
+    pf = forwarder(d)
     p = free_port()
     pf.add("tcp", "0.0.0.0", p, "10.0.2.100", 80)
     with pytest.raises(ForwardError, match="already forwarded"):
@@ -202,7 +201,7 @@ def test_port_spec_bad(spec):
 async def test_udp_forward_survives_icmp_error_from_gone_client():
     d = FakeDaemon()
     async with trio.open_nursery() as n:
-        pf = PortForwarder(d)
+        pf = forwarder(d)
         await n.start(pf.serve)
         p = free_port(socket.SOCK_DGRAM)
         pf.add("udp", "127.0.0.1", p, "10.0.2.100", 9000)
@@ -215,7 +214,7 @@ async def test_udp_forward_survives_icmp_error_from_gone_client():
         gport = d.stack.sent[0][2]
         gone.close()
         # the guest replies to a client that is gone
-        assert d.udp_intercepts[0](UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", gport, b"late"))
+        assert pf.intercept_udp(UdpDatagram(4, "10.0.2.100", 9000, "10.0.2.2", gport, b"late"))
         await trio.sleep(0.05)
         ok = trio.socket.socket(type=socket.SOCK_DGRAM)
         await ok.bind(("127.0.0.1", 0))

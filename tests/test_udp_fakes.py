@@ -39,9 +39,8 @@ class FakeDaemon:
         self.stack = FakeStack()
         self.nursery = nursery
         self.handlers = {}
-        self.udp_intercepts = []
         self.flushes = 0
-        self.dns = None
+        self.sandbox_paths = None
 
     def now(self) -> float:
         return trio.current_time()
@@ -51,6 +50,20 @@ class FakeDaemon:
 
     def add_handler(self, typ, fn):
         self.handlers[typ] = fn
+
+
+def udp_nat(d, **kw):
+    """A UdpNat wired as daemon.wire does: the address rules, its own DNS forwarder."""
+    from slirpy.dns import DnsForwarder
+    from slirpy.stack.addrmap import AddressMap
+    from slirpy.udp_nat import UdpNat
+    return UdpNat(d, AddressMap(d.config), DnsForwarder(d), **kw)
+
+
+def icmp_nat(d, **kw):
+    from slirpy.icmp_nat import IcmpNat
+    from slirpy.stack.addrmap import AddressMap
+    return IcmpNat(d, AddressMap(d.config), **kw)
 
 
 async def wait_for(stack: FakeStack, pred, limit: float = 5.0):

@@ -14,9 +14,9 @@ from slirpy.stack.events import UdpDatagram
 from slirpy.stack.stats import Stats
 from slirpy.udp_nat import (
     ICMP6_NO_ROUTE, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ICMP_PORT_UNREACH, SO_EE_ORIGIN_ICMP,
-    FlowTable, UdpNat, parse_errqueue,
+    FlowTable, parse_errqueue,
 )
-from test_udp_fakes import FakeDaemon, wait_for
+from test_udp_fakes import FakeDaemon, udp_nat, wait_for
 
 G = "10.0.2.100"
 
@@ -99,7 +99,7 @@ async def test_udp_echo_through_gateway_maps_to_loopback():
         port = srv.getsockname()[1]
         await n.start(_serve_echo, srv)
         d = FakeDaemon(n)
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         for i in range(3):
             nat.handle(UdpDatagram(4, G, 40000, "10.0.2.2", port, b"hello%d" % i))
         big = bytes(range(256)) * 16  # 4096 bytes
@@ -119,7 +119,7 @@ async def test_closed_port_gives_port_unreachable_quoting_datagram():
         port = s.getsockname()[1]
         s.close()  # now closed: the kernel answers ICMP port unreachable
         d = FakeDaemon(n)
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         nat.handle(UdpDatagram(4, G, 40002, "10.0.2.2", port, b"knock"))
         assert await wait_for(d.stack, lambda: d.stack.unreach)
         assert d.stack.unreach[0] == (4, G, 40002, "10.0.2.2", port, b"knock", ICMP_PORT_UNREACH)
@@ -132,7 +132,7 @@ async def test_disable_host_loopback_and_dns_ports():
     address at all, and no host socket is opened for it."""
     async with trio.open_nursery() as n:
         d = FakeDaemon(n, Config(disable_host_loopback=True))
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         nat.handle(UdpDatagram(4, G, 1, "10.0.2.2", 9, b"x"))
         nat.handle(UdpDatagram(4, G, 3, "10.0.2.3", 54, b"z"))
         nat.handle(UdpDatagram(6, "fd00::100", 4, "fd00::2", 9, b"v6"))
@@ -143,7 +143,7 @@ async def test_disable_host_loopback_and_dns_ports():
         assert d.stack.stats.dropped["udp_dns_address"] == 1
 
         d = FakeDaemon(n, Config(disable_dns=True))
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         nat.handle(UdpDatagram(4, G, 2, "10.0.2.3", 53, b"y" * 20))
         nat.handle(UdpDatagram(4, G, 5, "10.0.2.3", 54, b"w"))
         nat.handle(UdpDatagram(6, "fd00::100", 6, "fd00::3", 53, b"q"))
@@ -156,8 +156,7 @@ async def test_intercepts_consulted_first_and_bad_destinations_dropped():
     async with trio.open_nursery() as n:
         d = FakeDaemon(n)
         seen = []
-        d.udp_intercepts.append(lambda ev: seen.append(ev) or ev.dport == 7)
-        nat = UdpNat(d)
+        nat = udp_nat(d, intercept=lambda ev: seen.append(ev) or ev.dport == 7)
         nat.handle(UdpDatagram(4, G, 1, "10.0.2.2", 7, b"x"))
         nat.handle(UdpDatagram(4, G, 1, "224.0.0.1", 9, b"x"))
         nat.handle(UdpDatagram(4, G, 1, "127.0.0.1", 0, b"x"))
@@ -173,7 +172,7 @@ async def test_flow_cap_closes_evicted_sockets():
         port = srv.getsockname()[1]
         await n.start(_serve_echo, srv)
         d = FakeDaemon(n)
-        nat = UdpNat(d, max_flows=4)
+        nat = udp_nat(d, max_flows=4)
         socks = []
         for i in range(10):
             nat.handle(UdpDatagram(4, G, 50000 + i, "10.0.2.2", port, b"p%d" % i))
@@ -189,7 +188,7 @@ async def test_flow_cap_closes_evicted_sockets():
 async def test_serve_expires_idle_flows(autojump_clock):
     async with trio.open_nursery() as n:
         d = FakeDaemon(n)
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         await n.start(nat.serve)
         nat.handle(UdpDatagram(4, G, 1, "127.0.0.1", 9, b"x"))  # discard port: no reply
         nat.handle(UdpDatagram(4, G, 2, "127.0.0.1", 53, b"x"))
@@ -212,7 +211,7 @@ async def test_ipv6_gateway_maps_to_ipv6_loopback():
     async with trio.open_nursery() as n:
         await n.start(_serve_echo, srv)
         d = FakeDaemon(n)
-        nat = UdpNat(d)
+        nat = udp_nat(d)
         nat.handle(UdpDatagram(6, "fd00::100", 4242, "fd00::2", port, b"six"))
         assert await wait_for(d.stack, lambda: d.stack.udp)
         assert d.stack.udp == [(6, "fd00::2", port, "fd00::100", 4242, b"xis")]
