@@ -16,7 +16,8 @@ import trio
 
 from .listeners import _live, open_api_listener  # noqa: F401
 from .logutil import RateLimited
-from .portfwd import ALLOWED_HOST_ADDRS, ForwardError, StartupError
+from .errors import ForwardError
+from .portfwd import ALLOWED_HOST_ADDRS
 
 log = logging.getLogger(__name__)
 _busy = RateLimited(log, logging.WARNING, interval=30.0)

@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _startup_error(e: BaseException) -> str | None:
-    from .portfwd import StartupError
+    from .errors import StartupError
     if isinstance(e, StartupError):
         return str(e)
     if isinstance(e, BaseExceptionGroup):

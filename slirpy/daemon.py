@@ -307,7 +307,7 @@ class Daemon:
 
     async def _pump(self):
         """The hot path: one epoll set holds the tap and the components' hot fds (every host
-        TCP socket of the NAT). Each round reads the tap ahead into the rx queues, gives the
+        socket of the TCP, UDP and ICMP NATs). Each round reads the tap ahead into the rx queues, gives the
         stack up to RX_PER_ROUND frames and SYN_PER_ROUND SYNs, serves up to HOST_FDS_PER_ROUND
         ready host sockets, oldest events first (the rest wait in the backlog: one busy guest's
         thousands of flows cannot make a round long), then flushes. Busy rounds yield to trio

@@ -18,16 +18,17 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import select
 import socket
 import struct
 
 import trio
 
+from slirpy.hostsock import (EXT_ERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, SocketFlows,
+                             drain_errqueue, enable_recverr)
 from slirpy.logutil import RateLimited
 from slirpy.stack import addrmap
 from slirpy.stack.events import IcmpEchoRequest
-from slirpy.udp_nat import (IP_RECVERR, IPV6_RECVERR, MSG_ERRQUEUE, FlowTable,
-                             close_socket_flow, serve_expiry)
 
 log = logging.getLogger(__name__)
 _debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
@@ -35,8 +36,6 @@ _debug = RateLimited(log, logging.DEBUG, interval=10.0)  # per-datagram failures
 ICMP_IDLE_TIMEOUT = 30.0
 MAX_FLOWS = 1024
 _ECHO = struct.Struct("!BBHHH")
-_EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
-SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6 = 2, 3
 # ICMP types passed on to the guest: (v4) unreachable, time exceeded; (v6) same
 _PASS = {4: (3, 11), 6: (1, 3)}
 
@@ -44,14 +43,14 @@ _PASS = {4: (3, 11), 6: (1, 3)}
 def parse_icmp_errqueue(cdata: bytes, family: int):
     """(type, code, offender address or None) from an IP(V6)_RECVERR cmsg, or None if it is
     not an ICMP error of a kind we pass on."""
-    if len(cdata) < _EXT_ERR.size:
+    if len(cdata) < EXT_ERR.size:
         return None
-    _errno, origin, typ, code, _pad, _info, _data = _EXT_ERR.unpack_from(cdata)
+    _errno, origin, typ, code, _pad, _info, _data = EXT_ERR.unpack_from(cdata)
     if origin != (SO_EE_ORIGIN_ICMP if family == 4 else SO_EE_ORIGIN_ICMP6):
         return None
     if typ not in _PASS[family]:
         return None
-    off = cdata[_EXT_ERR.size:]
+    off = cdata[EXT_ERR.size:]
     who = None
     try:
         if family == 4 and len(off) >= 8 and int.from_bytes(off[:2], "little") == socket.AF_INET:
@@ -67,13 +66,12 @@ def parse_icmp_errqueue(cdata: bytes, family: int):
 
 
 class _Ping:
-    __slots__ = ("key", "sock", "cancel", "bytes_in", "bytes_out")
+    __slots__ = ("key", "sock", "bytes_in", "bytes_out")
 
     def __init__(self, key, sock):
         self.key = key
         self.bytes_in = self.bytes_out = 0  # echo payload bytes from / to the guest (list_flows)
         self.sock = sock
-        self.cancel = trio.CancelScope()
 
 
 def parse_echo_reply_untrusted(data: bytes, family: int) -> tuple[int, bytes] | None:
@@ -87,14 +85,15 @@ def parse_echo_reply_untrusted(data: bytes, family: int) -> tuple[int, bytes] | 
 
 
 class IcmpNat:
-    """needs: the daemon (stack, flush, nursery), the address rules. offers:
+    """needs: the daemon (stack, flush, hot fds), the address rules. offers:
     handle(IcmpEchoRequest), the flow table (get_stats, list_flows)."""
 
     def __init__(self, daemon, addrs, max_flows: int = MAX_FLOWS):
         self.daemon = daemon
         self.stats = daemon.stack.stats
         self.addrs = addrs
-        self.table = FlowTable(max_flows, close_socket_flow, self.stats, "icmp_flow")
+        self.flows = SocketFlows(daemon, self._host_ready, max_flows, self.stats, "icmp_flow")
+        self.table = self.flows.table
         self.denied_logged = False
 
     def _open(self, family: int, dst: str) -> socket.socket:
@@ -105,10 +104,7 @@ class IcmpNat:
             s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_ICMPV6)
         try:
             s.setblocking(False)
-            if family == 4:
-                s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-            else:
-                s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+            enable_recverr(s, family)
             bind = cfg.outbound_addr if family == 4 else cfg.outbound_addr6
             if bind is not None:
                 s.bind((str(bind), 0))
@@ -148,8 +144,7 @@ class IcmpNat:
                 self._no_route(ev, e)
                 return
             p = _Ping(key, sock)
-            self.table.add(key, p, now, ICMP_IDLE_TIMEOUT)
-            d.nursery.start_soon(self._reader, p)
+            self.flows.add(key, p, now, ICMP_IDLE_TIMEOUT)
         typ = 8 if ev.family == 4 else 128
         p.bytes_in += len(ev.payload)
         try:
@@ -178,66 +173,47 @@ class IcmpNat:
                                      addrmap.unreach_code(unreach, ev.family), d.now())
         d.flush()
 
-    async def _reader(self, p: _Ping) -> None:
+    def _host_ready(self, p: _Ping, mask: int) -> None:
+        """The pump found the ping socket readable (or with an error): up to a batch of echo
+        replies and errors to the guest (the pump flushes after its round)."""
         fam, gsrc, gident, gdst = p.key
         d = self.daemon
-        with p.cancel:
-            while True:
-                if p.sock.fileno() < 0:
-                    return
-                try:
-                    await trio.lowlevel.wait_readable(p.sock)
-                except (trio.ClosedResourceError, trio.BusyResourceError, OSError):
-                    return
-                sent = False
-                for _ in range(64):
-                    try:
-                        data = p.sock.recv(65535)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError:
-                        sent |= self._errors(p)
-                        continue
-                    r = parse_echo_reply_untrusted(data, fam)
-                    if r is None:
-                        self.stats.drop("icmp_bad_reply")
-                        continue
-                    self.table.get(p.key, d.now())
-                    seq, payload = r
-                    d.stack.send_icmp_echo_reply(fam, gdst, gsrc, gident, seq, payload, d.now())
-                    p.bytes_out += len(payload)
-                    sent = True
-                if sent:
-                    d.flush()
-
-    def _errors(self, p: _Ping) -> bool:
-        """Drain the socket's error queue; ICMP errors go to the guest. True if any did."""
-        fam, gsrc, gident, gdst = p.key
-        d = self.daemon
-        sent = False
-        for _ in range(16):
+        st, sock, now = d.stack, p.sock, d.now()
+        error = False
+        for _ in range(64):
             try:
-                data, anc, _flags, _addr = p.sock.recvmsg(65535, 512, MSG_ERRQUEUE)
+                data = sock.recv(65535)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                break
-            for level, typ, cdata in anc:
-                if (level, typ) not in ((socket.IPPROTO_IP, IP_RECVERR),
-                                        (socket.IPPROTO_IPV6, IPV6_RECVERR)):
-                    continue
-                e = parse_icmp_errqueue(cdata, fam)
-                if e is None:
-                    self.stats.drop("icmp_host_error")
-                    continue
-                etype, ecode, who = e
-                seq = int.from_bytes(data[6:8], "big") if len(data) >= 8 else 0
-                self.stats.drop("icmp_host_error_forwarded")
-                d.stack.send_icmp_echo_error(fam, who or gdst, gsrc, gdst, gident, seq,
-                                             bytes(data[8:]), etype, ecode, d.now())
-                sent = True
-        return sent
+                self._errors(p)
+                error = True
+                continue
+            r = parse_echo_reply_untrusted(data, fam)
+            if r is None:
+                self.stats.drop("icmp_bad_reply")
+                continue
+            self.table.get(p.key, now)
+            seq, payload = r
+            st.send_icmp_echo_reply(fam, gdst, gsrc, gident, seq, payload, now)
+            p.bytes_out += len(payload)
+        if mask & select.EPOLLERR and not error:
+            self._errors(p)
+
+    def _errors(self, p: _Ping) -> None:
+        """Drain the socket's error queue; ICMP errors go to the guest."""
+        fam, gsrc, gident, gdst = p.key
+        d = self.daemon
+        for data, cdata in drain_errqueue(p.sock):
+            e = parse_icmp_errqueue(cdata, fam)
+            if e is None:
+                self.stats.drop("icmp_host_error")
+                continue
+            etype, ecode, who = e
+            seq = int.from_bytes(data[6:8], "big") if len(data) >= 8 else 0
+            self.stats.drop("icmp_host_error_forwarded")
+            d.stack.send_icmp_echo_error(fam, who or gdst, gsrc, gdst, gident, seq,
+                                         bytes(data[8:]), etype, ecode, d.now())
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        await serve_expiry(self.table, self.daemon.now, task_status)
-
+        await self.flows.serve(task_status)

@@ -176,7 +176,8 @@ def run(started) -> int:
     """From the forked helper to the running daemon: see the module docstring. Does not return
     when the daemon ran (fast_exit); returns 1 after a start-up error before ready."""
     config, pending, child_pid, go_fd = started
-    from .listeners import Prebound, StartupError
+    from .errors import StartupError
+    from .listeners import Prebound
     from . import _early
     probe = _early.take_probe(config)  # forked by __main__ for exactly this config, or None
     if probe is None and (config.enable_sandbox or config.enable_seccomp):
@@ -243,7 +244,7 @@ def _test_pause() -> None:
 
 
 def startup_error(e: BaseException) -> str | None:
-    from .listeners import StartupError
+    from .errors import StartupError
     if isinstance(e, StartupError):
         return str(e)
     if isinstance(e, BaseExceptionGroup):

@@ -16,12 +16,7 @@ import socket as _socket
 import stat
 
 
-class StartupError(Exception):
-    """A forward from the command line that cannot be set up; the CLI prints it and exits 1."""
-
-
-class ForwardError(Exception):
-    """add()/remove() refused; str(e) says why."""
+from .errors import ForwardError, StartupError  # noqa: F401 (what this module raises)
 
 
 _last_port_start: list[int] = []

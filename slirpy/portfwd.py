@@ -25,6 +25,8 @@ import logging
 import trio
 
 from .config import IPV6_PREFIX
+from .errors import ForwardError, StartupError
+from .listeners import bind_forward, forward_conflict  # no trio: launch.run() binds before ready
 
 GUEST_IPV6 = str(IPV6_PREFIX.network_address + 0x100)  # fd00::100
 
@@ -34,12 +36,6 @@ UDP_IDLE = 60.0
 UDP_MAX_MAPPINGS = 1024  # per forward
 UDP_PORT_LO, UDP_PORT_HI = 32768, 60999
 ALLOWED_HOST_ADDRS = ("0.0.0.0", "127.0.0.1", "::", "::1")
-
-
-# StartupError, ForwardError and the binding live in listeners.py (no trio: launch.run() binds
-# the command line's forwards before ready); re-exported here for the API and the tests.
-from .listeners import (ForwardError, StartupError, bind_forward,  # noqa: E402,F401
-                        forward_conflict, unprivileged_port_start)
 
 
 class _UdpMap:

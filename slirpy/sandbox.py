@@ -36,7 +36,7 @@ import platform
 import stat
 import sys
 
-from .listeners import StartupError  # not portfwd's re-export: launch's probe imports no trio
+from .errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -432,8 +432,8 @@ def lockdown(daemon) -> None:
     if failed:
         log.info("preimport: not available: %s", ", ".join(failed))
     # keep values that are read from /proc at run time
-    from . import portfwd
-    portfwd.unprivileged_port_start()
+    from .listeners import unprivileged_port_start
+    unprivileged_port_start()
     filt = None
     if cfg.enable_seccomp:
         from . import seccomp

@@ -1,14 +1,12 @@
 """UDP NAT: guest datagrams out through host UDP sockets, replies back through the stack.
 
 One host socket per guest (src, sport, dst, dport) flow, connected to the destination (so the
-kernel filters replies for us and reports ICMP errors through IP_RECVERR), with one small reader
-task per flow.
+kernel filters replies for us and reports ICMP errors through IP_RECVERR). No task per flow:
+every socket is a hot fd of the daemon's pump (hostsock.SocketFlows), as every TCP socket is.
 
-Table policy (``FlowTable``, pure and clock-free so tests drive ``now`` by hand):
-- idle expiry: 60 s, 10 s for DNS (dport 53); the deadline moves on every datagram either way;
-  expiry uses a heap of deadlines with lazy deletion (no scan of all flows).
-- a cap (4096 flows): when full, the least recently used flow is evicted (counted
-  ``udp_flow_evicted``); new flows are never refused, so a guest can always make progress.
+Table policy (hostsock.FlowTable): idle expiry 60 s, 10 s for DNS (dport 53), the deadline
+moved by every datagram either way; a cap (4096 flows), the least recently used flow evicted
+when full (counted ``udp_flow_evicted``).
 
 Where a datagram goes (the gateway's host loopback, the DNS forwarder at .3:53, refusals and
 their ICMP answer) is stack/addrmap.py's verdict. A host socket that cannot be opened toward the
@@ -18,17 +16,17 @@ for EHOSTUNREACH).
 
 from __future__ import annotations
 
-import collections
 import errno
-import heapq
 import ipaddress
 import logging
+import select
 import socket
-import struct
-from typing import Any, Callable, Hashable
+from typing import Callable
 
 import trio
 
+from slirpy.hostsock import (EXT_ERR, SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6, SocketFlows,
+                             drain_errqueue, enable_recverr)
 from slirpy.logutil import RateLimited
 from slirpy.stack import addrmap
 from slirpy.stack.events import UdpDatagram
@@ -41,14 +39,6 @@ DNS_IDLE_TIMEOUT = 10.0
 UDP_MAX_FLOWS = 4096
 RECV_BUFSIZE = 65535
 QUOTE_BYTES = 64  # first bytes of the guest's last datagram kept to quote in ICMP errors
-
-# Linux constants (not all exported by the socket module)
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
-MSG_ERRQUEUE = getattr(socket, "MSG_ERRQUEUE", 0x2000)
-SO_EE_ORIGIN_ICMP = 2
-SO_EE_ORIGIN_ICMP6 = 3
-_EXT_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err
 
 # ICMP destination-unreachable codes handed to stack.send_udp_unreachable
 ICMP_NET_UNREACH = 0
@@ -63,113 +53,11 @@ _ERRNO_CODES = {errno.ECONNREFUSED: (ICMP_PORT_UNREACH, ICMP6_PORT_UNREACH),
                 errno.ENETUNREACH: (ICMP_NET_UNREACH, ICMP6_NO_ROUTE)}
 
 
-class FlowTable:
-    """A bounded table of idle-expiring entries. Knows nothing of sockets or clocks.
-
-    ``on_remove(key, value)`` is called for every entry leaving the table (expired or evicted).
-    """
-
-    def __init__(self, cap: int, on_remove: Callable[[Hashable, Any], None] | None = None,
-                 stats=None, name: str = "flow"):
-        if cap < 1:
-            raise ValueError("cap must be >= 1")
-        self.cap = cap
-        self._on_remove = on_remove
-        self._stats = stats
-        self._name = name
-        # key -> [value, deadline, timeout]; order = least recently used first
-        self._entries: collections.OrderedDict = collections.OrderedDict()
-        self._heap: list[tuple[float, int, Hashable]] = []
-        self._tiebreak = 0
-        self.evicted = 0
-        self.expired = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, key) -> bool:
-        return key in self._entries
-
-    def values(self):
-        return [e[0] for e in self._entries.values()]
-
-    def items(self):
-        """[(key, value, deadline, timeout)] for introspection (list_flows)."""
-        return [(k, e[0], e[1], e[2]) for k, e in self._entries.items()]
-
-    def get(self, key, now: float | None = None):
-        """The value for key (None if absent); with ``now``, also refreshes its deadline."""
-        e = self._entries.get(key)
-        if e is None:
-            return None
-        if now is not None:
-            e[1] = now + e[2]
-            self._entries.move_to_end(key)
-        return e[0]
-
-    def add(self, key, value, now: float, timeout: float) -> None:
-        if key in self._entries:
-            raise KeyError(f"{key!r} already in table")
-        while len(self._entries) >= self.cap:
-            old_key, old = self._entries.popitem(last=False)
-            self.evicted += 1
-            if self._stats is not None:
-                self._stats.drop(f"{self._name}_evicted")
-            if self._on_remove is not None:
-                self._on_remove(old_key, old[0])
-        deadline = now + timeout
-        self._entries[key] = [value, deadline, timeout]
-        self._push(deadline, key)
-
-    def remove(self, key) -> None:
-        e = self._entries.pop(key, None)
-        if e is not None and self._on_remove is not None:
-            self._on_remove(key, e[0])
-
-    def _push(self, deadline: float, key) -> None:
-        self._tiebreak += 1
-        heapq.heappush(self._heap, (deadline, self._tiebreak, key))
-
-    def next_deadline(self) -> float | None:
-        while self._heap:
-            deadline, _, key = self._heap[0]
-            e = self._entries.get(key)
-            if e is None:
-                heapq.heappop(self._heap)  # lazily deleted
-                continue
-            if e[1] > deadline:  # refreshed since pushed: re-push at the real deadline
-                heapq.heapreplace(self._heap, (e[1], self._tiebreak + 1, key))
-                self._tiebreak += 1
-                continue
-            return deadline
-        return None
-
-    def expire(self, now: float) -> int:
-        """Remove every entry whose deadline is <= now; returns how many."""
-        n = 0
-        while True:
-            d = self.next_deadline()
-            if d is None or d > now:
-                break
-            _, _, key = heapq.heappop(self._heap)
-            e = self._entries.pop(key)
-            n += 1
-            if self._on_remove is not None:
-                self._on_remove(key, e[0])
-        self.expired += n
-        # the heap may hold many stale entries for keys re-added after removal; compact it
-        if len(self._heap) > 4 * len(self._entries) + 64:
-            self._heap = [(e[1], i, k) for i, (k, e) in enumerate(self._entries.items())]
-            heapq.heapify(self._heap)
-            self._tiebreak = len(self._heap)
-        return n
-
-
 def parse_errqueue(data: bytes, family: int) -> tuple[int, int] | None:
     """(errno, icmp-code for the guest) from a sock_extended_err cmsg, or None if not ICMP."""
-    if len(data) < _EXT_ERR.size:
+    if len(data) < EXT_ERR.size:
         return None
-    ee_errno, origin, typ, code, _pad, _info, _data = _EXT_ERR.unpack_from(data)
+    ee_errno, origin, typ, code, _pad, _info, _data = EXT_ERR.unpack_from(data)
     if origin == SO_EE_ORIGIN_ICMP and typ == 3:
         return ee_errno, (ICMP_PORT_UNREACH if code == 3 else ICMP_HOST_UNREACH)
     if origin == SO_EE_ORIGIN_ICMP6 and typ == 1:
@@ -180,18 +68,10 @@ def parse_errqueue(data: bytes, family: int) -> tuple[int, int] | None:
 def read_errqueue(sock: socket.socket) -> list[tuple[int, int]]:
     """Drain a socket's error queue: [(errno, guest icmp code)] for ICMP unreachables."""
     out = []
-    for _ in range(16):
-        try:
-            _data, anc, _flags, _addr = sock.recvmsg(RECV_BUFSIZE, 512, MSG_ERRQUEUE)
-        except (BlockingIOError, InterruptedError):
-            break
-        except OSError:
-            break
-        for level, typ, cdata in anc:
-            if (level, typ) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
-                r = parse_errqueue(cdata, sock.family)
-                if r is not None:
-                    out.append(r)
+    for _data, cdata in drain_errqueue(sock, RECV_BUFSIZE):
+        r = parse_errqueue(cdata, sock.family)
+        if r is not None:
+            out.append(r)
     return out
 
 
@@ -200,10 +80,7 @@ def open_udp_socket(family: int, dst: str, dport: int, bind_addr: str | None) ->
     s = socket.socket(af, socket.SOCK_DGRAM)
     try:
         s.setblocking(False)
-        if family == 4:
-            s.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
-        else:
-            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+        enable_recverr(s, family)
         if bind_addr:
             s.bind((bind_addr, 0))
         s.connect((dst, dport))
@@ -213,31 +90,8 @@ def open_udp_socket(family: int, dst: str, dport: int, bind_addr: str | None) ->
     return s
 
 
-def close_socket_flow(_key, flow) -> None:
-    """FlowTable's eviction/expiry callback for a flow that owns `.sock` and `.cancel` (the
-    cancel scope of its reader task): used by the UDP and the ICMP NAT."""
-    flow.cancel.cancel()
-    try:
-        trio.lowlevel.notify_closing(flow.sock)
-    except Exception:
-        pass
-    flow.sock.close()
-
-
-async def serve_expiry(table: FlowTable, now: Callable[[], float], task_status) -> None:
-    """A component's serve(): expire idle flows once a second; close every flow on the way out."""
-    task_status.started()
-    try:
-        while True:
-            await trio.sleep(1.0)
-            table.expire(now())
-    finally:
-        for flow in table.values():
-            close_socket_flow(flow.key, flow)
-
-
 class _Flow:
-    __slots__ = ("key", "sock", "quote", "cancel", "host_dst", "bytes_in", "bytes_out")
+    __slots__ = ("key", "sock", "quote", "host_dst", "bytes_in", "bytes_out")
 
     def __init__(self, key, sock, host_dst):
         self.key = key
@@ -245,11 +99,10 @@ class _Flow:
         self.sock = sock
         self.host_dst = host_dst
         self.quote = b""
-        self.cancel = trio.CancelScope()
 
 
 class UdpNat:
-    """needs: the daemon (stack, flush, nursery), the address rules, the DNS forwarder (queries
+    """needs: the daemon (stack, flush, hot fds), the address rules, the DNS forwarder (queries
     to .3:53), ``intercept(ev) -> bool`` (port forwarding's replies to its clients; True: taken).
     offers: handle(UdpDatagram), the flow table (get_stats, list_flows)."""
 
@@ -260,7 +113,8 @@ class UdpNat:
         self.addrs = addrs
         self.dns = dns
         self.intercept = intercept
-        self.table = FlowTable(max_flows, close_socket_flow, self.stats, "udp_flow")
+        self.flows = SocketFlows(daemon, self._host_ready, max_flows, self.stats, "udp_flow")
+        self.table = self.flows.table
         self.fds_logged = False
 
     # ---- guest -> host ----------------------------------------------------------------------
@@ -309,8 +163,7 @@ class UdpNat:
                 return
             flow = _Flow(key, sock, host_dst)
             timeout = DNS_IDLE_TIMEOUT if ev.dport == 53 else UDP_IDLE_TIMEOUT
-            self.table.add(key, flow, now, timeout)
-            d.nursery.start_soon(self._reader, flow)
+            self.flows.add(key, flow, now, timeout)
         flow.quote = ev.payload[:QUOTE_BYTES]
         flow.bytes_in += len(ev.payload)
         try:
@@ -337,34 +190,35 @@ class UdpNat:
         d.flush()
 
     # ---- host -> guest ----------------------------------------------------------------------
-    async def _reader(self, flow: _Flow) -> None:
+    def _host_ready(self, flow: _Flow, mask: int) -> None:
+        """The pump found the flow's socket readable (or with an error): up to a batch of
+        replies to the guest (the pump flushes after its round; what is left is reported again
+        in the next round)."""
         fam, gsrc, gsport, gdst, gdport = flow.key
         d = self.daemon
-        with flow.cancel:
-            while True:
-                if flow.sock.fileno() < 0:
-                    return
-                try:
-                    await trio.lowlevel.wait_readable(flow.sock)
-                except (trio.ClosedResourceError, trio.BusyResourceError, OSError):
-                    return
-                sent = False
-                for _ in range(64):  # drain a batch before yielding
-                    try:
-                        data = flow.sock.recv(RECV_BUFSIZE)
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as e:
-                        self._on_error(flow, e)
-                        sent = True
-                        continue
-                    if self.table.get(flow.key, d.now()) is not flow:
-                        return
-                    d.stack.send_udp(fam, gdst, gdport, gsrc, gsport, data, d.now())
-                    flow.bytes_out += len(data)
-                    sent = True
-                if sent:
-                    d.flush()
+        st, sock, now = d.stack, flow.sock, d.now()
+        error = False
+        for _ in range(64):
+            try:
+                data = sock.recv(RECV_BUFSIZE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._on_error(flow, e)
+                error = True
+                continue
+            self.table.get(flow.key, now)  # the reply keeps the flow alive
+            st.send_udp(fam, gdst, gdport, gsrc, gsport, data, now)
+            flow.bytes_out += len(data)
+        if mask & select.EPOLLERR and not error:
+            self._errors(flow)  # an error report that recv did not raise: still the guest's
+
+    def _errors(self, flow: _Flow) -> None:
+        fam, gsrc, gsport, gdst, gdport = flow.key
+        d = self.daemon
+        for _err, code in read_errqueue(flow.sock)[:1]:
+            self.stats.drop("udp_host_unreachable")
+            d.stack.send_udp_unreachable(fam, gsrc, gsport, gdst, gdport, flow.quote, code, d.now())
 
     def _on_error(self, flow: _Flow, exc: OSError) -> None:
         fam, gsrc, gsport, gdst, gdport = flow.key
@@ -379,4 +233,4 @@ class UdpNat:
             self.stats.drop("udp_host_error")
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED):
-        await serve_expiry(self.table, self.daemon.now, task_status)
+        await self.flows.serve(task_status)

@@ -14,7 +14,8 @@ from nsutil import free_port
 from slirpy import api_socket
 from slirpy.api_socket import ApiServer, handle_request
 from slirpy.config import Config
-from slirpy.portfwd import PortForwarder, StartupError
+from slirpy.errors import StartupError
+from slirpy.portfwd import PortForwarder
 from slirpy.stack.addrmap import AddressMap
 from slirpy.stack.stats import Stats
 
@@ -310,7 +311,7 @@ def test_handle_request_never_raises(raw):
             return self.n
 
         def remove(self, fid):
-            from slirpy.portfwd import ForwardError
+            from slirpy.errors import ForwardError
             raise ForwardError("none")
 
         def list(self):

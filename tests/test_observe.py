@@ -22,7 +22,7 @@ from slirpy.pcap import PcapWriter
 from slirpy.portfwd import PortForwarder
 from slirpy.stack.addrmap import AddressMap
 from slirpy.stack.stack import Stack
-from slirpy.udp_nat import FlowTable
+from slirpy.hostsock import FlowTable
 
 
 class Clock:
@@ -183,7 +183,7 @@ def test_no_pcap_no_hook(tmp_path):
 
 
 def test_pcap_unwritable_is_startup_error(tmp_path):
-    from slirpy.portfwd import StartupError
+    from slirpy.errors import StartupError
     with pytest.raises(StartupError, match="--pcap"):
         PcapWriter(FakeDaemon(pcap=str(tmp_path / "no" / "such" / "dir.pcap")).config)
 

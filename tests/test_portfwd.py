@@ -11,7 +11,7 @@ import trio
 from nsutil import free_port
 from slirpy import portfwd
 from slirpy.config import PortForward
-from slirpy.portfwd import ForwardError, StartupError
+from slirpy.errors import ForwardError, StartupError
 from slirpy.portspec import PortSpecError, parse_port_spec
 from slirpy.stack.events import UdpDatagram
 from test_api import FakeDaemon, forwarder

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import select
+
 import trio
 
 from slirpy.config import Config
@@ -41,6 +43,9 @@ class FakeDaemon:
         self.handlers = {}
         self.flushes = 0
         self.sandbox_paths = None
+        self.hot: dict = {}  # fd -> fn(fd, mask), as the daemon's pump serves them
+        self.hot_ep = select.epoll()
+        self._pumping = False
 
     def now(self) -> float:
         return trio.current_time()
@@ -50,6 +55,27 @@ class FakeDaemon:
 
     def add_handler(self, typ, fn):
         self.handlers[typ] = fn
+
+    def add_hot_fd(self, fd, fn, mask=select.EPOLLIN):
+        self.hot_ep.register(fd, mask)
+        self.hot[fd] = fn
+        if not self._pumping:
+            self._pumping = True
+            self.nursery.start_soon(self._pump)
+
+    def remove_hot_fd(self, fd):
+        if self.hot.pop(fd, None) is not None:
+            self.hot_ep.unregister(fd)
+
+    async def _pump(self):
+        """The daemon pump's contract in miniature: every ready hot fd served, then a flush."""
+        while True:
+            await trio.lowlevel.wait_readable(self.hot_ep.fileno())
+            for fd, mask in self.hot_ep.poll(0):
+                fn = self.hot.get(fd)
+                if fn is not None:
+                    fn(fd, mask)
+            self.flush()
 
 
 def udp_nat(d, **kw):

@@ -10,11 +10,12 @@ import pytest
 import trio
 
 from slirpy.config import Config
+from slirpy.hostsock import FlowTable
 from slirpy.stack.events import UdpDatagram
 from slirpy.stack.stats import Stats
 from slirpy.udp_nat import (
     ICMP6_NO_ROUTE, ICMP_HOST_UNREACH, ICMP_NET_UNREACH, ICMP_PORT_UNREACH, SO_EE_ORIGIN_ICMP,
-    FlowTable, parse_errqueue,
+    parse_errqueue,
 )
 from test_udp_fakes import FakeDaemon, udp_nat, wait_for
 
