@@ -34,6 +34,7 @@ defer("ssl", "hmac")  # trio imports them for TLS/DTLS, which slirpy never uses:
 with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
     import trio
 
+from ._triowait import PumpWait
 from .api_socket import ApiServer
 from .dns import DnsForwarder
 from .icmp_nat import IcmpNat
@@ -75,38 +76,6 @@ RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest
 # (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
 # that established traffic needs
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
-
-
-def _trio_runner():
-    """The running trio loop's runner when its epoll backend is the one we know (trio 0.22 to
-    0.35 at least): its epoll fd and deadlines let the pump sleep in its own epoll set instead
-    of going through trio for every wakeup. None: the pump uses plain trio waits."""
-    if os.environ.get("SLIRPY_PLAIN_TRIO_WAITS"):
-        return None
-    try:
-        from trio._core import _run
-        runner = _run.GLOBAL_RUN_CONTEXT.runner
-        ok = (isinstance(runner.io_manager._epoll, select.epoll) and not runner.is_guest
-              and callable(runner.deadlines.next_deadline)
-              and callable(runner.clock.deadline_to_sleep_time))
-        runner.waiting_for_idle, runner.clock_autojump_threshold  # noqa: B018 -- they exist
-    except Exception:  # another trio, another backend: correct either way, only slower
-        return None
-    return runner if ok else None
-
-
-class _Scheduled(trio.abc.Instrument):
-    """Tasks scheduled and not yet stepped: trio's run queue and the rest of the batch it is
-    running, which no public field shows. The pump sleeps only when this is empty."""
-
-    def __init__(self):
-        self.tasks: set = set()
-
-    def task_scheduled(self, task):
-        self.tasks.add(task)
-
-    def before_task_step(self, task):
-        self.tasks.discard(task)
 
 
 def wire(d: Daemon) -> list:
@@ -151,7 +120,7 @@ class Daemon:
         self._rx_bytes = 0
         self.hot_ep = select.epoll()
         self._flushing = False
-        self._timer_scope: trio.CancelScope | None = None
+        self._wait: PumpWait | None = None  # the pump's idle wait (_triowait.py)
         self._write_wakeup = trio.Event()
         self.tap: Tap | None = None
         self.pcap = None  # slirpy.pcap.PcapWriter when --pcap is given: sees every frame
@@ -219,7 +188,8 @@ class Daemon:
             # the pump's trio wait (plain mode) ends at the stack's timer: a timer that only
             # ever moves earlier here. A later or cancelled one (an RTO pushed back by every
             # ACK) leaves the wakeup where it was and the pump looks again when it comes.
-            ts = self._timer_scope
+            w = self._wait
+            ts = w.scope if w is not None else None
             if ts is not None:
                 t = stack.get_timer()
                 if t is not None and t < ts.deadline:
@@ -320,26 +290,15 @@ class Daemon:
         other task scheduled, the pump sleeps in its set until the stack's timer or trio's next
         deadline; whenever trio's fd is ready (something another task waits for), it yields.
         That saves trio's per-wait registration, scheduling and deadline bookkeeping (a third
-        of the daemon's CPU on a request/response) without starving the other tasks. Without
-        the runner (or under a test clock, or wait_all_tasks_blocked) it waits through trio."""
+        of the daemon's CPU on a request/response) without starving the other tasks. The idle
+        wait and both its modes are _triowait.PumpWait's."""
         ep, hot, tap_fd = self.hot_ep, self._hot, self.tap_fd
-        poll, epfd = ep.poll, ep.fileno()
+        poll = ep.poll
         ep.register(tap_fd, select.EPOLLIN)
-        runner = _trio_runner()
-        trio_fd = -1
-        if runner is not None:
-            trio_fd = runner.io_manager._epoll.fileno()
-            ep.register(trio_fd, select.EPOLLIN)
-            next_deadline = runner.deadlines.next_deadline
-            to_sleep_time = runner.clock.deadline_to_sleep_time
-            sched = _Scheduled()
-            pending = sched.tasks
-            trio.lowlevel.add_instrument(sched)
-            # tasks scheduled before the instrument came are not in its set: two checkpoints
-            # and every one of them has stepped (the rest of this batch, then the next)
-            await trio.lowlevel.checkpoint()
-            await trio.lowlevel.checkpoint()
-        log.info("pump: %s", "sleeps in its own epoll set" if runner is not None else
+        self._wait = waiter = PumpWait(ep, self.now)
+        await waiter.start()
+        wait, pending, trio_fd = waiter.wait, waiter.pending, waiter.trio_fd
+        log.info("pump: %s", "sleeps in its own epoll set" if waiter.fast else
                  "waits through trio (no trio runner with an epoll backend at hand)")
         timer_due, now = self._timer_due, self.now
         read_tap, drain_tap = self._read_tap, self._drain_tap
@@ -352,32 +311,9 @@ class Daemon:
                 events = poll(0)
                 if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
-                    t = timer_due()
-                    if runner is not None and (runner.waiting_for_idle or
-                                               runner.clock_autojump_threshold != math.inf):
-                        # a test clock: trio must see every wait, so the pump waits through it
-                        # from now on (and trio's fd leaves our set: epoll sets may not loop)
-                        ep.unregister(trio_fd)
-                        trio.lowlevel.remove_instrument(sched)
-                        runner, trio_fd = None, -1
-                    if runner is None:
-                        with trio.CancelScope(deadline=math.inf if t is None else t) as cs:
-                            self._timer_scope = cs  # flush in another task moves it earlier
-                            await trio.lowlevel.wait_readable(epfd)
-                        self._timer_scope = None
-                        continue
-                    if pending:
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    timeout = to_sleep_time(next_deadline())
-                    if t is not None:
-                        timeout = min(timeout, t - now())
-                    if timeout <= 0:
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    events = poll(-1 if timeout == math.inf else timeout)
+                    events = await wait(timer_due())
                     if not events:
-                        continue  # a timeout: ours runs at the top, trio's at the checkpoint
+                        continue
                     slice_end = now() + BUSY_SLICE
                 trio_ready = tap_ready = False
                 for fd, mask in events:
@@ -405,15 +341,13 @@ class Daemon:
                             break
                 self.flush()
                 rounds += 1
-                if (trio_ready or rounds >= MAX_HOT_ROUNDS or (runner is not None and pending)
-                        or now() >= slice_end):
+                if trio_ready or rounds >= MAX_HOT_ROUNDS or pending() or now() >= slice_end:
                     rounds = 0
                     timer_due()
                     await trio.lowlevel.checkpoint()
                     slice_end = now() + BUSY_SLICE
         finally:
-            if runner is not None:
-                trio.lowlevel.remove_instrument(sched)
+            waiter.close()
 
     async def _writer(self):
         while True:
