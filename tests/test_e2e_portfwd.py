@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import socket
@@ -157,9 +156,6 @@ while True:
 
 def test_tcp_forward_50mb_each_way_and_100_concurrent():
     require_netns()
-    if importlib.util.find_spec("slirpy.nat") is None:
-        pytest.skip("LOUD: slirpy/nat.py (TcpNat.forward_inbound) does not exist yet: "
-                    "TCP port-forward data path cannot be tested")
     hp = free_port()
     with Slirpy("--port", f"127.0.0.1:{hp}:8000") as sl:
         srv = guest_bg(sl, TCP_SERVER, 8000)

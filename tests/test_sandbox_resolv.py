@@ -458,8 +458,7 @@ def test_slirpy_sandbox_mounts_follow_the_host_and_not_back(tmp_path):
 @pytest.mark.parametrize("row", list(ROWS)[:6])
 def test_slirp4netns_reference(tmp_path, row):
     """The table's rows with the real slirp4netns 1.2 --enable-sandbox on the same input: it
-    follows every one (slirpy used to keep the old server in three), and its root holds /etc
-    and /run."""
+    follows every one, as slirpy does, and its root holds /etc and /run."""
     if not os.path.exists(SLIRP4NETNS):
         pytest.skip(f"LOUD: {SLIRP4NETNS} not installed (bash tests/install-deps.sh)")
     setup, switch = ROWS[row]

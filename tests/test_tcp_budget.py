@@ -215,8 +215,8 @@ def test_budget_limited_window_opens_when_others_drain():
 
 
 def test_time_wait_and_empty_flows_cost_nothing_bulk_flow_gets_full_window():
-    """The reverted flow-count budget: after a burst of short connections every window fell
-    below one MSS. Bytes are accounted, not flows: 3000 closed flows in TIME_WAIT (and 200 open
+    """A budget shared by flow count would leave every window below one MSS after a burst of
+    short connections. Bytes are accounted, not flows: 3000 closed flows in TIME_WAIT (and 200 open
     idle ones) hold nothing, and a bulk flow still gets the full 256 KiB each way, with a budget
     of only 1 MiB."""
     n = Net(1 << 20)
