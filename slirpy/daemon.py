@@ -3,7 +3,8 @@
 `wire(daemon)` below builds every component and is the daemon's wiring diagram: what a component
 needs is a constructor argument, what it offers is a method. What the components use of the
 daemon (its `daemon` argument):
-    daemon.config, daemon.stack, daemon.nursery, daemon.prebound, daemon.tap
+    daemon.config, daemon.stack, daemon.nursery, daemon.tap (the Observer's figures),
+    daemon.sandbox_paths (set by sandbox.lockdown; DNS names them), daemon.compact()
     daemon.now() -> float                    trio.current_time() (the clock's own method)
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)

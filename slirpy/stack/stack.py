@@ -76,13 +76,11 @@ class Stack:
         t = self.tcp
         if self.vnet:
             t.seg_max = wire.GSO_MAX_PAYLOAD
-        for name in ("accept_tcp", "reject_tcp", "send_tcp", "recv_tcp", "shutdown_tcp",
-                     "reset_tcp", "connect_tcp", "flows", "send_room", "peek_tcp", "consume_tcp"):
-            setattr(self, name, getattr(t, name, self._unsupported))
-
-    @staticmethod
-    def _unsupported(*a, **k):
-        raise NotImplementedError("TCP engine lacks this call")
+        # the engine's calls for the glue, as the stack's own
+        self.accept_tcp, self.reject_tcp, self.send_tcp = t.accept_tcp, t.reject_tcp, t.send_tcp
+        self.recv_tcp, self.shutdown_tcp, self.reset_tcp = t.recv_tcp, t.shutdown_tcp, t.reset_tcp
+        self.connect_tcp, self.flows, self.send_room = t.connect_tcp, t.flows, t.send_room
+        self.peek_tcp, self.consume_tcp = t.peek_tcp, t.consume_tcp
 
     # ------------------------------------------------------------------------ address cache
     def _str(self, packed: bytes) -> str:
