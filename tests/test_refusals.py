@@ -107,3 +107,48 @@ def test_refuse_unknown_flow_is_a_no_op():
     s = learned(Stack(Config()))
     s.refuse_tcp(12345, "net", "unreachable", 1.0)
     assert s.frames_to_send() == []
+
+
+def _policy_nat_daemon(stack):
+    from types import SimpleNamespace
+    return SimpleNamespace(config=stack.config, stack=stack, now=lambda: 1.0, flush=lambda: None,
+                           hot_ep=None, nursery=None)
+
+
+def _deny_port_22(proto, family, dst, dport):
+    from slirpy.stack import addrmap
+    return addrmap.refuse("policy_rule_1", "admin") if dport in (22, 0) else None
+
+
+@pytest.mark.parametrize("family, dst", [(4, "192.0.2.9"), (6, "2001:db8::9")])
+def test_a_policy_verdict_reaches_the_guest_as_admin_prohibited_tcp(family, dst):
+    """An egress policy plugs into the address rules (stack/addrmap.py) and the TCP NAT answers
+    its verdict as ICMP administratively prohibited, with no change to the NAT."""
+    from slirpy.nat import TcpNat
+    from slirpy.stack.addrmap import AddressMap
+    s = learned(Stack(Config(enable_ipv6=True)))
+    nat = TcpNat(_policy_nat_daemon(s), AddressMap(s.config, policy=_deny_port_22), None)
+    nat.handlers()[events.TcpConnectRequest](_syn(s, family, dst, dport=22))
+    (f,) = s.frames_to_send()
+    p = Ether(bytes(f))
+    if family == 4:
+        assert (p[ICMP].type, p[ICMP].code) == (3, 13) and p[TCPerror].dport == 22
+    else:
+        assert (p[ICMPv6DestUnreach].type, p[ICMPv6DestUnreach].code) == (1, 1)
+    assert s.stats.dropped["tcp_connect_policy_rule_1"] == 1
+
+
+def test_a_policy_verdict_reaches_the_guest_as_admin_prohibited_udp_and_icmp():
+    from slirpy.icmp_nat import IcmpNat
+    from slirpy.stack.addrmap import AddressMap
+    from slirpy.udp_nat import UdpNat
+    s = learned(Stack(Config()))
+    d = _policy_nat_daemon(s)
+    addrs = AddressMap(s.config, policy=_deny_port_22)
+    UdpNat(d, addrs, None).handle(events.UdpDatagram(4, "10.0.2.100", 5000, "192.0.2.9", 22,
+                                                     b"knock"))
+    IcmpNat(d, addrs).handle(events.IcmpEchoRequest(4, "10.0.2.100", "192.0.2.9", 7, 1, b"ping"))
+    udp, icmp = (Ether(bytes(f)) for f in s.frames_to_send())
+    assert (udp[ICMP].type, udp[ICMP].code, udp[IPerror].proto) == (3, 13, 17)
+    assert (icmp[ICMP].type, icmp[ICMP].code, icmp[IPerror].proto) == (3, 13, 1)
+    assert s.stats.dropped["udp_policy_rule_1"] == 1 and s.stats.dropped["icmp_policy_rule_1"] == 1
