@@ -117,16 +117,17 @@ class IcmpNat:
     def handle(self, ev: IcmpEchoRequest) -> None:
         d = self.daemon
         now = d.now()
-        v = self.addrs.outbound("icmp", ev.family, ev.dst, 0)
-        if v.kind != addrmap.DIAL:
-            self.stats.drop("icmp_" + v.reason)
-            if v.unreach is not None:
-                self._unreachable(ev, v.unreach)
-            return
-        dst = v.host
         key = (ev.family, ev.src, ev.ident, ev.dst)
         p = self.table.get(key, now)
-        if p is None:
+        dst = ev.dst
+        if p is None:  # the address rules (and an egress policy) decide once, for a new flow
+            v = self.addrs.outbound("icmp", ev.family, ev.dst, 0)
+            if v.kind != addrmap.DIAL:
+                self.stats.drop("icmp_" + v.reason)
+                if v.unreach is not None:
+                    self._unreachable(ev, v.unreach)
+                return
+            dst = v.host
             try:
                 sock = self._open(ev.family, dst)
             except PermissionError as e:

@@ -124,22 +124,22 @@ class UdpNat:
             return
         cfg = d.config
         now = d.now()
-        v = self.addrs.outbound("udp", ev.family, ev.dst, ev.dport)
-        if v.kind != addrmap.DIAL:
-            if v.kind == addrmap.DNS:
-                self.dns.handle_query(ev)
-                return
-            self.stats.drop("udp_" + v.reason)  # silence for --disable-dns, as slirp4netns
-            if v.unreach is not None:
-                self._unreachable(ev, addrmap.unreach_code(v.unreach, ev.family))
-            return
-        host_dst = v.host
-        if not self._allowed(ev.family, host_dst, ev.dport):
-            self.stats.drop("udp_bad_destination")
-            return
         key = (ev.family, ev.src, ev.sport, ev.dst, ev.dport)
         flow = self.table.get(key, now)
-        if flow is None:
+        if flow is None:  # the address rules (and an egress policy) decide once, for a new flow
+            v = self.addrs.outbound("udp", ev.family, ev.dst, ev.dport)
+            if v.kind != addrmap.DIAL:
+                if v.kind == addrmap.DNS:
+                    self.dns.handle_query(ev)
+                    return
+                self.stats.drop("udp_" + v.reason)  # silence for --disable-dns, as slirp4netns
+                if v.unreach is not None:
+                    self._unreachable(ev, addrmap.unreach_code(v.unreach, ev.family))
+                return
+            host_dst = v.host
+            if not self._allowed(ev.family, host_dst, ev.dport):
+                self.stats.drop("udp_bad_destination")
+                return
             bind = None
             if ev.family == 4 and cfg.outbound_addr is not None:
                 bind = str(cfg.outbound_addr)
