@@ -19,7 +19,10 @@ from ._usage import HELP
 MIN_MTU, MAX_MTU = 68, 65521  # config.py's (not imported here: its dataclass costs ~5 ms)
 # flags whose values need the full parser (a bind, an address parser): none of them comes from
 # Podman or RootlessKit, which add forwards through the API socket
-DOUBTFUL = {"port", "dns-upstream", "outbound-addr", "outbound-addr6", "pcap-max-bytes"}
+# (an egress rule, --allow/--deny, is parsed by stack/policy.py only; --default-deny, a plain
+# flag, is read here and changes nothing the helper does)
+DOUBTFUL = {"port", "dns-upstream", "outbound-addr", "outbound-addr6", "pcap-max-bytes", "allow",
+            "deny"}
 
 
 def _options() -> dict[str, tuple[str, bool]]:

@@ -35,6 +35,9 @@ User-mode networking for unprivileged network namespaces.
 --dns-upstream=ADDR[:PORT]  DNS server to forward to instead of /etc/resolv.conf (repeatable, IPv6 in brackets)
 --pcap=FILE              write every tap frame to FILE (pcap format)
 --pcap-max-bytes=N       stop writing the pcap file after N bytes
+--allow=RULE             egress policy: let the guest reach RULE's destinations (repeatable, first match wins)
+--deny=RULE              egress policy: refuse RULE's destinations (ICMP administratively prohibited)
+--default-deny           egress policy: refuse what no rule allows (DNS at base+3 and forwards stay)
 --log-level=LEVEL        logging level (DEBUG, INFO, WARNING, ERROR; default=ERROR)
 -h, --help               show this help and exit
 -v, --version            show version and exit

@@ -3,6 +3,7 @@
     slirpy-api --socket PATH add tcp|udp [ADDR:]HOSTPORT:GUESTPORT [--guest-addr A]
     slirpy-api --socket PATH list | remove ID | raw JSON
     slirpy-api --socket PATH stats [--json] | flows [--json]
+    slirpy-api --socket PATH rules list | rules add allow|deny RULE [--index N] | rules remove ID
 
 `stats` and `flows` print tables for people; with `--json` they print the reply's `return` object
 as JSON (one line) for machines. The other commands print the raw reply, as slirp4netns's API does.
@@ -67,6 +68,15 @@ def _main(argv) -> int:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     fl = sub.add_parser("flows", help="open TCP/UDP/ICMP flows")
     fl.add_argument("--json", action="store_true", help="machine-readable output")
+    ru = sub.add_parser("rules", help="the egress policy: list, add or remove a rule")
+    rsub = ru.add_subparsers(dest="rules_cmd", required=True)
+    rsub.add_parser("list")
+    ra = rsub.add_parser("add", help="a rule, last unless --index (0: first)")
+    ra.add_argument("action", choices=["allow", "deny"])
+    ra.add_argument("rule", help="[tcp|udp|icmp:]ADDR[/PREFIX][:PORT[-PORT]]")
+    ra.add_argument("--index", type=int)
+    rr = rsub.add_parser("remove")
+    rr.add_argument("id", type=int)
     w = sub.add_parser("raw")
     w.add_argument("json")
     ns = ap.parse_args(argv)
@@ -85,6 +95,16 @@ def _main(argv) -> int:
         req = b'{"execute":"list_hostfwd"}'
     elif ns.cmd == "remove":
         req = json.dumps({"execute": "remove_hostfwd", "arguments": {"id": ns.id}}).encode()
+    elif ns.cmd == "rules":
+        if ns.rules_cmd == "list":
+            req = b'{"execute":"list_rules"}'
+        elif ns.rules_cmd == "add":
+            args = {"action": ns.action, "rule": ns.rule}
+            if ns.index is not None:
+                args["index"] = ns.index
+            req = json.dumps({"execute": "add_rule", "arguments": args}).encode()
+        else:
+            req = json.dumps({"execute": "remove_rule", "arguments": {"id": ns.id}}).encode()
     elif ns.cmd == "stats":
         req = b'{"execute":"get_stats"}'
     elif ns.cmd == "flows":
@@ -101,6 +121,9 @@ def _main(argv) -> int:
     except ValueError:
         obj = None
     ok = isinstance(obj, dict) and "error" not in obj
+    if ns.cmd == "rules" and ns.rules_cmd == "list" and ok and isinstance(obj.get("return"), dict):
+        sys.stdout.write(format_rules(obj["return"]))
+        return 0
     if ns.cmd in ("stats", "flows") and ok and isinstance(obj.get("return"), dict):
         ret = obj["return"]
         if ns.json:
@@ -169,6 +192,9 @@ def format_stats(s: dict) -> str:
         out.append("dns         " + " ".join(f"{k}={v}" for k, v in s["dns"].items()) + "\n")
     if isinstance(s.get("dhcp"), dict) and any(s["dhcp"].values()):
         out.append("dhcp        " + " ".join(f"{k}={v}" for k, v in s["dhcp"].items()) + "\n")
+    pol = s.get("policy")
+    if isinstance(pol, dict) and (pol.get("rules") or pol.get("default") == "deny"):
+        out.append("\n" + format_rules(pol))
     if isinstance(s.get("pcap"), dict):
         p = s["pcap"]
         out.append(f"pcap        {p.get('file')}: {p.get('frames')} frames, {p.get('bytes')} bytes"
@@ -180,6 +206,14 @@ def format_stats(s: dict) -> str:
     else:
         out.append("\ndropped     none\n")
     return "".join(out)
+
+
+def format_rules(p: dict) -> str:
+    """list_rules (and get_stats' policy) for people: the rules in order, then the default."""
+    rows = [[r.get("id", "?"), r.get("action", "?"), r.get("rule", "?"), r.get("hits", 0)]
+            for r in p.get("rules", []) if isinstance(r, dict)]
+    rows.append(["-", p.get("default", "?"), "(default)", p.get("default_hits", 0)])
+    return _table(["id", "action", "rule", "hits"], rows)
 
 
 def format_flows(flows: list) -> str:

@@ -64,6 +64,8 @@ def handle_request(api, raw: bytes) -> bytes:
         except ForwardError:
             return _err("bad request: remove_hostfwd: bad arguments.id")
         return _dump({"return": {}})
+    if execute in ("add_rule", "list_rules", "remove_rule"):  # slirpy's own: the egress policy
+        return _rules(api, execute, args)
     if execute in ("get_stats", "list_flows"):  # slirpy's own, read-only
         try:
             if execute == "get_stats":  # counters, flows by state, buffers, uptime
@@ -73,6 +75,42 @@ def handle_request(api, raw: bytes) -> bytes:
             _busy.log(execute, "%s failed", execute, exc_info=True)
             return _err(f"bad request: {execute}: internal error")
     return _err("bad request: unknown execute")
+
+
+def _rules(api, execute: str, args) -> bytes:
+    """add_rule {"action": "allow"|"deny", "rule": RULE[, "index": N]} -> {"id", "flows_reset"};
+    remove_rule {"id": N} -> {"flows_reset"}; list_rules -> {"default", "rules": [...], ...}.
+    flows_reset: the open outbound flows the changed table denies, ended (egress.py)."""
+    from .stack.policy import RuleError
+    egress = getattr(api, "egress", None)
+    p = f"bad request: {execute}: "
+    if egress is None:
+        return _err(p + "no egress policy")
+    if execute == "list_rules":
+        return _dump({"return": egress.rules()})
+    if execute == "remove_rule":
+        if not isinstance(args, dict) or type(args.get("id")) is not int:
+            return _err(p + "bad arguments.id")
+        try:
+            reset = egress.remove(args["id"])
+        except KeyError:
+            return _err(p + "bad arguments.id")
+        return _dump({"return": {"flows_reset": reset}})
+    if not isinstance(args, dict) or args.get("action") not in ("allow", "deny"):
+        return _err(p + "bad arguments.action")
+    if not isinstance(args.get("rule"), str):
+        return _err(p + "bad arguments.rule")
+    index = args.get("index")
+    if index is not None and type(index) is not int:
+        return _err(p + "bad arguments.index")
+    try:
+        rid, reset = egress.add(args["action"], args["rule"], index)
+    except RuleError as e:
+        what = "index" if str(e).startswith("index") else "rule"
+        if "full" in str(e):
+            return _err(p + str(e))
+        return _err(p + f"bad arguments.{what}: {e}")
+    return _dump({"return": {"id": rid, "flows_reset": reset}})
 
 
 def _add(api, args) -> bytes:
@@ -126,10 +164,13 @@ open_listener = open_api_listener
 
 class ApiServer:
     """needs: the config, the port forwarder (add/list/remove_hostfwd), the observer (get_stats,
-    list_flows), ``prebound`` (the socket opened before ready, or None)."""
+    list_flows), ``prebound`` (the socket opened before ready, or None), the egress policy
+    (add/list/remove_rule)."""
 
-    def __init__(self, config, portfwd, observer, prebound=None, path: str | None = None):
+    def __init__(self, config, portfwd, observer, prebound=None, path: str | None = None,
+                 egress=None):
         self.config = config
+        self.egress = egress  # add/list/remove_rule (egress.Egress), None: not wired
         self.portfwd = portfwd
         self.observer = observer
         self.prebound = prebound

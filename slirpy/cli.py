@@ -43,6 +43,7 @@ _LONG = {
     # slirpy's own
     "port": (True, "p"), "dns-upstream": (True, "dns-upstream"), "pcap": (True, "pcap"),
     "pcap-max-bytes": (True, "pcap-max-bytes"), "log-level": (True, "log-level"),
+    "allow": (True, "allow"), "deny": (True, "deny"), "default-deny": (False, "default-deny"),
 }
 _DEPRECATED = {"no-host-loopback": ("dhl", "--disable-host-loopback"),
                "create-sandbox": ("sandbox", "--enable-sandbox")}
@@ -220,6 +221,20 @@ def _outbound(text: str, family: int):
     return addr
 
 
+def _egress_rules(rules: list[tuple[str, str]]) -> tuple:
+    """--allow/--deny: each rule parsed (stack/policy.py), at most policy.MAX_RULES of them."""
+    from .stack.policy import MAX_RULES, RuleError, parse_rule
+    if len(rules) > MAX_RULES:
+        raise UsageError(f"{len(rules)} --allow/--deny rules: at most {MAX_RULES}")
+    out = []
+    for action, text in rules:
+        try:
+            out.append((action, parse_rule(text)))
+        except RuleError as e:
+            raise UsageError(f"--{action}: {e}") from None
+    return tuple(out)
+
+
 def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | str:
     """Return a Config, or "help"/"version". Raises UsageError on bad input. Warnings that do
     not stop slirp4netns (too many operands, a deprecated flag) are appended to ``warnings``
@@ -228,6 +243,7 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
     o: dict = {}
     ports: list[str] = []
     upstreams: list[str] = []
+    rules: list[tuple[str, str]] = []  # --allow/--deny, in argv order across both
     operands: list[str] = []
     command = None
     permute = "POSIXLY_CORRECT" not in os.environ
@@ -273,6 +289,8 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
             ports.append(value)
         elif key == "dns-upstream":
             upstreams.append(value)
+        elif key in ("allow", "deny"):
+            rules.append((key, value))
         else:
             o[key] = True if value is None else value
     configure = "c" in o or command is not None
@@ -350,6 +368,7 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
         pcap_max = int(text)
         if pcap is None:
             raise UsageError("--pcap-max-bytes needs --pcap=FILE")
+    egress = _egress_rules(rules)
     env_budget = os.environ.get("SLIRPY_TCP_MEM_BUDGET")
     if env_budget is not None:
         if not env_budget.isdigit() or not MIN_TCP_MEM_BUDGET <= int(env_budget) <= 1 << 40:
@@ -368,7 +387,8 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
         enable_sandbox="sandbox" in o, enable_seccomp="seccomp" in o,
         disable_dns="disable-dns" in o, ports=tuple(parsed_ports),
         dns_upstreams=tuple(_dns_upstream(d) for d in upstreams), pcap=pcap,
-        pcap_max_bytes=pcap_max, log_level=level, **kw)
+        pcap_max_bytes=pcap_max, log_level=level, egress_rules=egress,
+        default_deny="default-deny" in o, **kw)
 
 
 def fail(msg: str) -> int:

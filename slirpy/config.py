@@ -67,6 +67,10 @@ class Config:
     pcap: str | None = None
     pcap_max_bytes: int | None = None
     log_level: str = "ERROR"
+    # egress policy (stack/policy.py): --allow/--deny in command-line order, as
+    # (action, policy.Rule) pairs; --default-deny
+    egress_rules: tuple = ()
+    default_deny: bool = False
     # all TCP flows' buffered bytes together (stack/tcp.py); no flag: the environment variable
     # SLIRPY_TCP_MEM_BUDGET (bytes) sets it, so slirp4netns's command line stays as it is
     tcp_mem_budget: int = 128 * 1024 * 1024

@@ -38,6 +38,7 @@ with known_libraries():  # no `ldconfig -p` for trio's find_library("pthread")
 from ._triowait import PumpWait
 from .api_socket import ApiServer
 from .dns import DnsForwarder
+from .egress import Egress, log_denied
 from .icmp_nat import IcmpNat
 from .nat import TcpNat
 from .observe import Observer
@@ -45,6 +46,7 @@ from .pcap import PcapWriter
 from .portfwd import PortForwarder
 from .stack.addrmap import AddressMap
 from .stack.events import IcmpEchoRequest, TcpConnectRequest, UdpDatagram
+from .stack.policy import Policy
 from .tap import MAX_READ_BATCH, Tap, TapGone
 from .udp_nat import UdpNat
 
@@ -83,16 +85,20 @@ def wire(d: Daemon) -> list:
     """The daemon's wiring diagram: every component, what it needs, which events it serves.
     Returns the components whose serve() tasks run, in the order they start."""
     cfg, pre = d.config, d.prebound
-    addrs = AddressMap(cfg)  # where a guest's destination goes on the host (stack/addrmap.py)
+    # the egress policy (stack/policy.py): --allow/--deny/--default-deny, changed by the API
+    policy = Policy(cfg, cfg.egress_rules, cfg.default_deny, on_deny=log_denied)
+    # where a guest's destination goes on the host (stack/addrmap.py), the policy asked first
+    addrs = AddressMap(cfg, policy=policy.check)
     dns = DnsForwarder(d)  # UDP at .3:53 -> the upstreams
     tcp = TcpNat(d, addrs, dns)  # TCP flows <-> host sockets (hot fds of the pump)
     portfwd = PortForwarder(d, addrs, tcp, pre)  # host listeners -> tcp.forward_inbound, UDP
     udp = UdpNat(d, addrs, dns, intercept=portfwd.intercept_udp)  # UDP flows <-> host sockets
     icmp = IcmpNat(d, addrs)  # echo requests <-> ping sockets
     pcap = PcapWriter(cfg, pre, on_stop=d.stop_capture)
+    egress = Egress(policy, tcp, udp, icmp)  # the API's rule changes; ends flows now denied
     observer = Observer(d, tcp_nat=tcp, udp_nat=udp, icmp_nat=icmp, portfwd=portfwd, dns=dns,
-                        pcap=pcap)
-    api = ApiServer(cfg, portfwd, observer, pre)
+                        pcap=pcap, egress=egress)
+    api = ApiServer(cfg, portfwd, observer, pre, egress=egress)
 
     for ev_type, fn in tcp.handlers().items():
         d.add_handler(ev_type, fn)

@@ -382,8 +382,9 @@ class TcpNat:
         except Exception:  # our bug: refuse this flow (net unreachable), loudly in the counters
             v = addrmap.refuse("map_error", "net")
         if v.kind == addrmap.REFUSE:  # ICMP, or silence for --disable-dns
-            _refused.log(v.reason, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport, ev.dst,
-                         ev.dport, v.reason.replace("_", " "))
+            if not v.reason.startswith("policy_"):  # egress.log_denied logs those, per rule
+                _refused.log(v.reason, "tcp %s:%d -> %s:%d refused: %s", ev.src, ev.sport,
+                             ev.dst, ev.dport, v.reason.replace("_", " "))
             st.refuse_tcp(ev.flow, v.unreach, v.reason, d.now())
             return
         host, port = v.host, v.port
@@ -459,6 +460,23 @@ class TcpNat:
         src, sport, dst, dport, host, port = c.desc
         _refused.log(reason, "tcp %s:%d -> %s:%d refused: connect to %s port %d: %s", src, sport,
                      dst, dport, host, port, reason)
+
+    def reset_outbound(self, denied) -> int:
+        """End the flows the guest opened whose destination ``denied(family, dst, dport)``
+        refuses now (the egress rules changed): an RST to the guest, the host socket closed
+        with an RST. A forward's flows (inbound) are left alone. Returns how many."""
+        n = 0
+        for c in list(self.conns.values()):
+            _src, _sport, dst, dport, host, _port = c.desc
+            if not host or c.state == DONE:  # a forward's flow (no host dialled): not egress
+                continue
+            if denied(6 if ":" in dst else 4, dst, dport):
+                self.d.stack.stats.drop("tcp_policy_reset")
+                self._fail(c.flow, c)
+                n += 1
+        if n:
+            self.d.flush()
+        return n
 
     # -------------------------------------------------------------------------- inbound
     async def forward_inbound(self, sock, family, src, sport, guest_addr, guest_port):

@@ -80,6 +80,9 @@ def collect_stats(obs: "Observer") -> dict:
     out["dns"] = {"answered": dns.answered, "servfail": dns.servfails, "inflight": dns.inflight,
                   **dns.status()}  # upstreams in use and where they come from
     out["pcap"] = obs.pcap.status() if obs.pcap.path else None
+    egress = getattr(obs, "egress", None)
+    # the egress policy: each rule with its hits, the default and its hits
+    out["policy"] = egress.stats() if egress is not None else None
     out["memory"] = memory_stats()
     return out
 
@@ -178,8 +181,9 @@ class Observer:
 
     needs: the daemon (config, stack, tap, now, compact) and the parts it reports on."""
 
-    def __init__(self, daemon, *, tcp_nat, udp_nat, icmp_nat, portfwd, dns, pcap):
+    def __init__(self, daemon, *, tcp_nat, udp_nat, icmp_nat, portfwd, dns, pcap, egress=None):
         self.daemon = daemon
+        self.egress = egress  # the egress policy's rules and hits (None: not wired)
         self.tcp_nat, self.udp_nat, self.icmp_nat = tcp_nat, udp_nat, icmp_nat
         self.portfwd, self.dns, self.pcap = portfwd, dns, pcap
         self.started = time.monotonic()

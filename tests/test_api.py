@@ -321,3 +321,124 @@ def test_handle_request_never_raises(raw):
     out = json.loads(handle_request(api, raw))
     assert isinstance(out, dict) and len(out) == 1
     assert set(out) <= {"return", "error", "entries"}
+
+
+# ---- the egress policy's rules (slirpy's own: add_rule, list_rules, remove_rule) ----------
+class _FakeTcpNat:
+    def __init__(self, flows):
+        self.flows = flows  # [(family, dst, dport)] the guest opened
+
+    def reset_outbound(self, denied):
+        gone = [f for f in self.flows if denied(*f)]
+        self.flows = [f for f in self.flows if f not in gone]
+        return len(gone)
+
+
+def _egress(tcp_flows=(), udp_keys=()):
+    from types import SimpleNamespace
+
+    from slirpy.egress import Egress
+    from slirpy.hostsock import FlowTable
+    from slirpy.stack.policy import Policy
+    stats = Stats()
+    udp = SimpleNamespace(table=FlowTable(8), stats=stats)
+    for k in udp_keys:
+        udp.table.add(k, object(), 0.0, 30.0)
+    icmp = SimpleNamespace(table=FlowTable(8), stats=stats)
+    return Egress(Policy(Config()), _FakeTcpNat(list(tcp_flows)), udp, icmp), udp
+
+
+def test_rules_over_the_api_exact_replies():
+    d = FakeDaemon()
+    eg, udp = _egress([(4, "192.0.2.2", 22), (4, "192.0.2.2", 80)],
+                      [(4, "10.0.2.100", 5000, "192.0.2.2", 53), (4, "10.0.2.100", 5001, "192.0.2.9", 9)])
+    api = ApiServer(d.config, forwarder(d), StatsOnly(d.stack), egress=eg)
+
+    def req(execute, **args):
+        return handle_request(api, json.dumps({"execute": execute, "arguments": args}).encode())
+    assert req("add_rule", action="allow", rule="tcp:192.0.2.2:80") == \
+        b'{"return":{"id":1,"flows_reset":{"tcp":0,"udp":0,"icmp":0}}}'
+    # a deny covering open flows ends them, and says so (the allowed :80 stays)
+    assert req("add_rule", action="deny", rule="192.0.2.2") == \
+        b'{"return":{"id":2,"flows_reset":{"tcp":1,"udp":1,"icmp":0}}}'
+    assert eg.tcp_nat.flows == [(4, "192.0.2.2", 80)] and len(udp.table) == 1
+    assert req("add_rule", action="deny", rule="private", index=0) == \
+        b'{"return":{"id":3,"flows_reset":{"tcp":0,"udp":0,"icmp":0}}}'
+    assert json.loads(handle_request(api, b'{"execute":"list_rules"}')) == {"return": {
+        "default": "allow", "default_hits": 0, "max_rules": 256, "refused": 0, "rules": [
+            {"id": 3, "action": "deny", "rule": "private", "hits": 0},
+            {"id": 1, "action": "allow", "rule": "tcp:192.0.2.2:80", "hits": 0},
+            {"id": 2, "action": "deny", "rule": "192.0.2.2", "hits": 0}]}}
+    assert req("remove_rule", id=1) == b'{"return":{"flows_reset":{"tcp":1,"udp":0,"icmp":0}}}'
+    assert req("remove_rule", id=1) == b'{"error":{"desc":"bad request: remove_rule: bad arguments.id"}}'
+    assert req("add_rule", action="permit", rule="x") == \
+        b'{"error":{"desc":"bad request: add_rule: bad arguments.action"}}'
+    assert req("add_rule", action="deny", rule=5) == \
+        b'{"error":{"desc":"bad request: add_rule: bad arguments.rule"}}'
+    assert req("add_rule", action="deny", rule="10.0.0.0/33") == (
+        b'{"error":{"desc":"bad request: add_rule: bad arguments.rule: 10.0.0.0/33: prefix length '
+        b'33 out of range 0..32"}}')
+    assert req("add_rule", action="deny", rule="10.0.0.0", index=7) == \
+        b'{"error":{"desc":"bad request: add_rule: bad arguments.index: index 7 out of range 0..2"}}'
+    assert req("add_rule", action="deny", rule="10.0.0.0", index="0") == \
+        b'{"error":{"desc":"bad request: add_rule: bad arguments.index"}}'
+
+
+def test_rule_table_full_is_an_error_and_counted():
+    d = FakeDaemon()
+    eg, _ = _egress()
+    eg.policy.max_rules = 2
+    api = ApiServer(d.config, forwarder(d), StatsOnly(d.stack), egress=eg)
+    add = b'{"execute":"add_rule","arguments":{"action":"deny","rule":"192.0.2.1"}}'
+    handle_request(api, add)
+    handle_request(api, add)
+    assert handle_request(api, add) == \
+        b'{"error":{"desc":"bad request: add_rule: rule table full (2 rules)"}}'
+    assert eg.stats()["refused"] == 1 and len(eg.policy) == 2
+
+
+def test_rules_without_a_policy_is_an_error():
+    d = FakeDaemon()
+    api = ApiServer(d.config, forwarder(d), StatsOnly(d.stack))
+    assert handle_request(api, b'{"execute":"list_rules"}') == \
+        b'{"error":{"desc":"bad request: list_rules: no egress policy"}}'
+
+
+_rule_args = hs.fixed_dictionaries({}, optional={
+    "action": hs.sampled_from(["allow", "deny", "x", 1, None]),
+    "rule": hs.text(max_size=30) | hs.sampled_from(["private", "tcp:10.0.2.2:22", "[::]/0"]) | _json,
+    "index": hs.integers(-3, 5) | _json, "id": hs.integers(-1, 5) | _json})
+
+
+@settings(max_examples=300, deadline=None)
+@given(reqs=hs.lists(hs.tuples(hs.sampled_from(["add_rule", "remove_rule", "list_rules"]),
+                               _rule_args), max_size=6))
+def test_rule_requests_never_raise(reqs):
+    d = FakeDaemon()
+    eg, _ = _egress([(4, "10.0.2.2", 22)])
+    api = ApiServer(d.config, forwarder(d), StatsOnly(d.stack), egress=eg)
+    for execute, args in reqs:
+        out = json.loads(handle_request(api, json.dumps({"execute": execute,
+                                                         "arguments": args}).encode()))
+        assert isinstance(out, dict) and set(out) <= {"return", "error"} and len(out) == 1
+
+
+async def test_client_cli_rules(tmp_path, capsys):
+    from slirpy import api_client
+    async with trio.open_nursery() as n:
+        d, pf, srv, path = await start(n, tmp_path)
+        srv.egress, _ = _egress()
+        run = [["rules", "add", "deny", "tcp:[2001:db8::]/32:443"],
+               ["rules", "add", "allow", "private", "--index", "0"], ["rules", "list"],
+               ["rules", "remove", "1"], ["rules", "add", "deny", "nonsense"]]
+        rcs = [await trio.to_thread.run_sync(api_client.main, ["--socket", path, *a]) for a in run]
+        n.cancel_scope.cancel()
+    assert rcs == [0, 0, 0, 0, 1]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == '{"return":{"id":1,"flows_reset":{"tcp":0,"udp":0,"icmp":0}}}'
+    assert out[2].split() == ["id", "action", "rule", "hits"]
+    assert [ln.split() for ln in out[3:6]] == [["2", "allow", "private", "0"],
+                                              ["1", "deny", "tcp:[2001:db8::]/32:443", "0"],
+                                              ["-", "allow", "(default)", "0"]]
+    assert out[6] == '{"return":{"flows_reset":{"tcp":0,"udp":0,"icmp":0}}}'
+    assert "bad arguments.rule: nonsense:" in out[7]

@@ -41,7 +41,8 @@ SLIRP4NETNS_HELP_LINES = [
 ]
 SLIRP4NETNS = "/usr/bin/slirp4netns"
 OWN_FLAGS = ["-p, --port=[HOSTADDR:]HOSTPORT:GUESTPORT[/tcp|/udp]", "--dns-upstream=ADDR[:PORT]",
-             "--pcap=FILE", "--pcap-max-bytes=N", "--log-level=LEVEL"]
+             "--pcap=FILE", "--pcap-max-bytes=N", "--log-level=LEVEL", "--allow=RULE",
+             "--deny=RULE", "--default-deny"]
 
 
 def test_help_has_every_slirp4netns_line_and_ours():
@@ -125,6 +126,24 @@ def test_own_flags():
     assert c.cidr == ipaddress.IPv4Network("192.168.5.0/24") and str(c.guest) == "192.168.5.100"
     assert c.macaddress == "02:00:00:00:00:01" and c.pcap == "/tmp/a.pcap"
     assert c.pcap_max_bytes == 1000 and c.log_level == "DEBUG"
+
+
+def test_egress_flags_keep_their_order_across_allow_and_deny():
+    c = cli.parse_args(["--deny=private", "5", "--allow", "tcp:10.0.2.2:5432", "--default-deny",
+                        "--deny=[2001:db8::]/32:443", "--allow=dns"])
+    assert [(a, str(r)) for a, r in c.egress_rules] == [
+        ("deny", "private"), ("allow", "tcp:10.0.2.2:5432"), ("deny", "[2001:db8::]/32:443"),
+        ("allow", "dns")]
+    assert c.default_deny and not cli.parse_args(["5"]).default_deny
+    assert cli.parse_args(["5"]).egress_rules == ()
+
+
+def test_egress_rule_table_cap_on_the_command_line():
+    from slirpy.stack.policy import MAX_RULES
+    ok = ["--deny=192.0.2.1"] * MAX_RULES + ["5"]
+    assert len(cli.parse_args(ok).egress_rules) == MAX_RULES
+    with pytest.raises(cli.UsageError, match=f"at most {MAX_RULES}"):
+        cli.parse_args(["--deny=192.0.2.1"] + ok)
 
 
 @pytest.mark.parametrize("argv", [
@@ -226,6 +245,14 @@ def test_command_form():
     (["-r", "3x", "1"], "ready-fd must be a non-negative integer"),
     (["-e", "99999999999", "1"], "exit-fd must be a non-negative integer"),  # not an int
     (["--"], "command"),
+    (["--deny=2001:db8::1", "1"], "--deny: 2001:db8::1: IPv6 addresses go in brackets"),
+    (["--allow=tcp:10.0.2.2:0", "1"], "--allow: tcp:10.0.2.2:0: port 0 out of range 1..65535"),
+    (["--deny=icmp:private:22", "1"], "icmp rules take no port"),
+    (["--allow=127.0.0.1:5432", "1"], "host-loopback"),
+    (["--allow=\n", "1"], "--allow: '\\n': only printable"),
+    (["--deny=", "1"], "--deny: : empty rule"),
+    (["--default-deny=yes", "1"], "option '--default-deny' doesn't allow an argument"),
+    (["--deny", "bogus", "1"], "--deny: bogus: 'bogus' is not an IPv4 address, [IPv6] or one of"),
 ])
 def test_bad_input_one_line_exit_1(args, needle):
     p = run_slirpy(*args, timeout=5)

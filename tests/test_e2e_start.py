@@ -225,6 +225,9 @@ EARLY_ARGV = [
     "--netns-type=pid /run/x", "-c 0", "-c 5 tap/0", "-c 5 " + "t" * 16, "--target-type=bess 5",
     "-c --cidr 10.0.2.0/24 --cidr 10.0.3.0/24 5", "--log-level=bogus 5", "--help 5",
     "-c --enable-sandbox --disable-dns -a rel/api.sock 5", "--enable-seccomp 5",
+    # the egress policy: --default-deny is read (a flag), a rule is the full parser's
+    "--default-deny -c 5", "-c --default-deny --default-deny 5", "--allow=tcp:10.0.2.2:80 -c 5",
+    "--default-deny --deny=private -c 5", "--deny=bogus -c 5", "--allow 10.0.0.1/33 5",
 ]
 
 
@@ -250,7 +253,8 @@ def test_early_helper_leaves_no_tap_on_a_refused_command_line():
     sys.path.insert(0, REPO)
     from slirpy import _early
     for line in (["--log-level=bogus", "5"], ["-p", "x", "5"], ["--pcap-max-bytes=1", "5"],
-                 ["--outbound-addr=eth9", "5"], ["--dns-upstream=1.2.3.4", "5"]):
+                 ["--outbound-addr=eth9", "5"], ["--dns-upstream=1.2.3.4", "5"],
+                 ["--deny=bogus", "5"], ["--allow=10.0.0.0/33", "-c", "5"]):
         assert _early.parse(line) is None, line
 
 

@@ -300,6 +300,9 @@ class Policy:
 
     def check(self, proto: str, family: int, dst: str, dport: int) -> addrmap.Verdict | None:
         """AddressMap's policy hook: a REFUSE verdict, or None (go on). Counts the hit."""
+        if not self._entries and not self.default_deny:
+            self.default_hits += 1
+            return None
         e = self._match(proto, family, dst, dport)
         if e is _DEFAULT:
             self.default_hits += 1
