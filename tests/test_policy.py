@@ -146,6 +146,17 @@ def test_default_deny_spares_dns_unless_a_rule_says_so():
     assert p.check("udp", 4, "10.0.2.3", 53).reason == "policy_rule_2"
 
 
+def test_dns_is_decided_only_by_rules_naming_it():
+    """DNS at base+3:53 is the forwarder: address rules and other sets containing it (private,
+    any, 10.0.2.0/24) do not cover it; a rule on the set dns does."""
+    p = _p(("deny", "private"), ("deny", "any"), ("deny", "10.0.2.3"), default_deny=True)
+    assert p.check("udp", 4, "10.0.2.3", 53) is None and p.check("tcp", 6, "fd00::3", 53) is None
+    assert p.check("udp", 4, "10.0.2.3", 54).reason == "policy_rule_1"  # not DNS: an address
+    p.add("deny", "udp:dns:53")
+    assert p.check("udp", 4, "10.0.2.3", 53).reason == "policy_rule_4"
+    assert p.check("tcp", 4, "10.0.2.3", 53) is None
+
+
 def test_table_is_capped_and_ids_stay():
     p = Policy(Config(), max_rules=3)
     ids = [p.add("deny", f"192.0.2.{i}") for i in range(3)]

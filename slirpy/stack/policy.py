@@ -17,9 +17,11 @@ loopback never reaches slirpy) and is refused with a pointer to ``host-loopback`
 IPv6 destination (``::ffff:192.0.2.1``, which the host dials as IPv4) is matched by the IPv4 rules.
 
 A rule without a protocol covers TCP, UDP and ICMP; with ports it covers TCP and UDP only
-(ICMP echo has no port). First match wins; no match: allow, or deny with ``default_deny``,
-except DNS (TCP and UDP to the DNS address port 53), which the default never denies: that is
-its own switch (``--deny=dns``, or ``--disable-dns``). Forwarded inbound connections never
+(ICMP echo has no port). First match wins; no match: allow, or deny with ``default_deny``.
+DNS (TCP and UDP to the DNS address, port 53: slirpy's forwarder, not a destination of its own)
+is a switch of its own: only rules naming the set ``dns`` decide for it (``--deny=dns``;
+``--disable-dns`` turns the forwarder off), never an address rule, another set (``private``,
+``any``, which contain the DNS address) or the default. Forwarded inbound connections never
 pass here (they are not egress).
 
 The check (``Policy.check``) is what ``AddressMap(config, policy=...)`` calls: only when a flow
@@ -285,7 +287,10 @@ class Policy:
             return _DEFAULT
         if family == 6 and a & _MAPPED[1] == _MAPPED[0]:  # ::ffff:a.b.c.d: the host dials IPv4
             family, a = 4, a & 0xFFFFFFFF
+        dns = self._is_dns(proto, dst, dport)
         for e in self._entries:
+            if dns and e.rule.name != "dns":  # DNS is its own switch: only rules naming it
+                continue
             if e.proto is not None and e.proto != proto:
                 continue
             if e.ports is not None and (proto == "icmp" or not e.ports[0] <= dport <= e.ports[1]):
