@@ -225,7 +225,9 @@ class Policy:
 
     ``config``: what the named sets host-loopback and dns resolve to (its CIDR). ``rules``:
     [(action, Rule or rule text)] in order. ``on_deny``: called for every denial (the glue logs
-    it, rate-limited)."""
+    it, rate-limited).
+    ``default_hits``: the flows no rule matched (DNS apart).
+    """
 
     def __init__(self, config, rules=(), default_deny: bool = False,
                  on_deny: DenyHook | None = None, max_rules: int = MAX_RULES):
@@ -306,12 +308,15 @@ class Policy:
     def check(self, proto: str, family: int, dst: str, dport: int) -> addrmap.Verdict | None:
         """AddressMap's policy hook: a REFUSE verdict, or None (go on). Counts the hit."""
         if not self._entries and not self.default_deny:
-            self.default_hits += 1
+            if not self._is_dns(proto, dst, dport):
+                self.default_hits += 1
             return None
         e = self._match(proto, family, dst, dport)
         if e is _DEFAULT:
+            if self._is_dns(proto, dst, dport):
+                return None  # the forwarder: not the default's to decide
             self.default_hits += 1
-            if not self.default_deny or self._is_dns(proto, dst, dport):
+            if not self.default_deny:
                 return None
             if self.on_deny is not None:
                 self.on_deny(None, "default", proto, family, dst, dport)
