@@ -131,3 +131,54 @@ def test_slirpy_api_without_arguments_is_one_line_exit_1():
     assert r.returncode == 1
     assert r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("slirpy-api: error: "), r.stderr
+
+
+def test_egress_recipes_parse_as_written():
+    """Every `slirpy ...` line of the Egress policy recipes is a command line slirpy takes."""
+    sys.path.insert(0, REPO)
+    import shlex
+
+    from slirpy import cli
+    lines = [ln for ln in _block("# 1. no internet").splitlines() if ln.startswith("slirpy ")]
+    assert len(lines) == 4
+    for ln in lines:
+        cfg = cli.parse_args(shlex.split(ln.replace("...", "5"))[1:])
+        assert cfg.default_deny or cfg.egress_rules, ln
+    wrapper = _block("cat > ~/.local/bin/slirpy-no-internet")
+    flags = re.search(r"exec /usr/local/bin/slirpy (.*) \"\$@\"", wrapper).group(1)
+    cfg = cli.parse_args(shlex.split(flags) + ["--disable-host-loopback", "--mtu=65520", "-c",
+                                               "--netns-type=path", "/proc/self/ns/net", "tap0"])
+    assert cfg.default_deny and [str(r) for _, r in cfg.egress_rules] == ["tcp:host-loopback:5432"]
+
+
+@pytest.mark.netns
+def test_rules_client_lines_work_against_a_daemon(shims):
+    require_netns()
+    _, env = shims
+    lines = [ln for ln in _block("slirpy-api -a /run/slirpy.sock rules").splitlines()
+             if ln.startswith("slirpy-api")]
+    assert len(lines) == 4
+    sock = os.path.join(tempfile.mkdtemp(prefix="readme-rules-"), "slirpy.sock")
+    daemon = subprocess.Popen([sys.executable, "-m", "slirpy", "-a", sock, "--", "sleep", "60"],
+                              env=dict(env, PYTHONPATH=REPO), start_new_session=True)
+    try:
+        for _ in range(300):
+            if os.path.exists(sock):
+                break
+            subprocess.run(["sleep", "0.05"])
+        outs = []
+        for ln in lines:
+            cmd = ln.split("#")[0].strip().replace("/run/slirpy.sock", sock)
+            r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env=env,
+                               timeout=20)
+            assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+            outs.append(r.stdout)
+        assert json.loads(outs[0]) == {"return": {"id": 1, "flows_reset":
+                                                  {"tcp": 0, "udp": 0, "icmp": 0}}}
+        assert json.loads(outs[1])["return"]["id"] == 2
+        assert [ln.split()[:3] for ln in outs[2].splitlines()[1:]] == [
+            ["2", "allow", "private"], ["1", "deny", "tcp:192.0.2.0/24:22"], ["-", "allow", "(default)"]]
+        assert json.loads(outs[3])["return"]["flows_reset"] == {"tcp": 0, "udp": 0, "icmp": 0}
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=20)
