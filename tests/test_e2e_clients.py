@@ -9,7 +9,9 @@
   through 10.0.2.2; the default `--network slirp4netns` (Podman adds --enable-sandbox
   --enable-seccomp --enable-ipv6 --disable-host-loopback) reaches a host server outbound and is
   refused 10.0.2.2. That run happens in a network namespace the test made (a host address on its
-  lo), so outbound traffic never leaves this machine's test namespaces.
+  lo), so outbound traffic never leaves this machine's test namespaces. So does the egress
+  policy's run (README's containers.conf: a network_cmd_path wrapper adding --default-deny and
+  one allowed host-loopback port).
 
 WRAPPER is `PYTHONPATH=<this tree> exec <this python> -m slirpy "$@"`, logging each call (pid and
 arguments) so the tests can check what the clients passed and inspect the daemon in /proc.
@@ -337,6 +339,72 @@ def test_podman_default_network_outbound(rootless, podman):
             srv.wait(timeout=10)
         holder.kill()
         holder.wait(timeout=10)
+
+
+def test_podman_egress_policy_through_a_network_cmd_path_wrapper(rootless, podman):
+    """README "Egress policy with Podman" as written: containers.conf's network_cmd_path names a
+    wrapper adding --default-deny --allow=tcp:host-loopback:PORT, network_cmd_options Podman's own
+    allow_host_loopback=true. In the container: the host's loopback on that port is reached, a
+    server on another host address is refused at once (No route to host: ICMP administratively
+    prohibited), and slirpy got the flags with Podman's. Run in a netns the test made."""
+    holder = subprocess.Popen(["unshare", "-n", "sleep", "300"])
+    servers = []
+    try:
+        netns = f"/proc/{holder.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"]):
+            r = _run(["nsenter", f"--net={netns}", *cmd])
+            assert r.returncode == 0, r.stderr
+        ports = []
+        for addr in ("127.0.0.1", "192.0.2.1"):
+            srv = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c",
+                                    SERVER_IN_NETNS, addr], stdout=subprocess.PIPE, text=True)
+            servers.append(srv)
+            ports.append(int(srv.stdout.readline()))
+        loop_port, other_port = ports
+        wrapper = os.path.join(rootless.work, "slirpy-no-internet")
+        with open(wrapper, "w") as f:
+            f.write("#!/bin/sh\n"
+                    f'exec {rootless.wrapper} --default-deny --allow=tcp:host-loopback:{loop_port} "$@"\n')
+        os.chmod(wrapper, 0o755)
+        conf = os.path.join(podman.dirs["cfg"], "egress.conf")
+        with open(conf, "w") as f:
+            f.write(CONTAINERS_CONF_EGRESS.format(wrapper=wrapper))
+        before = len(rootless.daemon_calls())
+        script = (f"wget -q -O - http://10.0.2.2:{loop_port}/ | sha256sum; "
+                  f"wget -O /dev/null http://192.0.2.1:{other_port}/ 2>&1 | tail -1")
+        r = rootless.run(["podman", "run", "--rm", "--network", "slirp4netns", IMAGE, "sh", "-c",
+                          script], netns=netns, env=dict(podman.envd, CONTAINERS_CONF=conf),
+                         timeout=90)
+        assert r.returncode == 0, f"podman run: {r.stdout}{r.stderr}"
+        lines = r.stdout.splitlines()
+        assert lines[0].split()[0] == SHA_HOST, r.stdout + r.stderr
+        assert lines[1] == ("wget: can't connect to remote host (192.0.2.1): No route to host"), \
+            r.stdout
+        # the wrapper's flags come before Podman's --help too: slirpy still prints its help
+        calls = [c for c in rootless.daemon_calls()[before:] if "--help" not in c[1]]
+        assert len(calls) == 1, calls
+        args = calls[0][1]
+        assert args[:2] == ["--default-deny", f"--allow=tcp:host-loopback:{loop_port}"], args
+        assert "--disable-host-loopback" not in args and "--enable-sandbox" in args, args
+    finally:
+        for srv in servers:
+            srv.kill()
+            srv.wait(timeout=10)
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+CONTAINERS_CONF_EGRESS = """[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+network_cmd_path = "{wrapper}"
+network_cmd_options = ["allow_host_loopback=true"]
+"""
 
 
 def test_podman_sends_empty_guest_addr_and_it_means_the_guest():
