@@ -11,7 +11,11 @@ bench/results/. pasta's "start to ready" is from exec until its first process ex
 once the namespace is configured and it has forked into the background.
 
   bench/run [--rounds 3] [--seconds 5] [--only tput,fwd,rr,crr,ready,rss,parse,start,podman]
-            [--flows 10000] [--start-runs 10]
+            [--flows 10000] [--start-runs 10] [--rules N]
+
+--rules N adds a column "slirpy-rules": this tree's slirpy with N egress --deny rules that no flow
+matches, so every new flow walks all N (the check runs only at flow creation: CRR shows its cost,
+RR and throughput should not move).
 
 Throughput is iperf3 (guest client -> host server on 127.0.0.1; -R for host->guest; "forward": a
 host client on 127.0.0.1 through a forwarded port to a server in the guest), RR/CRR a
@@ -381,8 +385,9 @@ def table(results) -> str:
         if name not in names:
             names.append(name)
     impls = ["slirpy", "slirp4netns", "pasta"]
-    if any(impl == "slirpy-base" for _, impl in results):
-        impls.append("slirpy-base")  # BENCH_BASE_TREE
+    for extra in ("slirpy-base", "slirpy-rules"):  # BENCH_BASE_TREE, --rules N
+        if any(impl == extra for _, impl in results):
+            impls.append(extra)
     lines = ["| figure | " + " | ".join(impls) + " | slirpy/slirp4netns | slirpy/pasta |",
              "|---|" + "---:|" * (len(impls) + 2)]
     for name in names:
@@ -414,7 +419,15 @@ def main():
     ap.add_argument("--flows", type=int, default=10000)
     ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse,start,podman")
     ap.add_argument("--start-runs", type=int, default=10)
+    ap.add_argument("--rules", type=int, default=0,
+                    help="a column slirpy-rules: slirpy with N egress --deny rules that no flow "
+                         "matches (each new flow checks them all; 0: no such column)")
     args = ap.parse_args()
+    if not 0 <= args.rules <= 256:
+        ap.error("--rules 0..256 (the rule table's cap)")
+    if args.rules:
+        flags = [f"--deny=tcp:203.0.113.{i % 250 + 1}:{i + 1}" for i in range(args.rules)]
+        IMPLS["slirpy-rules"] = lambda: ([sys.executable, "-m", "slirpy", *flags], _slirpy_env())
     if args.rounds < 1 or args.rounds > 20 or args.seconds <= 0 or args.seconds > 60:
         ap.error("--rounds 1..20, --seconds (0, 60]")
     if not 1 <= args.start_runs <= 100:

@@ -239,6 +239,7 @@ class Policy:
         self._named["dns"] = (_V4(f"{config.dns}/32"), _V6(f"{IPV6_DNS}/128"))
         self._dns4, self._dns6 = str(config.dns), str(IPV6_DNS)
         self._entries: list[_Entry] = []
+        self._flat: list[tuple] = []  # _rebuild(): the entries as tuples for the check's loop
         self._next_id = 1
         self.default_hits = 0
         self.refused = 0  # rules the API could not add: the table was full
@@ -260,6 +261,7 @@ class Policy:
         e = _Entry(self._next_id, action, rule, nets)
         self._next_id += 1
         self._entries.insert(len(self._entries) if index is None else index, e)
+        self._rebuild()
         return e.id
 
     def remove(self, rid: int) -> None:
@@ -267,6 +269,7 @@ class Policy:
         for i, e in enumerate(self._entries):
             if e.id == rid:
                 del self._entries[i]
+                self._rebuild()
                 return
         raise KeyError(rid)
 
@@ -289,18 +292,26 @@ class Policy:
             return _DEFAULT
         if family == 6 and a & _MAPPED[1] == _MAPPED[0]:  # ::ffff:a.b.c.d: the host dials IPv4
             family, a = 4, a & 0xFFFFFFFF
-        dns = self._is_dns(proto, dst, dport)
-        for e in self._entries:
-            if dns and e.rule.name != "dns":  # DNS is its own switch: only rules naming it
-                continue
-            if e.proto is not None and e.proto != proto:
-                continue
-            if e.ports is not None and (proto == "icmp" or not e.ports[0] <= dport <= e.ports[1]):
-                continue
-            for net, mask in (e.nets4 if family == 4 else e.nets6):
-                if a & mask == net:
+        if self._is_dns(proto, dst, dport):  # DNS is its own switch: only rules naming it
+            for e in self._entries:
+                if e.rule.name == "dns" and (e.proto is None or e.proto == proto) and (
+                        e.ports is None or e.ports[0] <= dport <= e.ports[1]):
                     return e
+            return _DEFAULT
+        if proto == "icmp":
+            dport = -1  # no port rule covers ICMP
+        v4 = family == 4
+        # one flat tuple per rule (no attribute lookups in the loop): ~60 ns a rule
+        for rproto, lo, hi, n4, n6, e in self._flat:
+            if (rproto is None or rproto == proto) and lo <= dport <= hi:
+                for net, mask in (n4 if v4 else n6):
+                    if a & mask == net:
+                        return e
         return _DEFAULT
+
+    def _rebuild(self) -> None:
+        self._flat = [(e.proto, *(e.ports or (-1, 65535)), e.nets4, e.nets6, e)
+                      for e in self._entries]
 
     def _is_dns(self, proto: str, dst: str, dport: int) -> bool:
         return dport == 53 and proto != "icmp" and (dst == self._dns4 or dst == self._dns6)
