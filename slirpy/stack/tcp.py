@@ -48,6 +48,7 @@ import heapq
 import ipaddress
 import random
 
+from ..config import Config
 from . import seq
 from .events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
                      TcpReset, TcpWritable)
@@ -56,13 +57,15 @@ from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 _MASK, _HALF = seq.MASK, seq.HALF  # for the per-segment window arithmetic
 
-BUF = 256 * 1024
-MEM_BUDGET = 128 * 1024 * 1024  # all flows' send + receive + out-of-order bytes together
+# The tuning values are Config fields (slirpy/config.py); these names are their defaults.
+_DEFAULTS = Config()
+BUF = _DEFAULTS.tcp_sndbuf  # per flow and direction
+MEM_BUDGET = _DEFAULTS.tcp_mem_budget  # all flows' send + receive + out-of-order bytes together
 MEM_FLOOR = 16 * 1024  # a flow may always hold max(MEM_FLOOR, its MSS) each way while under budget
 WAKE_MISSES = 16  # a wake pass gives up after this many budget-limited flows it could not help
 WAKE_RETRY = 0.2  # flows still wait while room is free (handed to flows that left it unused): retry
-MAX_FLOWS = 32768  # issue #20: a guest with 20,000 connections is served (fds permitting)
-MAX_HALF_OPEN = 1024
+MAX_FLOWS = _DEFAULTS.max_tcp_flows
+MAX_HALF_OPEN = _DEFAULTS.max_tcp_half_open
 # At the half-open cap a new SYN evicts the oldest half-open flow only once that one is this old
 # (a stale handshake: a guest that never ACKs, a host that never answers). While all are younger,
 # the guest is opening connections faster than the loop completes them: its SYN is dropped and
@@ -76,7 +79,7 @@ MAX_RETRIES = 8
 # ACKed at once, as are FINs, out-of-order data and window updates. Linux receivers wait 40 ms
 # or more; slirp4netns does not wait at all. 1 ms bounds what a guest writing twice under Nagle
 # before reading waits for the first ACK.
-DELACK = 0.001
+DELACK = _DEFAULTS.tcp_delack
 MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
 TIME_WAIT = 2.0
 PERSIST_MAX = 30.0
@@ -138,10 +141,10 @@ class TcpEngine:
         self._emit = emit
         self._push = push_event
         self.stats = stats
-        self.sndbuf = getattr(config, "tcp_sndbuf", BUF)
-        self.rcvbuf = getattr(config, "tcp_rcvbuf", BUF)
-        self.max_flows = getattr(config, "max_tcp_flows", MAX_FLOWS)
-        self.mem_budget = getattr(config, "tcp_mem_budget", MEM_BUDGET)
+        self.sndbuf = config.tcp_sndbuf
+        self.rcvbuf = config.tcp_rcvbuf
+        self.max_flows = config.max_tcp_flows
+        self.mem_budget = config.tcp_mem_budget
         self._soft = self.mem_budget - self.mem_budget // 4
         # the limits in force: _soft and mem_budget, less what a wake pass has handed out
         self._soft_lim, self._hard_lim = self._soft, self.mem_budget
@@ -158,11 +161,11 @@ class TcpEngine:
         self._heap: list = []
         self._ack_set: dict[int, _Flow] = {}  # flows owing the guest a delayed ACK
         self._delack_at = 0.0  # when the oldest of those is due
-        self.delack = getattr(config, "tcp_delack", DELACK)
+        self.delack = config.tcp_delack
         self.seg_max = 0  # > mss: the stack can hand the guest GSO segments this large (TSO)
         # half-open flows (SYN_PENDING, SYN_RCVD, SYN_SENT) oldest first: a SYN flood evicts these
         self._half_open: dict[int, _Flow] = {}
-        self.max_half_open = getattr(config, "max_tcp_half_open", MAX_HALF_OPEN)
+        self.max_half_open = config.max_tcp_half_open
         ws = 0
         while (self.rcvbuf >> ws) > 0xFFFF and ws < 14:
             ws += 1
