@@ -34,7 +34,7 @@ def TARGET(data: bytes) -> None:
         if t is not None and t <= now:
             s.handle_timer(now)
     assert len(s._out) <= stack_mod.MAX_OUT_FRAMES
-    s.frames_to_send()
+    s.frames_to_send(now)
     while s.next_event() is not None:
         pass
     assert len(s._reass) <= 64 and s._reass.bytes_held <= 1 << 20

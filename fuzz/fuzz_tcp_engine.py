@@ -29,7 +29,7 @@ def TARGET(data: bytes) -> None:
     fdp = atheris.FuzzedDataProvider(data)
     out, evs = [], []
     st = Stats()
-    e = TcpEngine(CFG, lambda *a: out.append(a), evs.append, st)
+    e = TcpEngine(CFG, out.append, evs.append, st)
     e.max_flows = 4
     now = 0.0
     known: list = []

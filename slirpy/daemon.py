@@ -185,8 +185,9 @@ class Daemon:
         self._flushing = True
         try:
             stack = self.stack
+            now = self.now()
             for _ in range(MAX_DISPATCH):
-                frames = stack.frames_to_send()
+                frames = stack.frames_to_send(now)
                 if frames:
                     if self.pcap is not None:
                         self._capture(frames)

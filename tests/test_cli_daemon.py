@@ -25,7 +25,7 @@ class FakeStack:
         self.received.append(bytes(buf))
         self.out.append(b"echo:" + bytes(buf))
 
-    def frames_to_send(self):
+    def frames_to_send(self, now):
         o, self.out = self.out, []
         return o
 

@@ -45,7 +45,7 @@ class Net:
     def __init__(self, budget=1 << 20, isn=7000):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda *a: self.out.append(a),
+        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda seg: self.out.append(seg),
                            self.ev.append, self.stats)
         self.e.isn = lambda: isn
         self.e.delack = 0.0  # `now` stays 0 here: ACKs owed go out at the next flush_pending
@@ -205,7 +205,7 @@ def test_budget_limited_window_opens_when_others_drain():
     assert n.out == []  # nothing worthwhile freed, nothing sent
     n.host_read(a, 40 * KIB)  # 168 KiB held: 24 KiB under 3/4
     n.e.flush_pending(0.0)
-    ports = [x[4] for x in n.out]
+    ports = [x.dport for x in n.out]
     assert b.port in ports and len(ports) <= 2  # b's update (and a's own), no storm
     n.pump()
     w = seq.sub(b.edge, b.ack)

@@ -1,11 +1,11 @@
 """Sans-IO TCP engine: terminates the guest's TCP (RFC 9293 subset a NAT endpoint needs).
 
-The contract between stack.py and the engine, fixed here so both can be built side by side:
+The contract between stack.py and the engine:
 
     engine = TcpEngine(config, emit, push_event, stats)
-      emit(family, src: bytes, sport, dst: bytes, dport, seq, ack, flags, window,
-           options: bytes, payload: bytes | memoryview) -> None
-          stack.py builds the IP+TCP frame toward the guest (src = remote side, dst = guest).
+      emit(seg: TcpSegment) -> None   (family, src: bytes, sport, dst: bytes, dport, seq, ack,
+          flags, window, options: bytes, payload: bytes | memoryview); stack.py builds the
+          IP+TCP frame toward the guest (src = remote side, dst = guest).
       push_event(ev) -> None        appends to the stack's event queue (slirpy.stack.events)
       stats: slirpy.stack.stats.Stats
 
@@ -14,7 +14,7 @@ The contract between stack.py and the engine, fixed here so both can be built si
           options are the raw option bytes (parse with tcp_options.parse_tcp_options_untrusted);
           payload is a memoryview valid only during the call (copy what you keep).
     engine.get_timer() -> float | None ;  engine.handle_timer(now)
-    engine.flush_pending(now)   called by Stack.frames_to_send() before draining, so the engine
+    engine.flush_pending(now)   called by Stack.frames_to_send(now) before draining, so the engine
           can emit coalesced ACKs and window updates once per batch of received frames.
 
   Glue calls (Stack delegates them to the engine):
@@ -47,6 +47,7 @@ import collections
 import heapq
 import ipaddress
 import random
+from typing import NamedTuple
 
 from ..config import Config
 from . import seq
@@ -83,6 +84,26 @@ DELACK = _DEFAULTS.tcp_delack
 MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
 TIME_WAIT = 2.0
 PERSIST_MAX = 30.0
+
+
+class TcpSegment(NamedTuple):
+    """One segment toward the guest, as the engine hands it to `emit` (stack.py builds the IP+TCP
+    frame). src/sport are the remote side, dst/dport the guest."""
+
+    family: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int  # as on the wire (already scaled down)
+    options: bytes
+    payload: bytes | memoryview
+
+
+_new = tuple.__new__  # _new(TcpSegment, (...)): the namedtuple without its Python-level __new__
 
 
 class _Flow:
@@ -256,8 +277,8 @@ class TcpEngine:
             f.ack_pending = False
             f.unacked = 0
             self._ack_set.pop(f.id, None)
-        self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno, f.rcv_nxt if flags & ACK else 0,
-                   flags, w, options, payload)
+        self._emit(_new(TcpSegment, (f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno,
+                                     f.rcv_nxt if flags & ACK else 0, flags, w, options, payload)))
 
     def _sack_blocks(self, f):
         """RFC 2018: the block holding the most recent out-of-order segment first, then the
@@ -318,14 +339,20 @@ class TcpEngine:
         self._send(f, f.snd_nxt, RST | ACK)
         self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
 
+    def _rst_pending(self, f):
+        """RST to a SYN still waiting for the host connect (no ISN of ours chosen yet)."""
+        self._emit(TcpSegment(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK,
+                              0, b"", b""))
+
     def _rst_for(self, family, src, sport, dst, dport, seqno, ackno, flags, plen):
         if flags & RST:
             return
         if flags & ACK:
-            self._emit(family, dst, dport, src, sport, ackno, 0, RST, 0, b"", b"")
+            self._emit(TcpSegment(family, dst, dport, src, sport, ackno, 0, RST, 0, b"", b""))
         else:
             n = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            self._emit(family, dst, dport, src, sport, 0, seq.add(seqno, n), RST | ACK, 0, b"", b"")
+            self._emit(TcpSegment(family, dst, dport, src, sport, 0, seq.add(seqno, n), RST | ACK,
+                                  0, b"", b""))
 
     def _new_flow(self, family, gaddr, gport, raddr, rport):
         fid = self._next_id
@@ -952,7 +979,7 @@ class TcpEngine:
             return
         self.stats.drop("tcp_connect_" + str(reason))
         if f.state == "SYN_PENDING":
-            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+            self._rst_pending(f)
         else:
             self._send(f, f.snd_nxt, RST | ACK)
         self._remove(f, (TcpClosed(f.id),))
@@ -1079,7 +1106,7 @@ class TcpEngine:
         if f is None:
             return
         if f.state == "SYN_PENDING":
-            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+            self._rst_pending(f)
         elif f.state == "SYN_SENT":  # the guest's ISN is unknown: a bare RST at our SYN's end
             self._send(f, f.snd_nxt, RST)
         elif f.state != "TIME_WAIT":
