@@ -12,6 +12,10 @@ with atheris.instrument_imports():
 
 from _harness import run
 
+from slirpy.stack import tcp as _tcp  # noqa: E402
+
+_tcp.STRICT = True  # an exception inside the engine is a crash with its traceback
+
 CFG4, CFG6 = Config(), Config(enable_ipv6=True)
 
 

@@ -3,8 +3,8 @@
 A FuzzedDataProvider stream picks operations: guest segments (any flag byte, sequence/ack numbers
 taken from the flow's real state +- a delta or fully random, window, options, payload), the glue's
 calls (accept/reject a connect request, send_tcp, recv_tcp, shutdown_tcp, reset_tcp, connect_tcp
-for a port forward) and time jumps that fire timers. Invariants: the engine's catch-all never
-fires (``tcp_internal_error``: an exception inside the engine), buffers and the out-of-order queue
+for a port forward) and time jumps that fire timers. Invariants: no exception inside the engine
+(STRICT: raised, not counted as ``tcp_internal_error``), buffers and the out-of-order queue
 stay within their caps, flows never exceed the flow cap, and the memory budget's running total
 (small here, so it binds) equals a recount and never exceeds the budget."""
 
@@ -19,6 +19,10 @@ with atheris.instrument_imports():
     from slirpy.stack.tcp import TcpEngine
 
 from _harness import run
+
+from slirpy.stack import tcp as _tcp  # noqa: E402
+
+_tcp.STRICT = True  # an exception inside the engine is a crash with its traceback
 
 G = bytes([10, 0, 2, 100])
 R = bytes([198, 51, 100, 7])

@@ -650,3 +650,68 @@ def test_sack_blocks_never_push_a_full_segment_past_the_mss():
     segs = [x for x in h.pop() if len(x.payload)]
     assert sum(len(x.payload) for x in segs) == 5000
     assert all(len(x.options) + len(x.payload) <= 1460 for x in segs), [(len(x.options), len(x.payload)) for x in segs]
+
+
+def _planted_bug(*a, **k):
+    raise ZeroDivisionError("planted")
+
+
+def test_internal_error_is_raised_under_tests(monkeypatch):
+    """STRICT (tests/conftest.py): a bug inside the engine is raised, never hidden in a counter."""
+    from slirpy.stack import tcp
+    assert tcp.STRICT
+    h = H()
+    fl, s = est(h)
+    monkeypatch.setattr(h.e, "_process_data", _planted_bug)
+    try:
+        h.seg(1001, s, ACK | PSH, b"data")
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the planted bug was swallowed")
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.e.send_tcp(fl2, b"x", 0.0)
+    monkeypatch.setattr(h2.e, "_fire", _planted_bug)
+    try:
+        h2.e.handle_timer(h2.e.get_timer())
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the planted bug in a timer was swallowed")
+
+
+def test_internal_error_in_production_resets_the_flow(monkeypatch):
+    """Without STRICT: the flow the bug hit is reset (RST to the guest, TcpReset + TcpClosed to
+    the glue), counted, and handed to the glue once as InternalError; other flows go on."""
+    from slirpy.stack import tcp
+    monkeypatch.setattr(tcp, "STRICT", False)
+    h = H()
+    fl, s = est(h)
+    h.seg(5000, 0, SYN, sport=40001)
+    other = h.ev[-1].flow
+    h.e.accept_tcp(other, 0.0)
+    (sa,) = h.pop()
+    s_other = seq.add(sa.seq, 1)
+    h.seg(5001, s_other, ACK, sport=40001)
+    h.ev.clear()
+    monkeypatch.setattr(h.e, "_process_data", _planted_bug)
+    h.seg(1001, s, ACK | PSH, b"data")
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == s and rst.dport == 40000
+    assert h.ev == [E.InternalError("tcp", fl, "ZeroDivisionError: planted"), E.TcpReset(fl),
+                    E.TcpClosed(fl)]
+    assert h.stats.dropped["tcp_internal_error"] == 1
+    assert [f["id"] for f in h.e.flows()] == [other]
+    assert h.e.mem_bytes == h.e.mem_recount()
+    # a timer's bug: the same
+    h.ev.clear()
+    h.e.send_tcp(other, b"x", 0.0)
+    h.pop()
+    monkeypatch.setattr(h.e, "_fire", _planted_bug)
+    h.e.handle_timer(h.e.get_timer())
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == seq.add(s_other, 1)
+    assert h.ev == [E.InternalError("tcp", other, "ZeroDivisionError: planted"),
+                    E.TcpReset(other), E.TcpClosed(other)]
+    assert h.stats.dropped["tcp_internal_error"] == 2 and h.e.flows() == []

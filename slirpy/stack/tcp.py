@@ -51,9 +51,13 @@ from typing import NamedTuple
 
 from ..config import Config
 from . import seq
-from .events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
-                     TcpReset, TcpWritable)
+from .events import (InternalError, TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof,
+                     TcpReadable, TcpReset, TcpWritable)
 from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
+
+# Our own bugs are loud in tests: tests/conftest.py (and the fuzz harnesses) set this, and an
+# exception inside the engine is raised instead of resetting the flow it hit (_internal_error).
+STRICT = False
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 _MASK, _HALF = seq.MASK, seq.HALF  # for the per-segment window arithmetic
@@ -366,11 +370,12 @@ class TcpEngine:
     # ------------------------------------------------------------------ guest segments
     def on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                    payload, now):
+        src, dst = bytes(src), bytes(dst)
         try:
-            self._on_segment(family, bytes(src), sport, bytes(dst), dport, seqno, ackno, flags,
-                             window, options, payload, now)
-        except Exception:  # guest bytes never make us raise
-            self.stats.drop("tcp_internal_error")
+            self._on_segment(family, src, sport, dst, dport, seqno, ackno, flags, window,
+                             options, payload, now)
+        except Exception as exc:  # guest bytes never make us raise: this is a bug of ours
+            self._internal_error(self._by_key.get((family, src, sport, dst, dport)), exc, now)
 
     def _on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                     payload, now):
@@ -806,8 +811,40 @@ class TcpEngine:
             f.deadline = None
             try:
                 self._fire(f, now)
-            except Exception:
-                self.stats.drop("tcp_internal_error")
+            except Exception as exc:
+                self._internal_error(f, exc, now)
+
+    def _internal_error(self, f, exc, now):
+        """An exception inside the engine, a bug of ours (guest bytes are answered or counted,
+        never raised). Under tests (STRICT) it is raised; in production the flow it hit is reset
+        (RST to the guest, TcpReset + TcpClosed to the glue), the error counted
+        (`tcp_internal_error`) and handed to the glue (InternalError) to log, rate-limited."""
+        if STRICT:
+            raise exc
+        self.stats.drop("tcp_internal_error")
+        self._push(InternalError("tcp", f.id if f is not None else None,
+                                 f"{type(exc).__name__}: {exc}"))
+        if f is None or self._flows.get(f.id) is not f:
+            return
+        st = f.state
+        try:
+            if st == "SYN_PENDING":
+                self._rst_pending(f)
+            elif st == "SYN_SENT":
+                self._send(f, f.snd_nxt, RST)
+            elif st != "TIME_WAIT":
+                self._send(f, f.snd_nxt, RST | ACK)
+        except Exception:  # the flow's state is what broke: it goes without an RST
+            pass
+        try:
+            self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
+        except Exception:  # never leave a flow the engine cannot handle in its tables
+            for d in (self._flows, self._ack_set, self._half_open, self._rwait, self._swait):
+                d.pop(f.id, None)
+            self._by_key.pop(f.key, None)
+            if st != "TIME_WAIT":
+                self._push(TcpReset(f.id))
+                self._push(TcpClosed(f.id))
 
     def _fire(self, f, now):
         if f.state == "TIME_WAIT":
