@@ -2,6 +2,7 @@
 hold more than the advertised window per flow (64 x 64 KB before the byte cap)."""
 
 from slirpy.stack.tcp import ACK
+from slirpy.stack.tcp_state import TcpState
 from test_tcp_engine import H, est
 
 
@@ -125,7 +126,7 @@ def test_ack_of_data_never_sent_drops_the_segment():
     assert ack.flags == ACK and ack.seq == s and ack.ack == 1001 and not bytes(ack.payload)
     assert h.stats.dropped["tcp_ack_future"] == 1
     f = h.e._flows[fl]
-    assert f.rcv_nxt == 1001 and not f.their_fin and f.snd_una == s
+    assert f.rcv_nxt == 1001 and f.state is TcpState.ESTABLISHED and f.snd_una == s
     h.seg(1001, s, ACK | PSH | FIN, b"right")
     assert h.e.recv_tcp(fl, 100, 0.0) == b"right"
     assert E.TcpGuestEof(fl) in h.ev

@@ -13,6 +13,7 @@ from scapy.layers.l2 import ARP, Ether
 from slirpy.config import Config
 from slirpy.stack import events
 from slirpy.stack.stack import Stack
+from slirpy.stack.tcp_state import TcpState
 
 GUEST_MAC = "02:11:22:33:44:55"
 ROUTER_MAC = "52:55:0a:00:02:02"
@@ -310,7 +311,7 @@ def test_port_forward_reusing_a_time_wait_port_gets_a_new_flow():
     s = Stack(Config())
     f1 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.0)
     assert f1 is not None
-    s.tcp._flows[f1].state = "TIME_WAIT"  # as after an orderly close we started
+    s.tcp._flows[f1].state = TcpState.TIME_WAIT  # as after an orderly close we started
     f2 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.5)
     assert f2 is not None and f2 != f1 and f1 not in s.tcp._flows
     assert s.stats.dropped["tcp_time_wait_recycled"] == 1

@@ -11,6 +11,7 @@ from slirpy.stack import seq
 from slirpy.stack.stats import Stats
 from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
 from slirpy.stack.tcp_options import build_tcp_options
+from slirpy.stack.tcp_state import CONNECTED, TcpState
 
 G = bytes([10, 0, 2, 100])
 R = bytes([127, 0, 0, 9])
@@ -232,7 +233,7 @@ def test_time_wait_and_empty_flows_cost_nothing_bulk_flow_gets_full_window():
         m.snd_nxt = seq.add(m.snd_nxt, 1)
         n.host_read(m)
         n.seg(m, m.snd_nxt, seq.add(m.hrx, 1), ACK)
-        assert n.e._flows[m.flow].state == "TIME_WAIT"
+        assert n.e._flows[m.flow].state is TcpState.TIME_WAIT
     idle = [n.open(40000 + i, wnd=65535) for i in range(200)]
     for m in idle:
         n.fill(m, 1)
@@ -312,10 +313,10 @@ def test_running_total_never_drifts(plan):
         m = ms[i]
         f = n.e._flows.get(m.flow)
         if op == "open":
-            if f is None or f.state == "TIME_WAIT":
+            if f is None or f.state is TcpState.TIME_WAIT:
                 n.g.pop(m.port)
                 ms[i] = n.open(30000 + i + 4 * (k % 1000 + 1), wnd=65535)
-        elif f is None or f.state != "ESTABLISHED":
+        elif f is None or f.state not in CONNECTED:
             pass
         elif op == "fill":
             n.fill(m, k)

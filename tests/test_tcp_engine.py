@@ -715,3 +715,92 @@ def test_internal_error_in_production_resets_the_flow(monkeypatch):
     assert h.ev == [E.InternalError("tcp", other, "ZeroDivisionError: planted"),
                     E.TcpReset(other), E.TcpClosed(other)]
     assert h.stats.dropped["tcp_internal_error"] == 2 and h.e.flows() == []
+
+
+def _state(h, fl):
+    return h.e._flows[fl].state
+
+
+def test_closing_states_host_first():
+    """The host closes first: FIN_WAIT_1, FIN_WAIT_2 once our FIN is acknowledged, then the
+    guest's FIN: DRAINING while its last bytes wait for the host, TIME_WAIT once taken.
+    list_flows shows all but TIME_WAIT as ESTABLISHED."""
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    (fin,) = h.pop()
+    assert fin.flags & FIN and _state(h, fl) is S.FIN_WAIT_1
+    assert h.e.flows()[0]["state"] == "ESTABLISHED"
+    h.seg(1001, seq.add(s, 1), ACK)
+    assert _state(h, fl) is S.FIN_WAIT_2
+    h.seg(1001, seq.add(s, 1), ACK | PSH | FIN, b"last")
+    assert _state(h, fl) is S.DRAINING and h.e.flows()[0]["state"] == "ESTABLISHED"
+    assert E.TcpClosed(fl) not in h.ev
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"last"
+    assert _state(h, fl) is S.TIME_WAIT and h.e.flows()[0]["state"] == "TIME_WAIT"
+    assert h.ev[-2:] == [E.TcpGuestEof(fl), E.TcpClosed(fl)]
+
+
+def test_closing_states_guest_first_and_simultaneous():
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    assert _state(h, fl) is S.CLOSE_WAIT
+    assert h.e.send_tcp(fl, b"answer", 0.0) == 6  # the host may still send
+    h.e.shutdown_tcp(fl, 0.0)
+    assert _state(h, fl) is S.LAST_ACK
+    assert h.e.send_tcp(fl, b"more", 0.0) == 0
+    h.seg(1002, seq.add(s, 6), ACK)  # the data, not the FIN
+    assert _state(h, fl) is S.LAST_ACK
+    h.seg(1002, seq.add(s, 7), ACK)
+    assert _state(h, fl) is S.TIME_WAIT  # the guest's EOF was pushed already: no DRAINING
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.e.shutdown_tcp(fl2, 0.0)
+    h2.seg(1001, s2, ACK | FIN)  # crosses our FIN
+    assert _state(h2, fl2) is S.CLOSING
+    h2.seg(1002, seq.add(s2, 1), ACK)
+    assert _state(h2, fl2) is S.TIME_WAIT
+
+
+def test_host_close_during_the_handshake_is_queued():
+    """RFC 9293 3.10.4: a close in SYN_RCVD waits for the handshake; then FIN_WAIT_1."""
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    h.seg(1000, 0, SYN)
+    (req,) = h.ev
+    h.e.accept_tcp(req.flow, 0.0)
+    (sa,) = h.pop()
+    h.e.send_tcp(req.flow, b"hi", 0.0)
+    h.e.shutdown_tcp(req.flow, 0.0)
+    assert _state(h, req.flow) is S.SYN_RCVD and h.pop() == []
+    h.seg(1001, seq.add(sa.seq, 1), ACK)
+    out = h.pop()
+    assert _state(h, req.flow) is S.FIN_WAIT_1
+    assert b"".join(bytes(o.payload) for o in out) == b"hi" and out[-1].flags & FIN
+
+
+def test_transition_table_refuses_an_illegal_move():
+    from slirpy.stack import tcp_state
+    from slirpy.stack.tcp_state import TcpEvent, TcpState, TcpStateError
+    h = H()
+    fl, s = est(h)
+    f = h.e._flows[fl]
+    try:
+        tcp_state.move(f, TcpEvent.ACCEPT)
+    except TcpStateError as e:
+        assert "ACCEPT in ESTABLISHED" in str(e)
+    else:
+        raise AssertionError("an illegal move was made")
+    assert f.state is TcpState.ESTABLISHED
+    # every state but CLOSED may be closed; every state is reachable from CLOSED
+    reach, todo = {TcpState.CLOSED}, [TcpState.CLOSED]
+    while todo:
+        st = todo.pop()
+        for (a, _ev), b in tcp_state.TRANSITIONS.items():
+            if a is st and b not in reach:
+                reach.add(b)
+                todo.append(b)
+    assert reach == set(TcpState)

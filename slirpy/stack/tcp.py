@@ -54,6 +54,12 @@ from . import seq
 from .events import (InternalError, TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof,
                      TcpReadable, TcpReset, TcpWritable)
 from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
+from .tcp_state import (CONNECTED, FIN_UNACKED, GUEST_CLOSED, HANDSHAKE, HOST_CLOSED, RCV_OPEN,
+                        SHOWN, SND_OPEN, TcpEvent, TcpState, move)
+
+CLOSED, SYN_PENDING, SYN_SENT, SYN_RCVD = (TcpState.CLOSED, TcpState.SYN_PENDING,
+                                           TcpState.SYN_SENT, TcpState.SYN_RCVD)
+ESTABLISHED, DRAINING, TIME_WAIT = TcpState.ESTABLISHED, TcpState.DRAINING, TcpState.TIME_WAIT
 
 # Our own bugs are loud in tests: tests/conftest.py (and the fuzz harnesses) set this, and an
 # exception inside the engine is raised instead of resetting the flow it hit (_internal_error).
@@ -86,7 +92,7 @@ MAX_RETRIES = 8
 # before reading waits for the first ACK.
 DELACK = _DEFAULTS.tcp_delack
 MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
-TIME_WAIT = 2.0
+TIME_WAIT_LEN = 2.0  # seconds a closed flow answers late segments
 PERSIST_MAX = 30.0
 
 
@@ -113,8 +119,7 @@ _new = tuple.__new__  # _new(TcpSegment, (...)): the namedtuple without its Pyth
 class _Flow:
     __slots__ = ("id", "family", "key", "raddr", "rport", "gaddr", "gport", "state", "iss",
                  "snd_una", "snd_nxt", "snd_wnd", "snd_ws", "rcv_ws", "rcv_nxt", "mss",
-                 "sbuf", "rbuf", "ooo", "fin_pending", "fin_seq", "fin_acked", "their_fin",
-                 "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
+                 "sbuf", "rbuf", "ooo", "close_queued", "fin_seq", "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
                  "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
                  "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
                  "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim", "born")
@@ -122,7 +127,7 @@ class _Flow:
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
         self.raddr, self.rport, self.gaddr, self.gport = raddr, rport, gaddr, gport
-        self.state = "CLOSED"
+        self.state = CLOSED  # changed only by tcp_state.move
         self.iss = self.snd_una = self.snd_nxt = self.rcv_nxt = 0
         self.snd_wnd = 0
         self.snd_ws = self.rcv_ws = 0
@@ -130,11 +135,9 @@ class _Flow:
         self.sbuf = None  # bytearray, allocated lazily
         self.rbuf = None
         self.ooo = None  # dict seq -> bytes
-        self.fin_pending = False
-        self.fin_seq = None
-        self.fin_acked = False
-        self.their_fin = False
-        self.eof_pushed = False
+        self.close_queued = False  # the host closed during the handshake (tcp_state.py)
+        self.fin_seq = None  # our FIN's sequence number, once sent
+        self.eof_pushed = False  # TcpGuestEof pushed: the host has every guest byte
         self.rto, self.srtt, self.rttvar = INIT_RTO, None, 0.0
         self.retries = 0
         self.rtt_seq = self.rtt_t = None
@@ -229,7 +232,7 @@ class TcpEngine:
         buffer, cut by the budget (then the flow is flagged for a wake-up)."""
         rl = len(f.rbuf) if f.rbuf else 0
         target = self.rcvbuf - rl
-        if target <= 0 or f.their_fin or f.state == "TIME_WAIT":  # no more data will be taken
+        if target <= 0 or f.state in GUEST_CLOSED:  # no more data will be taken
             return max(target, 0)
         w = self._allow(rl + f.ooo_bytes, target, min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
         if w < target:
@@ -257,13 +260,13 @@ class TcpEngine:
         if w <= 0 or f.rlim or self.mem_bytes + w > self._soft_lim:
             w = self._rwnd(f)  # the budget may cut it (the common case needs no more than this)
         if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
-            if f.state == "SYN_SENT":  # the guest's ISN is unknown: anchored on its SYN-ACK
+            if f.state is SYN_SENT:  # the guest's ISN is unknown: anchored on its SYN-ACK
                 w = max(w, f.last_adv)
             else:
                 w = max(w, seq.sub(f.rcv_edge, f.rcv_nxt))
             w = min(w, 0xFFFF)
             f.last_adv = w
-            if f.state != "SYN_SENT":
+            if f.state is not SYN_SENT:
                 f.rcv_edge = seq.add(f.rcv_nxt, w)
         else:  # per segment: kept to integer operations
             ws = f.rcv_ws
@@ -318,7 +321,7 @@ class TcpEngine:
         self._ack_set.pop(f.id, None)
         self._half_open.pop(f.id, None)
         f.gen += 1
-        f.state = "CLOSED"
+        move(f, TcpEvent.CLOSE)
         self._release(f)
         for ev in events:
             self._push(ev)
@@ -401,7 +404,7 @@ class TcpEngine:
                     self.stats.drop(opts)
                     return
                 f = self._new_flow(family, src, sport, dst, dport)
-                f.state = "SYN_PENDING"
+                move(f, TcpEvent.GUEST_SYN)
                 f.born = now
                 self._half_open[f.id] = f
                 f.rcv_nxt = f.rcv_edge = seq.add(seqno, 1)
@@ -417,11 +420,11 @@ class TcpEngine:
             self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
             return
         st = f.state
-        if st == "SYN_PENDING":
+        if st is SYN_PENDING:
             if flags & RST and seqno == f.rcv_nxt:  # the guest gave up: cancel the host connect
                 self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
             return  # retransmitted SYN (or anything else) while the host connect is pending
-        if st == "SYN_SENT":
+        if st is SYN_SENT:
             if flags & ACK and ackno != seq.add(f.iss, 1):
                 if not flags & RST:
                     self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
@@ -442,7 +445,7 @@ class TcpEngine:
                 f.rcv_edge = seq.add(f.rcv_nxt, f.last_adv)  # the window our SYN offered
                 f.snd_una = f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
                 f.snd_wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
-                f.state = "ESTABLISHED"
+                self._established(f)
                 f.retries = 0
                 self._half_open.pop(f.id, None)
                 self._arm(f, None)
@@ -455,17 +458,17 @@ class TcpEngine:
         in_window = seq.between(f.rcv_nxt, seqno, seq.add(f.rcv_nxt, max(wnd, 1))) or seqno == f.rcv_nxt
         if flags & RST:
             if seqno == f.rcv_nxt:
-                if st != "TIME_WAIT" and f.their_fin and f.fin_acked:
+                if st is DRAINING:
                     # both FINs are exchanged and acknowledged: the guest, closed already, answers
                     # a duplicate ACK with RST. Resetting the host side now would throw away the
                     # guest's last bytes still on their way to the host socket.
                     self.stats.drop("tcp_rst_after_close")
                     return
-                self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
+                self._remove(f, () if st is TIME_WAIT else (TcpReset(f.id), TcpClosed(f.id)))
             elif in_window:
                 self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK
             return
-        if st == "TIME_WAIT":
+        if st is TIME_WAIT:
             if (flags & (SYN | ACK)) == SYN and seq.gt(seqno, f.rcv_nxt):
                 self._remove(f)  # RFC 9293 3.10.7.4 / 6191: a new incarnation of the 4-tuple
                 self._on_segment(family, src, sport, dst, dport, seqno, ackno, flags, window,
@@ -475,30 +478,30 @@ class TcpEngine:
                 self._send(f, f.snd_nxt, ACK)
             return
         if flags & SYN:
-            if st == "SYN_RCVD" and seqno == seq.sub(f.rcv_nxt, 1) and not flags & ACK:
+            if st is SYN_RCVD and seqno == seq.sub(f.rcv_nxt, 1) and not flags & ACK:
                 self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
                 return
             self._send(f, f.snd_nxt, ACK)  # challenge ACK
             return
         if not flags & ACK:
             return
-        if st == "SYN_RCVD":
+        if st is SYN_RCVD:
             if ackno != seq.add(f.iss, 1):
                 self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                 return
-            f.state = "ESTABLISHED"
             f.snd_una = f.snd_nxt = f.snd_max = ackno
             self._half_open.pop(f.id, None)
             f.retries = 0
             f.snd_wnd = window << f.snd_ws
             self._arm(f, None)
+            self._established(f)
         if not self._process_ack(f, ackno, window, options, plen, flags, now):
             return  # it acknowledged what we never sent: dropped, payload, FIN and all
-        if f.state == "CLOSED":
+        if f.state is CLOSED:
             return
         if plen or flags & FIN:
             self._process_data(f, seqno, payload, flags, now)
-        if f.state != "CLOSED":
+        if f.state is not CLOSED:
             self._output(f, now)
             self._maybe_done(f, now)
 
@@ -527,8 +530,8 @@ class TcpEngine:
                 del f.sbuf[:data_n]
                 self.mem_bytes -= data_n
                 self._mem_freed += data_n
-            if f.fin_seq is not None and seq.gt(ackno, f.fin_seq):
-                f.fin_acked = True
+            if f.fin_seq is not None and f.state in FIN_UNACKED and seq.gt(ackno, f.fin_seq):
+                move(f, TcpEvent.FIN_ACKED)
             f.snd_una = ackno
             f.dupacks = 0
             f.retries = 0
@@ -619,7 +622,7 @@ class TcpEngine:
         return False
 
     def _process_data(self, f, seqno, payload, flags, now):
-        if f.their_fin:
+        if f.state not in RCV_OPEN:  # the guest's FIN came already
             if plen_or_fin(payload, flags):
                 self._send(f, f.snd_nxt, ACK)
             return
@@ -669,7 +672,7 @@ class TcpEngine:
                 self.stats.drop("tcp_mem_drop")
         was_empty = not f.rbuf
         self._accept(f, data, fin)
-        while f.ooo and not f.their_fin:  # the stream ends at the FIN: nothing past it
+        while f.ooo and f.state in RCV_OPEN:  # the stream ends at the FIN: nothing past it
             hit = f.ooo.pop(f.rcv_nxt, None)
             if hit is None:
                 for s in list(f.ooo):
@@ -689,7 +692,7 @@ class TcpEngine:
                 break
             room = self.rcvbuf - len(f.rbuf or b"")
             self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
-        if f.ooo and f.their_fin:  # queued bytes beyond the FIN: never delivered
+        if f.ooo and f.state not in RCV_OPEN:  # queued bytes beyond the FIN: never delivered
             self.stats.drop("tcp_data_after_fin")
             self.mem_bytes -= f.ooo_bytes
             self._mem_freed += f.ooo_bytes
@@ -699,7 +702,7 @@ class TcpEngine:
             f.ooo = None
         if was_empty and f.rbuf:
             self._push(TcpReadable(f.id))
-        if fin and (f.fin_pending or f.ooo):  # closing both ways / a hole: ACK the FIN now
+        if fin and (f.state in HOST_CLOSED or f.ooo):  # closing both ways / a hole: ACK now
             self._send(f, f.snd_nxt, ACK)
         else:  # a FIN before ours is ACKed late too, so that our FIN (the host closing) carries it
             f.unacked += 1
@@ -710,7 +713,7 @@ class TcpEngine:
                 if not self._ack_set:
                     self._delack_at = now + self.delack
                 self._ack_set[f.id] = f
-        if f.their_fin and not f.rbuf and not f.eof_pushed:
+        if not f.rbuf and not f.eof_pushed and f.state in GUEST_CLOSED:
             f.eof_pushed = True
             self._push(TcpGuestEof(f.id))
 
@@ -725,13 +728,14 @@ class TcpEngine:
             f.rcv_nxt = (f.rcv_nxt + n) & _MASK
             f.bytes_in += n
         if fin:
-            f.their_fin = True
+            move(f, TcpEvent.GUEST_FIN)
             f.rcv_nxt = seq.add(f.rcv_nxt, 1)
 
     # ------------------------------------------------------------------ output
     def _output(self, f, now):
-        if f.state not in ("ESTABLISHED",):
+        if f.state not in CONNECTED:
             return
+        closing = f.state in HOST_CLOSED
         blen = len(f.sbuf) if f.sbuf else 0
         while True:
             off = seq.sub(f.snd_nxt, f.snd_una)
@@ -746,7 +750,7 @@ class TcpEngine:
                 n = min(avail, win_room, seg)
                 chunk = f.sbuf[off:off + n]
                 fl = ACK | PSH
-                fin_now = f.fin_pending and off + n == blen
+                fin_now = closing and off + n == blen
                 if fin_now:
                     fl |= FIN
                     f.fin_seq = seq.add(f.snd_nxt, n)
@@ -760,7 +764,7 @@ class TcpEngine:
                     f.bytes_out += seq.sub(f.snd_nxt, f.snd_max) - (1 if fin_now else 0)
                     f.snd_max = f.snd_nxt
                 continue
-            if avail <= 0 and f.fin_pending and (f.fin_seq is None or f.snd_nxt == f.fin_seq):
+            if avail <= 0 and closing and (f.fin_seq is None or f.snd_nxt == f.fin_seq):
                 f.fin_seq = f.snd_nxt
                 self._send(f, f.snd_nxt, ACK | FIN)
                 if f.deadline is None or f.snd_una == f.snd_nxt:
@@ -771,11 +775,17 @@ class TcpEngine:
         if avail_unsent(f) and f.snd_una == f.snd_nxt and f.snd_wnd == 0 and f.deadline is None:
             self._arm(f, now + f.rto)  # persist timer
 
+    def _established(self, f):
+        move(f, TcpEvent.ESTABLISHED)
+        if f.close_queued:  # the host closed during the handshake (RFC 9293 3.10.4)
+            f.close_queued = False
+            move(f, TcpEvent.HOST_CLOSE)
+
     def _maybe_done(self, f, now):
-        if f.state == "ESTABLISHED" and f.fin_acked and f.their_fin and f.eof_pushed:
-            f.state = "TIME_WAIT"
+        if f.state is DRAINING and f.eof_pushed:
+            move(f, TcpEvent.DRAINED)
             self._release(f)
-            self._arm(f, now + TIME_WAIT)
+            self._arm(f, now + TIME_WAIT_LEN)
             self._push(TcpClosed(f.id))
 
     # ------------------------------------------------------------------ timers
@@ -828,41 +838,41 @@ class TcpEngine:
             return
         st = f.state
         try:
-            if st == "SYN_PENDING":
+            if st is SYN_PENDING:
                 self._rst_pending(f)
-            elif st == "SYN_SENT":
+            elif st is SYN_SENT:
                 self._send(f, f.snd_nxt, RST)
-            elif st != "TIME_WAIT":
+            elif st is not TIME_WAIT:
                 self._send(f, f.snd_nxt, RST | ACK)
         except Exception:  # the flow's state is what broke: it goes without an RST
             pass
         try:
-            self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
+            self._remove(f, () if st is TIME_WAIT else (TcpReset(f.id), TcpClosed(f.id)))
         except Exception:  # never leave a flow the engine cannot handle in its tables
             for d in (self._flows, self._ack_set, self._half_open, self._rwait, self._swait):
                 d.pop(f.id, None)
             self._by_key.pop(f.key, None)
-            if st != "TIME_WAIT":
+            if st is not TIME_WAIT:
                 self._push(TcpReset(f.id))
                 self._push(TcpClosed(f.id))
 
     def _fire(self, f, now):
-        if f.state == "TIME_WAIT":
+        if f.state is TIME_WAIT:
             self._remove(f)
             return
-        if f.state in ("SYN_SENT", "SYN_RCVD"):
+        if f.state is SYN_SENT or f.state is SYN_RCVD:
             f.retries += 1
             if f.retries > MAX_RETRIES // 2 + 1:
                 self._abort(f, now, "tcp_handshake_timeout")
                 return
-            if f.state == "SYN_SENT":
+            if f.state is SYN_SENT:
                 self._send(f, f.iss, SYN, options=self._syn_options(f))
             else:
                 self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
             f.rto = min(MAX_RTO, f.rto * 2)
             self._arm(f, now + f.rto)
             return
-        if f.state != "ESTABLISHED":
+        if f.state not in CONNECTED:
             return
         if f.snd_wnd == 0 and avail_unsent(f) and seq.sub(f.snd_max, f.snd_una) <= 1:
             # zero-window probe: one byte past the edge; its ACK is accepted if the guest takes it
@@ -894,7 +904,7 @@ class TcpEngine:
     def flush_pending(self, now):
         if self._ack_set and now >= self._delack_at:
             for f in list(self._ack_set.values()):
-                if f.ack_pending and f.state != "CLOSED":
+                if f.ack_pending and f.state is not CLOSED:
                     self._send(f, f.snd_nxt, ACK)
             self._ack_set.clear()
         if self._mem_freed and (self._rwait or self._swait):
@@ -917,7 +927,7 @@ class TcpEngine:
                     f = next(iter(waiting.values()))
                     waiting.move_to_end(f.id)  # served or not, its turn is over
                     if rcv:
-                        if f.state != "ESTABLISHED" or f.their_fin:
+                        if f.state not in RCV_OPEN:
                             f.rlim = False
                             del waiting[f.id]
                             continue
@@ -951,7 +961,7 @@ class TcpEngine:
         """f.want_writable: push TcpWritable if the flow has worthwhile room (its buffer and the
         budget); return that room, or 0 (then the flow waits in _swait for freed bytes)."""
         room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
-        if room <= 0 or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT") or f.fin_pending:
+        if room <= 0 or f.state not in SND_OPEN or f.close_queued:
             if f.slim:
                 f.slim = False
                 self._swait.pop(f.id, None)
@@ -1001,12 +1011,12 @@ class TcpEngine:
     # ------------------------------------------------------------------ glue API
     def accept_tcp(self, flow, now):
         f = self._flows.get(flow)
-        if f is None or f.state != "SYN_PENDING":
+        if f is None or f.state is not SYN_PENDING:
             return
         f.iss = self.isn() & seq.MASK
         f.snd_una = f.iss
         f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
-        f.state = "SYN_RCVD"
+        move(f, TcpEvent.ACCEPT)
         self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws != 0 or f.snd_ws != 0))
         self._arm(f, now + INIT_RTO)
 
@@ -1015,7 +1025,7 @@ class TcpEngine:
         if f is None:
             return
         self.stats.drop("tcp_connect_" + str(reason))
-        if f.state == "SYN_PENDING":
+        if f.state is SYN_PENDING:
             self._rst_pending(f)
         else:
             self._send(f, f.snd_nxt, RST | ACK)
@@ -1028,7 +1038,7 @@ class TcpEngine:
         f = self._flows.get(flow)
         if f is None:
             return None
-        if f.state != "SYN_PENDING":
+        if f.state is not SYN_PENDING:
             self.reject_tcp(flow, reason, now)
             return None
         self.stats.drop("tcp_connect_" + str(reason))
@@ -1038,7 +1048,7 @@ class TcpEngine:
 
     def send_tcp(self, flow, data, now):
         f = self._flows.get(flow)
-        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+        if f is None or f.state not in SND_OPEN or f.close_queued:
             return 0
         if f.sbuf is None:
             f.sbuf = bytearray()
@@ -1063,7 +1073,7 @@ class TcpEngine:
         host, so no host byte waits outside the budget). 0: TcpWritable comes when there is
         worthwhile room (a segment, or the whole buffer), as after a short send_tcp."""
         f = self._flows.get(flow)
-        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+        if f is None or f.state not in SND_OPEN or f.close_queued:
             return 0
         room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
         if room > 0 and self.mem_bytes + room > self._soft_lim:
@@ -1120,21 +1130,23 @@ class TcpEngine:
         self._mem_freed += n
         # a window update goes at once when the guest may be short of window; otherwise an ACK
         # already owed (sent within DELACK, or carried by the answer) brings the new window
-        if f.state == "ESTABLISHED" and not f.their_fin and not (
+        if f.state in RCV_OPEN and not (
                 f.ack_pending and f.last_adv >= f.mss) and self._update_due(f, self._rwnd(f)):
             self._send(f, f.snd_nxt, ACK)
         if not f.rbuf:
             f.rbuf = None
-            if f.their_fin and not f.eof_pushed:
+            if f.state in GUEST_CLOSED and not f.eof_pushed:
                 f.eof_pushed = True
                 self._push(TcpGuestEof(f.id))
                 self._maybe_done(f, now)
 
     def shutdown_tcp(self, flow, now):
         f = self._flows.get(flow)
-        if f is None or f.fin_pending:
+        if f is None or f.close_queued or f.state in HOST_CLOSED:
             return
-        f.fin_pending = True
+        if f.state in HANDSHAKE:
+            f.close_queued = True  # the FIN follows the handshake (and the data before it)
+        move(f, TcpEvent.HOST_CLOSE)
         self._output(f, now)
         self._maybe_done(f, now)
 
@@ -1142,19 +1154,20 @@ class TcpEngine:
         f = self._flows.get(flow)
         if f is None:
             return
-        if f.state == "SYN_PENDING":
+        st = f.state
+        if st is SYN_PENDING:
             self._rst_pending(f)
-        elif f.state == "SYN_SENT":  # the guest's ISN is unknown: a bare RST at our SYN's end
+        elif st is SYN_SENT:  # the guest's ISN is unknown: a bare RST at our SYN's end
             self._send(f, f.snd_nxt, RST)
-        elif f.state != "TIME_WAIT":
+        elif st is not TIME_WAIT:
             self._send(f, f.snd_nxt, RST | ACK)
-        self._remove(f, () if f.state == "TIME_WAIT" else (TcpClosed(f.id),))
+        self._remove(f, () if st is TIME_WAIT else (TcpClosed(f.id),))
 
     def connect_tcp(self, family, src, sport, dst, dport, now):
         raddr = ipaddress.ip_address(src).packed
         gaddr = ipaddress.ip_address(dst).packed
         old = self._by_key.get((family, gaddr, dport, raddr, sport))
-        if old is not None and old.state == "TIME_WAIT":
+        if old is not None and old.state is TIME_WAIT:
             # the host reuses a port whose last flow we still hold in TIME_WAIT (Linux does so
             # at once on loopback, tcp_tw_reuse=2): the new connection wins, as RFC 6191 allows
             self._remove(old, ())
@@ -1163,7 +1176,7 @@ class TcpEngine:
             self.stats.drop("tcp_flow_cap")
             return None
         f = self._new_flow(family, gaddr, dport, raddr, sport)
-        f.state = "SYN_SENT"
+        move(f, TcpEvent.CONNECT)
         f.born = now
         self._half_open[f.id] = f
         f.mss = self._mss_for(family)
@@ -1180,7 +1193,7 @@ class TcpEngine:
             out.append({"id": f.id, "family": f.family,
                         "src": str(ipaddress.ip_address(f.gaddr)), "sport": f.gport,
                         "dst": str(ipaddress.ip_address(f.raddr)), "dport": f.rport,
-                        "state": f.state, "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
+                        "state": SHOWN[f.state], "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
         return out
 
 
