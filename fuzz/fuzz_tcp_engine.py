@@ -43,8 +43,8 @@ def TARGET(data: bytes) -> None:
         if op <= 3:  # a guest segment
             f = e._by_key.get((4, G, sport, R, 80))
             mode = fdp.ConsumeIntInRange(0, 3)
-            base_s = f.rcv_nxt if f is not None else 1000
-            base_a = f.snd_nxt if f is not None else 0
+            base_s = f.rcv.nxt if f is not None else 1000
+            base_a = f.snd.nxt if f is not None else 0
             if mode == 0:
                 s, a = base_s, base_a
             elif mode == 1:
@@ -95,11 +95,11 @@ def TARGET(data: bytes) -> None:
         assert len(e._flows) <= 4
         assert e.mem_bytes == e.mem_recount() <= e.mem_budget, "budget total drifted"
         for f in e._flows.values():
-            assert f.sbuf is None or len(f.sbuf) <= e.sndbuf
-            assert f.rbuf is None or len(f.rbuf) <= e.rcvbuf
-            if f.ooo:
-                assert len(f.ooo) <= 64
-                assert sum(len(b) for b, _ in f.ooo.values()) <= e.rcvbuf
+            assert f.snd.buf is None or len(f.snd.buf) <= e.sndbuf
+            assert f.rcv.buf is None or len(f.rcv.buf) <= e.rcvbuf
+            if f.rcv.ooo:
+                assert len(f.rcv.ooo) <= 64
+                assert sum(len(b) for b, _ in f.rcv.ooo.values()) <= e.rcvbuf
         out.clear()
 
 

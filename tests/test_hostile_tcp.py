@@ -8,7 +8,7 @@ from test_tcp_engine import H, est
 
 def _ooo_bytes(h, fl):
     f = h.e._flows[fl]
-    return sum(len(b) for b, _ in (f.ooo or {}).values())
+    return sum(len(b) for b, _ in (f.rcv.ooo or {}).values())
 
 
 def test_overlapping_out_of_order_segments_stay_within_the_window():
@@ -96,7 +96,7 @@ def test_nothing_past_an_out_of_order_fin_is_delivered():
     assert E.TcpGuestEof(fl) in h.ev
     assert h.e.recv_tcp(fl, 1 << 20, 0.0) == b""
     f = h.e._flows[fl]
-    assert f.rcv_nxt == 1012 and not f.ooo and f.ooo_bytes == 0
+    assert f.rcv.nxt == 1012 and not f.rcv.ooo and f.rcv.ooo_bytes == 0
     assert h.e.mem_bytes == h.e.mem_recount() == 0
     assert h.stats.dropped["tcp_data_after_fin"] == 1
     # a retransmission of the bytes past the FIN changes nothing either
@@ -126,7 +126,7 @@ def test_ack_of_data_never_sent_drops_the_segment():
     assert ack.flags == ACK and ack.seq == s and ack.ack == 1001 and not bytes(ack.payload)
     assert h.stats.dropped["tcp_ack_future"] == 1
     f = h.e._flows[fl]
-    assert f.rcv_nxt == 1001 and f.state is TcpState.ESTABLISHED and f.snd_una == s
+    assert f.rcv.nxt == 1001 and f.state is TcpState.ESTABLISHED and f.snd.una == s
     h.seg(1001, s, ACK | PSH | FIN, b"right")
     assert h.e.recv_tcp(fl, 100, 0.0) == b"right"
     assert E.TcpGuestEof(fl) in h.ev

@@ -164,7 +164,7 @@ def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
     d = n.stats.dropped
     assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0 and d["tcp_mem_drop"] > 0
     assert n.e.mem_stats()["tcp_mem_bytes"] == n.e.mem_bytes
-    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rbuf or b"") for m in flows}
+    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rcv.buf or b"") for m in flows}
     before_out = {m.port: m.taken for m in flows}
     # the readers drain: the host reads everything, the guest opens its window and acks
     for rnd in range(40):
@@ -200,7 +200,7 @@ def test_budget_limited_window_opens_when_others_drain():
     assert seq.sub(b.edge, b.ack) == 16 * KIB  # b's SYN-ACK offers its floor from the last quarter
     assert n.fill(b) == 16 * KIB
     fb = n.e._flows[b.flow]
-    assert fb.rlim and seq.sub(b.edge, b.ack) == 0  # b: zero window, waiting for the budget
+    assert fb.rcv.limited and seq.sub(b.edge, b.ack) == 0  # b: zero window, waiting for the budget
     n.host_read(a, 10)
     n.e.flush_pending(0.0)
     assert n.out == []  # nothing worthwhile freed, nothing sent
@@ -211,7 +211,7 @@ def test_budget_limited_window_opens_when_others_drain():
     n.pump()
     w = seq.sub(b.edge, b.ack)
     assert w == (24 * KIB + 10) & ~7  # b may send again: what is under 3/4, in units of 8 bytes
-    assert n.fill(b) == w and len(fb.rbuf) == 16 * KIB + w
+    assert n.fill(b) == w and len(fb.rcv.buf) == 16 * KIB + w
     assert n.e.mem_bytes == 192 * KIB - 2
 
 
@@ -266,7 +266,7 @@ def test_no_window_retraction_when_the_budget_runs_out():
     # not retracted, not grown (but for rounding up to the window scale, 8 bytes): budget spent
     assert 0 <= seq.sub(a.edge, edge0) < 1 << n.e._my_ws
     fa = n.e._flows[a.flow]
-    assert fa.rlim  # its window is cut by the budget: it waits for room
+    assert fa.rcv.limited  # its window is cut by the budget: it waits for room
     n.fill(a)  # the guest may fill the whole window it was promised ...
     assert a.ack == edge0 or n.stats.dropped["tcp_mem_drop"] > 0  # ... or hits the hard cap
     assert n.e.mem_bytes <= 512 * KIB

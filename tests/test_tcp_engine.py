@@ -629,7 +629,7 @@ def test_out_of_order_queue_bounded_in_bytes_and_entries():
     for i in range(1, 400):
         h.seg(1001 + 100 + i, s, ACK, b"o" * 60000)
     f = h.e._flows[fl]
-    assert sum(len(b) for b, _ in f.ooo.values()) <= 256 * 1024 and len(f.ooo) <= 256
+    assert sum(len(b) for b, _ in f.rcv.ooo.values()) <= 256 * 1024 and len(f.rcv.ooo) <= 256
     assert h.stats.dropped["tcp_ooo_cap"] > 0
     h.seg(1001, s, ACK, b"i" * 101)
     got = h.e.recv_tcp(fl, 10**6, 0.0)
@@ -731,7 +731,7 @@ def test_closing_states_host_first():
     h.e.shutdown_tcp(fl, 0.0)
     (fin,) = h.pop()
     assert fin.flags & FIN and _state(h, fl) is S.FIN_WAIT_1
-    assert h.e.flows()[0]["state"] == "ESTABLISHED"
+    assert h.e.flows()[0]["state"] == "ESTABLISHED" and h.e.tally()[0] == {"ESTABLISHED": 1}
     h.seg(1001, seq.add(s, 1), ACK)
     assert _state(h, fl) is S.FIN_WAIT_2
     h.seg(1001, seq.add(s, 1), ACK | PSH | FIN, b"last")

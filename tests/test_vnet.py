@@ -150,7 +150,7 @@ def test_stack_vnet_sends_one_gso_segment_for_bulk():
     f = s.tcp._flows[ev.flow]
     s.receive_frame(wire.VNET_NONE + bytes(wire.build_ipv4(b"\x52\x55\x0a\x00\x02\x02",
                                                               GUEST_MAC, G4, H4, 6, ack)), 0.0)
-    f.snd_wnd = 1 << 20  # the guest opened its window wide (scaled)
+    f.snd.wnd = 1 << 20  # the guest opened its window wide (scaled)
     data = hashlib.shake_256(b"bulk").digest(200_000)
     assert s.send_tcp(ev.flow, data, 0.0) > 0
     frames = [fr for fr in s.frames_to_send(0.0) if len(fr) > 100]
