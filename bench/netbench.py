@@ -428,8 +428,9 @@ def main():
         parse_out = ("\nparser frames/s (Ethernet+IPv4+L4, slirpy verifies checksums):\n\n```\n"
                      + (p.stdout or p.stderr[-1000:]) + "```\n")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
-    ap.add_argument("--only", default="tput,fwd,rr,crr,ready,rss,parse,start,podman")
-    ap.add_argument("--start-runs", type=int, default=10)
+    out = (f"# slirpy vs slirp4netns vs pasta, {stamp}\n\nmachine: {machine()}\n"
+           f"rounds: {args.rounds}, seconds per measurement: {args.seconds}, "
+           f"start-up runs: {args.start_runs}, medians\n\n"
            f"{table(res)}\n{parse_out}")
     print()
     print(out)
