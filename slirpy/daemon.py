@@ -134,6 +134,7 @@ class Daemon:
         self.udp_intercepts: list = []
         self.components: list = []
         self._handlers: dict = {InternalError: self._internal_error}
+        self._bug_log = RateLimited(log, logging.ERROR)  # InternalError: one line per kind
         self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
         # fd -> events epoll reported that the pump has not served yet (HOST_FDS_PER_ROUND)
         self._backlog: collections.OrderedDict = collections.OrderedDict()
@@ -217,8 +218,6 @@ class Daemon:
     def _capture(self, frames) -> None:
         h = self.stack.vnet_hdr_len  # the capture holds Ethernet frames, never virtio-net headers
         self.pcap.write([f[h:] for f in frames] if h else frames)
-
-    _bug_log = RateLimited(log, logging.ERROR)
 
     def _internal_error(self, ev) -> None:
         """A bug inside the stack: it reset the flow and counted it; one line per kind, limited."""
