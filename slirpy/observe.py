@@ -51,12 +51,7 @@ def collect_stats(daemon) -> dict:
     states: collections.Counter = collections.Counter()
     sbuf = rbuf = ooo = 0
     if tcp is not None:
-        for f in getattr(tcp, "_flows", {}).values():
-            states[f.state] += 1
-            sbuf += len(f.sbuf) if f.sbuf is not None else 0
-            rbuf += len(f.rbuf) if f.rbuf is not None else 0
-            if f.ooo:
-                ooo += sum(len(v[0]) for v in f.ooo.values())  # values are (bytes, fin)
+        states, sbuf, rbuf, ooo = tcp.tally()
     flows["tcp"] = {"open": sum(states.values()), "states": dict(sorted(states.items())),
                     "max": getattr(tcp, "max_flows", None)}
     for proto in ("udp", "icmp"):
