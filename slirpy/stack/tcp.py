@@ -496,7 +496,7 @@ class TcpEngine:
                 self._send(f, snd.nxt, ACK)
             return
         if flags & SYN:
-            if st is SYN_RCVD and seqno == seq.sub(rnxt, 1) and not flags & ACK:
+            if st is SYN_RCVD and seqno == seq.add(rnxt, -1) and not flags & ACK:
                 self._send(f, snd.iss, SYN | ACK,
                            options=self._syn_options(f, f.rcv.ws or snd.ws))
                 return
