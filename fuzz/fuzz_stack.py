@@ -12,6 +12,10 @@ with atheris.instrument_imports():
 
 from _harness import run
 
+from slirpy.stack import tcp as _tcp  # noqa: E402
+
+_tcp.STRICT = True  # an exception inside the engine is a crash with its traceback
+
 CFG4, CFG6 = Config(), Config(enable_ipv6=True)
 
 
@@ -34,7 +38,7 @@ def TARGET(data: bytes) -> None:
         if t is not None and t <= now:
             s.handle_timer(now)
     assert len(s._out) <= stack_mod.MAX_OUT_FRAMES
-    s.frames_to_send()
+    s.frames_to_send(now)
     while s.next_event() is not None:
         pass
     assert len(s._reass) <= 64 and s._reass.bytes_held <= 1 << 20

@@ -74,6 +74,12 @@ class Config:
     # all TCP flows' buffered bytes together (stack/tcp.py); no flag: the environment variable
     # SLIRPY_TCP_MEM_BUDGET (bytes) sets it, so slirp4netns's command line stays as it is
     tcp_mem_budget: int = 128 * 1024 * 1024
+    # TCP engine tuning (stack/tcp.py; no flags: tests and embedders set them)
+    tcp_sndbuf: int = 256 * 1024  # per flow, bytes from the host waiting for the guest
+    tcp_rcvbuf: int = 256 * 1024  # per flow, guest bytes waiting for the host; sets the window
+    max_tcp_flows: int = 32768  # issue #20: 20,000 connections are served (fds permitting)
+    max_tcp_half_open: int = 1024  # SYN_PENDING / SYN_RCVD / SYN_SENT together
+    tcp_delack: float = 0.001  # a lone in-order segment is ACKed after at most this long
 
     # --- derived addresses (slirp4netns: gateway .2, DNS .3, guest .100) ---------------------
     @property

@@ -40,12 +40,13 @@ from .api_socket import ApiServer
 from .dns import DnsForwarder
 from .egress import Egress, log_denied
 from .icmp_nat import IcmpNat
+from .logutil import RateLimited
 from .nat import TcpNat
 from .observe import Observer
 from .pcap import PcapWriter
 from .portfwd import PortForwarder
 from .stack.addrmap import AddressMap
-from .stack.events import IcmpEchoRequest, TcpConnectRequest, UdpDatagram
+from .stack.events import IcmpEchoRequest, InternalError, TcpConnectRequest, UdpDatagram
 from .stack.policy import Policy
 from .tap import MAX_READ_BATCH, Tap, TapGone
 from .udp_nat import UdpNat
@@ -118,7 +119,8 @@ class Daemon:
         self.stack = stack
         self.nursery = None
         self.components: list = []
-        self._handlers: dict = {}
+        self._handlers: dict = {InternalError: self._internal_error}
+        self._bug_log = RateLimited(log, logging.ERROR)  # InternalError: one line per kind
         self._hot: dict = {}  # fd -> fn(fd, events), served by the pump
         # fd -> events epoll reported that the pump has not served yet (HOST_FDS_PER_ROUND)
         self._backlog: collections.OrderedDict = collections.OrderedDict()
@@ -176,8 +178,9 @@ class Daemon:
         self._flushing = True
         try:
             stack = self.stack
+            now = self.now()
             for _ in range(MAX_DISPATCH):
-                frames = stack.frames_to_send()
+                frames = stack.frames_to_send(now)
                 if frames:
                     if self.pcap is not None:
                         self._capture(frames)
@@ -207,6 +210,12 @@ class Daemon:
     def _capture(self, frames) -> None:
         h = self.stack.vnet_hdr_len  # the capture holds Ethernet frames, never virtio-net headers
         self.pcap.write([f[h:] for f in frames] if h else frames)
+
+    def _internal_error(self, ev) -> None:
+        """A bug inside the stack: it reset the flow and counted it; one line per kind, limited."""
+        self._bug_log.log((ev.component, ev.error.partition(":")[0]),
+                          "internal error in %s (flow %s), flow reset: %s",
+                          ev.component, ev.flow, ev.error)
 
     def _dispatch(self, ev) -> None:
         fn = self._handlers.get(type(ev))

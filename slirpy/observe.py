@@ -44,12 +44,8 @@ def collect_stats(obs: "Observer") -> dict:
     tcp = stack.tcp
     states: collections.Counter = collections.Counter()
     sbuf = rbuf = ooo = 0
-    for f in tcp._flows.values():
-        states[f.state] += 1
-        sbuf += len(f.sbuf) if f.sbuf is not None else 0
-        rbuf += len(f.rbuf) if f.rbuf is not None else 0
-        if f.ooo:
-            ooo += sum(len(v[0]) for v in f.ooo.values())  # values are (bytes, fin)
+    if tcp is not None:
+        states, sbuf, rbuf, ooo = tcp.tally()
     flows["tcp"] = {"open": sum(states.values()), "states": dict(sorted(states.items())),
                     "max": tcp.max_flows}
     for proto, nat in (("udp", obs.udp_nat), ("icmp", obs.icmp_nat)):

@@ -33,7 +33,7 @@ class FakeStack:
     def opens_tcp(self, buf):
         return False
 
-    def frames_to_send(self):
+    def frames_to_send(self, now):
         o, self.out = self.out, []
         return o
 
@@ -156,3 +156,22 @@ async def test_write_eagain_queues_then_drains(pair):
         assert got == frames
         assert not d.tap.queue
         os.close(exit_w)
+
+
+async def test_internal_error_from_the_stack_is_logged_rate_limited(pair, caplog):
+    """The stack reports a bug of its own (it reset the flow and counted it) as InternalError:
+    the daemon logs it at ERROR, once per kind within the interval, never raises."""
+    from slirpy.stack.events import InternalError
+    a, _b = pair
+    stack = FakeStack()
+    d = daemon_mod.Daemon(Config(), a.fileno(), stack)
+    d._bug_log.clock = lambda: 0.0  # no time passes: the second of a kind is suppressed
+    stack.events += [InternalError("tcp", 7, "ZeroDivisionError: planted"),
+                     InternalError("tcp", 8, "ZeroDivisionError: planted again"),
+                     InternalError("tcp", 9, "KeyError: 3")]
+    with caplog.at_level("ERROR", logger="slirpy.daemon"):
+        d.flush()
+    lines = [r.getMessage() for r in caplog.records if r.name == "slirpy.daemon"]
+    assert lines == ["internal error in tcp (flow 7), flow reset: ZeroDivisionError: planted",
+                     "internal error in tcp (flow 9), flow reset: KeyError: 3"]
+    assert stack.events == [] and not stack.stats.dropped

@@ -40,7 +40,7 @@ def frame(mac, opts, *, ciaddr="0.0.0.0", src="0.0.0.0", dst="255.255.255.255", 
 def ask(s, mac, opts, now=1.0, **kw):
     """Send one DHCP message; -> the reply parsed by scapy, or None when nothing came."""
     s.receive_frame(frame(mac, opts, **kw), now)
-    out = s.frames_to_send()
+    out = s.frames_to_send(now)
     if not out:
         return None
     assert len(out) == 1, out
@@ -107,13 +107,13 @@ def test_request_gets_ack_and_the_guest_is_reachable_at_once():
     # the ACK taught the stack the guest's MAC (libslirp: arp_table_add): a datagram for the
     # guest goes out at once, unicast, without an ARP round first
     s.send_udp(4, "198.51.100.7", 53, "10.0.2.15", 4000, b"answer", 2.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(2.0)
     p = Ether(bytes(f))
     assert p.dst == MAC_A and p[IP].dst == "10.0.2.15" and bytes(p[UDP].payload) == b"answer"
     # and the guest's traffic from its leased address is the guest's
     s.receive_frame(bytes(Ether(src=MAC_A, dst=ROUTER_MAC) / IP(src="10.0.2.15", dst="10.0.2.2")
                           / ICMP(id=1, seq=1)), 2.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(2.0)
     assert Ether(bytes(f))[IP].dst == "10.0.2.15" and Ether(bytes(f)).dst == MAC_A
 
 
@@ -122,7 +122,7 @@ def test_frames_for_a_leased_guest_with_unknown_mac_ask_for_its_address():
     lease(s, MAC_A)
     s.guest_mac = wire.BROADCAST  # forget it (the stack tests identity: not known yet)
     s.send_udp(4, "198.51.100.7", 53, "10.0.2.15", 4000, b"x", 3.0)
-    (arp,) = s.frames_to_send()
+    (arp,) = s.frames_to_send(3.0)
     assert Ether(bytes(arp)).pdst == "10.0.2.15"
 
 
@@ -191,7 +191,7 @@ def test_renewal_unicast_to_the_gateway_with_ciaddr():
                           / UDP(sport=68, dport=67)
                           / BOOTP(chaddr=bytes.fromhex("02000000000a"), ciaddr="10.0.2.15", xid=9)
                           / DHCP(options=[("message-type", "request"), "end"])), 5000.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(5000.0)
     p = Ether(bytes(f))
     assert options(p)["message-type"] == 5 and p[BOOTP].yiaddr == "10.0.2.15"
     assert s.next_event() is None  # never a datagram for the host's port 67
@@ -277,7 +277,7 @@ def test_dhcp_needs_port_67_and_the_gateway_or_broadcast():
     s.receive_frame(bytes(Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff")
                           / IP(src="10.0.2.15", dst="255.255.255.255") / UDP(sport=137, dport=137)
                           / b"x"), 1.0)
-    assert s.frames_to_send() == [] and s.next_event() is None
+    assert s.frames_to_send(1.0) == [] and s.next_event() is None
     assert s.stats.dropped["ipv4_multicast_or_broadcast"] == 2
     # a server's reply (op 2) is not a request
     assert ask(s, MAC_A, discover(MAC_A), op=2) is None
@@ -287,7 +287,7 @@ def test_dhcp_needs_port_67_and_the_gateway_or_broadcast():
 def test_small_mtu_fragments_the_reply():
     s = Stack(Config(mtu=400))
     s.receive_frame(frame(MAC_A, discover(MAC_A)), 1.0)
-    out = [Ether(bytes(f)) for f in s.frames_to_send()]
+    out = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
     assert len(out) == 2 and all(len(f) - 14 <= 400 for f in out)
     assert out[0][IP].flags == "MF" and out[1][IP].frag > 0
     assert all(f.dst == "ff:ff:ff:ff:ff:ff" and f[IP].dst == "255.255.255.255" for f in out)
@@ -306,7 +306,7 @@ def test_malformed_messages_are_counted_drops():
     }
     for reason, build in cases.items():
         s.receive_frame(build(), 1.0)
-        assert s.frames_to_send() == [], reason
+        assert s.frames_to_send(1.0) == [], reason
         assert s.stats.dropped[reason] == 1, (reason, dict(s.stats.dropped))
     s.receive_frame(_with_options(b"\x35\x01\x01\x32\x02\x0a\x00\xff"), 1.0)
     assert s.stats.dropped["dhcp_bad_option"] == 2
@@ -314,7 +314,7 @@ def test_malformed_messages_are_counted_drops():
     assert s.stats.dropped["dhcp_unsupported_type"] == 1
     assert s.stats.dhcp["leases"] == 0 and s.stats.dhcp["offers"] == 0
     s.receive_frame(good, 1.0)
-    assert len(s.frames_to_send()) == 1
+    assert len(s.frames_to_send(1.0)) == 1
 
 
 def _with_options(opts: bytes) -> bytes:
@@ -354,7 +354,7 @@ def test_any_option_list_and_client_keep_the_table_bounded(opts, client, t):
 def ask6(s, msg, dst="ff02::1:2", src="fe80::aa", dport=547):
     s.receive_frame(bytes(Ether(src=MAC_A, dst="33:33:00:01:00:02") / IPv6(src=src, dst=dst)
                           / UDP(sport=546, dport=dport) / msg), 1.0)
-    out = s.frames_to_send()
+    out = s.frames_to_send(1.0)
     return [Ether(bytes(f)) for f in out]
 
 
@@ -434,4 +434,4 @@ def test_minus_c_guest_is_untouched():
                           / UDP(sport=5000, dport=67) / b"q"), 1.0)
     ev = s.next_event()
     assert isinstance(ev, events.UdpDatagram) and ev.dst == "198.51.100.7" and ev.dport == 67
-    assert s.frames_to_send() == [] and s.guest_mac == bytes.fromhex("02000000000a")
+    assert s.frames_to_send(1.0) == [] and s.guest_mac == bytes.fromhex("02000000000a")

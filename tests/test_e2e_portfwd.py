@@ -369,3 +369,51 @@ def test_forward_clients_that_hang_up_before_the_guest_answers_are_forgotten(tmp
             if g.poll() is None:
                 g.kill()
                 g.wait()
+
+
+GUEST_SHA_TO_EOF = r"""
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(64)
+print("ready", flush=True)
+for _ in range(int(sys.argv[2])):
+    c, _ = s.accept()
+    h, n = hashlib.sha256(), 0
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    c.sendall(b"%d %s" % (n, h.hexdigest().encode()))
+    c.close()
+"""
+
+
+def test_forward_client_that_writes_and_half_closes_at_once_is_served_whole():
+    """A host client that sends its request and shuts its write side down right after connect(),
+    while the forward's SYN to the guest is still in flight: the guest must get every byte and
+    then EOF (a half-close is not a hang-up), and its answer must reach the client."""
+    require_netns()
+    hp, gp, rounds = free_port(), 8012, 12
+    with Slirpy("--port", f"127.0.0.1:{hp}:{gp}") as sl:
+        g = guest_bg(sl, GUEST_SHA_TO_EOF, gp, rounds)
+        try:
+            for i in range(rounds):
+                data = hashlib.shake_256(b"half-close %d" % i).digest(5 if i % 2 else 200_000)
+                c = socket.create_connection(("127.0.0.1", hp), timeout=20)
+                c.sendall(data)
+                c.shutdown(socket.SHUT_WR)
+                got = b""
+                while True:
+                    b = c.recv(4096)
+                    if not b:
+                        break
+                    got += b
+                c.close()
+                assert got == b"%d %s" % (len(data), hashlib.sha256(data).hexdigest().encode()), i
+        finally:
+            g.kill()
+            g.wait()

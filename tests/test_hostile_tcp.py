@@ -2,12 +2,13 @@
 hold more than the advertised window per flow (64 x 64 KB before the byte cap)."""
 
 from slirpy.stack.tcp import ACK
+from slirpy.stack.tcp_state import TcpState
 from test_tcp_engine import H, est
 
 
 def _ooo_bytes(h, fl):
     f = h.e._flows[fl]
-    return sum(len(b) for b, _ in (f.ooo or {}).values())
+    return sum(len(b) for b, _ in (f.rcv.ooo or {}).values())
 
 
 def test_overlapping_out_of_order_segments_stay_within_the_window():
@@ -49,8 +50,8 @@ def _est_port(h, port, gisn=1000):
     h.ev.clear()
     h.e.accept_tcp(req.flow, 0.0)
     sa = h.pop()[-1]
-    h.seg(gisn + 1, seq.add(sa[5], 1), ACK, window=1000, sport=port)
-    return req.flow, seq.add(sa[5], 1)
+    h.seg(gisn + 1, seq.add(sa.seq, 1), ACK, window=1000, sport=port)
+    return req.flow, seq.add(sa.seq, 1)
 
 
 def test_rst_after_both_fins_keeps_the_guests_last_bytes():
@@ -95,7 +96,7 @@ def test_nothing_past_an_out_of_order_fin_is_delivered():
     assert E.TcpGuestEof(fl) in h.ev
     assert h.e.recv_tcp(fl, 1 << 20, 0.0) == b""
     f = h.e._flows[fl]
-    assert f.rcv_nxt == 1012 and not f.ooo and f.ooo_bytes == 0
+    assert f.rcv.nxt == 1012 and not f.rcv.ooo and f.rcv.ooo_bytes == 0
     assert h.e.mem_bytes == h.e.mem_recount() == 0
     assert h.stats.dropped["tcp_data_after_fin"] == 1
     # a retransmission of the bytes past the FIN changes nothing either
@@ -122,10 +123,10 @@ def test_ack_of_data_never_sent_drops_the_segment():
     h.seg(1001, s + 1000, ACK | PSH | FIN, b"bogus")  # acks 1000 bytes we never sent
     assert h.ev == [] and h.e.recv_tcp(fl, 100, 0.0) == b""
     (ack,) = h.pop()
-    assert ack[7] == ACK and ack[5] == s and ack[6] == 1001 and not bytes(ack[10])
+    assert ack.flags == ACK and ack.seq == s and ack.ack == 1001 and not bytes(ack.payload)
     assert h.stats.dropped["tcp_ack_future"] == 1
     f = h.e._flows[fl]
-    assert f.rcv_nxt == 1001 and not f.their_fin and f.snd_una == s
+    assert f.rcv.nxt == 1001 and f.state is TcpState.ESTABLISHED and f.snd.una == s
     h.seg(1001, s, ACK | PSH | FIN, b"right")
     assert h.e.recv_tcp(fl, 100, 0.0) == b"right"
     assert E.TcpGuestEof(fl) in h.ev
@@ -135,7 +136,7 @@ def test_ack_of_data_never_sent_drops_the_segment():
     h.pop()
     h.seg(1006, s - 300000, ACK | PSH, b"blind")
     (ack,) = h.pop()
-    assert ack[7] == ACK and ack[6] == 1007
+    assert ack.flags == ACK and ack.ack == 1007
     assert h.stats.dropped["tcp_ack_too_old"] == 1
     assert h.e.recv_tcp(fl, 100, 0.0) == b""
 
@@ -149,10 +150,10 @@ def test_reset_of_a_forward_before_the_guest_answered_stops_its_syns():
     h = H(isn=100)
     fl = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40000, 0.0)
     (syn,) = h.pop()
-    assert syn[7] == SYN
+    assert syn.flags == SYN
     h.e.reset_tcp(fl, 0.5)
     (rst,) = h.pop()
-    assert rst[7] == RST and rst[5] == 101 and rst[6] == 0
+    assert rst.flags == RST and rst.seq == 101 and rst.ack == 0
     assert h.ev == [E.TcpClosed(fl)] and h.e.flows() == []
     h.e.handle_timer(100.0)
     assert h.pop() == [] and h.e.get_timer() is None

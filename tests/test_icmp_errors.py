@@ -40,11 +40,11 @@ def test_stack_builds_echo_errors():
     s = Stack(Config(enable_ipv6=True))
     s.receive_frame(bytes(Ether(src=GUEST_MAC, dst="52:55:0a:00:02:02") / ARP(
         op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.2")), 0.0)
-    s.frames_to_send()
+    s.frames_to_send(0.0)
     s.send_icmp_echo_error(6, "2001:db8::1", "fd00::100", "2001:db8:3::1", 0x4343, 5, b"probe",
                            1, 0, 0.0)
     s.send_icmp_echo_error(4, "192.0.2.9", "10.0.2.100", "198.51.100.1", 0x77, 9, b"p4", 3, 1, 0.0)
-    p6, p4 = [Ether(bytes(f)) for f in s.frames_to_send()]
+    p6, p4 = [Ether(bytes(f)) for f in s.frames_to_send(0.0)]
     assert p6[IPv6].src == "2001:db8::1" and p6[IPv6].dst == "fd00::100"
     assert p6[ICMPv6DestUnreach].code == 0
     q = p6[IPerror6]

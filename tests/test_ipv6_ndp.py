@@ -25,7 +25,7 @@ def eth(pkt, dst=ROUTER_MAC):
 
 
 def frames(s):
-    return [Ether(bytes(f)) for f in s.frames_to_send()]
+    return [Ether(bytes(f)) for f in s.frames_to_send(0.0)]
 
 
 def check_icmp6_checksum(p, layer):
@@ -68,11 +68,11 @@ def test_ra_schedule_and_contents():
 def test_no_ipv6_no_ra_no_answers():
     s = Stack(Config())
     s.handle_timer(0.0)
-    assert s.get_timer() is None and s.frames_to_send() == []
+    assert s.get_timer() is None and s.frames_to_send(0.0) == []
     s.receive_frame(eth(IPv6(src=GUEST_LL, dst="ff02::2", hlim=255) / ICMPv6ND_RS()), 0.0)
     s.receive_frame(eth(IPv6(src=GUEST_LL, dst="ff02::1:ff00:2", hlim=255)
                         / ICMPv6ND_NS(tgt="fe80::2")), 0.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["ipv6_disabled"] == 2
+    assert s.frames_to_send(0.0) == [] and s.stats.dropped["ipv6_disabled"] == 2
 
 
 def test_rs_answered_unicast_or_to_all_nodes():
@@ -87,7 +87,7 @@ def test_rs_answered_unicast_or_to_all_nodes():
     assert p.dst == "33:33:00:00:00:01" and p[IPv6].dst == "ff02::1"
     # off-link (hop limit != 255) router solicitations are not ours to answer
     s.receive_frame(eth(IPv6(src=GUEST_LL, dst="ff02::2", hlim=64) / ICMPv6ND_RS()), 0.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["ndp_rs_not_link_local"] == 1
+    assert s.frames_to_send(0.0) == [] and s.stats.dropped["ndp_rs_not_link_local"] == 1
 
 
 def test_ns_for_each_of_our_addresses():
@@ -105,7 +105,7 @@ def test_ns_for_each_of_our_addresses():
     # the guest's own address is never claimed (its DAD must succeed)
     s.receive_frame(eth(IPv6(src="::", dst="ff02::1:ff00:100", hlim=255)
                         / ICMPv6ND_NS(tgt="fd00::100")), 0.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["ndp_not_for_us"] == 1
+    assert s.frames_to_send(0.0) == [] and s.stats.dropped["ndp_not_for_us"] == 1
     # a DAD probe for one of ours is answered to all-nodes, unsolicited
     s.receive_frame(eth(IPv6(src="::", dst="ff02::1:ff00:2", hlim=255)
                         / ICMPv6ND_NS(tgt="fd00::2")), 0.0)
@@ -124,7 +124,7 @@ def test_hostile_ndp_counted():
     ]
     for b in bad:
         s.receive_frame(eth(b), 0.0)
-    assert s.frames_to_send() == []
+    assert s.frames_to_send(0.0) == []
     d = s.stats.dropped
     assert (d["ndp_ns_not_link_local"], d["ndp_ns_multicast_target"],
             d["ndp_option_zero_length"], d["ndp_option_truncated"],
@@ -162,7 +162,7 @@ def test_guest_addresses_learned_and_chosen():
 def test_mac_learned_from_link_local_then_no_solicit():
     s = Stack(Config(enable_ipv6=True))
     s.receive_frame(eth(IPv6(src=GUEST_LL, dst="ff02::2", hlim=255) / ICMPv6ND_RS()), 0.0)
-    s.frames_to_send()
+    s.frames_to_send(0.0)
     s.send_udp(6, "fd00::2", 53, "fd00::100", 4000, b"x", 0.0)
     (p,) = frames(s)
     assert p.dst == GUEST_MAC and p[IPv6].dst == "fd00::100" and bytes(p[UDP].payload) == b"x"

@@ -24,7 +24,7 @@ def _syn(s, family, dst, dport=80, sport=40000, isn=ISN):
         pkt = IPv6(src="fd00::100", dst=dst)
     s.receive_frame(eth(pkt / TCP(sport=sport, dport=dport, seq=isn, flags="S", window=64240,
                                   options=[("MSS", 1460), ("SAckOK", b""), ("WScale", 7)])), 0.0)
-    assert s.frames_to_send() == []  # the SYN waits for the glue's decision
+    assert s.frames_to_send(0.0) == []  # the SYN waits for the glue's decision
     (req,) = [e for e in drain_events(s) if isinstance(e, events.TcpConnectRequest)]
     return req
 
@@ -42,7 +42,7 @@ def test_refused_syn_v4_gets_icmp_unreachable_quoting_it(unreach, code):
     s = learned(Stack(Config(disable_host_loopback=True)))
     req = _syn(s, 4, "10.0.2.2")
     s.refuse_tcp(req.flow, unreach, "host_loopback_disabled", 1.0)
-    (f,) = s.frames_to_send()  # one frame: the ICMP error, no RST
+    (f,) = s.frames_to_send(1.0)  # one frame: the ICMP error, no RST
     p = Ether(bytes(f))
     assert (p.src, p.dst) == (ROUTER_MAC, GUEST_MAC)
     assert (p[IP].src, p[IP].dst, p[IP].proto) == ("10.0.2.2", "10.0.2.100", 1)
@@ -66,7 +66,7 @@ def test_refused_syn_v6_gets_icmpv6_unreachable_from_fe80_2(unreach, code):
     s = learned(Stack(Config(enable_ipv6=True, disable_host_loopback=True)))
     req = _syn(s, 6, "fd00::2", dport=22)
     s.refuse_tcp(req.flow, unreach, "host_loopback_disabled", 1.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(1.0)
     p = Ether(bytes(f))
     assert (p[IPv6].src, p[IPv6].dst, p[IPv6].nh) == ("fe80::2", "fd00::100", 58)
     assert (p[ICMPv6DestUnreach].type, p[ICMPv6DestUnreach].code) == (1, code)
@@ -82,13 +82,13 @@ def test_silent_refusal_sends_nothing():
     s = learned(Stack(Config(disable_dns=True)))
     req = _syn(s, 4, "10.0.2.3", dport=53)
     s.refuse_tcp(req.flow, None, "dns_disabled", 1.0)
-    assert s.frames_to_send() == []
+    assert s.frames_to_send(1.0) == []
     assert s.stats.dropped["tcp_connect_dns_disabled"] == 1
     assert s.flows() == []
     # a retransmitted SYN is a new request again (the glue refuses it again), still no answer
     req2 = _syn(s, 4, "10.0.2.3", dport=53)
     s.refuse_tcp(req2.flow, None, "dns_disabled", 2.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["tcp_connect_dns_disabled"] == 2
+    assert s.frames_to_send(2.0) == [] and s.stats.dropped["tcp_connect_dns_disabled"] == 2
 
 
 def test_refuse_after_the_syn_is_an_rst():
@@ -96,9 +96,9 @@ def test_refuse_after_the_syn_is_an_rst():
     s = learned(Stack(Config()))
     req = _syn(s, 4, "198.51.100.7")
     s.accept_tcp(req.flow, 0.5)
-    s.frames_to_send()
+    s.frames_to_send(0.5)
     s.refuse_tcp(req.flow, "net", "unreachable", 1.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(1.0)
     p = Ether(bytes(f))
     assert ICMP not in p and p[TCP].flags.R
 
@@ -106,7 +106,7 @@ def test_refuse_after_the_syn_is_an_rst():
 def test_refuse_unknown_flow_is_a_no_op():
     s = learned(Stack(Config()))
     s.refuse_tcp(12345, "net", "unreachable", 1.0)
-    assert s.frames_to_send() == []
+    assert s.frames_to_send(1.0) == []
 
 
 def _policy_nat_daemon(stack):
@@ -129,7 +129,7 @@ def test_a_policy_verdict_reaches_the_guest_as_admin_prohibited_tcp(family, dst)
     s = learned(Stack(Config(enable_ipv6=True)))
     nat = TcpNat(_policy_nat_daemon(s), AddressMap(s.config, policy=_deny_port_22), None)
     nat.handlers()[events.TcpConnectRequest](_syn(s, family, dst, dport=22))
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(1.0)
     p = Ether(bytes(f))
     if family == 4:
         assert (p[ICMP].type, p[ICMP].code) == (3, 13) and p[TCPerror].dport == 22
@@ -148,7 +148,7 @@ def test_a_policy_verdict_reaches_the_guest_as_admin_prohibited_udp_and_icmp():
     UdpNat(d, addrs, None).handle(events.UdpDatagram(4, "10.0.2.100", 5000, "192.0.2.9", 22,
                                                      b"knock"))
     IcmpNat(d, addrs).handle(events.IcmpEchoRequest(4, "10.0.2.100", "192.0.2.9", 7, 1, b"ping"))
-    udp, icmp = (Ether(bytes(f)) for f in s.frames_to_send())
+    udp, icmp = (Ether(bytes(f)) for f in s.frames_to_send(1.0))
     assert (udp[ICMP].type, udp[ICMP].code, udp[IPerror].proto) == (3, 13, 17)
     assert (icmp[ICMP].type, icmp[ICMP].code, icmp[IPerror].proto) == (3, 13, 1)
     assert s.stats.dropped["udp_policy_rule_1"] == 1 and s.stats.dropped["icmp_policy_rule_1"] == 1

@@ -13,6 +13,7 @@ from scapy.layers.l2 import ARP, Ether
 from slirpy.config import Config
 from slirpy.stack import events
 from slirpy.stack.stack import Stack
+from slirpy.stack.tcp_state import TcpState
 
 GUEST_MAC = "02:11:22:33:44:55"
 ROUTER_MAC = "52:55:0a:00:02:02"
@@ -26,7 +27,7 @@ def learned(s):
     """Teach the stack the guest's MAC (as any guest frame does) and discard what it sends."""
     s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / ARP(
         op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", hwdst=ROUTER_MAC, pdst="10.0.2.2")), 0.0)
-    s.frames_to_send()
+    s.frames_to_send(0.0)
     return s
 
 
@@ -42,7 +43,7 @@ def test_arp_for_gateway_and_dns():
     for ip in ("10.0.2.2", "10.0.2.3"):
         s.receive_frame(bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
                               / ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst=ip)), 0.0)
-        (f,) = s.frames_to_send()
+        (f,) = s.frames_to_send(0.0)
         p = Ether(bytes(f))
         assert p.dst == GUEST_MAC and p.src == ROUTER_MAC
         assert p[ARP].op == 2 and p[ARP].psrc == ip and p[ARP].hwsrc == ROUTER_MAC
@@ -50,7 +51,7 @@ def test_arp_for_gateway_and_dns():
     s.receive_frame(bytes(Ether(src=GUEST_MAC, dst="ff:ff:ff:ff:ff:ff")
                           / ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.50")),
                     0.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["arp_not_for_us"] == 1
+    assert s.frames_to_send(0.0) == [] and s.stats.dropped["arp_not_for_us"] == 1
 
 
 def test_ping_gateway_and_dns():
@@ -58,7 +59,7 @@ def test_ping_gateway_and_dns():
     for ip in ("10.0.2.2", "10.0.2.3"):
         s.receive_frame(eth(IP(src="10.0.2.100", dst=ip) / ICMP(id=0x1234, seq=7) / b"abc"),
                         1.0)
-        (f,) = s.frames_to_send()
+        (f,) = s.frames_to_send(0.0)
         p = Ether(bytes(f))
         assert p.dst == GUEST_MAC
         assert p[IP].src == ip and p[IP].dst == "10.0.2.100"
@@ -72,11 +73,11 @@ def test_ping_gateway_and_dns():
 def test_ping_elsewhere_is_event_and_reply_built():
     s = Stack(Config())
     s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7") / ICMP(id=9, seq=1) / b"x"), 0.0)
-    assert s.frames_to_send() == []
+    assert s.frames_to_send(0.0) == []
     (ev,) = drain_events(s)
     assert ev == events.IcmpEchoRequest(4, "10.0.2.100", "198.51.100.7", 9, 1, b"x")
     s.send_icmp_echo_reply(4, "198.51.100.7", "10.0.2.100", 9, 1, b"x", 0.1)
-    p = Ether(bytes(s.frames_to_send()[0]))
+    p = Ether(bytes(s.frames_to_send(0.1)[0]))
     assert p[IP].src == "198.51.100.7" and p[ICMP].type == 0 and p[ICMP].id == 9
 
 
@@ -100,7 +101,7 @@ def test_send_udp_fragments_to_guest():
     payload = bytes(range(256)) * 16
     s.send_udp(4, "10.0.2.3", 53, "10.0.2.100", 5000, payload, 0.0)
     from scapy.layers.inet import defragment
-    frames = s.frames_to_send()
+    frames = s.frames_to_send(0.0)
     assert len(frames) == 3 and all(len(f) <= 1514 for f in frames)
     (whole,) = defragment([Ether(bytes(f))[IP] for f in frames])
     assert bytes(whole[UDP].payload) == payload and whole[UDP].sport == 53
@@ -109,7 +110,7 @@ def test_send_udp_fragments_to_guest():
 def test_udp_unreachable_quotes_original():
     s = learned(Stack(Config()))
     s.send_udp_unreachable(4, "10.0.2.100", 4000, "198.51.100.7", 9, b"hello", 3, 0.0)
-    p = Ether(bytes(s.frames_to_send()[0]))
+    p = Ether(bytes(s.frames_to_send(0.0)[0]))
     assert p[IP].src == "10.0.2.2" and p[ICMP].type == 3 and p[ICMP].code == 3
     inner = p[ICMP].payload
     assert inner.src == "10.0.2.100" and inner.dst == "198.51.100.7"
@@ -121,7 +122,7 @@ def test_tcp_syn_reaches_engine():
     s = Stack(Config())
     s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7")
                         / TCP(sport=40000, dport=80, seq=2**32 - 1, flags="S")), 0.0)
-    frames = s.frames_to_send()
+    frames = s.frames_to_send(0.0)
     # the stub answers RST|ACK; the real engine may answer SYN-ACK or raise an event
     evs = drain_events(s)
     assert frames or evs
@@ -136,7 +137,7 @@ def test_tcp_syn_reaches_engine():
 def test_bad_tcp_checksum_counted():
     s = Stack(Config())
     s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7") / TCP(chksum=1)), 0.0)
-    assert s.frames_to_send() == [] and s.stats.dropped["tcp_bad_checksum"] == 1
+    assert s.frames_to_send(0.0) == [] and s.stats.dropped["tcp_bad_checksum"] == 1
 
 
 def test_ipv6_disabled_and_enabled():
@@ -146,7 +147,7 @@ def test_ipv6_disabled_and_enabled():
     assert s.stats.dropped["ipv6_disabled"] == 1
     s6 = Stack(Config(enable_ipv6=True))
     s6.receive_frame(f, 0.0)
-    p = Ether(bytes(s6.frames_to_send()[-1]))
+    p = Ether(bytes(s6.frames_to_send(0.0)[-1]))
     assert p[IPv6].src == "fd00::2" and p[ICMPv6EchoReply].id == 1
     assert p[ICMPv6EchoReply].data == b"q"
     ck = p[ICMPv6EchoReply].cksum
@@ -156,16 +157,16 @@ def test_ipv6_disabled_and_enabled():
 
 def test_ndp_ns_and_rs():
     s = Stack(Config(enable_ipv6=True))
-    s.frames_to_send()
+    s.frames_to_send(0.0)
     ns = eth(IPv6(src="fe80::1", dst="ff02::1:ff00:2", hlim=255)
              / ICMPv6ND_NS(tgt="fd00::2") / ICMPv6NDOptSrcLLAddr(lladdr=GUEST_MAC))
     s.receive_frame(ns, 0.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(0.0)
     p = Ether(bytes(f))
     assert p.dst == GUEST_MAC and p[ICMPv6ND_NA].tgt == "fd00::2"
     assert bytes(p[ICMPv6ND_NA].payload)[2:8] == bytes.fromhex(ROUTER_MAC.replace(":", ""))
     s.receive_frame(eth(IPv6(src="fe80::1", dst="ff02::2", hlim=255) / ICMPv6ND_RS()), 0.0)
-    (f,) = s.frames_to_send()
+    (f,) = s.frames_to_send(0.0)
     p = Ether(bytes(f))
     assert ICMPv6ND_RA in p and p[IPv6].src == "fe80::2"
     ck = p[ICMPv6ND_RA].cksum
@@ -177,7 +178,7 @@ def test_out_queue_bounded():
     s = learned(Stack(Config()))
     for i in range(5000):
         s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 0.0)
-    assert len(s.frames_to_send()) == 4096 and s.stats.dropped["out_queue_full"] == 5000 - 4096
+    assert len(s.frames_to_send(0.0)) == 4096 and s.stats.dropped["out_queue_full"] == 5000 - 4096
 
 
 def test_reassembly_timer_combined():
@@ -196,7 +197,7 @@ def test_garbage_frames_counted_not_raised(body, et):
     for v6 in (False, True):
         s = Stack(Config(enable_ipv6=v6))
         s.receive_frame(b"\x52\x55\x0a\0\2\2" + b"\x02" * 6 + et + body, 0.0)
-        s.frames_to_send()
+        s.frames_to_send(0.0)
         assert s.stats.frames_in == 1
 
 
@@ -206,26 +207,26 @@ def test_unknown_guest_mac_is_resolved_before_sending():
     s = Stack(Config())
     s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 0.0)
     s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"y", 0.5)
-    (req,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    (req,) = [Ether(bytes(f)) for f in s.frames_to_send(0.5)]
     assert req.dst == "ff:ff:ff:ff:ff:ff" and req[ARP].op == 1
     assert (req[ARP].psrc, req[ARP].pdst, req[ARP].hwsrc) == ("10.0.2.2", "10.0.2.100", ROUTER_MAC)
     s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"z", 1.0)
-    (again,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    (again,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
     assert again[ARP].op == 1
     s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC) / ARP(
         op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", hwdst=ROUTER_MAC, pdst="10.0.2.2")), 1.1)
-    held = [Ether(bytes(f)) for f in s.frames_to_send()]
+    held = [Ether(bytes(f)) for f in s.frames_to_send(1.1)]
     assert [p.dst for p in held] == [GUEST_MAC] * 3
     assert [bytes(p[UDP].payload) for p in held] == [b"x", b"y", b"z"]
     s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"w", 2.0)
-    assert Ether(bytes(s.frames_to_send()[0])).dst == GUEST_MAC
+    assert Ether(bytes(s.frames_to_send(2.0)[0])).dst == GUEST_MAC
 
 
 def test_unresolved_queue_bounded_and_v6_solicits():
     s = Stack(Config(enable_ipv6=True))
     for i in range(300):
         s.send_udp(6, "fd00::2", 1, "fd00::100", 2, b"%d" % i, 0.0)
-    (ns,) = [Ether(bytes(f)) for f in s.frames_to_send()]
+    (ns,) = [Ether(bytes(f)) for f in s.frames_to_send(0.0)]
     assert ns.dst == "33:33:ff:00:01:00" and ns[IPv6].dst == "ff02::1:ff00:100"
     assert ns[ICMPv6ND_NS].tgt == "fd00::100" and ns[IPv6].hlim == 255
     ck = ns[ICMPv6ND_NS].cksum
@@ -233,7 +234,7 @@ def test_unresolved_queue_bounded_and_v6_solicits():
     assert Ether(bytes(ns))[ICMPv6ND_NS].cksum == ck
     assert s.stats.dropped["guest_mac_unresolved"] == 300 - 256
     s.receive_frame(eth(IPv6(src="fd00::100", dst="fd00::2") / UDP() / b""), 0.1)
-    held = [Ether(bytes(f)) for f in s.frames_to_send()]
+    held = [Ether(bytes(f)) for f in s.frames_to_send(0.1)]
     assert len(held) == 256 and bytes(held[0][UDP].payload) == b"44"
     assert all(p.dst == GUEST_MAC for p in held)
 
@@ -257,7 +258,7 @@ def test_send_udp6_fragments_to_guest():
     s = learned(Stack(Config(enable_ipv6=True, mtu=1500)))
     payload = bytes(range(256)) * 10
     s.send_udp(6, "fd00::3", 53, "fd00::100", 5000, payload, 0.0)
-    frames = [Ether(bytes(f)) for f in s.frames_to_send()]
+    frames = [Ether(bytes(f)) for f in s.frames_to_send(0.0)]
     assert len(frames) == 2 and all(len(f) <= 1514 for f in frames)
     whole = IPv6(bytes(defragment6([f[IPv6] for f in frames])))
     assert bytes(whole[UDP].payload) == payload and whole[UDP].dport == 5000
@@ -274,7 +275,7 @@ def test_multicast_and_broadcast_never_become_events():
         s.receive_frame(eth(IP(src="10.0.2.100", dst=dst) / ICMP()), 0.0)
     s.receive_frame(eth(IPv6(src="fd00::100", dst="ff02::fb") / UDP() / b"m"), 0.0)
     s.receive_frame(eth(IPv6(src="fd00::100", dst="ff02::1") / ICMPv6EchoRequest()), 0.0)
-    assert drain_events(s) == [] and s.frames_to_send() == []
+    assert drain_events(s) == [] and s.frames_to_send(0.0) == []
     assert s.stats.dropped["ipv4_multicast_or_broadcast"] == 6
     assert s.stats.dropped["ipv6_multicast"] == 1 and s.stats.dropped["icmp6_echo_multicast"] == 1
 
@@ -290,7 +291,7 @@ def test_guest_frames_to_loopback_or_other_virtual_addresses_are_dropped():
     for dst in ("::1", "::", "::ffff:127.0.0.1", "fe80::1", "fd00::57", "fd00::100"):
         s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / UDP(sport=1, dport=2) / b"x"), 0.0)
         s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / TCP(flags="S")), 0.0)
-    assert drain_events(s) == [] and s.frames_to_send() == []
+    assert drain_events(s) == [] and s.frames_to_send(0.0) == []
     d = s.stats.dropped
     assert d["ipv4_dst_martian"] == 9 and d["ipv4_dst_virtual_net"] == 9
     assert d["ipv6_dst_reserved"] == 6 and d["ipv6_dst_link_local"] == 2
@@ -310,7 +311,7 @@ def test_port_forward_reusing_a_time_wait_port_gets_a_new_flow():
     s = Stack(Config())
     f1 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.0)
     assert f1 is not None
-    s.tcp._flows[f1].state = "TIME_WAIT"  # as after an orderly close we started
+    s.tcp._flows[f1].state = TcpState.TIME_WAIT  # as after an orderly close we started
     f2 = s.connect_tcp(4, "10.0.2.2", 40000, "10.0.2.100", 8080, 0.5)
     assert f2 is not None and f2 != f1 and f1 not in s.tcp._flows
     assert s.stats.dropped["tcp_time_wait_recycled"] == 1

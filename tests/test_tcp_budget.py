@@ -11,6 +11,7 @@ from slirpy.stack import seq
 from slirpy.stack.stats import Stats
 from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
 from slirpy.stack.tcp_options import build_tcp_options
+from slirpy.stack.tcp_state import CONNECTED, TcpState
 
 G = bytes([10, 0, 2, 100])
 R = bytes([127, 0, 0, 9])
@@ -45,7 +46,7 @@ class Net:
     def __init__(self, budget=1 << 20, isn=7000):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda *a: self.out.append(a),
+        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda seg: self.out.append(seg),
                            self.ev.append, self.stats)
         self.e.isn = lambda: isn
         self.e.delack = 0.0  # `now` stays 0 here: ACKs owed go out at the next flush_pending
@@ -163,7 +164,7 @@ def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
     d = n.stats.dropped
     assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0 and d["tcp_mem_drop"] > 0
     assert n.e.mem_stats()["tcp_mem_bytes"] == n.e.mem_bytes
-    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rbuf or b"") for m in flows}
+    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rcv.buf or b"") for m in flows}
     before_out = {m.port: m.taken for m in flows}
     # the readers drain: the host reads everything, the guest opens its window and acks
     for rnd in range(40):
@@ -199,18 +200,18 @@ def test_budget_limited_window_opens_when_others_drain():
     assert seq.sub(b.edge, b.ack) == 16 * KIB  # b's SYN-ACK offers its floor from the last quarter
     assert n.fill(b) == 16 * KIB
     fb = n.e._flows[b.flow]
-    assert fb.rlim and seq.sub(b.edge, b.ack) == 0  # b: zero window, waiting for the budget
+    assert fb.rcv.limited and seq.sub(b.edge, b.ack) == 0  # b: zero window, waiting for the budget
     n.host_read(a, 10)
     n.e.flush_pending(0.0)
     assert n.out == []  # nothing worthwhile freed, nothing sent
     n.host_read(a, 40 * KIB)  # 168 KiB held: 24 KiB under 3/4
     n.e.flush_pending(0.0)
-    ports = [x[4] for x in n.out]
+    ports = [x.dport for x in n.out]
     assert b.port in ports and len(ports) <= 2  # b's update (and a's own), no storm
     n.pump()
     w = seq.sub(b.edge, b.ack)
     assert w == (24 * KIB + 10) & ~7  # b may send again: what is under 3/4, in units of 8 bytes
-    assert n.fill(b) == w and len(fb.rbuf) == 16 * KIB + w
+    assert n.fill(b) == w and len(fb.rcv.buf) == 16 * KIB + w
     assert n.e.mem_bytes == 192 * KIB - 2
 
 
@@ -232,7 +233,7 @@ def test_time_wait_and_empty_flows_cost_nothing_bulk_flow_gets_full_window():
         m.snd_nxt = seq.add(m.snd_nxt, 1)
         n.host_read(m)
         n.seg(m, m.snd_nxt, seq.add(m.hrx, 1), ACK)
-        assert n.e._flows[m.flow].state == "TIME_WAIT"
+        assert n.e._flows[m.flow].state is TcpState.TIME_WAIT
     idle = [n.open(40000 + i, wnd=65535) for i in range(200)]
     for m in idle:
         n.fill(m, 1)
@@ -265,7 +266,7 @@ def test_no_window_retraction_when_the_budget_runs_out():
     # not retracted, not grown (but for rounding up to the window scale, 8 bytes): budget spent
     assert 0 <= seq.sub(a.edge, edge0) < 1 << n.e._my_ws
     fa = n.e._flows[a.flow]
-    assert fa.rlim  # its window is cut by the budget: it waits for room
+    assert fa.rcv.limited  # its window is cut by the budget: it waits for room
     n.fill(a)  # the guest may fill the whole window it was promised ...
     assert a.ack == edge0 or n.stats.dropped["tcp_mem_drop"] > 0  # ... or hits the hard cap
     assert n.e.mem_bytes <= 512 * KIB
@@ -312,10 +313,10 @@ def test_running_total_never_drifts(plan):
         m = ms[i]
         f = n.e._flows.get(m.flow)
         if op == "open":
-            if f is None or f.state == "TIME_WAIT":
+            if f is None or f.state is TcpState.TIME_WAIT:
                 n.g.pop(m.port)
                 ms[i] = n.open(30000 + i + 4 * (k % 1000 + 1), wnd=65535)
-        elif f is None or f.state != "ESTABLISHED":
+        elif f is None or f.state not in CONNECTED:
             pass
         elif op == "fill":
             n.fill(m, k)

@@ -16,7 +16,7 @@ class H:
     def __init__(self, isn=5, **kw):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(), lambda *a: self.out.append(a), self.ev.append, self.stats)
+        self.e = TcpEngine(Config(), lambda seg: self.out.append(seg), self.ev.append, self.stats)
         self.e.isn = lambda: isn
         for k, v in kw.items():
             setattr(self.e, k, v)
@@ -39,9 +39,9 @@ def est(h, gisn=1000):
     assert h.out == []
     h.e.accept_tcp(req.flow, 0.0)
     (sa,) = h.pop()
-    assert sa[7] == SYN | ACK and sa[6] == gisn + 1
-    h.seg(gisn + 1, seq.add(sa[5], 1), ACK, window=1000)
-    return req.flow, seq.add(sa[5], 1)
+    assert sa.flags == SYN | ACK and sa.ack == gisn + 1
+    h.seg(gisn + 1, seq.add(sa.seq, 1), ACK, window=1000)
+    return req.flow, seq.add(sa.seq, 1)
 
 
 def test_handshake_and_data_both_ways():
@@ -51,11 +51,11 @@ def test_handshake_and_data_both_ways():
     assert h.ev == [E.TcpReadable(fl)]
     assert h.e.recv_tcp(fl, 100, 0.0) == b"hello"
     h.e.flush_pending(DELACK)
-    assert h.pop()[-1][6] == 1006
+    assert h.pop()[-1].ack == 1006
     assert h.e.send_tcp(fl, b"x" * 3000, 0.0) == 3000
     segs = h.pop()
-    assert b"".join(bytes(x[10]) for x in segs) == b"x" * 3000
-    assert [x[5] for x in segs] == [s, s + 1460, s + 2920]
+    assert b"".join(bytes(x.payload) for x in segs) == b"x" * 3000
+    assert [x.seq for x in segs] == [s, s + 1460, s + 2920]
 
 
 def test_lone_segment_ack_is_delayed_so_the_answer_carries_it():
@@ -75,7 +75,7 @@ def test_lone_segment_ack_is_delayed_so_the_answer_carries_it():
     assert h.e.recv_tcp(fl, 100, 5.0) == b"req1"
     assert h.e.send_tcp(fl, b"answer", 5.0002) == 6
     (seg,) = h.pop()
-    assert seg[7] & ACK and seg[6] == 1006 and bytes(seg[10]) == b"answer"
+    assert seg.flags & ACK and seg.ack == 1006 and bytes(seg.payload) == b"answer"
     h.e.flush_pending(5.0 + DELACK)
     assert h.pop() == []  # nothing owed any more
     h.seg(1006, seq.add(s, 6), ACK | PSH, b"req2", now=6.0)
@@ -84,11 +84,11 @@ def test_lone_segment_ack_is_delayed_so_the_answer_carries_it():
     h.e.handle_timer(6.0 + DELACK)
     h.e.flush_pending(6.0 + DELACK)
     (ack,) = h.pop()
-    assert ack[7] == ACK and ack[6] == 1010 and bytes(ack[10]) == b""
+    assert ack.flags == ACK and ack.ack == 1010 and bytes(ack.payload) == b""
     h.seg(1010, seq.add(s, 6), ACK, b"a" * 100, now=7.0)
     h.seg(1110, seq.add(s, 6), ACK, b"b" * 100, now=7.0)
     (ack,) = h.pop()  # the second segment: at once
-    assert ack[6] == 1210
+    assert ack.ack == 1210
 
 
 def test_guest_fin_is_acked_by_our_fin_when_the_host_closes_at_once():
@@ -102,7 +102,7 @@ def test_guest_fin_is_acked_by_our_fin_when_the_host_closes_at_once():
     assert h.pop() == []
     h.e.shutdown_tcp(fl, 1.0002)
     (fin,) = h.pop()
-    assert fin[7] == FIN | ACK and fin[6] == 1003 and fin[5] == s
+    assert fin.flags == FIN | ACK and fin.ack == 1003 and fin.seq == s
     h.e.flush_pending(1.0 + DELACK)
     assert h.pop() == []
 
@@ -125,7 +125,7 @@ def test_isn_near_wrap_and_ooo_and_fin_both_ways():
     h.e.send_tcp(fl, b"bye", 0.0)
     h.e.shutdown_tcp(fl, 0.0)
     out = h.pop()
-    assert b"".join(bytes(x[10]) for x in out) == b"bye" and out[-1][7] & FIN
+    assert b"".join(bytes(x.payload) for x in out) == b"bye" and out[-1].flags & FIN
     h.seg(seq.add(g, len(data) + 1), seq.add(s, 4), ACK)
     assert E.TcpClosed(fl) in h.ev
     h.e.handle_timer(10.0)
@@ -141,7 +141,7 @@ def test_retransmit_backoff_then_give_up():
     assert t is not None
     h.e.handle_timer(t)
     (rx,) = h.pop()
-    assert rx[5] == s and bytes(rx[10]) == b"a" * 100
+    assert rx.seq == s and bytes(rx.payload) == b"a" * 100
     for _ in range(20):
         t = h.e.get_timer()
         if t is None:
@@ -160,7 +160,7 @@ def test_fast_retransmit_on_three_dupacks():
     for _ in range(3):
         h.seg(1001, s, ACK, window=65535)
     out = h.pop()
-    assert out and out[0][5] == s
+    assert out and out[0].seq == s
 
 
 def test_guest_rst_and_unknown_flow_rst():
@@ -171,7 +171,7 @@ def test_guest_rst_and_unknown_flow_rst():
     h.pop()
     h.seg(5, 77, ACK, b"x")
     (r,) = h.pop()
-    assert r[7] == RST and r[5] == 77
+    assert r.flags == RST and r.seq == 77
 
 
 def test_reject_and_flow_cap_rst_when_nothing_half_open():
@@ -182,16 +182,16 @@ def test_reject_and_flow_cap_rst_when_nothing_half_open():
     (req,) = h.ev
     h.e.reject_tcp(req.flow, "refused", 0.0)
     (r,) = h.pop()
-    assert r[7] == RST | ACK and r[6] == 2
+    assert r.flags == RST | ACK and r.ack == 2
     h.ev.clear()
     h.seg(1, 0, SYN, sport=3)
     h.e.accept_tcp(h.ev[0].flow, 0.0)
     sa = h.pop()[0]
-    h.seg(2, seq.add(sa[5], 1), ACK, sport=3)
+    h.seg(2, seq.add(sa.seq, 1), ACK, sport=3)
     assert len(h.e.flows()) == 2 and not h.e._half_open
     h.seg(1, 0, SYN, sport=4)  # table full of established flows: RST, counted
     (r,) = h.pop()
-    assert r[7] == RST | ACK and r[6] == 2 and r[4] == 4
+    assert r.flags == RST | ACK and r.ack == 2 and r.dport == 4
     assert h.stats.dropped["tcp_flow_cap"] == 1 and h.stats.dropped["tcp_connect_refused"] == 1
     assert len(h.e.flows()) == 2
 
@@ -218,8 +218,8 @@ def test_syn_flood_evicts_oldest_half_open():
     assert alive == {40000, 7, 8, 9, 10}  # the established flow and the 4 newest SYNs
     closed = [e.flow for e in h.ev if isinstance(e, E.TcpClosed)]
     assert closed == [r.flow for r in reqs[:4]]
-    rsts = [o for o in h.pop() if o[7] & RST]
-    assert [(o[4], o[6]) for o in rsts] == [(p, p * 1000 + 1) for p in range(1, 5)]
+    rsts = [o for o in h.pop() if o.flags & RST]
+    assert [(o.dport, o.ack) for o in rsts] == [(p, p * 1000 + 1) for p in range(1, 5)]
     assert h.stats.dropped["tcp_half_open_evicted"] == 4
     # the evicted flow's late connect result is ignored; the established flow still works
     h.e.accept_tcp(reqs[0].flow, 0.0)
@@ -232,7 +232,7 @@ def test_connect_tcp_both_outcomes():
     h = H(isn=100)
     fl = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40000, 0.0)
     (syn,) = h.pop()
-    assert syn[7] == SYN
+    assert syn.flags == SYN
     h.seg(7000, 101, SYN | ACK)
     assert h.ev == [E.TcpConnected(fl)]
     fl2 = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40001, 0.0)
@@ -249,7 +249,7 @@ def test_zero_window_probe():
     t = h.e.get_timer()
     h.e.handle_timer(t)
     (p,) = h.pop()
-    assert bytes(p[10]) == b"q"
+    assert bytes(p.payload) == b"q"
 
 
 def test_garbage_never_raises():
@@ -264,32 +264,32 @@ def test_window_scaling_both_ways():
     h.seg(100, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=True))
     h.e.accept_tcp(h.ev[0].flow, 0.0)
     (sa,) = h.pop()
-    opts = parse_tcp_options_untrusted(sa[9])
+    opts = parse_tcp_options_untrusted(sa.options)
     assert opts.wscale == 3 and opts.sack_perm and opts.mss == 1460
-    assert sa[8] == 0xFFFF  # a SYN-ACK's window is never scaled
+    assert sa.window == 0xFFFF  # a SYN-ACK's window is never scaled
     fl = h.ev[0].flow
-    s = seq.add(sa[5], 1)
+    s = seq.add(sa.seq, 1)
     h.seg(101, s, ACK, window=1000)  # 1000 << 7 = 128000 bytes
     h.e.send_tcp(fl, b"w" * 200000, 0.0)
-    assert sum(len(o[10]) for o in h.pop()) == 128000
+    assert sum(len(o.payload) for o in h.pop()) == 128000
     # our window toward the guest is the room in the buffer >> 3
     h.seg(101, s, ACK | PSH, b"a" * 1000, window=0)
     h.e.flush_pending(DELACK)
     (ack,) = h.pop()
-    assert ack[8] == (256 * 1024 - 1000) >> 3
+    assert ack.window == (256 * 1024 - 1000) >> 3
     # without the option in the SYN, neither side scales
     h2 = H()
     h2.seg(100, 0, SYN, options=build_tcp_options(mss=1460))
     h2.e.accept_tcp(h2.ev[0].flow, 0.0)
     (sa,) = h2.pop()
-    assert parse_tcp_options_untrusted(sa[9]).wscale is None
+    assert parse_tcp_options_untrusted(sa.options).wscale is None
     fl = h2.ev[0].flow
-    h2.seg(101, seq.add(sa[5], 1), ACK, window=3000)
+    h2.seg(101, seq.add(sa.seq, 1), ACK, window=3000)
     h2.e.send_tcp(fl, b"w" * 10000, 0.0)
-    assert sum(len(o[10]) for o in h2.pop()) == 3000
-    h2.seg(101, seq.add(sa[5], 1), ACK | PSH, b"b" * 10, window=3000)
+    assert sum(len(o.payload) for o in h2.pop()) == 3000
+    h2.seg(101, seq.add(sa.seq, 1), ACK | PSH, b"b" * 10, window=3000)
     h2.e.flush_pending(DELACK)
-    assert h2.pop()[-1][8] == 0xFFFF  # unscaled, capped at 65535
+    assert h2.pop()[-1].window == 0xFFFF  # unscaled, capped at 65535
 
 
 def test_duplicate_segments_delivered_once():
@@ -303,13 +303,13 @@ def test_duplicate_segments_delivered_once():
     h.e.flush_pending(DELACK)
     assert h.e.recv_tcp(fl, 100, 0.0) == b"abcdefgh"
     assert h.ev.count(E.TcpReadable(fl)) == 1
-    acks = [o for o in h.pop() if o[7] == ACK]
-    assert acks and acks[-1][6] == 1009
+    acks = [o for o in h.pop() if o.flags == ACK]
+    assert acks and acks[-1].ack == 1009
     # a duplicate of the handshake's ACK and of old data changes nothing
     h.seg(1001, s, ACK)
     h.seg(1001, s, ACK | PSH, b"abc")
     assert h.e.recv_tcp(fl, 100, 0.0) == b""
-    assert h.pop()[-1][6] == 1009
+    assert h.pop()[-1].ack == 1009
 
 
 def _rst_removes(h, fl, seqno, s):
@@ -342,7 +342,7 @@ def test_rst_in_every_state():
     h.pop()
     h.seg(1500, s, RST)
     (ch,) = h.pop()
-    assert ch[7] == ACK and ch[6] == 1001 and len(h.e.flows()) == 1
+    assert ch.flags == ACK and ch.ack == 1001 and len(h.e.flows()) == 1
     _rst_removes(h, fl, 1001, s)
     # guest half-closed (CLOSE_WAIT on our side)
     h = H()
@@ -377,11 +377,11 @@ def test_rst_in_every_state():
     h.pop()
     h.e.reset_tcp(fl, 0.0)
     (r,) = h.pop()
-    assert r[7] & RST and r[5] == s and h.e.flows() == []
+    assert r.flags & RST and r.seq == s and h.e.flows() == []
     h.seg(1000, 0, SYN, sport=5)
     h.e.reset_tcp(h.ev[-1].flow, 0.0)
     (r,) = h.pop()
-    assert r[7] == RST | ACK and r[6] == 1001 and h.e.flows() == []
+    assert r.flags == RST | ACK and r.ack == 1001 and h.e.flows() == []
 
 
 def test_half_close_guest_first_then_host_keeps_sending():
@@ -392,15 +392,15 @@ def test_half_close_guest_first_then_host_keeps_sending():
     assert E.TcpGuestEof(fl) in h.ev
     assert h.pop() == []  # the FIN's ACK waits a moment for data or a FIN to ride on
     h.e.flush_pending(DELACK)
-    assert h.pop()[-1][6] == 1005  # FIN acked
+    assert h.pop()[-1].ack == 1005  # FIN acked
     for i in range(3):
         assert h.e.send_tcp(fl, b"resp%d" % i, 0.0) == 5
     out = h.pop()
-    assert b"".join(bytes(o[10]) for o in out) == b"resp0resp1resp2"
+    assert b"".join(bytes(o.payload) for o in out) == b"resp0resp1resp2"
     h.seg(1005, seq.add(s, 15), ACK)
     h.e.shutdown_tcp(fl, 0.0)
     (fin,) = h.pop()
-    assert fin[7] & FIN and fin[5] == seq.add(s, 15)
+    assert fin.flags & FIN and fin.seq == seq.add(s, 15)
     assert E.TcpClosed(fl) not in h.ev
     h.seg(1005, seq.add(s, 16), ACK)
     assert E.TcpClosed(fl) in h.ev
@@ -414,7 +414,7 @@ def test_half_close_host_first_then_guest_keeps_sending():
     h.e.send_tcp(fl, b"banner", 0.0)
     h.e.shutdown_tcp(fl, 0.0)
     out = h.pop()
-    assert out[-1][7] & FIN and seq.add(out[-1][5], len(out[-1][10])) == seq.add(s, 6)
+    assert out[-1].flags & FIN and seq.add(out[-1].seq, len(out[-1].payload)) == seq.add(s, 6)
     h.seg(1001, seq.add(s, 7), ACK)  # data and FIN acked
     for i in range(4):
         h.seg(1001 + 4 * i, seq.add(s, 7), ACK | PSH, b"up%02d" % i)
@@ -422,7 +422,7 @@ def test_half_close_host_first_then_guest_keeps_sending():
     assert E.TcpClosed(fl) not in h.ev
     h.seg(1017, seq.add(s, 7), ACK | FIN)
     assert E.TcpGuestEof(fl) in h.ev and E.TcpClosed(fl) in h.ev
-    assert h.pop()[-1][6] == 1018
+    assert h.pop()[-1].ack == 1018
 
 
 def test_zero_window_both_ways():
@@ -438,13 +438,13 @@ def test_zero_window_both_ways():
         t0 = t
         h.e.handle_timer(t)
         (p,) = h.pop()
-        assert p[5] == s and bytes(p[10]) == b"q"
+        assert p.seq == s and bytes(p.payload) == b"q"
         h.seg(1001, s, ACK, window=0)  # still closed
     assert gaps[1] < gaps[2] < gaps[3]
     # the guest takes the probe byte and opens its window: the ACK beyond snd_nxt is accepted
     h.seg(1001, seq.add(s, 1), ACK, window=100)
     out = h.pop()
-    assert out[0][5] == seq.add(s, 1) and bytes(out[0][10]) == b"q" * 99
+    assert out[0].seq == seq.add(s, 1) and bytes(out[0].payload) == b"q" * 99
     assert h.stats.dropped["tcp_ack_future"] == 0
     # our side: the host does not read, the buffer fills, the window closes, reading reopens it
     h2 = H()
@@ -455,13 +455,13 @@ def test_zero_window_both_ways():
         h2.seg(seq.add(1001, n), s, ACK | PSH, chunk[:256 * 1024 - n])
         n += min(len(chunk), 256 * 1024 - n)
     h2.e.flush_pending(DELACK)
-    assert h2.pop()[-1][8] == 0
+    assert h2.pop()[-1].window == 0
     h2.seg(seq.add(1001, 256 * 1024), s, ACK | PSH, b"over")  # beyond the window: dropped
     assert h2.stats.dropped["tcp_beyond_window"] >= 1
     got = h2.e.recv_tcp(fl, 65536, 0.0)
     assert len(got) == 65536
     upd = h2.pop()
-    assert upd and upd[-1][7] == ACK and upd[-1][8] == 65536 >> 3
+    assert upd and upd[-1].flags == ACK and upd[-1].window == 65536 >> 3
 
 
 def test_isn_near_wrap_bulk_with_loss():
@@ -472,15 +472,15 @@ def test_isn_near_wrap_bulk_with_loss():
     data = bytes(range(256)) * 400
     h.e.send_tcp(fl, data, 0.0)
     segs = h.pop()
-    assert segs[0][5] == s and any(o[5] < 100000 for o in segs)  # wrapped
-    got = {o[5]: bytes(o[10]) for o in segs}
-    lost = segs[3][5]  # lost; the guest SACKs the rest
+    assert segs[0].seq == s and any(o.seq < 100000 for o in segs)  # wrapped
+    got = {o.seq: bytes(o.payload) for o in segs}
+    lost = segs[3].seq  # lost; the guest SACKs the rest
     sack = build_tcp_options(sack_blocks=[(seq.add(lost, 1460), seq.add(s, len(data)))])
     h.seg(g, lost, ACK, window=2000)
     for _ in range(3):
         h.seg(g, lost, ACK, window=2000, options=sack)
     (rx,) = h.pop()
-    assert rx[5] == lost and bytes(rx[10]) == got[lost]
+    assert rx.seq == lost and bytes(rx.payload) == got[lost]
     h.seg(g, seq.add(s, len(data)), ACK, window=2000)
     assert h.e.get_timer() is None
 
@@ -498,13 +498,13 @@ def test_sack_blocks_drive_retransmission():
     for _ in range(3):
         h.seg(g, at[0], ACK, window=1000, options=sack)
     out = h.pop()
-    assert [o[5] for o in out] == [at[0], at[4]]  # only the holes, once each
+    assert [o.seq for o in out] == [at[0], at[4]]  # only the holes, once each
     for _ in range(3):
         h.seg(g, at[0], ACK, window=1000, options=sack)
     assert h.pop() == []  # not again while the same SACK stands
     # partial ACK up to the second hole: it was already resent, nothing more is needed
     h.seg(g, at[4], ACK, window=1000, options=build_tcp_options(sack_blocks=[(at[5], at[10])]))
-    assert [o for o in h.pop() if o[10]] == []
+    assert [o for o in h.pop() if o.payload] == []
     h.seg(g, at[10], ACK, window=1000)
     assert h.e.get_timer() is None
 
@@ -516,7 +516,7 @@ def test_ack_beyond_snd_nxt_after_go_back_n_is_accepted():
     h.pop()
     h.e.handle_timer(h.e.get_timer())  # RTO: go back to snd_una, resend the window
     out = h.pop()
-    assert out[0][5] == s
+    assert out[0].seq == s
     h.seg(1001, seq.add(s, 14600), ACK, window=1000)  # the guest had it all
     assert h.stats.dropped["tcp_ack_future"] == 0
     assert h.e.get_timer() is None
@@ -529,14 +529,14 @@ def test_fin_retransmitted_until_acked():
     h.e.send_tcp(fl, b"last", 0.0)
     h.e.shutdown_tcp(fl, 0.0)
     out = h.pop()
-    assert b"".join(bytes(o[10]) for o in out) == b"last" and out[-1][7] & FIN
+    assert b"".join(bytes(o.payload) for o in out) == b"last" and out[-1].flags & FIN
     h.e.handle_timer(h.e.get_timer())  # data+FIN lost
     (sg,) = h.pop()
-    assert sg[7] & FIN and bytes(sg[10]) == b"last" and sg[5] == s
+    assert sg.flags & FIN and bytes(sg.payload) == b"last" and sg.seq == s
     h.seg(1001, seq.add(s, 4), ACK)  # data acked, FIN lost again
     h.e.handle_timer(h.e.get_timer())
     (sg,) = h.pop()
-    assert sg[7] & FIN and sg[5] == seq.add(s, 4) and not sg[10]
+    assert sg.flags & FIN and sg.seq == seq.add(s, 4) and not sg.payload
     h.seg(1001, seq.add(s, 5), ACK | FIN)
     assert E.TcpClosed(fl) in h.ev
 
@@ -549,26 +549,26 @@ def test_delayed_and_coalesced_acks_and_sack_to_guest():
     assert h.pop() == []  # delayed
     h.e.flush_pending(DELACK)
     (a,) = h.pop()
-    assert a[6] == 1101
+    assert a.ack == 1101
     h.e.flush_pending(DELACK)
     assert h.pop() == []  # one ACK only
     for i in range(10):  # a batch of 10 segments: one ACK per two
         h.seg(1101 + 100 * i, s, ACK | PSH, b"b" * 100)
     h.e.flush_pending(DELACK)
     acks = h.pop()
-    assert len(acks) == 5 and acks[-1][6] == 2101
+    assert len(acks) == 5 and acks[-1].ack == 2101
     # out of order: an immediate ACK carrying the SACK block
     h.seg(2201, s, ACK | PSH, b"c" * 100)
     (d,) = h.pop()
-    assert d[6] == 2101 and parse_tcp_options_untrusted(d[9]).sack_blocks == ((2201, 2301),)
+    assert d.ack == 2101 and parse_tcp_options_untrusted(d.options).sack_blocks == ((2201, 2301),)
     h.seg(2401, s, ACK | PSH, b"c" * 100)
     (d,) = h.pop()
-    assert parse_tcp_options_untrusted(d[9]).sack_blocks == ((2401, 2501), (2201, 2301))
+    assert parse_tcp_options_untrusted(d.options).sack_blocks == ((2401, 2501), (2201, 2301))
     h.seg(2101, s, ACK | PSH, b"c" * 100)
     h.e.flush_pending(DELACK)
     out = h.pop()
-    assert out[-1][6] == 2301
-    assert parse_tcp_options_untrusted(out[-1][9]).sack_blocks == ((2401, 2501),)
+    assert out[-1].ack == 2301
+    assert parse_tcp_options_untrusted(out[-1].options).sack_blocks == ((2401, 2501),)
 
 
 def test_churn_leaves_the_table_empty():
@@ -583,7 +583,7 @@ def test_churn_leaves_the_table_empty():
         assert isinstance(req, E.TcpConnectRequest) and req.sport == sport
         h.e.accept_tcp(req.flow, now)
         sa = h.pop()[-1]
-        s = seq.add(sa[5], 1)
+        s = seq.add(sa.seq, 1)
         h.seg(seq.add(g, 1), s, ACK | PSH, b"x", sport=sport, now=now)
         assert h.e.recv_tcp(req.flow, 10, now) == b"x"
         if i % 2:  # the guest closes first
@@ -629,7 +629,7 @@ def test_out_of_order_queue_bounded_in_bytes_and_entries():
     for i in range(1, 400):
         h.seg(1001 + 100 + i, s, ACK, b"o" * 60000)
     f = h.e._flows[fl]
-    assert sum(len(b) for b, _ in f.ooo.values()) <= 256 * 1024 and len(f.ooo) <= 256
+    assert sum(len(b) for b, _ in f.rcv.ooo.values()) <= 256 * 1024 and len(f.rcv.ooo) <= 256
     assert h.stats.dropped["tcp_ooo_cap"] > 0
     h.seg(1001, s, ACK, b"i" * 101)
     got = h.e.recv_tcp(fl, 10**6, 0.0)
@@ -643,10 +643,196 @@ def test_sack_blocks_never_push_a_full_segment_past_the_mss():
     fl, s = est(h)
     h.seg(1001 + 5000, s, ACK, b"o" * 100)  # out of order: the guest's data has a hole
     (sack_ack,) = h.pop()
-    opts = parse_tcp_options_untrusted(bytes(sack_ack[9]))
-    assert not sack_ack[10] and opts.sack_blocks == ((6001, 6101),)
+    opts = parse_tcp_options_untrusted(bytes(sack_ack.options))
+    assert not sack_ack.payload and opts.sack_blocks == ((6001, 6101),)
     h.seg(1001 + 5000, s, ACK, b"", window=65535)  # the guest's window opens
     assert h.e.send_tcp(fl, b"d" * 5000, 0.0) == 5000
-    segs = [x for x in h.pop() if len(x[10])]
-    assert sum(len(x[10]) for x in segs) == 5000
-    assert all(len(x[9]) + len(x[10]) <= 1460 for x in segs), [(len(x[9]), len(x[10])) for x in segs]
+    segs = [x for x in h.pop() if len(x.payload)]
+    assert sum(len(x.payload) for x in segs) == 5000
+    assert all(len(x.options) + len(x.payload) <= 1460 for x in segs), [(len(x.options), len(x.payload)) for x in segs]
+
+
+def _planted_bug(*a, **k):
+    raise ZeroDivisionError("planted")
+
+
+def test_internal_error_is_raised_under_tests(monkeypatch):
+    """STRICT (tests/conftest.py): a bug inside the engine is raised, never hidden in a counter."""
+    from slirpy.stack import tcp
+    assert tcp.STRICT
+    h = H()
+    fl, s = est(h)
+    monkeypatch.setattr(h.e, "_process_data", _planted_bug)
+    try:
+        h.seg(1001, s, ACK | PSH, b"data")
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the planted bug was swallowed")
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.e.send_tcp(fl2, b"x", 0.0)
+    monkeypatch.setattr(h2.e, "_fire", _planted_bug)
+    try:
+        h2.e.handle_timer(h2.e.get_timer())
+    except ZeroDivisionError:
+        pass
+    else:
+        raise AssertionError("the planted bug in a timer was swallowed")
+
+
+def test_internal_error_in_production_resets_the_flow(monkeypatch):
+    """Without STRICT: the flow the bug hit is reset (RST to the guest, TcpReset + TcpClosed to
+    the glue), counted, and handed to the glue once as InternalError; other flows go on."""
+    from slirpy.stack import tcp
+    monkeypatch.setattr(tcp, "STRICT", False)
+    h = H()
+    fl, s = est(h)
+    h.seg(5000, 0, SYN, sport=40001)
+    other = h.ev[-1].flow
+    h.e.accept_tcp(other, 0.0)
+    (sa,) = h.pop()
+    s_other = seq.add(sa.seq, 1)
+    h.seg(5001, s_other, ACK, sport=40001)
+    h.ev.clear()
+    monkeypatch.setattr(h.e, "_process_data", _planted_bug)
+    h.seg(1001, s, ACK | PSH, b"data")
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == s and rst.dport == 40000
+    assert h.ev == [E.InternalError("tcp", fl, "ZeroDivisionError: planted"), E.TcpReset(fl),
+                    E.TcpClosed(fl)]
+    assert h.stats.dropped["tcp_internal_error"] == 1
+    assert [f["id"] for f in h.e.flows()] == [other]
+    assert h.e.mem_bytes == h.e.mem_recount()
+    # a timer's bug: the same
+    h.ev.clear()
+    h.e.send_tcp(other, b"x", 0.0)
+    h.pop()
+    monkeypatch.setattr(h.e, "_fire", _planted_bug)
+    h.e.handle_timer(h.e.get_timer())
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == seq.add(s_other, 1)
+    assert h.ev == [E.InternalError("tcp", other, "ZeroDivisionError: planted"),
+                    E.TcpReset(other), E.TcpClosed(other)]
+    assert h.stats.dropped["tcp_internal_error"] == 2 and h.e.flows() == []
+
+
+def _state(h, fl):
+    return h.e._flows[fl].state
+
+
+def test_closing_states_host_first():
+    """The host closes first: FIN_WAIT_1, FIN_WAIT_2 once our FIN is acknowledged, then the
+    guest's FIN: DRAINING while its last bytes wait for the host, TIME_WAIT once taken.
+    list_flows shows all but TIME_WAIT as ESTABLISHED."""
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    (fin,) = h.pop()
+    assert fin.flags & FIN and _state(h, fl) is S.FIN_WAIT_1
+    assert h.e.flows()[0]["state"] == "ESTABLISHED" and h.e.tally()[0] == {"ESTABLISHED": 1}
+    h.seg(1001, seq.add(s, 1), ACK)
+    assert _state(h, fl) is S.FIN_WAIT_2
+    h.seg(1001, seq.add(s, 1), ACK | PSH | FIN, b"last")
+    assert _state(h, fl) is S.DRAINING and h.e.flows()[0]["state"] == "ESTABLISHED"
+    assert E.TcpClosed(fl) not in h.ev
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"last"
+    assert _state(h, fl) is S.TIME_WAIT and h.e.flows()[0]["state"] == "TIME_WAIT"
+    assert h.ev[-2:] == [E.TcpGuestEof(fl), E.TcpClosed(fl)]
+
+
+def test_closing_states_guest_first_and_simultaneous():
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    assert _state(h, fl) is S.CLOSE_WAIT
+    assert h.e.send_tcp(fl, b"answer", 0.0) == 6  # the host may still send
+    h.e.shutdown_tcp(fl, 0.0)
+    assert _state(h, fl) is S.LAST_ACK
+    assert h.e.send_tcp(fl, b"more", 0.0) == 0
+    h.seg(1002, seq.add(s, 6), ACK)  # the data, not the FIN
+    assert _state(h, fl) is S.LAST_ACK
+    h.seg(1002, seq.add(s, 7), ACK)
+    assert _state(h, fl) is S.TIME_WAIT  # the guest's EOF was pushed already: no DRAINING
+    h2 = H()
+    fl2, s2 = est(h2)
+    h2.e.shutdown_tcp(fl2, 0.0)
+    h2.seg(1001, s2, ACK | FIN)  # crosses our FIN
+    assert _state(h2, fl2) is S.CLOSING
+    h2.seg(1002, seq.add(s2, 1), ACK)
+    assert _state(h2, fl2) is S.TIME_WAIT
+
+
+def test_host_close_during_the_handshake_is_queued():
+    """RFC 9293 3.10.4: a close in SYN_RCVD waits for the handshake; then FIN_WAIT_1."""
+    from slirpy.stack.tcp_state import TcpState as S
+    h = H()
+    h.seg(1000, 0, SYN)
+    (req,) = h.ev
+    h.e.accept_tcp(req.flow, 0.0)
+    (sa,) = h.pop()
+    h.e.send_tcp(req.flow, b"hi", 0.0)
+    h.e.shutdown_tcp(req.flow, 0.0)
+    assert _state(h, req.flow) is S.SYN_RCVD and h.pop() == []
+    h.seg(1001, seq.add(sa.seq, 1), ACK)
+    out = h.pop()
+    assert _state(h, req.flow) is S.FIN_WAIT_1
+    assert b"".join(bytes(o.payload) for o in out) == b"hi" and out[-1].flags & FIN
+
+
+def test_transition_table_refuses_an_illegal_move():
+    from slirpy.stack import tcp_state
+    from slirpy.stack.tcp_state import TcpEvent, TcpState, TcpStateError
+    h = H()
+    fl, s = est(h)
+    f = h.e._flows[fl]
+    try:
+        tcp_state.move(f, TcpEvent.ACCEPT)
+    except TcpStateError as e:
+        assert "ACCEPT in ESTABLISHED" in str(e)
+    else:
+        raise AssertionError("an illegal move was made")
+    assert f.state is TcpState.ESTABLISHED
+    # every state but CLOSED may be closed; every state is reachable from CLOSED
+    reach, todo = {TcpState.CLOSED}, [TcpState.CLOSED]
+    while todo:
+        st = todo.pop()
+        for (a, _ev), b in tcp_state.TRANSITIONS.items():
+            if a is st and b not in reach:
+                reach.add(b)
+                todo.append(b)
+    assert reach == set(TcpState)
+
+
+def test_plausible_garbage_never_raises():
+    """Every flag combination at sequence and acknowledgment numbers near the flow's own (so
+    that the segments get past the ACK checks into data, FIN and SACK handling, which wild
+    numbers never reach), with payloads and option bytes: answered or counted, never raised
+    (STRICT makes a bug inside raise), and the byte accounting stays exact."""
+    from slirpy.stack.tcp_state import TcpState
+    h = H()
+    opened = got = 0
+    fl = None
+    for i in range(256):
+        for dseq, dack in ((0, 0),) * 4 + ((1, 1460), (-3, 2920), (1460, 3000), (5, -1)):
+            f = h.e._flows.get(fl)
+            if f is None or (f.state is not TcpState.ESTABLISHED and i % 17 == 0):
+                if f is not None:
+                    h.e.reset_tcp(fl, i * 0.01)
+                h.ev.clear()
+                h.pop()
+                fl, s = est(h)
+                opened += 1
+                h.e.send_tcp(fl, b"d" * 3000, i * 0.01)
+                sack = build_tcp_options(sack_blocks=[(seq.add(s, 1460), seq.add(s, 2920))])
+                f = h.e._flows[fl]
+            opts = (b"", sack, b"\x02\x01", b"\x01" * 3)[i % 4]
+            h.seg(seq.add(f.rcv.nxt, dseq), seq.add(f.snd.una, dack), i, b"g" * (i % 5),
+                  options=opts, now=i * 0.01)
+            assert h.e.mem_recount() == h.e.mem_bytes
+        got += len(h.e.recv_tcp(fl, 100, i * 0.01))
+        h.e.handle_timer(i * 0.01)
+    assert "tcp_internal_error" not in h.stats.dropped
+    assert opened > 5 and got > 0  # flows were reset and reopened; guest data got through

@@ -123,7 +123,7 @@ def test_stack_vnet_truncated_and_output_prefixed():
     # an ARP request for the gateway: the reply goes out with an all-zero header first
     arp = wire.build_arp(wire.BROADCAST, GUEST_MAC, 1, GUEST_MAC, G4, b"\0" * 6, H4)
     s.receive_frame(wire.VNET_NONE + bytes(arp), 0.0)
-    out = s.frames_to_send()
+    out = s.frames_to_send(0.0)
     assert len(out) == 1 and bytes(out[0][:10]) == wire.VNET_NONE
     assert bytes(out[0][10:16]) == GUEST_MAC and out[0][22:24] == b"\x08\x06" and out[0][30:32] == b"\x00\x02"
 
@@ -132,7 +132,7 @@ def test_stack_without_vnet_has_no_header():
     s = Stack(Config(), 0.0)
     arp = wire.build_arp(wire.BROADCAST, GUEST_MAC, 1, GUEST_MAC, G4, b"\0" * 6, H4)
     s.receive_frame(bytes(arp), 0.0)
-    out = s.frames_to_send()
+    out = s.frames_to_send(0.0)
     assert len(out) == 1 and bytes(out[0][:6]) == GUEST_MAC
     assert s.tcp.seg_max == 0
 
@@ -144,16 +144,16 @@ def test_stack_vnet_sends_one_gso_segment_for_bulk():
     s.receive_frame(_guest_tcp_frame(b"", True, 0), 0.0)
     ev = s.next_event()
     s.accept_tcp(ev.flow, 0.0)
-    synack = s.frames_to_send()[0]
+    synack = s.frames_to_send(0.0)[0]
     isn = struct.unpack_from("!I", synack, 10 + 14 + 20 + 4)[0]
     ack = wire.tcp_segment(4, G4, H4, 40000, 80, 2, (isn + 1) & 0xFFFFFFFF, 0x10, 65535, b"", b"")
     f = s.tcp._flows[ev.flow]
     s.receive_frame(wire.VNET_NONE + bytes(wire.build_ipv4(b"\x52\x55\x0a\x00\x02\x02",
                                                               GUEST_MAC, G4, H4, 6, ack)), 0.0)
-    f.snd_wnd = 1 << 20  # the guest opened its window wide (scaled)
+    f.snd.wnd = 1 << 20  # the guest opened its window wide (scaled)
     data = hashlib.shake_256(b"bulk").digest(200_000)
     assert s.send_tcp(ev.flow, data, 0.0) > 0
-    frames = [fr for fr in s.frames_to_send() if len(fr) > 100]
+    frames = [fr for fr in s.frames_to_send(0.0) if len(fr) > 100]
     assert 1 <= len(frames) <= 8
     got = b""
     for fr in frames:

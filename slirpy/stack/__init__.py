@@ -7,7 +7,7 @@ time, asyncio or threading (tests/test_sans_io.py enforces it). Time comes in as
 The glue drives a :class:`slirpy.stack.stack.Stack` like this::
 
     stack.receive_frame(buf, now)        # one Ethernet frame from the tap (bytes or memoryview)
-    for frame in stack.frames_to_send(): # frames for the tap, in order
+    for frame in stack.frames_to_send(now):  # frames for the tap, in order
         ...
     while (ev := stack.next_event()) is not None:   # events for the glue (slirpy.stack.events)
         ...

@@ -72,6 +72,19 @@ class TcpClosed:
     flow: int
 
 
+# ---- our own bugs -----------------------------------------------------------------------------
+@_ev
+class InternalError:
+    """An exception inside the stack while it handled `flow` (a bug of ours, never the guest's
+    bytes): the flow was reset and the error counted (``stats.dropped["tcp_internal_error"]``).
+    The glue logs it, rate-limited. Under tests (``slirpy.stack.tcp.STRICT``) the exception is
+    raised instead."""
+
+    component: str  # "tcp"
+    flow: int | None
+    error: str  # type and message of the exception
+
+
 # ---- UDP --------------------------------------------------------------------------------------
 @_ev
 class UdpDatagram:

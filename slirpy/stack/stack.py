@@ -146,8 +146,8 @@ class Stack:
                                         58, ns, 0, self.config.mtu, 255):
                 self._send(f)
 
-    def frames_to_send(self) -> list:
-        self.tcp.flush_pending(self._last_now)
+    def frames_to_send(self, now) -> list:
+        self.tcp.flush_pending(now)
         if not self._out:
             return []
         out = list(self._out)
@@ -533,8 +533,8 @@ class Stack:
         if unknown:
             self._solicit(6, bytes(dst))
 
-    def _emit_tcp(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
-                  payload):
+    def _emit_tcp(self, seg):
+        family, src, sport, dst, dport, seqno, ackno, flags, window, options, payload = seg
         if self.vnet and self.guest_mac is not wire.BROADCAST:
             cfg = self.config
             frame = wire.build_tcp_vnet(self.guest_mac, self.router_mac, family, src, dst, sport,

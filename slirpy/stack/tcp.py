@@ -1,11 +1,11 @@
 """Sans-IO TCP engine: terminates the guest's TCP (RFC 9293 subset a NAT endpoint needs).
 
-The contract between stack.py and the engine, fixed here so both can be built side by side:
+The contract between stack.py and the engine:
 
     engine = TcpEngine(config, emit, push_event, stats)
-      emit(family, src: bytes, sport, dst: bytes, dport, seq, ack, flags, window,
-           options: bytes, payload: bytes | memoryview) -> None
-          stack.py builds the IP+TCP frame toward the guest (src = remote side, dst = guest).
+      emit(seg: TcpSegment) -> None   (family, src: bytes, sport, dst: bytes, dport, seq, ack,
+          flags, window, options: bytes, payload: bytes | memoryview); stack.py builds the
+          IP+TCP frame toward the guest (src = remote side, dst = guest).
       push_event(ev) -> None        appends to the stack's event queue (slirpy.stack.events)
       stats: slirpy.stack.stats.Stats
 
@@ -14,7 +14,7 @@ The contract between stack.py and the engine, fixed here so both can be built si
           options are the raw option bytes (parse with tcp_options.parse_tcp_options_untrusted);
           payload is a memoryview valid only during the call (copy what you keep).
     engine.get_timer() -> float | None ;  engine.handle_timer(now)
-    engine.flush_pending(now)   called by Stack.frames_to_send() before draining, so the engine
+    engine.flush_pending(now)   called by Stack.frames_to_send(now) before draining, so the engine
           can emit coalesced ACKs and window updates once per batch of received frames.
 
   Glue calls (Stack delegates them to the engine):
@@ -47,89 +47,135 @@ import collections
 import heapq
 import ipaddress
 import random
+from typing import NamedTuple
 
+from ..config import Config
 from . import seq
-from .events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
-                     TcpReset, TcpWritable)
+from .events import (InternalError, TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof,
+                     TcpReadable, TcpReset, TcpWritable)
 from .tcp_options import build_tcp_options, parse_tcp_options_untrusted
+from .tcp_recovery import INIT_RTO, MAX_RETRIES, Recovery, retransmit_holes
+from .tcp_state import (CONNECTED, FIN_UNACKED, GUEST_CLOSED, HANDSHAKE, HOST_CLOSED, RCV_OPEN,
+                        SHOWN, SND_OPEN, TcpEvent, TcpState, move)
+
+CLOSED, SYN_PENDING, SYN_SENT, SYN_RCVD = (TcpState.CLOSED, TcpState.SYN_PENDING,
+                                           TcpState.SYN_SENT, TcpState.SYN_RCVD)
+ESTABLISHED, DRAINING, TIME_WAIT = TcpState.ESTABLISHED, TcpState.DRAINING, TcpState.TIME_WAIT
+
+# Our own bugs are loud in tests: tests/conftest.py (and the fuzz harnesses) set this, and an
+# exception inside the engine is raised instead of resetting the flow it hit (_internal_error).
+STRICT = False
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 _MASK, _HALF = seq.MASK, seq.HALF  # for the per-segment window arithmetic
 
-BUF = 256 * 1024
-MEM_BUDGET = 128 * 1024 * 1024  # all flows' send + receive + out-of-order bytes together
+# The tuning values are Config fields (slirpy/config.py); these names are their defaults.
+_DEFAULTS = Config()
+BUF = _DEFAULTS.tcp_sndbuf  # per flow and direction
+MEM_BUDGET = _DEFAULTS.tcp_mem_budget  # all flows' send + receive + out-of-order bytes together
 MEM_FLOOR = 16 * 1024  # a flow may always hold max(MEM_FLOOR, its MSS) each way while under budget
 WAKE_MISSES = 16  # a wake pass gives up after this many budget-limited flows it could not help
 WAKE_RETRY = 0.2  # flows still wait while room is free (handed to flows that left it unused): retry
-MAX_FLOWS = 32768  # issue #20: a guest with 20,000 connections is served (fds permitting)
-MAX_HALF_OPEN = 1024
+MAX_FLOWS = _DEFAULTS.max_tcp_flows
+MAX_HALF_OPEN = _DEFAULTS.max_tcp_half_open
 # At the half-open cap a new SYN evicts the oldest half-open flow only once that one is this old
 # (a stale handshake: a guest that never ACKs, a host that never answers). While all are younger,
 # the guest is opening connections faster than the loop completes them: its SYN is dropped and
 # retransmitted (1 s, 3 s, ... later), so connects are admitted at the rate the loop serves them
 # instead of resetting the ones nearly done.
 HALF_OPEN_STALE = 3.0
-MIN_RTO, MAX_RTO, INIT_RTO = 0.2, 60.0, 1.0
-MAX_RETRIES = 8
 # A lone in-order data segment is ACKed after at most this long, so that the host's answer can
 # carry the ACK (one frame to the guest per request instead of two). Every second segment is
 # ACKed at once, as are FINs, out-of-order data and window updates. Linux receivers wait 40 ms
 # or more; slirp4netns does not wait at all. 1 ms bounds what a guest writing twice under Nagle
 # before reading waits for the first ACK.
-DELACK = 0.001
+DELACK = _DEFAULTS.tcp_delack
 MAX_OOO = 256  # out-of-order segments queued per flow (bytes are bounded by the window)
-TIME_WAIT = 2.0
+TIME_WAIT_LEN = 2.0  # seconds a closed flow answers late segments
 PERSIST_MAX = 30.0
 
 
+class TcpSegment(NamedTuple):
+    """One segment toward the guest, as the engine hands it to `emit` (stack.py builds the IP+TCP
+    frame). src/sport are the remote side, dst/dport the guest."""
+
+    family: int
+    src: bytes
+    sport: int
+    dst: bytes
+    dport: int
+    seq: int
+    ack: int
+    flags: int
+    window: int  # as on the wire (already scaled down)
+    options: bytes
+    payload: bytes | memoryview
+
+
+_new = tuple.__new__  # _new(TcpSegment, (...)): the namedtuple without its Python-level __new__
+
+
+class _SendSide:
+    """Host -> guest: what we send, how far the guest acknowledged it, the guest's window."""
+
+    __slots__ = ("iss", "una", "nxt", "max", "wnd", "ws", "buf", "fin_seq", "want_writable",
+                 "limited", "bytes")
+
+    def __init__(self):
+        self.iss = self.una = self.nxt = 0
+        self.max = 0  # highest sequence number sent (nxt goes back on RTO; this never)
+        self.wnd = 0  # the guest's window, scaled
+        self.ws = 0  # the guest's window scale
+        self.buf = None  # bytearray from the host, from una on (allocated lazily)
+        self.fin_seq = None  # our FIN's sequence number, once sent
+        self.want_writable = False  # send_tcp came up short: TcpWritable when there is room
+        self.limited = False  # send_tcp was cut short by the memory budget (in _swait)
+        self.bytes = 0  # bytes sent to the guest (list_flows' bytes_out)
+
+
+class _RecvSide:
+    """Guest -> host: what the guest sent us, the window we offer, the ACKs we owe."""
+
+    __slots__ = ("nxt", "ws", "edge", "last_adv", "buf", "ooo", "ooo_bytes", "last_ooo",
+                 "ack_pending", "unacked", "limited", "bytes")
+
+    def __init__(self):
+        self.nxt = 0
+        self.ws = 0  # our window scale (0 unless the guest offered scaling)
+        self.edge = 0  # right edge of the window advertised (never moves back): set with nxt
+        self.last_adv = 0  # the window last advertised, bytes
+        self.buf = None  # bytearray of guest bytes the host has not taken (allocated lazily)
+        self.ooo = None  # dict seq -> (bytes, fin): out-of-order segments
+        self.ooo_bytes = 0  # bytes held in ooo
+        self.last_ooo = None  # seq of the most recent out-of-order segment (first SACK block)
+        self.ack_pending = False  # a delayed ACK is owed (in the engine's _ack_set)
+        self.unacked = 0  # in-order segments taken since our last ACK
+        self.limited = False  # the last window advertised was cut by the memory budget (_rwait)
+        self.bytes = 0  # bytes taken from the guest (list_flows' bytes_in)
+
+
 class _Flow:
-    __slots__ = ("id", "family", "key", "raddr", "rport", "gaddr", "gport", "state", "iss",
-                 "snd_una", "snd_nxt", "snd_wnd", "snd_ws", "rcv_ws", "rcv_nxt", "mss",
-                 "sbuf", "rbuf", "ooo", "fin_pending", "fin_seq", "fin_acked", "their_fin",
-                 "eof_pushed", "rto", "srtt", "rttvar", "retries", "rtt_seq", "rtt_t", "dupacks",
-                 "ack_pending", "unacked", "gen", "deadline", "want_writable", "bytes_in",
-                 "bytes_out", "sack_ok", "last_adv", "retransmitted", "snd_max", "recover",
-                 "rexmit_hi", "sacked", "last_ooo", "ooo_bytes", "rcv_edge", "rlim", "slim", "born")
+    """One connection: its addresses, its state (tcp_state.py), and three parts: snd (host to
+    guest), rcv (guest to host), rec (RTT and loss recovery, tcp_recovery.py)."""
+
+    __slots__ = ("id", "family", "key", "raddr", "rport", "gaddr", "gport", "state",
+                 "close_queued", "eof_pushed", "mss", "sack_ok", "gen", "deadline", "born",
+                 "snd", "rcv", "rec")
 
     def __init__(self, fid, family, key, raddr, rport, gaddr, gport):
         self.id, self.family, self.key = fid, family, key
         self.raddr, self.rport, self.gaddr, self.gport = raddr, rport, gaddr, gport
-        self.state = "CLOSED"
-        self.iss = self.snd_una = self.snd_nxt = self.rcv_nxt = 0
-        self.snd_wnd = 0
-        self.snd_ws = self.rcv_ws = 0
+        self.state = CLOSED  # changed only by tcp_state.move
+        self.close_queued = False  # the host closed during the handshake (tcp_state.py)
+        self.eof_pushed = False  # TcpGuestEof pushed: the host has every guest byte
         self.mss = 536
-        self.sbuf = None  # bytearray, allocated lazily
-        self.rbuf = None
-        self.ooo = None  # dict seq -> bytes
-        self.fin_pending = False
-        self.fin_seq = None
-        self.fin_acked = False
-        self.their_fin = False
-        self.eof_pushed = False
-        self.rto, self.srtt, self.rttvar = INIT_RTO, None, 0.0
-        self.retries = 0
-        self.rtt_seq = self.rtt_t = None
-        self.dupacks = 0
-        self.ack_pending = False
-        self.unacked = 0
-        self.gen = 0
-        self.deadline = None
-        self.want_writable = False
-        self.bytes_in = self.bytes_out = 0
         self.sack_ok = False
-        self.last_adv = 0
-        self.retransmitted = False
-        self.snd_max = 0  # highest sequence number sent (snd_nxt goes back on RTO; this never)
-        self.recover = None  # fast recovery until snd_una reaches this (RFC 6582)
-        self.rexmit_hi = 0  # highest byte retransmitted in this recovery
-        self.sacked = ()  # the guest's latest SACK blocks within (snd_una, snd_max]
-        self.last_ooo = None  # seq of the most recent out-of-order segment (first SACK block)
-        self.ooo_bytes = 0  # bytes held in ooo
-        self.rcv_edge = 0  # right edge of the window advertised (never moves back): set with rcv_nxt
-        self.rlim = False  # the last window advertised was cut by the memory budget (in _rwait)
-        self.slim = False  # send_tcp was cut short by the memory budget (in _swait)
+        self.gen = 0  # timer generation: heap entries of an older one are stale
+        self.deadline = None  # the flow's one timer (RTO, persist, handshake, TIME_WAIT)
         self.born = 0.0  # when the flow's first SYN came or went
+        self.snd = _SendSide()
+        self.rcv = _RecvSide()
+        self.rec = Recovery()
 
 
 class TcpEngine:
@@ -138,10 +184,10 @@ class TcpEngine:
         self._emit = emit
         self._push = push_event
         self.stats = stats
-        self.sndbuf = getattr(config, "tcp_sndbuf", BUF)
-        self.rcvbuf = getattr(config, "tcp_rcvbuf", BUF)
-        self.max_flows = getattr(config, "max_tcp_flows", MAX_FLOWS)
-        self.mem_budget = getattr(config, "tcp_mem_budget", MEM_BUDGET)
+        self.sndbuf = config.tcp_sndbuf
+        self.rcvbuf = config.tcp_rcvbuf
+        self.max_flows = config.max_tcp_flows
+        self.mem_budget = config.tcp_mem_budget
         self._soft = self.mem_budget - self.mem_budget // 4
         # the limits in force: _soft and mem_budget, less what a wake pass has handed out
         self._soft_lim, self._hard_lim = self._soft, self.mem_budget
@@ -158,11 +204,11 @@ class TcpEngine:
         self._heap: list = []
         self._ack_set: dict[int, _Flow] = {}  # flows owing the guest a delayed ACK
         self._delack_at = 0.0  # when the oldest of those is due
-        self.delack = getattr(config, "tcp_delack", DELACK)
+        self.delack = config.tcp_delack
         self.seg_max = 0  # > mss: the stack can hand the guest GSO segments this large (TSO)
         # half-open flows (SYN_PENDING, SYN_RCVD, SYN_SENT) oldest first: a SYN flood evicts these
         self._half_open: dict[int, _Flow] = {}
-        self.max_half_open = getattr(config, "max_tcp_half_open", MAX_HALF_OPEN)
+        self.max_half_open = config.max_tcp_half_open
         ws = 0
         while (self.rcvbuf >> ws) > 0xFFFF and ws < 14:
             ws += 1
@@ -193,74 +239,77 @@ class TcpEngine:
     def _rcv_allow(self, f, n):
         """How many of n bytes of guest data the budget lets this flow take (the same rule as
         for windows, so flows past their floor never eat into the last quarter)."""
-        return self._allow((len(f.rbuf) if f.rbuf else 0) + f.ooo_bytes, n,
+        return self._allow((len(f.rcv.buf) if f.rcv.buf else 0) + f.rcv.ooo_bytes, n,
                            min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
 
     def _rwnd(self, f):
         """The receive window (bytes) the budget lets this flow offer now: the room in its
         buffer, cut by the budget (then the flow is flagged for a wake-up)."""
-        rl = len(f.rbuf) if f.rbuf else 0
+        rcv = f.rcv
+        rl = len(rcv.buf) if rcv.buf else 0
         target = self.rcvbuf - rl
-        if target <= 0 or f.their_fin or f.state == "TIME_WAIT":  # no more data will be taken
+        if target <= 0 or f.state in GUEST_CLOSED:  # no more data will be taken
             return max(target, 0)
-        w = self._allow(rl + f.ooo_bytes, target, min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
+        w = self._allow(rl + rcv.ooo_bytes, target, min(self.rcvbuf, max(MEM_FLOOR, f.mss)))
         if w < target:
-            if not f.rlim:
-                f.rlim = True
+            if not rcv.limited:
+                rcv.limited = True
                 self._rwait[f.id] = f
                 self.stats.drop("tcp_mem_cap_window")
-        elif f.rlim:
-            f.rlim = False
+        elif rcv.limited:
+            rcv.limited = False
             self._rwait.pop(f.id, None)
         return w
 
     def _update_due(self, f, new_adv):
         """Receiver SWS avoidance (RFC 1122 4.2.3.3): is a window update worth a segment?"""
-        return (new_adv - f.last_adv >= min(f.mss, self.rcvbuf // 2)
-                or (f.last_adv < f.mss and new_adv >= f.mss))
+        return (new_adv - f.rcv.last_adv >= min(f.mss, self.rcvbuf // 2)
+                or (f.rcv.last_adv < f.mss and new_adv >= f.mss))
 
     def _send(self, f, seqno, flags, payload=b"", options=b""):
+        rcv = f.rcv
         # SACK blocks ride on segments without data only: with them a full-sized segment (mss
         # assumes no options) would exceed the MTU, or at MTU 65520 the 16-bit IP length
-        if f.ooo and f.sack_ok and not options and not payload and flags & ACK and not flags & SYN:
+        if rcv.ooo and f.sack_ok and not options and not payload and flags & ACK and not flags & SYN:
             options = build_tcp_options(sack_blocks=self._sack_blocks(f))
-        rb = f.rbuf
+        rb = rcv.buf
         w = self.rcvbuf - (len(rb) if rb else 0)
-        if w <= 0 or f.rlim or self.mem_bytes + w > self._soft_lim:
+        if w <= 0 or rcv.limited or self.mem_bytes + w > self._soft_lim:
             w = self._rwnd(f)  # the budget may cut it (the common case needs no more than this)
         if flags & SYN:  # RFC 7323: the window of a SYN is never scaled
-            if f.state == "SYN_SENT":  # the guest's ISN is unknown: anchored on its SYN-ACK
-                w = max(w, f.last_adv)
+            if f.state is SYN_SENT:  # the guest's ISN is unknown: anchored on its SYN-ACK
+                w = max(w, rcv.last_adv)
             else:
-                w = max(w, seq.sub(f.rcv_edge, f.rcv_nxt))
+                w = max(w, seq.sub(rcv.edge, rcv.nxt))
             w = min(w, 0xFFFF)
-            f.last_adv = w
-            if f.state != "SYN_SENT":
-                f.rcv_edge = seq.add(f.rcv_nxt, w)
+            rcv.last_adv = w
+            if f.state is not SYN_SENT:
+                rcv.edge = seq.add(rcv.nxt, w)
         else:  # per segment: kept to integer operations
-            ws = f.rcv_ws
+            ws = rcv.ws
             wire = w >> ws
-            nxt = f.rcv_nxt
-            p = (f.rcv_edge - nxt) & _MASK  # never move the right edge back (RFC 9293 3.8.6)
+            nxt = rcv.nxt
+            p = (rcv.edge - nxt) & _MASK  # never move the right edge back (RFC 9293 3.8.6)
             if (wire << ws) < p < _HALF:
                 wire = (p + (1 << ws) - 1) >> ws
             if wire > 0xFFFF:
                 wire = 0xFFFF
             w = wire
-            adv = f.last_adv = wire << ws
-            f.rcv_edge = (nxt + adv) & _MASK  # >= the old edge, by the rounding up
+            adv = rcv.last_adv = wire << ws
+            rcv.edge = (nxt + adv) & _MASK  # >= the old edge, by the rounding up
         if flags & ACK:
-            f.ack_pending = False
-            f.unacked = 0
+            rcv.ack_pending = False
+            rcv.unacked = 0
             self._ack_set.pop(f.id, None)
-        self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno, f.rcv_nxt if flags & ACK else 0,
-                   flags, w, options, payload)
+        self._emit(_new(TcpSegment, (f.family, f.raddr, f.rport, f.gaddr, f.gport, seqno,
+                                     rcv.nxt if flags & ACK else 0, flags, w, options, payload)))
 
     def _sack_blocks(self, f):
         """RFC 2018: the block holding the most recent out-of-order segment first, then the
         others in sequence order; contiguous queued segments merge into one block."""
-        base = f.rcv_nxt
-        spans = sorted((seq.sub(s, base), seq.sub(s, base) + len(b)) for s, (b, _) in f.ooo.items())
+        rcv = f.rcv
+        base = rcv.nxt
+        spans = sorted((seq.sub(s, base), seq.sub(s, base) + len(b)) for s, (b, _) in rcv.ooo.items())
         merged = []
         for lo, hi in spans:
             if lo <= 0 and hi <= 0:
@@ -269,8 +318,8 @@ class TcpEngine:
                 merged[-1][1] = max(merged[-1][1], hi)
             else:
                 merged.append([lo, hi])
-        if f.last_ooo is not None:
-            k = seq.sub(f.last_ooo, base)
+        if rcv.last_ooo is not None:
+            k = seq.sub(rcv.last_ooo, base)
             merged.sort(key=lambda m: not (m[0] <= k < m[1]))
         return [(seq.add(base, lo), seq.add(base, hi)) for lo, hi in merged[:4]]
 
@@ -290,39 +339,46 @@ class TcpEngine:
         self._ack_set.pop(f.id, None)
         self._half_open.pop(f.id, None)
         f.gen += 1
-        f.state = "CLOSED"
+        move(f, TcpEvent.CLOSE)
         self._release(f)
         for ev in events:
             self._push(ev)
 
     def _release(self, f):
         """Drop the flow's buffers and give their bytes back to the budget."""
-        n = (len(f.sbuf) if f.sbuf else 0) + (len(f.rbuf) if f.rbuf else 0) + f.ooo_bytes
+        snd, rcv = f.snd, f.rcv
+        n = (len(snd.buf) if snd.buf else 0) + (len(rcv.buf) if rcv.buf else 0) + rcv.ooo_bytes
         if n:
             self.mem_bytes -= n
             self._mem_freed += n
-        f.sbuf = f.rbuf = f.ooo = None
-        f.ooo_bytes = 0
-        if f.rlim:
-            f.rlim = False
+        snd.buf = rcv.buf = rcv.ooo = None
+        rcv.ooo_bytes = 0
+        if rcv.limited:
+            rcv.limited = False
             self._rwait.pop(f.id, None)
-        if f.slim:
-            f.slim = False
+        if snd.limited:
+            snd.limited = False
             self._swait.pop(f.id, None)
 
     def _abort(self, f, now, reason):
         self.stats.drop(reason)
-        self._send(f, f.snd_nxt, RST | ACK)
+        self._send(f, f.snd.nxt, RST | ACK)
         self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
+
+    def _rst_pending(self, f):
+        """RST to a SYN still waiting for the host connect (no ISN of ours chosen yet)."""
+        self._emit(TcpSegment(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv.nxt, RST | ACK,
+                              0, b"", b""))
 
     def _rst_for(self, family, src, sport, dst, dport, seqno, ackno, flags, plen):
         if flags & RST:
             return
         if flags & ACK:
-            self._emit(family, dst, dport, src, sport, ackno, 0, RST, 0, b"", b"")
+            self._emit(TcpSegment(family, dst, dport, src, sport, ackno, 0, RST, 0, b"", b""))
         else:
             n = plen + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
-            self._emit(family, dst, dport, src, sport, 0, seq.add(seqno, n), RST | ACK, 0, b"", b"")
+            self._emit(TcpSegment(family, dst, dport, src, sport, 0, seq.add(seqno, n), RST | ACK,
+                                  0, b"", b""))
 
     def _new_flow(self, family, gaddr, gport, raddr, rport):
         fid = self._next_id
@@ -336,11 +392,12 @@ class TcpEngine:
     # ------------------------------------------------------------------ guest segments
     def on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                    payload, now):
+        src, dst = bytes(src), bytes(dst)
         try:
-            self._on_segment(family, bytes(src), sport, bytes(dst), dport, seqno, ackno, flags,
-                             window, options, payload, now)
-        except Exception:  # guest bytes never make us raise
-            self.stats.drop("tcp_internal_error")
+            self._on_segment(family, src, sport, dst, dport, seqno, ackno, flags, window,
+                             options, payload, now)
+        except Exception as exc:  # guest bytes never make us raise: this is a bug of ours
+            self._internal_error(self._by_key.get((family, src, sport, dst, dport)), exc, now)
 
     def _on_segment(self, family, src, sport, dst, dport, seqno, ackno, flags, window, options,
                     payload, now):
@@ -366,15 +423,15 @@ class TcpEngine:
                     self.stats.drop(opts)
                     return
                 f = self._new_flow(family, src, sport, dst, dport)
-                f.state = "SYN_PENDING"
+                move(f, TcpEvent.GUEST_SYN)
                 f.born = now
                 self._half_open[f.id] = f
-                f.rcv_nxt = f.rcv_edge = seq.add(seqno, 1)
+                f.rcv.nxt = f.rcv.edge = seq.add(seqno, 1)
                 f.mss = min(opts.mss or 536, self._mss_for(family))
                 if opts.wscale is not None:
-                    f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
+                    f.snd.ws, f.rcv.ws = opts.wscale, self._my_ws
                 f.sack_ok = opts.sack_perm
-                f.snd_wnd = window
+                f.snd.wnd = window
                 self._push(TcpConnectRequest(f.id, family, str(ipaddress.ip_address(src)), sport,
                                              str(ipaddress.ip_address(dst)), dport))
                 return
@@ -382,12 +439,12 @@ class TcpEngine:
             self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
             return
         st = f.state
-        if st == "SYN_PENDING":
-            if flags & RST and seqno == f.rcv_nxt:  # the guest gave up: cancel the host connect
+        if st is SYN_PENDING:
+            if flags & RST and seqno == f.rcv.nxt:  # the guest gave up: cancel the host connect
                 self._remove(f, (TcpReset(f.id), TcpClosed(f.id)))
             return  # retransmitted SYN (or anything else) while the host connect is pending
-        if st == "SYN_SENT":
-            if flags & ACK and ackno != seq.add(f.iss, 1):
+        if st is SYN_SENT:
+            if flags & ACK and ackno != seq.add(f.snd.iss, 1):
                 if not flags & RST:
                     self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                 return
@@ -401,69 +458,69 @@ class TcpEngine:
                     opts = parse_tcp_options_untrusted(b"")
                 f.mss = min(opts.mss or 536, self._mss_for(family))
                 if opts.wscale is not None:
-                    f.snd_ws, f.rcv_ws = opts.wscale, self._my_ws
+                    f.snd.ws, f.rcv.ws = opts.wscale, self._my_ws
                 f.sack_ok = opts.sack_perm
-                f.rcv_nxt = seq.add(seqno, 1)
-                f.rcv_edge = seq.add(f.rcv_nxt, f.last_adv)  # the window our SYN offered
-                f.snd_una = f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
-                f.snd_wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
-                f.state = "ESTABLISHED"
-                f.retries = 0
+                f.rcv.nxt = seq.add(seqno, 1)
+                f.rcv.edge = seq.add(f.rcv.nxt, f.rcv.last_adv)  # the window our SYN offered
+                f.snd.una = f.snd.nxt = f.snd.max = seq.add(f.snd.iss, 1)
+                f.snd.wnd = window  # RFC 7323: the window of a <SYN,ACK> is never scaled
+                self._established(f)
+                f.rec.retries = 0
                 self._half_open.pop(f.id, None)
                 self._arm(f, None)
-                self._send(f, f.snd_nxt, ACK)
+                self._send(f, f.snd.nxt, ACK)
                 self._push(TcpConnected(f.id))
                 self._output(f, now)
             return
         # synchronized states (and SYN_RCVD)
-        wnd = self.rcvbuf >> 0
-        in_window = seq.between(f.rcv_nxt, seqno, seq.add(f.rcv_nxt, max(wnd, 1))) or seqno == f.rcv_nxt
+        snd, rnxt = f.snd, f.rcv.nxt
         if flags & RST:
-            if seqno == f.rcv_nxt:
-                if st != "TIME_WAIT" and f.their_fin and f.fin_acked:
+            if seqno == rnxt:
+                if st is DRAINING:
                     # both FINs are exchanged and acknowledged: the guest, closed already, answers
                     # a duplicate ACK with RST. Resetting the host side now would throw away the
                     # guest's last bytes still on their way to the host socket.
                     self.stats.drop("tcp_rst_after_close")
                     return
-                self._remove(f, () if st == "TIME_WAIT" else (TcpReset(f.id), TcpClosed(f.id)))
-            elif in_window:
-                self._send(f, f.snd_nxt, ACK)  # RFC 5961 challenge ACK
+                self._remove(f, () if st is TIME_WAIT else (TcpReset(f.id), TcpClosed(f.id)))
+            elif seq.between(rnxt, seqno, seq.add(rnxt, max(self.rcvbuf, 1))):
+                self._send(f, snd.nxt, ACK)  # RFC 5961 challenge ACK
             return
-        if st == "TIME_WAIT":
-            if (flags & (SYN | ACK)) == SYN and seq.gt(seqno, f.rcv_nxt):
+        if st is TIME_WAIT:
+            if (flags & (SYN | ACK)) == SYN and seq.gt(seqno, rnxt):
                 self._remove(f)  # RFC 9293 3.10.7.4 / 6191: a new incarnation of the 4-tuple
                 self._on_segment(family, src, sport, dst, dport, seqno, ackno, flags, window,
                                  options, payload, now)
                 return
             if flags & FIN:
-                self._send(f, f.snd_nxt, ACK)
+                self._send(f, snd.nxt, ACK)
             return
         if flags & SYN:
-            if st == "SYN_RCVD" and seqno == seq.sub(f.rcv_nxt, 1) and not flags & ACK:
-                self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
+            if st is SYN_RCVD and seqno == seq.add(rnxt, -1) and not flags & ACK:
+                self._send(f, snd.iss, SYN | ACK,
+                           options=self._syn_options(f, f.rcv.ws or snd.ws))
                 return
-            self._send(f, f.snd_nxt, ACK)  # challenge ACK
+            self._send(f, snd.nxt, ACK)  # challenge ACK
             return
         if not flags & ACK:
             return
-        if st == "SYN_RCVD":
-            if ackno != seq.add(f.iss, 1):
+        if st is SYN_RCVD:
+            if ackno != seq.add(snd.iss, 1):
                 self._rst_for(family, src, sport, dst, dport, seqno, ackno, flags, plen)
                 return
-            f.state = "ESTABLISHED"
-            f.snd_una = f.snd_nxt = f.snd_max = ackno
+            snd.una = snd.nxt = snd.max = ackno
             self._half_open.pop(f.id, None)
-            f.retries = 0
-            f.snd_wnd = window << f.snd_ws
+            f.rec.retries = 0
+            snd.wnd = window << snd.ws
             self._arm(f, None)
+            self._established(f)
         if not self._process_ack(f, ackno, window, options, plen, flags, now):
             return  # it acknowledged what we never sent: dropped, payload, FIN and all
-        if f.state == "CLOSED":
+        if f.state is CLOSED:
             return
         if plen or flags & FIN:
             self._process_data(f, seqno, payload, flags, now)
-        if f.state != "CLOSED":
+        if f.state is not CLOSED:
             self._output(f, now)
             self._maybe_done(f, now)
 
@@ -471,156 +528,120 @@ class TcpEngine:
         """False: the segment must be dropped (RFC 9293 3.10.7.4, RFC 5961 5.2: an ACK of data
         never sent, or older than anything ever in flight, is answered with an ACK, and the
         segment, payload and FIN, goes no further)."""
-        if seq.gt(ackno, f.snd_max):
+        snd, rec = f.snd, f.rec
+        if seq.gt(ackno, snd.max):
             self.stats.drop("tcp_ack_future")
-            self._send(f, f.snd_nxt, ACK)
+            self._send(f, snd.nxt, ACK)
             return False
-        if seq.gt(ackno, f.snd_nxt):  # after a go-back-N: the guest already had these bytes
-            f.snd_nxt = ackno
-        new_wnd = window << f.snd_ws
+        if seq.gt(ackno, snd.nxt):  # after a go-back-N: the guest already had these bytes
+            snd.nxt = ackno
+        new_wnd = window << snd.ws
         blocks = ()
-        if f.sack_ok and options and f.snd_una != f.snd_max:
+        if f.sack_ok and options and snd.una != snd.max:
             opts = parse_tcp_options_untrusted(options)
             if not isinstance(opts, str) and opts.sack_blocks:
                 blocks = tuple((l, r) for l, r in opts.sack_blocks
-                               if seq.lt(l, r) and seq.gt(l, ackno) and seq.le(r, f.snd_max))
-                f.sacked = blocks
-        if seq.gt(ackno, f.snd_una):
-            n = seq.sub(ackno, f.snd_una)
-            data_n = min(n, len(f.sbuf) if f.sbuf else 0)
+                               if seq.lt(l, r) and seq.gt(l, ackno) and seq.le(r, snd.max))
+                rec.sacked = blocks
+        if seq.gt(ackno, snd.una):
+            n = seq.sub(ackno, snd.una)
+            data_n = min(n, len(snd.buf) if snd.buf else 0)
             if data_n:
-                del f.sbuf[:data_n]
+                del snd.buf[:data_n]
                 self.mem_bytes -= data_n
                 self._mem_freed += data_n
-            if f.fin_seq is not None and seq.gt(ackno, f.fin_seq):
-                f.fin_acked = True
-            f.snd_una = ackno
-            f.dupacks = 0
-            f.retries = 0
-            if f.rtt_seq is not None and seq.ge(ackno, f.rtt_seq):
-                r = now - f.rtt_t
-                if f.srtt is None:
-                    f.srtt, f.rttvar = r, r / 2
-                else:
-                    f.rttvar = 0.75 * f.rttvar + 0.25 * abs(f.srtt - r)
-                    f.srtt = 0.875 * f.srtt + 0.125 * r
-                f.rto = min(MAX_RTO, max(MIN_RTO, f.srtt + 4 * f.rttvar))
-                f.rtt_seq = None
-            f.snd_wnd = new_wnd
-            if f.snd_una == f.snd_max:
-                f.sacked = ()
-            if f.recover is not None:
-                if seq.ge(ackno, f.recover):
-                    f.recover = None
-                else:  # partial ACK: the next hole is lost too (RFC 6582), no need to wait
-                    self._retransmit_holes(f, now)
-            if f.snd_una == f.snd_nxt and not avail_unsent(f):
+            if snd.fin_seq is not None and f.state in FIN_UNACKED and seq.gt(ackno, snd.fin_seq):
+                move(f, TcpEvent.FIN_ACKED)
+            snd.una = ackno
+            if rec.rtt_seq is not None and seq.ge(ackno, rec.rtt_seq):
+                rec.rtt_sample(now - rec.rtt_t)
+            snd.wnd = new_wnd
+            if snd.una == snd.max:
+                rec.sacked = ()
+            if rec.on_new_ack(ackno):  # partial ACK: the next hole is lost too (RFC 6582)
+                self._retransmit_holes(f)
+            if snd.una == snd.nxt and not avail_unsent(snd):
                 self._arm(f, None)
             else:
-                self._arm(f, now + f.rto)
-            if f.want_writable:
+                self._arm(f, now + rec.rto)
+            if snd.want_writable:
                 self._writable(f)
-        elif ackno == f.snd_una:
-            if plen == 0 and not flags & FIN and f.snd_una != f.snd_max and new_wnd and (
-                    new_wnd == f.snd_wnd or blocks):
-                f.dupacks += 1
-                if f.dupacks == 3 and f.recover is None:
-                    f.recover = f.snd_max
-                    f.rexmit_hi = f.snd_una
-                    f.rtt_seq = None
-                    self._retransmit_holes(f, now)
-                elif f.dupacks > 3 and f.recover is not None and blocks:
-                    self._retransmit_holes(f, now)  # SACK moved on: newly revealed holes
-            if f.snd_wnd == 0 and new_wnd:
-                f.retries = 0
-            f.snd_wnd = new_wnd
-        elif seq.sub(f.snd_una, ackno) > self.sndbuf + 1:
+        elif ackno == snd.una:
+            if plen == 0 and not flags & FIN and snd.una != snd.max and new_wnd and (
+                    new_wnd == snd.wnd or blocks):
+                if rec.on_dupack(snd.una, snd.max, bool(blocks)):
+                    self._retransmit_holes(f)
+            if snd.wnd == 0 and new_wnd:
+                rec.retries = 0
+            snd.wnd = new_wnd
+        elif seq.sub(snd.una, ackno) > self.sndbuf + 1:
             # older than anything that was ever in flight (RFC 5961 5.2 bounds it by the peer's
             # largest window; never more than our send buffer and a FIN here): a blind guess
             self.stats.drop("tcp_ack_too_old")
-            self._send(f, f.snd_nxt, ACK)
+            self._send(f, snd.nxt, ACK)
             return False
         return True
 
-    def _retransmit_holes(self, f, now, budget=16):
-        """Resend what the guest has not SACKed between max(snd_una, rexmit_hi) and its highest
-        SACKed byte (or the one segment at snd_una without SACK), each hole once per recovery."""
-        start = f.snd_una if seq.ge(f.snd_una, f.rexmit_hi) else f.rexmit_hi
-        blocks = sorted((b for b in f.sacked if seq.gt(b[1], start)), key=lambda b: seq.sub(b[0], start))
-        if not blocks:
-            if start == f.snd_una:
-                self._resend_range(f, start, f.mss)
-                f.rexmit_hi = seq.add(start, f.mss)
-            return
-        cur = start
-        for l, r in blocks:
-            while seq.lt(cur, l) and budget > 0:
-                n = min(f.mss, seq.sub(l, cur))
-                if not self._resend_range(f, cur, n):
-                    return
-                budget -= 1
-                cur = seq.add(cur, n)
-                f.rexmit_hi = cur
-            if seq.gt(r, cur):
-                cur = r
-            if budget <= 0:
-                return
+    def _retransmit_holes(self, f):
+        retransmit_holes(f.rec, f.snd.una, f.mss, lambda start, n: self._resend_range(f, start, n))
 
     def _resend_range(self, f, start, n):
-        off = seq.sub(start, f.snd_una)
-        blen = len(f.sbuf) if f.sbuf else 0
+        snd = f.snd
+        off = seq.sub(start, snd.una)
+        blen = len(snd.buf) if snd.buf else 0
         if off < 0:
             return False
         if off < blen:
-            chunk = bytes(f.sbuf[off:off + min(n, f.mss)])
+            chunk = bytes(snd.buf[off:off + min(n, f.mss)])
             fl = ACK | PSH
-            if f.fin_seq is not None and seq.add(start, len(chunk)) == f.fin_seq and off + len(chunk) == blen:
+            if snd.fin_seq is not None and seq.add(start, len(chunk)) == snd.fin_seq and off + len(chunk) == blen:
                 fl |= FIN
             self._send(f, start, fl, chunk)
             return True
-        if f.fin_seq is not None and start == f.fin_seq:
+        if snd.fin_seq is not None and start == snd.fin_seq:
             self._send(f, start, ACK | FIN)
             return True
         return False
 
     def _process_data(self, f, seqno, payload, flags, now):
-        if f.their_fin:
+        snd, rcv = f.snd, f.rcv
+        if f.state not in RCV_OPEN:  # the guest's FIN came already
             if plen_or_fin(payload, flags):
-                self._send(f, f.snd_nxt, ACK)
+                self._send(f, snd.nxt, ACK)
             return
         data = payload
-        off = seq.sub(f.rcv_nxt, seqno)
+        off = seq.sub(rcv.nxt, seqno)
         fin = bool(flags & FIN)
         if off > 0:
             if off >= len(data) + (1 if fin else 0):
-                self._send(f, f.snd_nxt, ACK)  # duplicate
+                self._send(f, snd.nxt, ACK)  # duplicate
                 return
             if off >= len(data):
                 data = b""
             else:
                 data = data[off:]
-            seqno = f.rcv_nxt
-        room = self.rcvbuf - (len(f.rbuf) if f.rbuf else 0)
-        if seqno != f.rcv_nxt:
-            ahead = seq.sub(seqno, f.rcv_nxt)
+            seqno = rcv.nxt
+        room = self.rcvbuf - (len(rcv.buf) if rcv.buf else 0)
+        if seqno != rcv.nxt:
+            ahead = seq.sub(seqno, rcv.nxt)
             if ahead + len(data) > room:
                 self.stats.drop("tcp_beyond_window")
             elif self._rcv_allow(f, len(data)) < len(data):
                 self.stats.drop("tcp_mem_drop")
-            elif f.ooo is None or (len(f.ooo) < MAX_OOO and  # overlapping copies count too
-                                   f.ooo_bytes + len(data) <= self.rcvbuf):
-                if f.ooo is None:
-                    f.ooo = {}
-                old = f.ooo.get(seqno)
+            elif rcv.ooo is None or (len(rcv.ooo) < MAX_OOO and  # overlapping copies count too
+                                   rcv.ooo_bytes + len(data) <= self.rcvbuf):
+                if rcv.ooo is None:
+                    rcv.ooo = {}
+                old = rcv.ooo.get(seqno)
                 if old is None or len(old[0]) < len(data):
-                    f.ooo[seqno] = (bytes(data), fin)
+                    rcv.ooo[seqno] = (bytes(data), fin)
                     d = len(data) - (len(old[0]) if old is not None else 0)
-                    f.ooo_bytes += d
+                    rcv.ooo_bytes += d
                     self.mem_bytes += d
-                f.last_ooo = seqno
+                rcv.last_ooo = seqno
             else:
                 self.stats.drop("tcp_ooo_cap")
-            self._send(f, f.snd_nxt, ACK)
+            self._send(f, snd.nxt, ACK)
             return
         if len(data) > room:
             data = data[:room]
@@ -632,115 +653,124 @@ class TcpEngine:
                 data = data[:n]
                 fin = False
                 self.stats.drop("tcp_mem_drop")
-        was_empty = not f.rbuf
+        was_empty = not rcv.buf
         self._accept(f, data, fin)
-        while f.ooo and not f.their_fin:  # the stream ends at the FIN: nothing past it
-            hit = f.ooo.pop(f.rcv_nxt, None)
+        while rcv.ooo and f.state in RCV_OPEN:  # the stream ends at the FIN: nothing past it
+            hit = rcv.ooo.pop(rcv.nxt, None)
             if hit is None:
-                for s in list(f.ooo):
-                    d = seq.sub(f.rcv_nxt, s)
-                    b, fn = f.ooo[s]
+                for s in list(rcv.ooo):
+                    d = seq.sub(rcv.nxt, s)
+                    b, fn = rcv.ooo[s]
                     if d >= 0:
-                        del f.ooo[s]
-                        f.ooo_bytes -= len(b)
+                        del rcv.ooo[s]
+                        rcv.ooo_bytes -= len(b)
                         self.mem_bytes -= len(b)
                         if d < len(b) or (fn and d == len(b)):
                             hit = (b[d:], fn)
                             break
             else:
-                f.ooo_bytes -= len(hit[0])
+                rcv.ooo_bytes -= len(hit[0])
                 self.mem_bytes -= len(hit[0])
             if hit is None:
                 break
-            room = self.rcvbuf - len(f.rbuf or b"")
+            room = self.rcvbuf - len(rcv.buf or b"")
             self._accept(f, hit[0][:room], hit[1] and len(hit[0]) <= room)
-        if f.ooo and f.their_fin:  # queued bytes beyond the FIN: never delivered
+        if rcv.ooo and f.state not in RCV_OPEN:  # queued bytes beyond the FIN: never delivered
             self.stats.drop("tcp_data_after_fin")
-            self.mem_bytes -= f.ooo_bytes
-            self._mem_freed += f.ooo_bytes
-            f.ooo_bytes = 0
-            f.ooo = None
-        if not f.ooo:
-            f.ooo = None
-        if was_empty and f.rbuf:
+            self.mem_bytes -= rcv.ooo_bytes
+            self._mem_freed += rcv.ooo_bytes
+            rcv.ooo_bytes = 0
+            rcv.ooo = None
+        if not rcv.ooo:
+            rcv.ooo = None
+        if was_empty and rcv.buf:
             self._push(TcpReadable(f.id))
-        if fin and (f.fin_pending or f.ooo):  # closing both ways / a hole: ACK the FIN now
-            self._send(f, f.snd_nxt, ACK)
+        if fin and (f.state in HOST_CLOSED or rcv.ooo):  # closing both ways / a hole: ACK now
+            self._send(f, snd.nxt, ACK)
         else:  # a FIN before ours is ACKed late too, so that our FIN (the host closing) carries it
-            f.unacked += 1
-            if f.unacked >= 2:
-                self._send(f, f.snd_nxt, ACK)
+            rcv.unacked += 1
+            if rcv.unacked >= 2:
+                self._send(f, snd.nxt, ACK)
             else:
-                f.ack_pending = True
+                rcv.ack_pending = True
                 if not self._ack_set:
                     self._delack_at = now + self.delack
                 self._ack_set[f.id] = f
-        if f.their_fin and not f.rbuf and not f.eof_pushed:
+        if not rcv.buf and not f.eof_pushed and f.state in GUEST_CLOSED:
             f.eof_pushed = True
             self._push(TcpGuestEof(f.id))
 
     def _accept(self, f, data, fin):
+        rcv = f.rcv
         n = len(data)
         if n:
-            if f.rbuf is None:
-                f.rbuf = bytearray(data)
+            if rcv.buf is None:
+                rcv.buf = bytearray(data)
             else:
-                f.rbuf += data
+                rcv.buf += data
             self.mem_bytes += n
-            f.rcv_nxt = (f.rcv_nxt + n) & _MASK
-            f.bytes_in += n
+            rcv.nxt = (rcv.nxt + n) & _MASK
+            rcv.bytes += n
         if fin:
-            f.their_fin = True
-            f.rcv_nxt = seq.add(f.rcv_nxt, 1)
+            move(f, TcpEvent.GUEST_FIN)
+            rcv.nxt = seq.add(rcv.nxt, 1)
 
     # ------------------------------------------------------------------ output
     def _output(self, f, now):
-        if f.state not in ("ESTABLISHED",):
+        snd = f.snd
+        if f.state not in CONNECTED:
             return
-        blen = len(f.sbuf) if f.sbuf else 0
+        closing = f.state in HOST_CLOSED
+        blen = len(snd.buf) if snd.buf else 0
         while True:
-            off = seq.sub(f.snd_nxt, f.snd_una)
-            if f.fin_seq is not None and seq.gt(f.snd_nxt, f.fin_seq):
+            off = seq.sub(snd.nxt, snd.una)
+            if snd.fin_seq is not None and seq.gt(snd.nxt, snd.fin_seq):
                 break
             avail = blen - off
-            win_room = f.snd_wnd - off
+            win_room = snd.wnd - off
             if avail > 0 and win_room > 0:
                 seg = f.mss
                 if self.seg_max > seg:
                     seg = self.seg_max - self.seg_max % seg
                 n = min(avail, win_room, seg)
-                chunk = f.sbuf[off:off + n]
+                chunk = snd.buf[off:off + n]
                 fl = ACK | PSH
-                fin_now = f.fin_pending and off + n == blen
+                fin_now = closing and off + n == blen
                 if fin_now:
                     fl |= FIN
-                    f.fin_seq = seq.add(f.snd_nxt, n)
-                self._send(f, f.snd_nxt, fl, chunk)
-                if f.rtt_seq is None and f.snd_nxt == f.snd_max:
-                    f.rtt_seq, f.rtt_t = seq.add(f.snd_nxt, n), now
-                if f.deadline is None or f.snd_una == f.snd_nxt:
-                    self._arm(f, now + f.rto)
-                f.snd_nxt = seq.add(f.snd_nxt, n + (1 if fin_now else 0))
-                if seq.gt(f.snd_nxt, f.snd_max):
-                    f.bytes_out += seq.sub(f.snd_nxt, f.snd_max) - (1 if fin_now else 0)
-                    f.snd_max = f.snd_nxt
+                    snd.fin_seq = seq.add(snd.nxt, n)
+                self._send(f, snd.nxt, fl, chunk)
+                if f.rec.rtt_seq is None and snd.nxt == snd.max:
+                    f.rec.rtt_seq, f.rec.rtt_t = seq.add(snd.nxt, n), now
+                if f.deadline is None or snd.una == snd.nxt:
+                    self._arm(f, now + f.rec.rto)
+                snd.nxt = seq.add(snd.nxt, n + (1 if fin_now else 0))
+                if seq.gt(snd.nxt, snd.max):
+                    snd.bytes += seq.sub(snd.nxt, snd.max) - (1 if fin_now else 0)
+                    snd.max = snd.nxt
                 continue
-            if avail <= 0 and f.fin_pending and (f.fin_seq is None or f.snd_nxt == f.fin_seq):
-                f.fin_seq = f.snd_nxt
-                self._send(f, f.snd_nxt, ACK | FIN)
-                if f.deadline is None or f.snd_una == f.snd_nxt:
-                    self._arm(f, now + f.rto)
-                f.snd_nxt = seq.add(f.snd_nxt, 1)
-                f.snd_max = seq.max_seq(f.snd_max, f.snd_nxt)
+            if avail <= 0 and closing and (snd.fin_seq is None or snd.nxt == snd.fin_seq):
+                snd.fin_seq = snd.nxt
+                self._send(f, snd.nxt, ACK | FIN)
+                if f.deadline is None or snd.una == snd.nxt:
+                    self._arm(f, now + f.rec.rto)
+                snd.nxt = seq.add(snd.nxt, 1)
+                snd.max = seq.max_seq(snd.max, snd.nxt)
             break
-        if avail_unsent(f) and f.snd_una == f.snd_nxt and f.snd_wnd == 0 and f.deadline is None:
-            self._arm(f, now + f.rto)  # persist timer
+        if snd.wnd == 0 and f.deadline is None and snd.una == snd.nxt and avail_unsent(snd):
+            self._arm(f, now + f.rec.rto)  # persist timer
+
+    def _established(self, f):
+        move(f, TcpEvent.ESTABLISHED)
+        if f.close_queued:  # the host closed during the handshake (RFC 9293 3.10.4)
+            f.close_queued = False
+            move(f, TcpEvent.HOST_CLOSE)
 
     def _maybe_done(self, f, now):
-        if f.state == "ESTABLISHED" and f.fin_acked and f.their_fin and f.eof_pushed:
-            f.state = "TIME_WAIT"
+        if f.state is DRAINING and f.eof_pushed:
+            move(f, TcpEvent.DRAINED)
             self._release(f)
-            self._arm(f, now + TIME_WAIT)
+            self._arm(f, now + TIME_WAIT_LEN)
             self._push(TcpClosed(f.id))
 
     # ------------------------------------------------------------------ timers
@@ -776,59 +806,88 @@ class TcpEngine:
             f.deadline = None
             try:
                 self._fire(f, now)
-            except Exception:
-                self.stats.drop("tcp_internal_error")
+            except Exception as exc:
+                self._internal_error(f, exc, now)
+
+    def _internal_error(self, f, exc, now):
+        """An exception inside the engine, a bug of ours (guest bytes are answered or counted,
+        never raised). Under tests (STRICT) it is raised; in production the flow it hit is reset
+        (RST to the guest, TcpReset + TcpClosed to the glue), the error counted
+        (`tcp_internal_error`) and handed to the glue (InternalError) to log, rate-limited."""
+        if STRICT:
+            raise exc
+        self.stats.drop("tcp_internal_error")
+        self._push(InternalError("tcp", f.id if f is not None else None,
+                                 f"{type(exc).__name__}: {exc}"))
+        if f is None or self._flows.get(f.id) is not f:
+            return
+        st = f.state
+        try:
+            if st is SYN_PENDING:
+                self._rst_pending(f)
+            elif st is SYN_SENT:
+                self._send(f, f.snd.nxt, RST)
+            elif st is not TIME_WAIT:
+                self._send(f, f.snd.nxt, RST | ACK)
+        except Exception:  # the flow's state is what broke: it goes without an RST
+            pass
+        try:
+            self._remove(f, () if st is TIME_WAIT else (TcpReset(f.id), TcpClosed(f.id)))
+        except Exception:  # never leave a flow the engine cannot handle in its tables
+            for d in (self._flows, self._ack_set, self._half_open, self._rwait, self._swait):
+                d.pop(f.id, None)
+            self._by_key.pop(f.key, None)
+            if st is not TIME_WAIT:
+                self._push(TcpReset(f.id))
+                self._push(TcpClosed(f.id))
 
     def _fire(self, f, now):
-        if f.state == "TIME_WAIT":
+        st, snd, rec = f.state, f.snd, f.rec
+        if st is TIME_WAIT:
             self._remove(f)
             return
-        if f.state in ("SYN_SENT", "SYN_RCVD"):
-            f.retries += 1
-            if f.retries > MAX_RETRIES // 2 + 1:
+        if st is SYN_SENT or st is SYN_RCVD:
+            rec.retries += 1
+            if rec.retries > MAX_RETRIES // 2 + 1:
                 self._abort(f, now, "tcp_handshake_timeout")
                 return
-            if f.state == "SYN_SENT":
-                self._send(f, f.iss, SYN, options=self._syn_options(f))
+            if st is SYN_SENT:
+                self._send(f, snd.iss, SYN, options=self._syn_options(f))
             else:
-                self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws or f.snd_ws))
-            f.rto = min(MAX_RTO, f.rto * 2)
-            self._arm(f, now + f.rto)
+                self._send(f, snd.iss, SYN | ACK, options=self._syn_options(f, f.rcv.ws or snd.ws))
+            rec.backoff()
+            self._arm(f, now + rec.rto)
             return
-        if f.state != "ESTABLISHED":
+        if st not in CONNECTED:
             return
-        if f.snd_wnd == 0 and avail_unsent(f) and seq.sub(f.snd_max, f.snd_una) <= 1:
+        if snd.wnd == 0 and avail_unsent(snd) and seq.sub(snd.max, snd.una) <= 1:
             # zero-window probe: one byte past the edge; its ACK is accepted if the guest takes it
-            self._send(f, f.snd_una, ACK, bytes(f.sbuf[:1]))
-            f.snd_max = seq.add(f.snd_una, 1)
-            f.retries = min(f.retries + 1, 16)
-            self._arm(f, now + min(PERSIST_MAX, f.rto * (1 << f.retries)))
+            self._send(f, snd.una, ACK, bytes(snd.buf[:1]))
+            snd.max = seq.add(snd.una, 1)
+            rec.retries = min(rec.retries + 1, 16)
+            self._arm(f, now + min(PERSIST_MAX, rec.rto * (1 << rec.retries)))
             return
-        if f.snd_una == f.snd_max:
-            if avail_unsent(f):
+        if snd.una == snd.max:
+            if avail_unsent(snd):
                 self._output(f, now)
             return
-        f.retries += 1
-        if f.retries > MAX_RETRIES and f.snd_wnd != 0:
+        rec.retries += 1
+        if rec.retries > MAX_RETRIES and snd.wnd != 0:
             self._abort(f, now, "tcp_retransmit_timeout")
             return
-        f.rtt_seq = None
-        f.rto = min(MAX_RTO, f.rto * 2)
+        rec.go_back_n()
         # go back N: resend from snd_una (the guest's ACKs move snd_nxt past what it holds)
-        f.snd_nxt = f.snd_una
-        f.recover = None
-        f.dupacks = 0
-        f.sacked = ()
+        snd.nxt = snd.una
         self._arm(f, None)
         self._output(f, now)
         if f.deadline is None:
-            self._arm(f, now + f.rto)
+            self._arm(f, now + rec.rto)
 
     def flush_pending(self, now):
         if self._ack_set and now >= self._delack_at:
             for f in list(self._ack_set.values()):
-                if f.ack_pending and f.state != "CLOSED":
-                    self._send(f, f.snd_nxt, ACK)
+                if f.rcv.ack_pending and f.state is not CLOSED:
+                    self._send(f, f.snd.nxt, ACK)
             self._ack_set.clear()
         if self._mem_freed and (self._rwait or self._swait):
             self._wake(now)
@@ -850,14 +909,14 @@ class TcpEngine:
                     f = next(iter(waiting.values()))
                     waiting.move_to_end(f.id)  # served or not, its turn is over
                     if rcv:
-                        if f.state != "ESTABLISHED" or f.their_fin:
-                            f.rlim = False
+                        if f.state not in RCV_OPEN:
+                            f.rcv.limited = False
                             del waiting[f.id]
                             continue
                         if self._update_due(f, self._rwnd(f)):
-                            old = f.rcv_edge if seq.gt(f.rcv_edge, f.rcv_nxt) else f.rcv_nxt
-                            self._send(f, f.snd_nxt, ACK)
-                            self._handed(max(0, seq.sub(f.rcv_edge, old)))
+                            old = f.rcv.edge if seq.gt(f.rcv.edge, f.rcv.nxt) else f.rcv.nxt
+                            self._send(f, f.snd.nxt, ACK)
+                            self._handed(max(0, seq.sub(f.rcv.edge, old)))
                             continue
                     else:
                         r = self._writable(f)
@@ -877,28 +936,29 @@ class TcpEngine:
         self._hard_lim -= n
 
     def _send_allow(self, f, want):
-        sl = len(f.sbuf) if f.sbuf else 0
+        sl = len(f.snd.buf) if f.snd.buf else 0
         return self._allow(sl, want, min(self.sndbuf, max(MEM_FLOOR, f.mss)))
 
     def _writable(self, f):
-        """f.want_writable: push TcpWritable if the flow has worthwhile room (its buffer and the
+        """f.snd.want_writable: push TcpWritable if the flow has worthwhile room (its buffer and the
         budget); return that room, or 0 (then the flow waits in _swait for freed bytes)."""
-        room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
-        if room <= 0 or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT") or f.fin_pending:
-            if f.slim:
-                f.slim = False
+        snd = f.snd
+        room = self.sndbuf - (len(snd.buf) if snd.buf else 0)
+        if room <= 0 or f.state not in SND_OPEN or f.close_queued:
+            if snd.limited:
+                snd.limited = False
                 self._swait.pop(f.id, None)
             return 0
         r = self._send_allow(f, room)
         if r < room and r < f.mss:  # the budget leaves less than a segment: wait for more
-            if not f.slim:
-                f.slim = True
+            if not snd.limited:
+                snd.limited = True
                 self._swait[f.id] = f
             return 0
-        if f.slim:
-            f.slim = False
+        if snd.limited:
+            snd.limited = False
             self._swait.pop(f.id, None)
-        f.want_writable = False
+        snd.want_writable = False
         self._push(TcpWritable(f.id))
         return r
 
@@ -917,15 +977,30 @@ class TcpEngine:
         """The bytes held in every flow's buffers, recounted from scratch (tests: == mem_bytes)."""
         total = 0
         for f in self._flows.values():
-            ob = sum(len(v[0]) for v in f.ooo.values()) if f.ooo else 0
-            if ob != f.ooo_bytes:
-                raise AssertionError(f"flow {f.id}: ooo_bytes {f.ooo_bytes} != {ob}")
-            if f.rlim != (f.id in self._rwait) or f.slim != (f.id in self._swait):
+            ob = sum(len(v[0]) for v in f.rcv.ooo.values()) if f.rcv.ooo else 0
+            if ob != f.rcv.ooo_bytes:
+                raise AssertionError(f"flow {f.id}: ooo_bytes {f.rcv.ooo_bytes} != {ob}")
+            if f.rcv.limited != (f.id in self._rwait) or f.snd.limited != (f.id in self._swait):
                 raise AssertionError(f"flow {f.id}: budget wait flags out of step")
-            total += (len(f.sbuf) if f.sbuf else 0) + (len(f.rbuf) if f.rbuf else 0) + ob
+            sb, rb = f.snd.buf, f.rcv.buf
+            total += (len(sb) if sb else 0) + (len(rb) if rb else 0) + ob
         if any(fid not in self._flows for fid in (*self._rwait, *self._swait)):
             raise AssertionError("a removed flow is still waiting for the budget")
         return total
+
+    def tally(self):
+        """For get_stats: (flows per state as list_flows shows it, bytes in the send buffers,
+        in the receive buffers, in the out-of-order queues). O(flows)."""
+        states = collections.Counter()
+        sbuf = rbuf = ooo = 0
+        for f in self._flows.values():
+            states[SHOWN[f.state]] += 1
+            b = f.snd.buf
+            sbuf += len(b) if b is not None else 0
+            b = f.rcv.buf
+            rbuf += len(b) if b is not None else 0
+            ooo += f.rcv.ooo_bytes
+        return states, sbuf, rbuf, ooo
 
     def mem_stats(self):
         return {"tcp_mem_bytes": self.mem_bytes, "tcp_mem_budget": self.mem_budget,
@@ -934,13 +1009,14 @@ class TcpEngine:
     # ------------------------------------------------------------------ glue API
     def accept_tcp(self, flow, now):
         f = self._flows.get(flow)
-        if f is None or f.state != "SYN_PENDING":
+        if f is None or f.state is not SYN_PENDING:
             return
-        f.iss = self.isn() & seq.MASK
-        f.snd_una = f.iss
-        f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
-        f.state = "SYN_RCVD"
-        self._send(f, f.iss, SYN | ACK, options=self._syn_options(f, f.rcv_ws != 0 or f.snd_ws != 0))
+        f.snd.iss = self.isn() & seq.MASK
+        f.snd.una = f.snd.iss
+        f.snd.nxt = f.snd.max = seq.add(f.snd.iss, 1)
+        move(f, TcpEvent.ACCEPT)
+        self._send(f, f.snd.iss, SYN | ACK,
+                   options=self._syn_options(f, f.rcv.ws != 0 or f.snd.ws != 0))
         self._arm(f, now + INIT_RTO)
 
     def reject_tcp(self, flow, reason, now):
@@ -948,10 +1024,10 @@ class TcpEngine:
         if f is None:
             return
         self.stats.drop("tcp_connect_" + str(reason))
-        if f.state == "SYN_PENDING":
-            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
+        if f.state is SYN_PENDING:
+            self._rst_pending(f)
         else:
-            self._send(f, f.snd_nxt, RST | ACK)
+            self._send(f, f.snd.nxt, RST | ACK)
         self._remove(f, (TcpClosed(f.id),))
 
     def forget_syn(self, flow, reason, now):
@@ -961,32 +1037,33 @@ class TcpEngine:
         f = self._flows.get(flow)
         if f is None:
             return None
-        if f.state != "SYN_PENDING":
+        if f.state is not SYN_PENDING:
             self.reject_tcp(flow, reason, now)
             return None
         self.stats.drop("tcp_connect_" + str(reason))
-        syn = (f.family, f.gaddr, f.gport, f.raddr, f.rport, seq.add(f.rcv_nxt, -1))
+        syn = (f.family, f.gaddr, f.gport, f.raddr, f.rport, seq.add(f.rcv.nxt, -1))
         self._remove(f, (TcpClosed(f.id),))
         return syn
 
     def send_tcp(self, flow, data, now):
         f = self._flows.get(flow)
-        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+        if f is None or f.state not in SND_OPEN or f.close_queued:
             return 0
-        if f.sbuf is None:
-            f.sbuf = bytearray()
-        want = min(self.sndbuf - len(f.sbuf), len(data))
+        snd = f.snd
+        if snd.buf is None:
+            snd.buf = bytearray()
+        want = min(self.sndbuf - len(snd.buf), len(data))
         n = want
         if want > 0 and self.mem_bytes + want > self._soft_lim:
             n = self._send_allow(f, want)
         if n < len(data):
-            f.want_writable = True
-            if n < want and not f.slim:  # the budget, not the buffer, cut it: wake it later
-                f.slim = True
+            snd.want_writable = True
+            if n < want and not snd.limited:  # the budget, not the buffer, cut it: wake it later
+                snd.limited = True
                 self._swait[f.id] = f
                 self.stats.drop("tcp_mem_cap_send")
         if n > 0:
-            f.sbuf += data if n == len(data) else memoryview(data)[:n]
+            snd.buf += data if n == len(data) else memoryview(data)[:n]
             self.mem_bytes += n
             self._output(f, now)
         return n
@@ -996,20 +1073,21 @@ class TcpEngine:
         host, so no host byte waits outside the budget). 0: TcpWritable comes when there is
         worthwhile room (a segment, or the whole buffer), as after a short send_tcp."""
         f = self._flows.get(flow)
-        if f is None or f.fin_pending or f.state not in ("ESTABLISHED", "SYN_RCVD", "SYN_SENT"):
+        if f is None or f.state not in SND_OPEN or f.close_queued:
             return 0
-        room = self.sndbuf - (len(f.sbuf) if f.sbuf else 0)
+        snd = f.snd
+        room = self.sndbuf - (len(snd.buf) if snd.buf else 0)
         if room > 0 and self.mem_bytes + room > self._soft_lim:
             n = self._send_allow(f, room)
             if n < room and n < f.mss:  # less than a segment: wait for more (as _writable does)
-                if not f.slim:
-                    f.slim = True
+                if not snd.limited:
+                    snd.limited = True
                     self._swait[f.id] = f
                     self.stats.drop("tcp_mem_cap_send")
                 n = 0
             room = n
         if room <= 0:
-            f.want_writable = True
+            snd.want_writable = True
             return 0
         return room
 
@@ -1018,30 +1096,30 @@ class TcpEngine:
         (release it before the next call into the engine), or None. They stay in the buffer,
         counted in the budget and keeping the window shut, until consume_tcp."""
         f = self._flows.get(flow)
-        if f is None or not f.rbuf:
+        if f is None or not f.rcv.buf:
             return None
-        return memoryview(f.rbuf)
+        return memoryview(f.rcv.buf)
 
     def consume_tcp(self, flow, n, now):
         """The host took n of the bytes peek_tcp showed."""
         f = self._flows.get(flow)
-        if f is None or not f.rbuf or n <= 0:
+        if f is None or not f.rcv.buf or n <= 0:
             return
-        rb = f.rbuf
+        rb = f.rcv.buf
         if n >= len(rb):
             n = len(rb)
-            f.rbuf = None
+            f.rcv.buf = None
         else:
             del rb[:n]
         self._consumed(f, n, now)
 
     def recv_tcp(self, flow, n, now):
         f = self._flows.get(flow)
-        if f is None or not f.rbuf:
+        if f is None or not f.rcv.buf:
             return b""
-        rb = f.rbuf
+        rb = f.rcv.buf
         if n >= len(rb):
-            out, f.rbuf = rb, None  # all of it: hand the buffer over, no copy
+            out, f.rcv.buf = rb, None  # all of it: hand the buffer over, no copy
         else:
             out = rb[:n]
             del rb[:n]
@@ -1049,25 +1127,28 @@ class TcpEngine:
         return out
 
     def _consumed(self, f, n, now):
+        rcv = f.rcv
         self.mem_bytes -= n
         self._mem_freed += n
         # a window update goes at once when the guest may be short of window; otherwise an ACK
         # already owed (sent within DELACK, or carried by the answer) brings the new window
-        if f.state == "ESTABLISHED" and not f.their_fin and not (
-                f.ack_pending and f.last_adv >= f.mss) and self._update_due(f, self._rwnd(f)):
-            self._send(f, f.snd_nxt, ACK)
-        if not f.rbuf:
-            f.rbuf = None
-            if f.their_fin and not f.eof_pushed:
+        if f.state in RCV_OPEN and not (
+                rcv.ack_pending and rcv.last_adv >= f.mss) and self._update_due(f, self._rwnd(f)):
+            self._send(f, f.snd.nxt, ACK)
+        if not rcv.buf:
+            rcv.buf = None
+            if f.state in GUEST_CLOSED and not f.eof_pushed:
                 f.eof_pushed = True
                 self._push(TcpGuestEof(f.id))
                 self._maybe_done(f, now)
 
     def shutdown_tcp(self, flow, now):
         f = self._flows.get(flow)
-        if f is None or f.fin_pending:
+        if f is None or f.close_queued or f.state in HOST_CLOSED:
             return
-        f.fin_pending = True
+        if f.state in HANDSHAKE:
+            f.close_queued = True  # the FIN follows the handshake (and the data before it)
+        move(f, TcpEvent.HOST_CLOSE)
         self._output(f, now)
         self._maybe_done(f, now)
 
@@ -1075,19 +1156,20 @@ class TcpEngine:
         f = self._flows.get(flow)
         if f is None:
             return
-        if f.state == "SYN_PENDING":
-            self._emit(f.family, f.raddr, f.rport, f.gaddr, f.gport, 0, f.rcv_nxt, RST | ACK, 0, b"", b"")
-        elif f.state == "SYN_SENT":  # the guest's ISN is unknown: a bare RST at our SYN's end
-            self._send(f, f.snd_nxt, RST)
-        elif f.state != "TIME_WAIT":
-            self._send(f, f.snd_nxt, RST | ACK)
-        self._remove(f, () if f.state == "TIME_WAIT" else (TcpClosed(f.id),))
+        st = f.state
+        if st is SYN_PENDING:
+            self._rst_pending(f)
+        elif st is SYN_SENT:  # the guest's ISN is unknown: a bare RST at our SYN's end
+            self._send(f, f.snd.nxt, RST)
+        elif st is not TIME_WAIT:
+            self._send(f, f.snd.nxt, RST | ACK)
+        self._remove(f, () if st is TIME_WAIT else (TcpClosed(f.id),))
 
     def connect_tcp(self, family, src, sport, dst, dport, now):
         raddr = ipaddress.ip_address(src).packed
         gaddr = ipaddress.ip_address(dst).packed
         old = self._by_key.get((family, gaddr, dport, raddr, sport))
-        if old is not None and old.state == "TIME_WAIT":
+        if old is not None and old.state is TIME_WAIT:
             # the host reuses a port whose last flow we still hold in TIME_WAIT (Linux does so
             # at once on loopback, tcp_tw_reuse=2): the new connection wins, as RFC 6191 allows
             self._remove(old, ())
@@ -1096,14 +1178,14 @@ class TcpEngine:
             self.stats.drop("tcp_flow_cap")
             return None
         f = self._new_flow(family, gaddr, dport, raddr, sport)
-        f.state = "SYN_SENT"
+        move(f, TcpEvent.CONNECT)
         f.born = now
         self._half_open[f.id] = f
         f.mss = self._mss_for(family)
-        f.iss = self.isn() & seq.MASK
-        f.snd_una = f.iss
-        f.snd_nxt = f.snd_max = seq.add(f.iss, 1)
-        self._send(f, f.iss, SYN, options=self._syn_options(f))
+        f.snd.iss = self.isn() & seq.MASK
+        f.snd.una = f.snd.iss
+        f.snd.nxt = f.snd.max = seq.add(f.snd.iss, 1)
+        self._send(f, f.snd.iss, SYN, options=self._syn_options(f))
         self._arm(f, now + INIT_RTO)
         return f.id
 
@@ -1113,7 +1195,7 @@ class TcpEngine:
             out.append({"id": f.id, "family": f.family,
                         "src": str(ipaddress.ip_address(f.gaddr)), "sport": f.gport,
                         "dst": str(ipaddress.ip_address(f.raddr)), "dport": f.rport,
-                        "state": f.state, "bytes_in": f.bytes_in, "bytes_out": f.bytes_out})
+                        "state": SHOWN[f.state], "bytes_in": f.rcv.bytes, "bytes_out": f.snd.bytes})
         return out
 
 
@@ -1128,5 +1210,7 @@ def plen_or_fin(payload, flags):
     return len(payload) or flags & FIN
 
 
-def avail_unsent(f):
-    return f.sbuf is not None and len(f.sbuf) > seq.sub(f.snd_nxt, f.snd_una)
+def avail_unsent(snd):
+    """The send side holds bytes not yet sent (from nxt on)."""
+    b = snd.buf
+    return b is not None and len(b) > seq.sub(snd.nxt, snd.una)
