@@ -15,6 +15,7 @@ from scapy.layers.l2 import ARP, Ether
 
 from slirpy.stack import wire
 from slirpy.stack.checksum import checksum
+from slirpy.stack.tcp_options import parse_tcp_options_untrusted
 
 SET = settings(max_examples=200, deadline=None)
 MAC_A, MAC_B = "02:00:00:00:00:01", "52:55:0a:00:02:02"
@@ -44,6 +45,32 @@ def test_checksum_matches_reference_loop(d):
                                b"\x00\x01\xff\xfe", b"\xff\xfe\x00\x01"])
 def test_checksum_edge_values(d):
     assert checksum(d) == ref_checksum(d)
+
+
+@SET
+@given(st.binary(max_size=60).map(lambda b: b[:len(b) & ~1]), st.binary(max_size=200),
+       st.integers(0, 0xFFFF))
+def test_checksum_continues_a_partial_sum(prefix, d, word):
+    """RFC 1071 2(B)/(C): the sum is associative, so a pseudo-header's sum plus a protocol and
+    length word (RFC 768, RFC 9293 3.1) handed in as ``initial`` gives the checksum of the
+    whole; and a receiver summing data with the checksum in it gets 0xFFFF (4.1: "all ones")."""
+    from slirpy.stack.checksum import ones_sum
+    whole = prefix + word.to_bytes(2, "big") + d
+    assert checksum(d, ones_sum(prefix) + word) == ref_checksum(whole)
+    assert 0 <= ones_sum(d, ones_sum(prefix) + word) <= 0xFFFF
+    padded = d + b"\0" * (len(d) & 1)
+    ck = checksum(padded, ones_sum(prefix))
+    assert ones_sum(padded + ck.to_bytes(2, "big"), ones_sum(prefix)) == 0xFFFF
+
+
+def test_checksum_odd_length_pads_with_a_zero_byte():
+    """RFC 1071 4.1: an odd trailing byte is the high byte of a last word padded with zero."""
+    from slirpy.stack.checksum import ones_sum
+    assert ones_sum(b"\x12") == 0x1200 and ones_sum(b"\x12\x34\x56") == 0x1234 + 0x5600
+    assert ones_sum(b"\xff\xff\x01") == 0x0100  # 0xFFFF + 0x0100 folds to 0x0100
+    assert ones_sum(b"") == 0 and ones_sum(b"\0\0") == 0  # nothing to add: zero, not "-0"
+    assert ones_sum(b"\xff\xff") == 0xFFFF and ones_sum(b"\x00\x01", 0xFFFE) == 0xFFFF
+    assert checksum(b"\x12") == 0xEDFF
 
 
 def _mac(s):
@@ -236,18 +263,62 @@ def test_ndp_zero_length_option_dropped():
         {1: b"\xaa" * 6}
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=120))
-def test_parsers_never_raise(b):
+# Every parser of guest bytes, called the way the stack calls it. A new *_untrusted function
+# in wire.py or tcp_options.py must be added here (test_every_untrusted_parser_is_fuzzed).
+UNTRUSTED = {
+    "parse_vnet_untrusted": lambda mv, ps, c, h: [wire.parse_vnet_untrusted(mv)],
+    "parse_ethernet_untrusted": lambda mv, ps, c, h: [wire.parse_ethernet_untrusted(mv)],
+    "parse_arp_untrusted": lambda mv, ps, c, h: [wire.parse_arp_untrusted(mv)],
+    "parse_ipv4_untrusted": lambda mv, ps, c, h: [wire.parse_ipv4_untrusted(mv)],
+    "parse_ipv6_untrusted": lambda mv, ps, c, h: [wire.parse_ipv6_untrusted(mv)],
+    "parse_udp_untrusted": lambda mv, ps, c, h: [wire.parse_udp_untrusted(mv, p, fam)
+                                                 for p in (None, ps) for fam in (4, 6)],
+    "parse_tcp_untrusted": lambda mv, ps, c, h: [wire.parse_tcp_untrusted(mv, p)
+                                                 for p in (None, ps)],
+    "parse_icmp_untrusted": lambda mv, ps, c, h: [wire.parse_icmp_untrusted(mv),
+                                                  wire.parse_icmp_untrusted(mv, ps)],
+    "parse_ndp_options_untrusted": lambda mv, ps, c, h: [wire.parse_ndp_options_untrusted(mv)],
+    "_parse_ndp_target_untrusted": lambda mv, ps, c, h: [
+        wire._parse_ndp_target_untrusted(wire._NS_REASONS, c, h, mv)],
+    "parse_ndp_ns_untrusted": lambda mv, ps, c, h: [wire.parse_ndp_ns_untrusted(c, h, mv),
+                                                    wire.parse_ndp_ns_untrusted(0, 255, mv)],
+    "parse_ndp_rs_untrusted": lambda mv, ps, c, h: [wire.parse_ndp_rs_untrusted(c, h, mv),
+                                                    wire.parse_ndp_rs_untrusted(0, 255, mv)],
+    "parse_ndp_na_untrusted": lambda mv, ps, c, h: [wire.parse_ndp_na_untrusted(c, h, mv),
+                                                    wire.parse_ndp_na_untrusted(0, 255, mv)],
+    "parse_tcp_options_untrusted": lambda mv, ps, c, h: [parse_tcp_options_untrusted(mv)],
+}
+
+
+def test_every_untrusted_parser_is_fuzzed():
+    from slirpy.stack import tcp_options
+    names = {n for m in (wire, tcp_options) for n in vars(m) if n.endswith("_untrusted")}
+    assert names == set(UNTRUSTED)
+
+
+def _inside(part, whole: bytes) -> bool:
+    """A returned view/bytes must be a piece of the input, never bytes from elsewhere."""
+    return bytes(part) in whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 0x3FFFF), st.integers(0, 255),
+       st.sampled_from([0, 1, 64, 254, 255]))
+def test_parsers_parse_or_refuse_never_raise(b, pseudo, code, hlim):
+    """Guest bytes give a result or a drop reason (a non-empty snake_case str), never an
+    exception; whatever payload comes back is a slice of the input (RFC 1122 1.2.2: be liberal,
+    but never read past what arrived)."""
     mv = memoryview(b)
-    wire.parse_ethernet_untrusted(mv)
-    wire.parse_arp_untrusted(mv)
-    wire.parse_ipv4_untrusted(mv)
-    wire.parse_ipv6_untrusted(mv)
-    wire.parse_udp_untrusted(mv, 0, 6)
-    wire.parse_tcp_untrusted(mv, 0)
-    wire.parse_icmp_untrusted(mv)
-    wire.parse_ndp_options_untrusted(mv)
+    for name, call in UNTRUSTED.items():
+        for r in call(mv, pseudo, code, hlim):
+            if isinstance(r, str):
+                assert r and r == r.lower() and " " not in r, (name, r)
+                continue
+            assert isinstance(r, (tuple, dict)), (name, r)
+            if name in ("parse_ethernet_untrusted", "parse_vnet_untrusted",
+                        "parse_ipv4_untrusted", "parse_ipv6_untrusted", "parse_udp_untrusted",
+                        "parse_tcp_untrusted", "parse_icmp_untrusted"):
+                assert _inside(r[-1], b) and len(r[-1]) < max(len(b), 1), (name, r)
 
 
 def test_ndp_codecs_against_scapy():
