@@ -220,6 +220,61 @@ def test_ipv6_fragment_header_parsed():
     assert offs[0] == (0, True) and offs[-1][1] is False
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 3000), st.integers(68, 1600), st.booleans())
+def test_fragments_obey_rfc791_and_rebuild_the_datagram(n, mtu, exact):
+    """RFC 791 2.3/3.2 (RFC 8200 4.5 for IPv6): every fragment fits the MTU, all but the last
+    carry a multiple of 8 bytes and MF, the last has MF clear (also when the data is an exact
+    multiple of the fragment size), offsets follow each other, and the pieces put back
+    together are the datagram, whatever the MTU."""
+    from slirpy.stack.reassembly import Reassembler
+    from slirpy.stack.stats import Stats
+    s4, d4 = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 100])
+    s6, d6 = b"\xfd" + b"\0" * 14 + b"\2", b"\xfd" + b"\0" * 14 + b"\x64"
+    step4 = (mtu - 20) // 8 * 8
+    if exact and n:
+        n = max(step4, n // step4 * step4)  # an exact multiple of the fragment payload
+    l4 = bytes(i & 0xFF for i in range(n))
+    for family in (4, 6):
+        m = max(mtu, 1280) if family == 6 else mtu
+        if family == 4:
+            frames = wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, l4, 0x1234, m, 33)
+        else:
+            frames = wire.fragment_ipv6(b"\1" * 6, b"\2" * 6, s6, d6, 17, l4, 0x12345678, m, 33)
+        r = Reassembler(Stats())
+        whole, expect_off = None, 0
+        for i, f in enumerate(frames):
+            assert len(f) - 14 <= m
+            last = i == len(frames) - 1
+            if family == 4:
+                src, dst, proto, ttl, ident, off, more, data = wire.parse_ipv4_untrusted(
+                    memoryview(f)[14:])
+                assert (src, dst, proto, ttl, ident) == (s4, d4, 17, 33, 0x1234)
+            else:
+                src, dst, proto, ttl, frag, data = wire.parse_ipv6_untrusted(memoryview(f)[14:])
+                assert (src, dst, proto, ttl) == (s6, d6, 17, 33)
+                if len(frames) == 1:
+                    assert frag is None and bytes(data) == l4
+                    continue
+                ident, off, more, _ = frag
+                assert ident == 0x12345678
+            assert off == expect_off and more is not last
+            if not last:
+                assert len(data) % 8 == 0 and len(data) > 0
+            expect_off += len(data)
+            got = r.insert((family, 1), off, more, data, 0.0)
+            if len(frames) > 1:
+                assert (got is not None) is last
+                whole = got if last else whole
+            else:
+                assert off == 0 and not more and bytes(data) == l4
+        if len(frames) > 1:
+            assert whole == l4
+            assert all(len(f) - 14 > m - 8 for f in frames[:-1])  # full-size but for the last
+        else:
+            assert (20 if family == 4 else 40) + n <= m
+
+
 # ---------------------------------------------------------------------------- hostile input
 GOOD_TCP = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.2.100", dst="1.2.3.4") / TCP(options=[("MSS", 1)]) / b"hi")
 
