@@ -1,6 +1,10 @@
 """Per-file mutation score of slirpy/stack/ from mutmut's results (mutants/**/*.py.meta).
 
-    python3 tests/mutation_report.py [FILE.py ...]
+    python3 tests/mutation_report.py [--base OTHER_CHECKOUT] [FILE.py ...]
+
+``--base``: results of an earlier run (another checkout's mutants/ of the same source) under
+this one's: a mutant this run did not test keeps the verdict it had there. That is how a run
+of only the earlier survivors, after tests were added, becomes a whole file's score.
 
 Score = killed (incl. timeouts) / (mutants - accepted equivalents). The accepted equivalents are
 the lines "- `mutant name`: why" of docs/mutation.md; mutant numbers hold for the commit named
@@ -27,15 +31,25 @@ def equivalents() -> dict[str, str]:
                            doc.read_text(), re.M))
 
 
+def _codes(meta: Path) -> dict:
+    return json.loads(meta.read_text())["exit_code_by_key"] if meta.exists() else {}
+
+
 def main(argv: list[str]) -> int:
     eq = equivalents()
+    base = None
+    if argv[:1] == ["--base"]:
+        base, argv = Path(argv[1]), argv[2:]
     want = set(argv)
     rows, tot = [], [0, 0, 0, 0, 0, 0]
     for meta in sorted((ROOT / "mutants" / "slirpy" / "stack").glob("*.py.meta")):
         name = meta.name[:-5]
         if want and name not in want:
             continue
-        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        codes = _codes(meta)
+        if base is not None:
+            old = _codes(base / "mutants" / "slirpy" / "stack" / meta.name)
+            codes = {k: (c if c is not None else old.get(k)) for k, c in codes.items()}
         if not codes or all(c is None for c in codes.values()):
             continue
         n = len(codes)

@@ -238,3 +238,17 @@ def test_last_fragment_must_be_past_every_piece():
     r.insert(KEY, 8, True, b"p" * 8, 0.0)
     assert r.insert(KEY, 0, False, b"y" * 16, 0.0) is None  # covers the held piece
     assert st_.dropped["reass_overlap"] == 1
+
+
+def test_an_empty_last_fragment_ends_the_datagram():
+    """Only MF fragments must carry data (a non-zero multiple of 8); a last fragment may be
+    empty and still fixes the end: pieces ending exactly there complete the datagram."""
+    st_ = Stats()
+    r = Reassembler(st_)
+    assert r.insert(KEY, 16, False, b"", 0.0) is None
+    assert r.insert(KEY, 8, True, b"b" * 8, 0.0) is None  # ends exactly at the known end
+    assert r.insert(KEY, 0, True, b"a" * 8, 0.0) == b"a" * 8 + b"b" * 8
+    r.insert(KEY, 0, True, b"a" * 8, 0.0)
+    r.insert(KEY, 8, True, b"b" * 8, 0.0)
+    assert r.insert(KEY, 16, False, b"", 0.0) == b"a" * 8 + b"b" * 8
+    assert not st_.dropped and len(r) == 0
