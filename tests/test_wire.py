@@ -268,11 +268,90 @@ def test_fragments_obey_rfc791_and_rebuild_the_datagram(n, mtu, exact):
                 whole = got if last else whole
             else:
                 assert off == 0 and not more and bytes(data) == l4
+        assert (len(frames) == 1) is ((20 if family == 4 else 40) + n <= m)  # fits: whole
         if len(frames) > 1:
             assert whole == l4
             assert all(len(f) - 14 > m - 8 for f in frames[:-1])  # full-size but for the last
         else:
             assert (20 if family == 4 else 40) + n <= m
+
+
+def test_arp_reply_is_a_minimal_42_byte_frame():
+    """RFC 826 over Ethernet: 14-byte header + 28-byte ARP packet (the NIC pads to 60)."""
+    out = wire.build_arp(_mac(MAC_A), _mac(MAC_B), 2, _mac(MAC_B), bytes([10, 0, 2, 2]),
+                         _mac(MAC_A), bytes([10, 0, 2, 100]))
+    assert len(out) == 42 and wire.parse_arp_untrusted(memoryview(out)[14:]) == (
+        2, _mac(MAC_B), bytes([10, 0, 2, 2]), _mac(MAC_A), bytes([10, 0, 2, 100]))
+
+
+@pytest.mark.parametrize("n", [0, 28, 547, 548, 549, 1500, 65535])
+def test_icmp_errors_quote_as_much_as_fits(n):
+    """RFC 1812 4.3.2.3: an ICMPv4 error is at most 576 bytes (20 IP + 8 ICMP + quote);
+    RFC 4443 2.4(c): an ICMPv6 error fits the minimum MTU 1280 (40 IPv6 + 8 + quote); the
+    unused word is zero (RFC 792, RFC 4443 3.1) unless given (e.g. the next-hop MTU)."""
+    quoted = bytes(i & 0xFF for i in range(n))
+    m4 = wire.build_icmp4_error(3, 1, quoted)
+    assert len(m4) == 8 + min(n, 576 - 28) and bytes(m4[8:]) == quoted[:548]
+    assert m4[:2] == b"\x03\x01" and m4[4:8] == b"\0" * 4 and checksum(m4) == 0
+    assert wire.build_icmp4_error(3, 4, quoted, 1500)[4:8] == (1500).to_bytes(4, "big")
+    s6, d6 = b"\xfd" + b"\0" * 14 + b"\2", b"\xfd" + b"\0" * 14 + b"\x64"
+    m6 = wire.build_icmp6_error(s6, d6, 1, 4, quoted)
+    assert len(m6) == 8 + min(n, 1280 - 48) and bytes(m6[8:]) == quoted[:1232]
+    assert m6[:2] == b"\x01\x04" and m6[4:8] == b"\0" * 4
+    assert wire.parse_icmp_untrusted(memoryview(m6), wire.pseudo_sum(6, s6, d6, 58, len(m6)))[:3] \
+        == (1, 4, 0)
+
+
+def test_frames_toward_the_guest_have_ttl_64():
+    """libslirp sends with IPDEFTTL 64 / hop limit 64; so do we, fragmented or not."""
+    s4, d4 = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 100])
+    s6, d6 = b"\xfd" + b"\0" * 14 + b"\2", b"\xfd" + b"\0" * 14 + b"\x64"
+    for n in (10, 3000):
+        for f in wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, b"u" * n, 1, 1500):
+            assert wire.parse_ipv4_untrusted(memoryview(f)[14:])[3] == 64
+        for f in wire.fragment_ipv6(b"\1" * 6, b"\2" * 6, s6, d6, 17, b"u" * n, 1, 1500):
+            assert wire.parse_ipv6_untrusted(memoryview(f)[14:])[3] == 64
+
+
+def test_ndp_options_walk():
+    """RFC 4861 4.6: options are type, length in units of 8 bytes (0 is invalid), value; they
+    follow each other to the end. Every option is read; one running past the end, or 64 and
+    more of them (bounded work per packet; real messages carry a handful), is a drop."""
+    o1, o2, o3 = b"\x01\x01" + b"\xaa" * 6, b"\x05\x01" + b"\0\0" + b"\0\0\x05\xdc", \
+        b"\x03\x02" + b"\x11" * 14
+    assert wire.parse_ndp_options_untrusted(memoryview(o1 + o2 + o3)) == {
+        1: b"\xaa" * 6, 5: o2[2:], 3: b"\x11" * 14}
+    assert wire.parse_ndp_options_untrusted(memoryview(o1 + b"\x03\x02" + b"\x11" * 6)) == \
+        "ndp_option_truncated"
+    assert wire.parse_ndp_options_untrusted(memoryview(o1 + b"\x03")) == "ndp_option_truncated"
+    assert wire.parse_ndp_options_untrusted(memoryview(b"")) == {}
+    many = b"".join(bytes([100 + i % 50, 1]) + b"\0" * 6 for i in range(63))
+    assert len(wire.parse_ndp_options_untrusted(memoryview(many))) == 50
+    assert wire.parse_ndp_options_untrusted(memoryview(many + o1)) == "ndp_too_many_options"
+
+
+def test_icmp_drop_reasons():
+    assert wire.parse_icmp_untrusted(memoryview(b"\x08\0\0\0\0\0\0")) == "icmp_truncated"
+    m = wire.icmp_message(8, 0, 0x10002, b"ping")
+    assert wire.parse_icmp_untrusted(memoryview(m)) == (8, 0, 0x10002, b"ping")
+    m[9] ^= 1
+    assert wire.parse_icmp_untrusted(memoryview(m)) == "icmp_bad_checksum"
+
+
+def test_ndp_messages_have_code_0_and_valid_prefix_flags():
+    """RFC 4861 4.2/4.4/4.6.2: RA and NA carry code 0; the prefix information option is 4 units
+    long with L and A set and every reserved bit zero."""
+    from scapy.layers.inet6 import ICMPv6ND_NA, ICMPv6ND_RA, ICMPv6NDOptPrefixInfo
+    a6 = lambda s: ipaddress.IPv6Address(s).packed  # noqa: E731
+    mac = _mac(MAC_B)
+    na = wire.build_ndp_na(a6("fd00::2"), a6("fe80::1"), a6("fd00::2"), mac, wire.NA_SOLICITED)
+    ra = wire.build_ndp_ra(a6("fe80::2"), wire.ALL_NODES6, mac, 1500, a6("fd00::"))
+    assert na[1] == 0 and ra[1] == 0
+    p = ICMPv6ND_RA(bytes(ra))
+    pi = p[ICMPv6NDOptPrefixInfo]
+    assert (pi.len, pi.L, pi.A, pi.R, pi.res1, pi.res2) == (4, 1, 1, 0, 0, 0)
+    assert (pi.validlifetime, pi.preferredlifetime) == (86400, 14400)
+    assert ICMPv6ND_NA(bytes(na)).S == 1 and ICMPv6ND_NA(bytes(na)).R == 0
 
 
 # ---------------------------------------------------------------------------- hostile input
