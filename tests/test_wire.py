@@ -256,6 +256,7 @@ def test_fragments_obey_rfc791_and_rebuild_the_datagram(n, mtu, exact):
                 if len(frames) == 1:
                     assert frag is None and bytes(data) == l4
                     continue
+                assert f[14 + 6] == 44 and f[55] == 0 and f[57] & 6 == 0  # reserved: zero
                 ident, off, more, _ = frag
                 assert ident == 0x12345678
             assert off == expect_off and more is not last
@@ -311,6 +312,40 @@ def test_frames_toward_the_guest_have_ttl_64():
             assert wire.parse_ipv4_untrusted(memoryview(f)[14:])[3] == 64
         for f in wire.fragment_ipv6(b"\1" * 6, b"\2" * 6, s6, d6, 17, b"u" * n, 1, 1500):
             assert wire.parse_ipv6_untrusted(memoryview(f)[14:])[3] == 64
+    assert wire.parse_ipv4_untrusted(memoryview(wire.build_ipv4(
+        b"\1" * 6, b"\2" * 6, s4, d4, 17, b"u"))[14:])[3] == 64
+    assert wire.parse_ipv6_untrusted(memoryview(wire.build_ipv6(
+        b"\1" * 6, b"\2" * 6, s6, d6, 17, b"u"))[14:])[3] == 64
+
+
+def test_arp_other_than_ethernet_ipv4_is_refused():
+    """RFC 826: hardware type 1 (Ethernet) with 6-byte addresses, protocol 0x0800 with 4-byte
+    addresses; anything else is not ours to answer."""
+    good = wire.build_arp(_mac(MAC_A), _mac(MAC_B), 1, _mac(MAC_B), bytes(4), bytes(6),
+                          bytes(4))[14:]
+    assert wire.parse_arp_untrusted(memoryview(good))[0] == 1
+    for off, val in ((1, 6), (2, 0x86), (4, 8), (5, 16)):  # htype, ptype, hlen, plen
+        bad = bytearray(good)
+        bad[off] = val
+        assert wire.parse_arp_untrusted(memoryview(bad)) == "arp_unsupported", off
+    assert wire.parse_arp_untrusted(memoryview(good[:27])) == "arp_truncated"
+
+
+def test_udp_length_and_zero_checksum():
+    """RFC 768: a computed checksum of zero is sent as all ones (zero means "none"); RFC 2675 3:
+    a datagram longer than 65535 bytes carries length 0 (only 65535 itself still fits)."""
+    from slirpy.stack.checksum import ones_sum
+    s6, d6 = b"\xfd" + b"\0" * 14 + b"\2", b"\xfd" + b"\0" * 14 + b"\x64"
+    base = wire.udp_datagram(6, s6, d6, 53, 4000, b"\0\0")
+    base[6:8] = b"\0\0"
+    total = ones_sum(base, wire.pseudo_sum(6, s6, d6, 17, len(base)))
+    word = (0xFFFF - total) % 0xFFFF  # makes the sum all ones: checksum 0
+    d = wire.udp_datagram(6, s6, d6, 53, 4000, word.to_bytes(2, "big"))
+    assert d[6:8] == b"\xff\xff"
+    assert wire.parse_udp_untrusted(memoryview(d), wire.pseudo_sum(6, s6, d6, 17, len(d)), 6) \
+        == (53, 4000, word.to_bytes(2, "big"))
+    assert wire.udp_datagram(6, s6, d6, 1, 2, bytes(65535 - 8))[4:6] == b"\xff\xff"
+    assert wire.udp_datagram(6, s6, d6, 1, 2, bytes(65536 - 8))[4:6] == b"\0\0"
 
 
 def test_ndp_options_walk():
