@@ -123,6 +123,9 @@ def test_build_tcp_vnet_header_fields(family, olen, ident, n):
     assert t.dataofs == 5 + words
     assert raw[20:20 + olen] == opts and raw[20 + olen:20 + 4 * words] == bytes(4 * words - olen)
     assert raw[20 + 4 * words:] == payload
+    # the plain (non-GSO) builder makes the same segment, checksum included
+    assert raw == bytes(wire.tcp_segment(family, src, dst, 80, 40000, 1000, 2000, 0x18, 512, opts,
+                                         payload))
 
 
 # ------------------------------------------------------------------------------- stack boundary
