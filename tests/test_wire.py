@@ -389,6 +389,66 @@ def test_ndp_messages_have_code_0_and_valid_prefix_flags():
     assert ICMPv6ND_NA(bytes(na)).S == 1 and ICMPv6ND_NA(bytes(na)).R == 0
 
 
+def test_build_ipv4_header_fields():
+    """RFC 791: version 4, IHL 5, total length, ID, flags (DF 0x4000, MF 0x2000) and offset in
+    8-byte units; TOS 0: no ECN codepoint, we do not do ECN (RFC 3168 5: only ECN-capable
+    transports may set ECT); a valid header checksum."""
+    s4, d4 = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 100])
+    f = wire.build_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, b"abc")
+    assert len(f) == 14 + 20 + 3 and f[12:14] == b"\x08\x00"
+    assert f[14:24] == bytes.fromhex("45000017000000004011")
+    assert checksum(f[14:34]) == 0 and bytes(f[34:]) == b"abc"
+    f = wire.build_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 6, b"", ident=0x12345, ttl=9, df=True)
+    assert f[18:24] == bytes.fromhex("23454000" "0906") and checksum(f[14:34]) == 0
+    f = wire.build_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, b"x" * 8, frag_off=1480, more=True)
+    assert f[20:22] == (0x2000 | 185).to_bytes(2, "big")
+    assert wire.parse_ipv4_untrusted(memoryview(f)[14:])[4:7] == (0, 1480, True)
+
+
+def _ext(nh, size, kind_len):
+    """An extension header of ``size`` bytes whose length byte is ``kind_len``."""
+    return bytes([nh, kind_len]) + b"\0" * (size - 2)
+
+
+def _ip6(nh, payload, pad=b""):
+    return bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([nh, 64]) \
+        + b"\xfd" + b"\0" * 14 + b"\x64" + b"\xfd" + b"\0" * 14 + b"\2" + payload + pad
+
+
+def test_ipv6_extension_header_chain():
+    """RFC 8200 4: hop-by-hop (0), routing (43), destination options (60) count their length in
+    8-byte units after the first 8; AH (51) in 4-byte units minus 2 (RFC 4302 2.2); the
+    chain is walked to the upper layer, at most 8 headers deep; payload stops at the payload
+    length (Ethernet padding is not data)."""
+    p = wire.parse_ipv6_untrusted
+    assert p(memoryview(_ip6(59, b"")))[2:] == (59, 64, None, b"")  # the bare 40-byte header
+    assert p(memoryview(_ip6(17, b"udp!", pad=b"\0" * 6)))[5] == b"udp!"
+    # hop-by-hop (8) -> routing (16) -> destination options (8) -> AH (24) -> UDP
+    chain = _ext(43, 8, 0) + _ext(60, 16, 1) + _ext(51, 8, 0) + _ext(17, 24, 4)
+    r = p(memoryview(_ip6(0, chain + b"data")))
+    assert r[2] == 17 and r[4] is None and bytes(r[5]) == b"data"
+    r = p(memoryview(_ip6(51, _ext(17, 12, 1) + b"d")))  # AH: (1 + 2) * 4 = 12 bytes
+    assert r[2] == 17 and bytes(r[5]) == b"d"
+    r = p(memoryview(_ip6(60, _ext(59, 8, 0))))  # a header that ends exactly at the end
+    assert r[2] == 59 and bytes(r[5]) == b""
+    eight = b"".join(_ext(60, 8, 0) for _ in range(7)) + _ext(17, 8, 0)
+    assert p(memoryview(_ip6(60, eight + b"x")))[2] == 17
+    nine = _ext(60, 8, 0) + eight
+    assert p(memoryview(_ip6(60, nine + b"x"))) == "ipv6_too_many_ext_headers"
+    # a fragment header exactly filling the packet, and one a byte short
+    frag = bytes([17, 0, 0, 0]) + (7).to_bytes(4, "big")
+    assert p(memoryview(_ip6(44, frag)))[4:] == ((7, 0, False, 40), b"")
+    assert p(memoryview(_ip6(44, frag[:7]))) == "ipv6_truncated_ext"
+    assert p(memoryview(_ip6(0, b"\x11"))) == "ipv6_truncated_ext"  # no room for its length
+    assert p(memoryview(_ip6(0, _ext(17, 16, 1)[:15]))) == "ipv6_truncated_ext"
+    assert p(memoryview(_ip6(51, _ext(17, 12, 1)[:11]))) == "ipv6_truncated_ext"
+    assert p(memoryview(_ip6(59, b"")[:39])) == "ipv6_truncated"
+    bad = bytearray(_ip6(59, b""))
+    bad[0] = 0x40
+    assert p(memoryview(bad)) == "ipv6_bad_version"
+    assert p(memoryview(_ip6(59, b"abc")[:42])) == "ipv6_length_exceeds_frame"
+
+
 # ---------------------------------------------------------------------------- hostile input
 GOOD_TCP = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="10.0.2.100", dst="1.2.3.4") / TCP(options=[("MSS", 1)]) / b"hi")
 
