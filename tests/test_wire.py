@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 
 import dpkt
 import pytest
@@ -403,6 +404,51 @@ def test_build_ipv4_header_fields():
     f = wire.build_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, b"x" * 8, frag_off=1480, more=True)
     assert f[20:22] == (0x2000 | 185).to_bytes(2, "big")
     assert wire.parse_ipv4_untrusted(memoryview(f)[14:])[4:7] == (0, 1480, True)
+
+
+def _ip4(total=None, ihl=5, ff=0, body=b"", opts=b""):
+    h = bytearray(struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total if total is not None else
+                              ihl * 4 + len(body), 7, ff, 64, 17, 0, bytes([10, 0, 2, 100]),
+                              bytes([1, 2, 3, 4]))) + opts
+    struct.pack_into("!H", h, 10, checksum(h))
+    return bytes(h) + body
+
+
+def test_ipv4_header_edges():
+    """RFC 791 3.1: IHL counts 32-bit words (5 to 15, options in between), total length covers
+    header and data and cannot be shorter than the header; the first flag bit is reserved and
+    must be zero; bytes after total length (Ethernet padding) are not data (RFC 1122 3.3.2)."""
+    p = wire.parse_ipv4_untrusted
+    assert p(memoryview(_ip4()))[7] == b""  # a bare 20-byte header is a whole datagram
+    assert bytes(p(memoryview(_ip4(body=b"data") + b"\0" * 6))[7]) == b"data"
+    opt = _ip4(ihl=6, opts=b"\x01\x01\x01\x00", body=b"after options")
+    assert bytes(p(memoryview(opt))[7]) == b"after options"
+    assert p(memoryview(_ip4(ihl=6, opts=b"\x01\x01"))) == "ipv4_truncated"  # IHL past the end
+    assert p(memoryview(_ip4()[:19])) == "ipv4_truncated"
+    assert p(memoryview(_ip4(total=19))) == "ipv4_bad_length"
+    assert p(memoryview(_ip4(total=21))) == "ipv4_length_exceeds_frame"
+    assert p(memoryview(_ip4(ff=0x8000))) == "ipv4_reserved_flag"
+    assert p(memoryview(_ip4(ff=0x4000)))[5:7] == (0, False)  # DF alone: a whole datagram
+
+
+def test_ethernet_header_edges():
+    frame = b"\1" * 6 + b"\2" * 6 + b"\x08\x00"
+    assert wire.parse_ethernet_untrusted(memoryview(frame)) == (b"\1" * 6, b"\2" * 6, 0x0800, b"")
+    assert wire.parse_ethernet_untrusted(memoryview(frame[:13])) == "eth_truncated"
+
+
+def test_udp_zero_checksum_is_none_over_ipv4_only():
+    """RFC 768: a zero checksum means "not computed" (IPv4, the default family here); RFC 8200
+    8.1: over IPv6 it is mandatory and a zero one is dropped."""
+    d = bytearray(wire.udp_datagram(4, bytes(4), bytes(4), 1, 2, b"hi"))
+    d[6:8] = b"\0\0"
+    ps = wire.pseudo_sum(4, bytes(4), bytes(4), 17, len(d))
+    assert wire.parse_udp_untrusted(memoryview(d), ps) == (1, 2, b"hi")
+    assert wire.parse_udp_untrusted(memoryview(d), ps, 6) == "udp6_zero_checksum"
+    assert wire.parse_udp_untrusted(memoryview(d[:7]), ps) == "udp_truncated"
+    d[6:8] = b"\0\1"
+    assert wire.parse_udp_untrusted(memoryview(d), ps) == "udp_bad_checksum"
+    assert wire.parse_udp_untrusted(memoryview(d), None) == (1, 2, b"hi")  # offloaded: trusted
 
 
 def _ext(nh, size, kind_len):
