@@ -446,6 +446,10 @@ def test_udp_zero_checksum_is_none_over_ipv4_only():
     assert wire.parse_udp_untrusted(memoryview(d), ps) == (1, 2, b"hi")
     assert wire.parse_udp_untrusted(memoryview(d), ps, 6) == "udp6_zero_checksum"
     assert wire.parse_udp_untrusted(memoryview(d[:7]), ps) == "udp_truncated"
+    for bad_len in (7, 11):  # shorter than its own header, longer than what arrived
+        b = bytearray(d)
+        b[4:6] = bad_len.to_bytes(2, "big")
+        assert wire.parse_udp_untrusted(memoryview(b), None) == "udp_bad_length"
     d[6:8] = b"\0\1"
     assert wire.parse_udp_untrusted(memoryview(d), ps) == "udp_bad_checksum"
     assert wire.parse_udp_untrusted(memoryview(d), None) == (1, 2, b"hi")  # offloaded: trusted
