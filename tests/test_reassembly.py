@@ -252,3 +252,15 @@ def test_an_empty_last_fragment_ends_the_datagram():
     r.insert(KEY, 8, True, b"b" * 8, 0.0)
     assert r.insert(KEY, 16, False, b"", 0.0) == b"a" * 8 + b"b" * 8
     assert not st_.dropped and len(r) == 0
+
+
+def test_budget_pressure_never_evicts_the_datagram_being_completed():
+    """Making room evicts the oldest *other* datagram: the one this fragment belongs to keeps
+    its pieces even when it is the oldest, and completes."""
+    st_ = Stats()
+    r = Reassembler(st_, max_bytes=32)
+    a, b = KEY[:4] + (1,), KEY[:4] + (2,)
+    r.insert(a, 0, True, b"a" * 16, 0.0)  # the oldest
+    r.insert(b, 0, True, b"b" * 16, 0.0)
+    assert r.insert(a, 16, False, b"z" * 8, 0.0) == b"a" * 16 + b"z" * 8
+    assert st_.dropped["reass_evicted"] == 1 and len(r) == 0 and r.bytes_held == 0
