@@ -393,3 +393,130 @@ def test_ipv6_destinations_outside_the_blocked_ranges_are_reached():
     assert [e.dst for e in drain(s)] == ok
     assert s.stats.dropped["ipv6_dst_link_local"] == 3
     assert s.stats.dropped["ipv6_dst_reserved"] == 1
+
+
+# ---------------------------------------------------------------------------- the glue calls
+def test_glue_calls_reach_the_tcp_engine():
+    """The calls the glue makes on the Stack (refuse, read, half-close, reset, list) act on the
+    guest's connection: a refused connect is answered with RST (RFC 9293 3.10.7.3, as
+    slirp4netns answers a port nobody listens on), EOF from the host is a FIN, a host reset an
+    RST, and flows() lists what is open."""
+    s = learned(Stack(Config()))
+    ip = IP(src="10.0.2.100", dst="198.51.100.7")
+    s.receive_frame(eth(ip / TCP(sport=40001, dport=81, seq=10, flags="S")), 0.0)
+    (req,) = drain(s)
+    s.reject_tcp(req.flow, "refused", 0.0)
+    (rst,) = frames(s)
+    assert rst[TCP].flags == "RA" and rst[TCP].ack == 11 and rst[TCP].dport == 40001
+    assert [type(e).__name__ for e in drain(s)] == ["TcpClosed"]
+    s.receive_frame(eth(ip / TCP(sport=40000, dport=80, seq=100, flags="S")), 0.0)
+    (req,) = drain(s)
+    s.accept_tcp(req.flow, 0.0)
+    (sa,) = frames(s)
+    s.receive_frame(eth(ip / TCP(sport=40000, dport=80, seq=101, ack=sa[TCP].seq + 1,
+                                 flags="PA") / b"GET"), 0.0)
+    assert [type(e).__name__ for e in drain(s)] == ["TcpReadable"]
+    assert s.recv_tcp(req.flow, 100, 0.0) == b"GET"
+    assert [f["state"] for f in s.flows()] == ["ESTABLISHED"]
+    assert (s.flows()[0]["src"], s.flows()[0]["dport"]) == ("10.0.2.100", 80)
+    s.shutdown_tcp(req.flow, 0.1)
+    assert any(p[TCP].flags.F for p in frames(s))
+    s.reset_tcp(req.flow, 0.2)
+    (r,) = frames(s)
+    assert r[TCP].flags.R
+    assert s.flows() == []
+
+
+# ------------------------------------------------------------------------- counters and drops
+def test_counters_are_ethernet_frames_and_bytes():
+    """stats (get_stats): frames and Ethernet bytes each way, accumulated; the 10-byte
+    virtio-net header of a vnet tap is not counted."""
+    from slirpy import helper
+    for offload in (-1, helper.TUN_F_CSUM):
+        s = Stack(Config(), 0.0, offload=offload)
+        pre = wire.VNET_NONE if offload >= 0 else b""
+        arp = eth(ARP(op=1, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.2"))
+        for _ in range(2):
+            s.receive_frame(pre + arp, 0.0)
+        s.receive_frame(pre + arp[:10], 0.0)
+        assert (s.stats.frames_in, s.stats.bytes_in) == (3, 2 * len(arp) + 10)
+        out = s.frames_to_send()
+        assert len(out) == 2 and all(len(f) == len(pre) + 42 for f in out)
+        s.receive_frame(pre + arp, 0.0)
+        s.frames_to_send()
+        assert (s.stats.frames_out, s.stats.bytes_out) == (3, 3 * 42)
+        assert s.stats.dropped["eth_truncated"] == 1
+    s = Stack(Config(), 0.0, offload=0)
+    s.receive_frame(wire.VNET_NONE, 0.0)  # a header and nothing after it
+    assert s.stats.dropped["eth_truncated"] == 1 and "vnet_truncated" not in s.stats.dropped
+
+
+def test_unknown_protocols_are_counted():
+    s = learned(Stack(Config(enable_ipv6=True)))
+    s.receive_frame(bytes(Ether(src=GUEST_MAC, dst=ROUTER_MAC, type=0x88CC) / b"lldp"), 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7", proto=47) / b"gre"), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="2001:db8::1", nh=47) / b"gre"), 0.0)
+    s.receive_frame(eth(ARP(op=3, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.2")), 0.0)
+    s.receive_frame(eth(ARP(op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.2")), 0.0)
+    assert s.frames_to_send() == [] and drain(s) == []
+    d = s.stats.dropped
+    assert (d["eth_unknown_type"], d["ipv4_unknown_proto"], d["ipv6_unknown_next_header"],
+            d["arp_not_request"]) == (1, 1, 1, 1)
+    assert sum(d.values()) == 4  # an ARP reply is taken (it teaches the MAC), not dropped
+
+
+def test_guest_mac_is_learned_only_from_the_guests_own_addresses():
+    """The guest's MAC comes from frames whose source address is the guest's (ARP sender, IPv4
+    source, IPv6 link-local or fd00::/64 source), never from a multicast source MAC or from
+    another address on the link; a new MAC for the guest's address replaces the old one."""
+    s = Stack(Config(enable_ipv6=True))
+    s.receive_frame(eth(ARP(op=1, hwsrc=OTHER_MAC, psrc="10.0.2.50", pdst="10.0.2.2"),
+                        src=OTHER_MAC), 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.77", dst="198.51.100.7") / UDP(), src=OTHER_MAC), 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="198.51.100.7") / UDP(),
+                        src="01:00:5e:00:00:01"), 0.0)
+    s.receive_frame(eth(IPv6(src="2001:db8::5", dst="2001:db8::1") / UDP(), src=OTHER_MAC), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="2001:db8::1") / UDP(),
+                        src="33:33:00:00:00:01"), 0.0)
+    s.frames_to_send()
+    drain(s)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 5.0)
+    (p,) = frames(s)
+    assert ARP in p and p.dst == "ff:ff:ff:ff:ff:ff"  # still asking: nothing was learned
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="2001:db8::1") / UDP()), 5.0)
+    assert [p.dst for p in frames(s)] == [GUEST_MAC]  # the held datagram, released
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="2001:db8::1") / UDP(), src=OTHER_MAC), 5.0)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"y", 5.0)
+    assert [p.dst for p in frames(s)] == [OTHER_MAC]
+
+
+def test_interleaved_fragmented_datagrams_are_kept_apart():
+    """RFC 791 3.2: fragments belong together by (source, destination, protocol, ID)."""
+    from scapy.layers.inet import fragment
+    s = learned(Stack(Config()))
+    a = fragment(IP(src="10.0.2.100", dst="198.51.100.7", id=1) / UDP(sport=1, dport=2)
+                 / (b"a" * 100), fragsize=48)
+    b = fragment(IP(src="10.0.2.100", dst="198.51.100.7", id=2) / UDP(sport=1, dport=2)
+                 / (b"b" * 100), fragsize=48)
+    for x, y in zip(a, b):
+        s.receive_frame(eth(x), 0.0)
+        s.receive_frame(eth(y), 0.0)
+    assert sorted(e.payload for e in drain(s)) == [b"a" * 100, b"b" * 100]
+
+
+def test_ipv4_ids_differ_between_datagrams():
+    """RFC 6864 4.2: datagrams that may be fragmented need IDs unique per source, destination
+    and protocol for a while; consecutive datagrams never share one."""
+    s = learned(Stack(Config()))
+    for i in range(3):
+        s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"%d" % i, 0.0)
+    ids = [p[IP].id for p in frames(s)]
+    assert len(set(ids)) == 3
+
+
+def test_router_advertisements_start_at_creation():
+    s = Stack(Config(enable_ipv6=True))
+    assert s.get_timer() == 0.0
+    s.handle_timer(0.0)
+    (ra,) = frames(s)
+    assert ICMPv6ND_RA in ra and ra.dst == "33:33:00:00:00:01"
