@@ -9,7 +9,7 @@ import struct
 
 import dpkt
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrDestOpt
 from scapy.layers.l2 import ARP, Ether
@@ -223,6 +223,13 @@ def test_ipv6_fragment_header_parsed():
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(0, 3000), st.integers(68, 1600), st.booleans())
+@example(1480, 1500, False)  # IPv4: exactly the MTU, and one byte more
+@example(1481, 1500, False)
+@example(1481, 1501, False)  # fits an MTU that is no multiple of 8 past the header
+@example(1240, 1280, False)  # IPv6: exactly the MTU, one more, a 1-byte last fragment
+@example(1241, 1280, False)
+@example(1233, 1280, False)
+@example(2464, 1280, True)  # two full IPv6 fragments and nothing after
 def test_fragments_obey_rfc791_and_rebuild_the_datagram(n, mtu, exact):
     """RFC 791 2.3/3.2 (RFC 8200 4.5 for IPv6): every fragment fits the MTU, all but the last
     carry a multiple of 8 bytes and MF, the last has MF clear (also when the data is an exact
@@ -232,12 +239,12 @@ def test_fragments_obey_rfc791_and_rebuild_the_datagram(n, mtu, exact):
     from slirpy.stack.stats import Stats
     s4, d4 = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 100])
     s6, d6 = b"\xfd" + b"\0" * 14 + b"\2", b"\xfd" + b"\0" * 14 + b"\x64"
-    step4 = (mtu - 20) // 8 * 8
-    if exact and n:
-        n = max(step4, n // step4 * step4)  # an exact multiple of the fragment payload
-    l4 = bytes(i & 0xFF for i in range(n))
+    asked = n
     for family in (4, 6):
         m = max(mtu, 1280) if family == 6 else mtu
+        step = (m - (20 if family == 4 else 48)) // 8 * 8
+        n = max(step, asked // step * step) if exact and asked else asked  # an exact multiple
+        l4 = bytes(i & 0xFF for i in range(n))
         if family == 4:
             frames = wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s4, d4, 17, l4, 0x1234, m, 33)
         else:
