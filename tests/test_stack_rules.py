@@ -520,3 +520,19 @@ def test_router_advertisements_start_at_creation():
     s.handle_timer(0.0)
     (ra,) = frames(s)
     assert ICMPv6ND_RA in ra and ra.dst == "33:33:00:00:00:01"
+
+
+def test_stats_as_the_api_reports_them():
+    """README, get_stats: frames_in/frames_out/bytes_in/bytes_out and dropped (reason ->
+    count, sorted by reason so replies compare byte for byte)."""
+    s = learned(Stack(Config()))
+    s.receive_frame(b"\x00" * 5, 0.0)
+    s.receive_frame(eth(IP(src="10.0.2.100", dst="127.0.0.1") / UDP()), 0.0)
+    s.receive_frame(b"\x00" * 5, 0.0)
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.100", 2, b"x", 0.0)
+    s.frames_to_send()
+    d = s.stats.as_dict()
+    assert list(d) == ["frames_in", "frames_out", "bytes_in", "bytes_out", "dropped"]
+    assert (d["frames_in"], d["frames_out"], d["bytes_out"]) == (4, 1, 14 + 20 + 8 + 1)
+    assert d["bytes_in"] == 42 + 5 + 42 + 5
+    assert list(d["dropped"].items()) == [("eth_truncated", 2), ("ipv4_dst_martian", 1)]
