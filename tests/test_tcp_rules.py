@@ -1,0 +1,241 @@
+"""The TCP engine against rules of RFC 9293 (and RFC 5681/6298 for retransmission), stated so
+that they hold whatever the implementation: sans-IO, `now` advanced by hand."""
+
+from slirpy.stack import events as E
+from slirpy.stack import seq
+from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN
+from test_tcp_engine import H, est
+
+G4, R4 = "10.0.2.100", "127.0.0.9"
+EMIT = ("family", "src", "sport", "dst", "dport", "seq", "ack", "flags", "window", "options",
+        "payload")
+
+
+def seg(o):
+    """An emitted segment as a dict (the order of emit's arguments in tcp.py's contract)."""
+    return dict(zip(EMIT, o))
+
+
+# ------------------------------------------------------------------- RFC 9293 3.10.7.1: CLOSED
+def test_segments_without_a_connection_get_the_rfc_reset():
+    """No connection: with ACK set the reset is <SEQ=SEG.ACK><CTL=RST>; without it
+    <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>, SYN and FIN counting one each; a RST is never
+    answered. Addresses and ports are the segment's, swapped."""
+    h = H()
+    h.seg(500, 777, ACK | PSH, b"data")
+    h.seg(2**32 - 2, 0, FIN | PSH, b"abc")  # SEG.LEN = 3 + FIN, across the wrap
+    h.seg(2**32 - 1, 4321, SYN | ACK)
+    h.seg(9, 0, RST)
+    h.seg(9, 1234, RST | ACK)
+    a, b, c = (seg(o) for o in h.pop())
+    assert (a["seq"], a["ack"], a["flags"], a["window"]) == (777, 0, RST, 0)
+    assert (a["src"], a["sport"], a["dst"], a["dport"]) == (bytes([127, 0, 0, 9]), 80,
+                                                            bytes([10, 0, 2, 100]), 40000)
+    assert (b["seq"], b["ack"], b["flags"]) == (0, 2, RST | ACK)
+    assert (c["seq"], c["ack"], c["flags"]) == (4321, 0, RST)
+    assert h.stats.dropped["tcp_no_flow"] == 5 and h.ev == []
+
+
+def test_syn_sent_refuses_an_unacceptable_ack():
+    """RFC 9293 3.10.7.3 SYN-SENT: an ACK outside ISS+1 is answered <SEQ=SEG.ACK><CTL=RST>
+    (unless it is a RST, then dropped); a RST with an acceptable ACK resets; a RST without ACK is
+    dropped."""
+    h = H(isn=1000)
+    fl = h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0)
+    h.pop()
+    h.seg(50, 5000, SYN | ACK)
+    (r,) = h.pop()
+    assert (r[5], r[7]) == (5000, RST)
+    h.seg(50, 5000, RST | ACK)
+    h.seg(50, 0, RST)
+    assert h.pop() == [] and h.ev == [] and len(h.e.flows()) == 1
+    h.seg(50, 1001, RST | ACK)
+    assert h.ev == [E.TcpReset(fl), E.TcpClosed(fl)] and h.e.flows() == []
+
+
+def test_connect_tcp_sends_a_syn_and_retries_it_with_backoff():
+    """A port forward opens with <SEQ=ISS><CTL=SYN> carrying our MSS, window scale and
+    SACK-permitted; unanswered it is resent with the timeout doubled each time (RFC 6298 5.5)
+    and given up after a bounded number of tries, the glue told (TcpReset, TcpClosed) and the
+    guest sent a RST. The same 4-tuple cannot be opened twice while the first is alive."""
+    from slirpy.stack.tcp_options import parse_tcp_options_untrusted
+    h = H(isn=2**32 - 1)
+    fl = h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0)
+    (syn,) = (seg(o) for o in h.pop())
+    assert (syn["seq"], syn["flags"], syn["dport"], syn["sport"]) == (2**32 - 1, SYN, 40000, 80)
+    o = parse_tcp_options_untrusted(syn["options"])
+    assert o.mss == h.e._mss_for(4) and o.wscale is not None and o.sack_perm
+    assert h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0) is None
+    assert h.stats.dropped["tcp_flow_cap"] == 1
+    times = []
+    while (t := h.e.get_timer()) is not None and len(times) < 20:
+        h.e.handle_timer(t)
+        times.append(t)
+        out = [seg(x) for x in h.pop()]
+        assert all(x["seq"] == 2**32 - 1 for x in out if x["flags"] & SYN)
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    assert all(g2 == 2 * g1 for g1, g2 in zip(gaps, gaps[1:-1]))
+    assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)]
+    assert h.stats.dropped["tcp_handshake_timeout"] == 1 and h.e.flows() == []
+    # answered in time: ESTABLISHED, our ACK of its SYN, the glue told
+    h = H(isn=7)
+    fl = h.e.connect_tcp(4, R4, 80, G4, 40001, 0.0)
+    h.pop()
+    h.seg(2**32 - 1, 8, SYN | ACK, window=100, sport=40001)
+    (ack,) = (seg(o) for o in h.pop())
+    assert (ack["seq"], ack["ack"], ack["flags"]) == (8, 0, ACK)
+    assert h.ev == [E.TcpConnected(fl)] and h.e.get_timer() is None
+    assert h.e.send_tcp(fl, b"x" * 300, 0.0) == 300
+    assert sum(len(o[10]) for o in h.pop()) == 100  # a SYN-ACK's window is not scaled
+
+
+def test_reject_answers_the_guests_syn_with_a_reset():
+    """The host refused, could not reach, or timed out: the guest's SYN gets
+    <SEQ=0><ACK=SYN+1><CTL=RST,ACK> (what slirp4netns sends for a refused port), counted by
+    reason, the flow gone (its 4-tuple free for a new SYN)."""
+    for reason in ("refused", "unreachable", "timeout"):
+        h = H()
+        h.seg(2**32 - 1, 0, SYN)
+        (req,) = h.ev
+        h.ev.clear()
+        h.e.reject_tcp(req.flow, reason, 0.0)
+        (r,) = (seg(o) for o in h.pop())
+        assert (r["seq"], r["ack"], r["flags"], r["window"]) == (0, 0, RST | ACK, 0)
+        assert (r["dport"], r["sport"]) == (40000, 80)
+        assert h.stats.dropped["tcp_connect_" + reason] == 1
+        assert h.ev == [E.TcpClosed(req.flow)] and h.e.flows() == []
+        h.e.reject_tcp(req.flow, reason, 0.0)  # twice, or for no flow: nothing
+        assert h.pop() == [] and h.stats.dropped["tcp_connect_" + reason] == 1
+        h.seg(2**32 - 1, 0, SYN)
+        assert isinstance(h.ev[-1], E.TcpConnectRequest)
+    # a connection already answered (SYN-ACK sent) is reset at our next sequence number
+    h = H(isn=50)
+    h.seg(10, 0, SYN)
+    (req,) = h.ev
+    h.e.accept_tcp(req.flow, 0.0)
+    h.pop()
+    h.e.reject_tcp(req.flow, "timeout", 0.0)
+    (r,) = (seg(o) for o in h.pop())
+    assert (r["seq"], r["flags"]) == (51, RST | ACK)
+
+
+def test_host_reset_resets_the_guest():
+    """The host side reset: the guest gets <SEQ=SND.NXT><ACK=RCV.NXT><CTL=RST,ACK>, the glue
+    TcpClosed; a connect still pending is refused the same way at <SEQ=0>; a flow in TIME_WAIT
+    just goes (nothing to reset); afterwards the guest's segments find no connection."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"abc")
+    h.e.send_tcp(fl, b"xy", 0.0)
+    h.pop()
+    h.ev.clear()
+    h.e.reset_tcp(fl, 0.0)
+    (r,) = (seg(o) for o in h.pop())
+    assert (r["seq"], r["ack"], r["flags"]) == (seq.add(s, 2), 1004, RST | ACK)
+    assert h.ev == [E.TcpClosed(fl)] and h.e.flows() == []
+    h.e.reset_tcp(fl, 0.0)
+    assert h.pop() == []
+    h.seg(1004, s, ACK)
+    assert seg(h.pop()[0])["flags"] == RST
+    h = H()
+    h.seg(99, 0, SYN)
+    (req,) = h.ev
+    h.ev.clear()
+    h.e.reset_tcp(req.flow, 0.0)
+    (r,) = (seg(o) for o in h.pop())
+    assert (r["seq"], r["ack"], r["flags"]) == (0, 100, RST | ACK)
+    assert h.ev == [E.TcpClosed(req.flow)]
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.seg(1001, seq.add(s, 1), ACK | FIN)  # our FIN acked, then theirs: we closed first
+    h.pop()
+    h.ev.clear()
+    assert [f["state"] for f in h.e.flows()] == ["TIME_WAIT"]
+    h.e.reset_tcp(fl, 0.0)
+    assert h.pop() == [] and h.ev == [] and h.e.flows() == []
+
+
+def test_flows_lists_each_connection_and_its_bytes():
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"hello")
+    h.e.recv_tcp(fl, 100, 0.0)
+    h.e.send_tcp(fl, b"world!", 0.0)
+    (f,) = h.e.flows()
+    assert f == {"id": fl, "family": 4, "src": G4, "sport": 40000, "dst": R4, "dport": 80,
+                 "state": "ESTABLISHED", "bytes_in": 5, "bytes_out": 6}
+
+
+def test_mem_stats_count_what_is_held():
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"q" * 100)
+    h.seg(2001, s, ACK | PSH, b"o" * 50)  # out of order: held too
+    m = h.e.mem_stats()
+    assert m == {"tcp_mem_bytes": 150, "tcp_mem_budget": h.e.mem_budget,
+                 "tcp_mem_window_limited": 0, "tcp_mem_send_limited": 0}
+    assert h.e.mem_recount() == 150
+
+
+# --------------------------------------------------------------------- retransmission (5681)
+def test_fast_retransmit_needs_three_duplicate_acks():
+    """RFC 5681 3.2: the third duplicate ACK (not the second) triggers the retransmission of
+    the first unacknowledged segment, once."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"z" * 5000, 0.0)
+    first = [seg(o) for o in h.pop()]
+    for _ in range(2):
+        h.seg(1001, s, ACK, window=65535)
+    assert h.pop() == []
+    h.seg(1001, s, ACK, window=65535)
+    (rx,) = (seg(o) for o in h.pop())
+    assert rx["seq"] == s and bytes(rx["payload"]) == bytes(first[0]["payload"])
+    h.seg(1001, s, ACK, window=65535)  # a fourth: no second retransmission of the same hole
+    assert h.pop() == []
+
+
+def test_progress_resets_the_retry_count():
+    """RFC 6298 5: an ACK for new data restarts the timer; a connection that keeps making
+    progress, however slowly, is never given up: the give-up counts unanswered timeouts in a
+    row."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"p" * 20 * 1460, 0.0)
+    h.pop()
+    acked = s
+    for _ in range(12):  # more rounds than the give-up limit, each loses a timeout first
+        t = h.e.get_timer()
+        h.e.handle_timer(t)
+        h.pop()
+        acked = seq.add(acked, 1460)
+        h.seg(1001, acked, ACK, window=65535, now=t)
+        h.pop()
+    assert [f["state"] for f in h.e.flows()] == ["ESTABLISHED"]
+    assert not any(isinstance(e, E.TcpReset) for e in h.ev)
+
+
+def test_fin_is_acknowledged_only_by_the_byte_after_it():
+    """RFC 9293 3.10.7.4: our FIN occupies one sequence number; an ACK up to the FIN but not past
+    it leaves it unacknowledged (we keep retransmitting it), only SND.NXT acknowledges it."""
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"end", 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    out = [seg(o) for o in h.pop()]
+    assert out[-1]["flags"] & FIN
+    h.seg(1001, seq.add(s, 3), ACK)  # the data, not the FIN
+    h.pop()
+    t = h.e.get_timer()
+    assert t is not None
+    h.e.handle_timer(t)
+    (fin,) = (seg(o) for o in h.pop())
+    assert fin["flags"] & FIN and fin["seq"] == seq.add(s, 3)
+    assert h.e.get_timer() is not None  # still owed: the FIN
+    h.seg(1001, seq.add(s, 4), ACK)
+    assert h.pop() == [] and h.e.get_timer() is None  # acknowledged: nothing left to resend
+    h.seg(1001, seq.add(s, 4), ACK | FIN)  # the guest closes too: the connection ends
+    assert E.TcpClosed(fl) in h.ev or [f["state"] for f in h.e.flows()] == ["TIME_WAIT"]
