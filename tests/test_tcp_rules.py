@@ -239,3 +239,25 @@ def test_fin_is_acknowledged_only_by_the_byte_after_it():
     assert h.pop() == [] and h.e.get_timer() is None  # acknowledged: nothing left to resend
     h.seg(1001, seq.add(s, 4), ACK | FIN)  # the guest closes too: the connection ends
     assert E.TcpClosed(fl) in h.ev or [f["state"] for f in h.e.flows()] == ["TIME_WAIT"]
+
+
+def test_closing_last_waits_for_the_ack_of_our_fin():
+    """RFC 9293 3.6 (LAST-ACK): after the guest's FIN, our FIN must itself be acknowledged
+    (SEG.ACK past it) before the connection is closed; an ACK of the data before it is not
+    enough, and the FIN is resent meanwhile."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    assert E.TcpGuestEof(fl) in h.ev
+    h.e.send_tcp(fl, b"end", 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.pop()
+    h.ev.clear()
+    h.seg(1002, seq.add(s, 3), ACK)  # the data is acknowledged, the FIN (at s + 3) is not
+    assert E.TcpClosed(fl) not in h.ev
+    assert [f["state"] for f in h.e.flows()] == ["ESTABLISHED"]
+    h.e.handle_timer(h.e.get_timer())
+    (fin,) = (seg(o) for o in h.pop())
+    assert fin["flags"] & FIN and fin["seq"] == seq.add(s, 3)
+    h.seg(1002, seq.add(s, 4), ACK)
+    assert E.TcpClosed(fl) in h.ev
