@@ -261,3 +261,149 @@ def test_closing_last_waits_for_the_ack_of_our_fin():
     assert fin["flags"] & FIN and fin["seq"] == seq.add(s, 3)
     h.seg(1002, seq.add(s, 4), ACK)
     assert E.TcpClosed(fl) in h.ev
+
+
+# ------------------------------------------------------------------ SACK to the guest (2018)
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from slirpy.stack.tcp_options import parse_tcp_options_untrusted  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 14), min_size=1, max_size=10, unique=True))
+def test_sack_blocks_describe_what_is_held(slots):
+    """RFC 2018 4: every ACK sent while data is held out of order carries SACK blocks; each
+    block is a contiguous run of held bytes bounded by holes (adjacent segments are one block),
+    all above the cumulative ACK; the first block holds the segment just received; at most 4.
+    (Segments are 100-byte slots after a hole at RCV.NXT, arriving in any order.)"""
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    base = 1001
+    held = set()
+    for k in slots:
+        h.seg(base + 100 * k, s, ACK | PSH, bytes([k]) * 100)
+        held.add(k)
+        (a,) = h.pop()  # out-of-order data is acknowledged at once
+        assert a[6] == base
+        blocks = parse_tcp_options_untrusted(a[9]).sack_blocks
+        runs, start = [], None
+        for i in range(1, 16):
+            if i in held and start is None:
+                start = i
+            if i not in held and start is not None:
+                runs.append((base + 100 * start, base + 100 * i))
+                start = None
+        assert 1 <= len(blocks) <= 4 and len(set(blocks)) == len(blocks)
+        assert set(blocks) <= set(runs)
+        assert len(blocks) == min(4, len(runs))
+        assert blocks[0][0] <= base + 100 * k < blocks[0][1]  # the newest first
+    # the hole filled: the ACK moves to the next hole; what lies beyond it is still SACKed
+    h.seg(base, s, ACK | PSH, b"\0" * 100)
+    h.e.flush_pending(1.0)
+    last = h.pop()[-1]
+    held.add(0)
+    first_hole = min(i for i in range(16) if i not in held)
+    assert last[6] == base + 100 * first_hole
+    beyond = [r for r in runs if r[0] > last[6]]
+    blocks = parse_tcp_options_untrusted(last[9]).sack_blocks
+    assert set(blocks) <= set(beyond) and len(blocks) == min(4, len(beyond))
+
+
+def _fire_all(h, limit=30):
+    """Let every timer fire in turn; returns the times and what was sent at each."""
+    log = []
+    while (t := h.e.get_timer()) is not None and len(log) < limit:
+        h.e.handle_timer(t)
+        log.append((t, [seg(o) for o in h.pop()]))
+    return log
+
+
+def test_handshake_retries_give_up_after_a_minute_not_before():
+    """An unanswered SYN (port forward) or SYN-ACK (guest connection) is resent with the
+    timeout doubling (RFC 6298 5.5), from the same ISS, and the attempt is abandoned after
+    about a minute: not before 60 s, not after libslirp's 75 s (TCPTV_KEEP_INIT); the guest
+    gets <SEQ=ISS+1><CTL=RST,ACK>, the glue TcpReset and TcpClosed."""
+    for passive in (False, True):
+        h = H(isn=900)
+        if passive:
+            h.seg(77, 0, SYN)
+            (req,) = h.ev
+            fl = req.flow
+            h.e.accept_tcp(fl, 0.0)
+            want = SYN | ACK
+        else:
+            fl = h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0)
+            want = SYN
+        h.pop()
+        log = _fire_all(h)
+        *retries, (t_end, last) = log
+        assert all([x["flags"] for x in out] == [want] and out[0]["seq"] == 900
+                   for _, out in retries)
+        assert 60.0 <= t_end <= 75.0
+        assert [(x["seq"], x["flags"]) for x in last] == [(901, RST | ACK)]
+        assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)]
+        assert h.stats.dropped["tcp_handshake_timeout"] == 1
+
+
+def test_data_retransmission_gives_up_with_a_reset():
+    """RFC 9293 3.8.3 (R2): when retransmissions stay unanswered the connection is closed: the
+    guest gets RST at SND.NXT, the glue TcpReset, counted as a retransmit timeout."""
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"lost", 0.0)
+    h.pop()
+    log = _fire_all(h)
+    assert all(out[0]["seq"] == s and bytes(out[0]["payload"]) == b"lost" for _, out in log[:-1])
+    assert [(x["seq"], x["flags"]) for x in log[-1][1]] == [(seq.add(s, 4), RST | ACK)]
+    assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)]
+    assert h.stats.dropped["tcp_retransmit_timeout"] == 1
+
+
+def test_fast_retransmit_of_the_last_segment_carries_the_fin():
+    """RFC 9293 3.10.4: our FIN follows the last data byte; a retransmission that ends at that
+    byte carries the FIN again, and a lone FIN is resent as such, at its own sequence number."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"d" * 100, 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.pop()
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=65535)
+    (rx,) = (seg(o) for o in h.pop())
+    assert rx["seq"] == s and bytes(rx["payload"]) == b"d" * 100 and rx["flags"] & FIN
+    # a FIN sent alone after all data was acknowledged, then three duplicate ACKs of it
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"d" * 100, 0.0)
+    h.seg(1001, seq.add(s, 100), ACK, window=65535)
+    h.pop()
+    h.e.shutdown_tcp(fl, 0.0)
+    (fin,) = (seg(o) for o in h.pop())
+    assert fin["seq"] == seq.add(s, 100) and fin["flags"] & FIN
+    for _ in range(3):
+        h.seg(1001, seq.add(s, 100), ACK, window=65535)
+    (rx,) = (seg(o) for o in h.pop())
+    assert rx["seq"] == seq.add(s, 100) and rx["flags"] & FIN and bytes(rx["payload"]) == b""
+
+
+def test_a_repeated_fin_is_acknowledged_again_a_bare_ack_is_not():
+    """RFC 9293 3.10.7.4 (CLOSE-WAIT and later): a retransmitted FIN, or data beyond it, is
+    answered with an ACK of RCV.NXT (the first ACK may have been lost); an ACK is never
+    acknowledged."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    h.e.flush_pending(1.0)
+    h.pop()
+    h.seg(1001, s, ACK | FIN)
+    (a,) = (seg(o) for o in h.pop())
+    assert (a["ack"], a["flags"]) == (1002, ACK)
+    h.seg(1002, s, ACK | PSH, b"late")
+    (a,) = (seg(o) for o in h.pop())
+    assert a["ack"] == 1002
+    h.seg(1002, s, ACK)
+    h.e.flush_pending(2.0)
+    assert h.pop() == []
