@@ -181,6 +181,21 @@ def test_tcp_over_both_families_without_vnet():
         t = p[TCP]
         assert (t.sport, t.dport, t.flags, t.ack) == (80, 40000, "SA", 0)  # ack wraps to 0
         assert checksum_ok(p, TCP)
+        assert [(f["family"], f["src"], f["dport"]) for f in s.flows()] == [(family, ip.src, 80)]
+        if family == 6:
+            assert p[IPv6].hlim == 64
+        # the guest's first data: delayed ACK (at most DELACK after its arrival, by the time
+        # the frame brought), then the glue reads it
+        s.receive_frame(eth(ip / TCP(sport=40000, dport=80, seq=0, ack=t.seq + 1, flags="PA")
+                            / b"hi"), 3.0)
+        assert [type(e).__name__ for e in drain(s)] == ["TcpReadable"]
+        assert s.frames_to_send() == []
+        due = s.tcp.get_timer()
+        assert due is not None and 3.0 < due <= 3.0 + 0.01 and s.get_timer() <= due
+        s.handle_timer(due)
+        (a,) = [f for f in frames(s) if TCP in f]
+        assert a[TCP].flags == "A" and a[TCP].ack == 2
+        assert s.recv_tcp(ev.flow, 10, due) == b"hi"
 
 
 def test_tcp_segment_fields_reach_the_engine():
@@ -359,6 +374,32 @@ def test_na_goes_to_the_link_layer_address_in_the_solicitation():
     (p,) = frames(s)
     assert (p.dst, p[IPv6].dst, p[IPv6].hlim, p[ICMPv6ND_NA].S) == ("33:33:00:00:00:01",
                                                                      "ff02::1", 255, 0)
+
+
+def test_na_uses_the_first_six_bytes_of_an_oversized_link_layer_option():
+    """RFC 4861 4.6.1: the option's address is 6 bytes on Ethernet; a longer option (length 2)
+    still names the address in its first 6 bytes."""
+    s = Stack(Config(enable_ipv6=True))
+    opt = bytes([1, 2]) + bytes.fromhex(OTHER_MAC.replace(":", "")) + b"\0" * 8
+    s.receive_frame(eth(IPv6(src=GUEST_LL, dst="ff02::1:ff00:2", hlim=255)
+                        / ICMPv6ND_NS(tgt="fd00::2") / opt), 0.0)
+    (p,) = frames(s)
+    assert p.dst == OTHER_MAC
+
+
+def test_udp_checksum_left_to_the_kernel_is_not_checked():
+    """On a vnet tap, NEEDS_CSUM means the guest's kernel never filled the checksum in
+    (checksum offload) and DATA_VALID that it checked it: either way it is not ours to verify;
+    without a flag a wrong checksum is a drop."""
+    from slirpy import helper
+    bad = eth(IP(src="10.0.2.100", dst="198.51.100.7") / UDP(sport=1, dport=2, chksum=0x1234)
+              / b"offloaded")
+    for flags, taken in ((wire.VNET_F_NEEDS_CSUM, True), (wire.VNET_F_DATA_VALID, True),
+                         (0, False)):
+        s = Stack(Config(), 0.0, offload=helper.TUN_F_CSUM)
+        s.receive_frame(wire.VNET.pack(flags, 0, 0, 0, 0, 0) + bad, 0.0)
+        assert [e.payload for e in drain(s)] == ([b"offloaded"] if taken else [])
+        assert s.stats.dropped["udp_bad_checksum"] == (0 if taken else 1)
 
 
 def test_rs_answered_at_the_senders_mac():
