@@ -407,3 +407,31 @@ def test_a_repeated_fin_is_acknowledged_again_a_bare_ack_is_not():
     h.seg(1002, s, ACK)
     h.e.flush_pending(2.0)
     assert h.pop() == []
+
+
+def test_writable_tells_the_glue_when_the_send_buffer_has_room_again():
+    """Flow control toward the host socket: send_tcp takes what fits in the send buffer; once
+    the guest acknowledges bytes, the glue is told once (TcpWritable) and exactly that room is
+    taken; never after the host side closed (nothing more may be sent after a FIN)."""
+    h = H(sndbuf=3000)
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    assert h.e.send_tcp(fl, b"a" * 5000, 0.0) == 3000
+    h.pop()
+    h.ev.clear()
+    h.seg(1001, seq.add(s, 1000), ACK, window=65535)
+    assert h.ev == [E.TcpWritable(fl)]
+    assert h.e.send_tcp(fl, b"b" * 5000, 0.0) == 1000  # the room that was freed, no more
+    h.ev.clear()
+    h.seg(1001, seq.add(s, 1500), ACK, window=65535)
+    h.seg(1001, seq.add(s, 2000), ACK, window=65535)
+    assert h.ev == [E.TcpWritable(fl)]  # once, until the glue writes again and is cut short
+    h.ev.clear()
+    h.seg(1001, seq.add(s, 2500), ACK, window=65535)
+    assert h.ev == []
+    assert h.e.send_tcp(fl, b"c" * 5000, 0.0) == 1500
+    h.e.shutdown_tcp(fl, 0.0)
+    h.ev.clear()
+    h.seg(1001, seq.add(s, 3500), ACK, window=65535)
+    assert not any(isinstance(e, E.TcpWritable) for e in h.ev)
+    assert h.e.send_tcp(fl, b"d", 0.0) == 0
