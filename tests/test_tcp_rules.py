@@ -435,3 +435,60 @@ def test_writable_tells_the_glue_when_the_send_buffer_has_room_again():
     h.seg(1001, seq.add(s, 3500), ACK, window=65535)
     assert not any(isinstance(e, E.TcpWritable) for e in h.ev)
     assert h.e.send_tcp(fl, b"d", 0.0) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), min_size=12, max_size=12).filter(lambda m: any(m[1:])))
+def test_sack_recovery_resends_exactly_the_holes(sacked):
+    """RFC 6675: on the third duplicate ACK, what the guest has not SACKed below its highest
+    SACKed byte is resent, lowest first, segment by segment with the original bytes, each once;
+    SACKed data is never resent, nor anything above the highest SACK."""
+    from slirpy.stack.tcp_options import build_tcp_options
+    sacked = [False] + sacked[1:]  # segment 0 is the hole that makes the ACKs duplicates
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    data = b"".join(bytes([i]) * 1460 for i in range(12))
+    h.e.send_tcp(fl, data, 0.0)
+    h.pop()
+    at = [seq.add(s, 1460 * i) for i in range(13)]
+    runs, i = [], 0
+    while i < 12:
+        if sacked[i]:
+            j = i
+            while j < 12 and sacked[j]:
+                j += 1
+            runs.append((at[i], at[j]))
+            i = j
+        else:
+            i += 1
+    runs = runs[-4:]  # the guest reports at most 4 blocks; it keeps the highest ones here
+    opts = build_tcp_options(sack_blocks=list(reversed(runs)))
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=65535, options=opts)
+    out = [seg(o) for o in h.pop() if o[10]]
+    top = max(seq.sub(r, s) for _, r in runs) // 1460
+    covered = {k for lo, hi in runs for k in range(seq.sub(lo, s) // 1460, seq.sub(hi, s) // 1460)}
+    want = [k for k in range(top) if k not in covered]
+    assert [seq.sub(o["seq"], s) // 1460 for o in out] == want
+    assert all(bytes(o["payload"]) == data[1460 * k:1460 * (k + 1)] for o, k in zip(out, want))
+    for _ in range(2):
+        h.seg(1001, s, ACK, window=65535, options=opts)
+    assert [o for o in h.pop() if o[10]] == []  # each hole once per recovery
+
+
+def test_sack_recovery_sends_a_bounded_burst():
+    """However many holes one ACK reveals, one ACK releases a bounded burst of retransmissions
+    (16 segments): the rest follows as later ACKs arrive."""
+    from slirpy.stack.tcp_options import build_tcp_options
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, bytes(1460 * 40), 0.0)
+    h.pop()
+    last = (seq.add(s, 1460 * 39), seq.add(s, 1460 * 40))
+    opts = build_tcp_options(sack_blocks=[last])
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=65535, options=opts)
+    out = [seg(o) for o in h.pop() if o[10]]
+    assert [o["seq"] for o in out] == [seq.add(s, 1460 * k) for k in range(16)]
