@@ -16,6 +16,21 @@ def seg(o):
     return dict(zip(EMIT, o))
 
 
+G4B, R4B = bytes([10, 0, 2, 100]), bytes([127, 0, 0, 9])
+
+
+def bare_reset(o, seqno, ackno, flags, gport=40000, rport=80, window=0):
+    """A reset we send is a bare segment from the remote end to the guest: the family and the
+    4-tuple of the connection, no options, no data (as slirp4netns sends it); window 0 when
+    there is no connection (a receiver ignores a RST's window either way)."""
+    r = seg(o)
+    assert (r["family"], r["src"], r["sport"], r["dst"], r["dport"]) == (4, R4B, rport, G4B,
+                                                                         gport)
+    assert (r["seq"], r["ack"], r["flags"]) == (seqno, ackno, flags)
+    assert window is None or r["window"] == window
+    assert bytes(r["options"]) == b"" and bytes(r["payload"]) == b""
+
+
 # ------------------------------------------------------------------- RFC 9293 3.10.7.1: CLOSED
 def test_segments_without_a_connection_get_the_rfc_reset():
     """No connection: with ACK set the reset is <SEQ=SEG.ACK><CTL=RST>; without it
@@ -27,12 +42,10 @@ def test_segments_without_a_connection_get_the_rfc_reset():
     h.seg(2**32 - 1, 4321, SYN | ACK)
     h.seg(9, 0, RST)
     h.seg(9, 1234, RST | ACK)
-    a, b, c = (seg(o) for o in h.pop())
-    assert (a["seq"], a["ack"], a["flags"], a["window"]) == (777, 0, RST, 0)
-    assert (a["src"], a["sport"], a["dst"], a["dport"]) == (bytes([127, 0, 0, 9]), 80,
-                                                            bytes([10, 0, 2, 100]), 40000)
-    assert (b["seq"], b["ack"], b["flags"]) == (0, 2, RST | ACK)
-    assert (c["seq"], c["ack"], c["flags"]) == (4321, 0, RST)
+    a, b, c = h.pop()
+    bare_reset(a, 777, 0, RST)
+    bare_reset(b, 0, 2, RST | ACK)
+    bare_reset(c, 4321, 0, RST)
     assert h.stats.dropped["tcp_no_flow"] == 5 and h.ev == []
 
 
@@ -99,9 +112,8 @@ def test_reject_answers_the_guests_syn_with_a_reset():
         (req,) = h.ev
         h.ev.clear()
         h.e.reject_tcp(req.flow, reason, 0.0)
-        (r,) = (seg(o) for o in h.pop())
-        assert (r["seq"], r["ack"], r["flags"], r["window"]) == (0, 0, RST | ACK, 0)
-        assert (r["dport"], r["sport"]) == (40000, 80)
+        (r,) = h.pop()
+        bare_reset(r, 0, 0, RST | ACK)
         assert h.stats.dropped["tcp_connect_" + reason] == 1
         assert h.ev == [E.TcpClosed(req.flow)] and h.e.flows() == []
         h.e.reject_tcp(req.flow, reason, 0.0)  # twice, or for no flow: nothing
@@ -115,8 +127,8 @@ def test_reject_answers_the_guests_syn_with_a_reset():
     h.e.accept_tcp(req.flow, 0.0)
     h.pop()
     h.e.reject_tcp(req.flow, "timeout", 0.0)
-    (r,) = (seg(o) for o in h.pop())
-    assert (r["seq"], r["flags"]) == (51, RST | ACK)
+    (r,) = h.pop()
+    bare_reset(r, 51, 11, RST | ACK, window=None)
 
 
 def test_host_reset_resets_the_guest():
@@ -130,8 +142,8 @@ def test_host_reset_resets_the_guest():
     h.pop()
     h.ev.clear()
     h.e.reset_tcp(fl, 0.0)
-    (r,) = (seg(o) for o in h.pop())
-    assert (r["seq"], r["ack"], r["flags"]) == (seq.add(s, 2), 1004, RST | ACK)
+    (r,) = h.pop()
+    bare_reset(r, seq.add(s, 2), 1004, RST | ACK, window=None)
     assert h.ev == [E.TcpClosed(fl)] and h.e.flows() == []
     h.e.reset_tcp(fl, 0.0)
     assert h.pop() == []
@@ -142,8 +154,8 @@ def test_host_reset_resets_the_guest():
     (req,) = h.ev
     h.ev.clear()
     h.e.reset_tcp(req.flow, 0.0)
-    (r,) = (seg(o) for o in h.pop())
-    assert (r["seq"], r["ack"], r["flags"]) == (0, 100, RST | ACK)
+    (r,) = h.pop()
+    bare_reset(r, 0, 100, RST | ACK)
     assert h.ev == [E.TcpClosed(req.flow)]
     h = H()
     fl, s = est(h)
@@ -335,9 +347,13 @@ def test_handshake_retries_give_up_after_a_minute_not_before():
         else:
             fl = h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0)
             want = SYN
-        h.pop()
+        (first,) = (seg(o) for o in h.pop())
         log = _fire_all(h)
         *retries, (t_end, last) = log
+        # a retransmitted SYN is the same SYN: the options (MSS, window scale, SACK-permitted:
+        # only ever sent on a SYN, RFC 7323 1.3 / RFC 2018 2) are offered again
+        assert all(bytes(out[0]["options"]) == bytes(first["options"]) != b""
+                   for _, out in retries)
         assert all([x["flags"] for x in out] == [want] and out[0]["seq"] == 900
                    for _, out in retries)
         assert 60.0 <= t_end <= 75.0
@@ -355,6 +371,13 @@ def test_data_retransmission_gives_up_with_a_reset():
     h.pop()
     log = _fire_all(h)
     assert all(out[0]["seq"] == s and bytes(out[0]["payload"]) == b"lost" for _, out in log[:-1])
+    # RFC 6298 5.5: the timeout doubles at each expiry, up to a maximum of at least 60 s (2.5);
+    # RFC 1122 4.2.3.5: data is retransmitted for at least 100 s before giving up
+    times = [t for t, _ in log]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(g2 == min(2 * g1, g2) and (g2 == 2 * g1 or g2 >= 60.0)
+               for g1, g2 in zip(gaps, gaps[1:]))
+    assert gaps[-1] >= 60.0 and times[-1] >= 100.0
     assert [(x["seq"], x["flags"]) for x in log[-1][1]] == [(seq.add(s, 4), RST | ACK)]
     assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)]
     assert h.stats.dropped["tcp_retransmit_timeout"] == 1
@@ -492,3 +515,74 @@ def test_sack_recovery_sends_a_bounded_burst():
         h.seg(1001, s, ACK, window=65535, options=opts)
     out = [seg(o) for o in h.pop() if o[10]]
     assert [o["seq"] for o in out] == [seq.add(s, 1460 * k) for k in range(16)]
+
+
+def test_zero_window_probes_back_off_and_never_give_up_while_answered():
+    """RFC 9293 3.8.6.1 / RFC 1122 4.2.2.17: with the guest's window closed, one byte is offered
+    at growing intervals (each at least the previous, exponential until a cap), and the
+    connection is kept as long as the guest keeps answering the probes, however long."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=0)
+    h.e.send_tcp(fl, b"queued", 0.0)
+    assert h.pop() == []
+    times = []
+    for _ in range(25):  # far more than any retry limit
+        t = h.e.get_timer()
+        h.e.handle_timer(t)
+        (p,) = (seg(o) for o in h.pop())
+        assert p["seq"] == s and bytes(p["payload"]) == b"q"
+        h.seg(1001, s, ACK, window=0, now=t)  # "still no room"
+        times.append(t)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))
+    assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]
+    assert [f["state"] for f in h.e.flows()] == ["ESTABLISHED"] and h.ev == []
+    h.seg(1001, s, ACK, window=100, now=times[-1])  # the window opens: everything goes
+    assert b"".join(bytes(o[10]) for o in h.pop()) == b"queued"
+
+
+def test_after_a_timeout_fast_retransmit_needs_three_new_duplicates():
+    """The retransmission timer resets the duplicate-ACK count (RFC 5681 3.2 counts duplicates
+    of one loss episode): after it, two duplicate ACKs trigger nothing, the third does."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"r" * 4 * 1460, 0.0)
+    h.pop()
+    h.seg(1001, s, ACK, window=65535)
+    h.seg(1001, s, ACK, window=65535)  # two duplicates before the timeout
+    h.e.handle_timer(h.e.get_timer())
+    h.pop()
+    for _ in range(2):
+        h.seg(1001, s, ACK, window=65535)
+    assert [o for o in h.pop() if o[10]] == []
+
+
+def test_data_sent_before_the_handshake_completes_is_queued():
+    """RFC 9293 3.10.2 (SEND in SYN-SENT / SYN-RECEIVED): data handed over before the
+    connection is established is queued and sent once it is."""
+    h = H(isn=10)
+    fl = h.e.connect_tcp(4, R4, 80, G4, 40000, 0.0)
+    h.pop()
+    assert h.e.send_tcp(fl, b"early", 0.0) == 5
+    h.seg(500, 11, SYN | ACK, window=1000)
+    assert b"".join(bytes(o[10]) for o in h.pop()) == b"early"
+    h = H(isn=10)
+    h.seg(500, 0, SYN)
+    (req,) = h.ev
+    h.e.accept_tcp(req.flow, 0.0)
+    h.pop()
+    assert h.e.send_tcp(req.flow, b"hello", 0.0) == 5
+    h.seg(501, 11, ACK, window=1000)
+    assert b"".join(bytes(o[10]) for o in h.pop()) == b"hello"
+
+
+def test_shutdown_sends_one_fin():
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.e.shutdown_tcp(12345, 0.0)  # no such flow: nothing
+    out = [seg(o) for o in h.pop()]
+    assert [(o["seq"], o["flags"] & FIN) for o in out] == [(s, FIN)]
