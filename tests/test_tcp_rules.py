@@ -586,3 +586,58 @@ def test_shutdown_sends_one_fin():
     h.e.shutdown_tcp(12345, 0.0)  # no such flow: nothing
     out = [seg(o) for o in h.pop()]
     assert [(o["seq"], o["flags"] & FIN) for o in out] == [(s, FIN)]
+
+
+# --------------------------------------------------------- receive window (RFC 9293 3.8.6)
+def _filled(rcvbuf):
+    """A connection whose receive buffer the guest has filled; no ACK owed any more."""
+    h = H(rcvbuf=rcvbuf, _my_ws=0)
+    fl, s = est(h)
+    h.pop()
+    sent = 0
+    while sent < rcvbuf:
+        n = min(1460, rcvbuf - sent)
+        h.seg(1001 + sent, s, ACK | PSH, b"g" * n)
+        sent += n
+    h.e.flush_pending(1.0)
+    out = [seg(o) for o in h.pop()]
+    assert out[-1]["ack"] == 1001 + rcvbuf and out[-1]["window"] == 0  # full: window zero
+    return h, fl, s
+
+
+def _updates(h):
+    return [o["window"] for o in (seg(x) for x in h.pop()) if not o["payload"]]
+
+
+def test_window_updates_avoid_silly_window_syndrome():
+    """RFC 1122 4.2.3.3 / RFC 9293 3.8.6.2.2: after the window closed, reading a little does
+    not announce a little window; an update goes once the window grows by min(MSS, half the
+    buffer), or first reaches one MSS, and not for every byte read after that."""
+    h, fl, s = _filled(20000)
+    assert len(h.e.recv_tcp(fl, 1459, 1.0)) == 1459
+    assert _updates(h) == []  # 1459 bytes: less than a segment
+    h.e.recv_tcp(fl, 1, 1.0)
+    assert _updates(h) == [1460]  # one MSS of room: worth announcing
+    h.e.recv_tcp(fl, 1, 1.0)
+    assert _updates(h) == []  # one byte more is not
+    h.e.recv_tcp(fl, 1458, 1.0)
+    assert _updates(h) == []
+    h.e.recv_tcp(fl, 1, 1.0)
+    assert _updates(h) == [2920]  # grown by one MSS since the last announcement
+    # with a small buffer the step is half of it, not a whole MSS
+    h, fl, s = _filled(2400)
+    h.e.recv_tcp(fl, 1199, 1.0)
+    assert _updates(h) == []
+    h.e.recv_tcp(fl, 1, 1.0)
+    assert _updates(h) == [1200]
+
+
+def test_no_window_is_offered_after_the_guests_fin():
+    """After the guest's FIN no more data can come: reading what it sent announces nothing."""
+    h = H(rcvbuf=20000, _my_ws=0)
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH | FIN, b"x" * 5000)
+    h.e.flush_pending(1.0)
+    h.pop()
+    assert h.e.recv_tcp(fl, 10000, 1.0) == b"x" * 5000
+    assert _updates(h) == []
