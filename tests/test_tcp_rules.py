@@ -4,6 +4,7 @@ that they hold whatever the implementation: sans-IO, `now` advanced by hand."""
 from slirpy.stack import events as E
 from slirpy.stack import seq
 from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN
+from slirpy.stack.tcp_options import build_tcp_options
 from test_tcp_engine import H, est
 
 G4, R4 = "10.0.2.100", "127.0.0.9"
@@ -205,6 +206,7 @@ def test_fast_retransmit_needs_three_duplicate_acks():
     h.seg(1001, s, ACK, window=65535)
     (rx,) = (seg(o) for o in h.pop())
     assert rx["seq"] == s and bytes(rx["payload"]) == bytes(first[0]["payload"])
+    assert rx["flags"] & ACK and not rx["flags"] & FIN  # RFC 9293 3.4: ACK on all but SYN
     h.seg(1001, s, ACK, window=65535)  # a fourth: no second retransmission of the same hole
     assert h.pop() == []
 
@@ -338,8 +340,8 @@ def test_handshake_retries_give_up_after_a_minute_not_before():
     gets <SEQ=ISS+1><CTL=RST,ACK>, the glue TcpReset and TcpClosed."""
     for passive in (False, True):
         h = H(isn=900)
-        if passive:
-            h.seg(77, 0, SYN)
+        if passive:  # the guest offers window scale 0: both sides then scale (RFC 7323 2.2)
+            h.seg(77, 0, SYN, options=build_tcp_options(mss=1460, wscale=0))
             (req,) = h.ev
             fl = req.flow
             h.e.accept_tcp(fl, 0.0)
@@ -396,6 +398,7 @@ def test_fast_retransmit_of_the_last_segment_carries_the_fin():
         h.seg(1001, s, ACK, window=65535)
     (rx,) = (seg(o) for o in h.pop())
     assert rx["seq"] == s and bytes(rx["payload"]) == b"d" * 100 and rx["flags"] & FIN
+    assert rx["flags"] & ACK
     # a FIN sent alone after all data was acknowledged, then three duplicate ACKs of it
     h = H()
     fl, s = est(h)
@@ -410,6 +413,17 @@ def test_fast_retransmit_of_the_last_segment_carries_the_fin():
         h.seg(1001, seq.add(s, 100), ACK, window=65535)
     (rx,) = (seg(o) for o in h.pop())
     assert rx["seq"] == seq.add(s, 100) and rx["flags"] & FIN and bytes(rx["payload"]) == b""
+    assert rx["flags"] & ACK
+    # and the last segment resent while no FIN was asked for carries none
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=65535)
+    h.e.send_tcp(fl, b"e" * 100, 0.0)
+    h.pop()
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=65535)
+    (rx,) = (seg(o) for o in h.pop())
+    assert bytes(rx["payload"]) == b"e" * 100 and rx["flags"] & (ACK | FIN) == ACK
 
 
 def test_a_repeated_fin_is_acknowledged_again_a_bare_ack_is_not():
@@ -536,7 +550,8 @@ def test_zero_window_probes_back_off_and_never_give_up_while_answered():
         times.append(t)
     gaps = [b - a for a, b in zip(times, times[1:])]
     assert all(g2 >= g1 for g1, g2 in zip(gaps, gaps[1:]))
-    assert gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]
+    # the first probe after one RTO (the data was handed over at 0.0), then doubling
+    assert gaps[0] == 2 * times[0] and gaps[1] == 2 * gaps[0] and gaps[2] == 2 * gaps[1]
     assert [f["state"] for f in h.e.flows()] == ["ESTABLISHED"] and h.ev == []
     h.seg(1001, s, ACK, window=100, now=times[-1])  # the window opens: everything goes
     assert b"".join(bytes(o[10]) for o in h.pop()) == b"queued"
@@ -624,12 +639,27 @@ def test_window_updates_avoid_silly_window_syndrome():
     assert _updates(h) == []
     h.e.recv_tcp(fl, 1, 1.0)
     assert _updates(h) == [2920]  # grown by one MSS since the last announcement
-    # with a small buffer the step is half of it, not a whole MSS
-    h, fl, s = _filled(2400)
+    # with a small buffer the step is half of it (rounded down), not a whole MSS
+    h, fl, s = _filled(2401)
     h.e.recv_tcp(fl, 1199, 1.0)
     assert _updates(h) == []
     h.e.recv_tcp(fl, 1, 1.0)
     assert _updates(h) == [1200]
+    # a window announced smaller than a segment is updated as soon as a segment fits
+    h = H(rcvbuf=20000, _my_ws=0)
+    fl, s = est(h)
+    h.pop()
+    sent = 0
+    while sent < 19500:
+        n = min(1460, 19500 - sent)
+        h.seg(1001 + sent, s, ACK | PSH, b"g" * n)
+        sent += n
+    h.e.flush_pending(1.0)
+    assert [seg(o)["window"] for o in h.pop()][-1] == 500
+    h.e.recv_tcp(fl, 959, 1.0)
+    assert _updates(h) == []
+    h.e.recv_tcp(fl, 1, 1.0)
+    assert _updates(h) == [1460]
 
 
 def test_no_window_is_offered_after_the_guests_fin():
