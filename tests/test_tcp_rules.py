@@ -482,7 +482,7 @@ def test_sack_recovery_resends_exactly_the_holes(sacked):
     SACKed data is never resent, nor anything above the highest SACK."""
     from slirpy.stack.tcp_options import build_tcp_options
     sacked = [False] + sacked[1:]  # segment 0 is the hole that makes the ACKs duplicates
-    h = H()
+    h = H(isn=2**32 - 6 * 1460)  # the data crosses 2**32 halfway: order is sequence order
     fl, s = est(h)
     h.seg(1001, s, ACK, window=65535)
     data = b"".join(bytes([i]) * 1460 for i in range(12))
@@ -517,8 +517,7 @@ def test_sack_recovery_resends_exactly_the_holes(sacked):
 def test_sack_recovery_sends_a_bounded_burst():
     """However many holes one ACK reveals, one ACK releases a bounded burst of retransmissions
     (16 segments): the rest follows as later ACKs arrive."""
-    from slirpy.stack.tcp_options import build_tcp_options
-    h = H()
+    h = H(isn=2**32 - 10 * 1460)
     fl, s = est(h)
     h.seg(1001, s, ACK, window=65535)
     h.e.send_tcp(fl, bytes(1460 * 40), 0.0)
