@@ -730,3 +730,15 @@ def test_syn_repeated_in_syn_received_gets_the_syn_ack_again_for_any_isn():
         (sa,) = h.pop()
         h.seg(isn, 0, SYN)
         assert h.pop() == [sa]
+
+
+def test_default_mss_is_536_without_the_option():
+    """RFC 9293 3.7.1 / RFC 1122 4.2.2.6: a SYN without an MSS option means 536 bytes."""
+    h = H()
+    h.seg(100, 0, SYN)
+    (req,) = h.ev
+    h.e.accept_tcp(req.flow, 0.0)
+    (sa,) = h.pop()
+    h.seg(101, seq.add(sa[5], 1), ACK, window=65535)
+    h.e.send_tcp(req.flow, b"m" * 2000, 0.0)
+    assert [len(o[10]) for o in h.pop()] == [536, 536, 536, 392]
