@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import trio
+from hypothesis import given, settings, strategies as st
 
 from slirpy.icmp_nat import parse_echo_reply_untrusted
 from slirpy.stack.events import IcmpEchoRequest
@@ -27,6 +28,17 @@ def test_parse_echo_reply_untrusted():
     assert parse_echo_reply_untrusted(b"\x00\x01\x00\x00\x12\x34\x00\x07", 4) is None
     for n in range(8):
         assert parse_echo_reply_untrusted(b"\x00" * n, 4) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.sampled_from([4, 6]))
+def test_parse_echo_reply_untrusted_never_raises(data, family):
+    """What a ping socket hands back is parsed or refused (None), never raised on; only an echo
+    reply of the socket's family with code 0 is taken (RFC 792 / RFC 4443 4.2)."""
+    r = parse_echo_reply_untrusted(data, family)
+    if r is not None:
+        assert len(data) >= 8 and data[0] == (0 if family == 4 else 129) and data[1] == 0
+        assert r == (int.from_bytes(data[6:8], "big"), data[8:])
 
 
 async def test_ping_socket_denied_is_logged_once_and_counted(monkeypatch, caplog):

@@ -444,3 +444,41 @@ def test_compact_keeps_live_timers_and_tables_drops_the_rest():
     assert {e[1] for e in n.e._heap} <= set(before) and len(n.e._heap) == 10
     assert n.e.get_timer() == t
     assert n.e.mem_bytes == n.e.mem_recount()
+
+
+def test_full_flows_stay_within_budget_then_all_progress_small():
+    """The 200-flow test above at a twentieth of the size (the mutation runner leaves the big
+    one out): 12 flows against a 96 KiB budget, nobody reads; the total never passes the
+    budget, windows and send_tcp are cut and guest data dropped; once the readers drain, every
+    flow moves again both ways (woken by the engine, not by being asked)."""
+    budget = 96 * KIB
+    n = Net(budget)
+    flows = [n.open(31000 + i) for i in range(12)]
+    for rnd in range(3):
+        for m in flows:
+            n.host_send(m, 48 * KIB)
+            n.fill(m)
+    assert n.peak >= budget * 3 // 4 and n.e.mem_bytes <= budget
+    d = n.stats.dropped
+    assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0
+    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rcv.buf or b"") for m in flows}
+    before_out = {m.port: m.taken for m in flows}
+    for rnd in range(40):
+        for m in flows:
+            n.host_read(m)
+            n.guest_ack(m)
+        n.e.flush_pending(0.0)
+        n.pump()
+        for fid in n.writable():
+            m = n.by_flow[fid]
+            if m.taken < before_out[m.port] + 16 * KIB:
+                n.host_send(m, 16 * KIB)
+        if all(m.taken >= before_out[m.port] + 16 * KIB for m in flows):
+            break
+    for m in flows:
+        n.fill(m)
+        n.host_read(m)
+    assert n.e.mem_bytes == n.e.mem_recount()
+    assert all(n.read[m.flow] > before_in[m.port] for m in flows), "a flow got no guest data through"
+    assert all(m.taken >= before_out[m.port] + 16 * KIB for m in flows), "a flow took no more host data"
+    assert all(m.got >= before_out[m.port] for m in flows)

@@ -15,6 +15,7 @@ import textwrap
 import threading
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nsutil import exchange
 
@@ -50,6 +51,8 @@ def test_vnet_header_codec_roundtrip():
     assert (flags, gso_type, hdr_len, gso_size, cstart, coff) == (1, 4, 74, 1440, 54, 16)
     assert bytes(rest) == b"frame"
     assert wire.parse_vnet_untrusted(memoryview(b"\0" * 9)) == "vnet_truncated"
+    # a header alone is a header with an empty frame (the stack then counts eth_truncated)
+    assert wire.parse_vnet_untrusted(memoryview(b"\0" * 10)) == (0, 0, 0, 0, 0, 0, b"")
     assert len(wire.VNET_NONE) == wire.VNET.size == wire.VNET_LEN == 10
 
 
@@ -88,6 +91,41 @@ def test_build_tcp_vnet_matches_plain_segment_after_kernel_checksum(family, n):
     # and the TCP bytes are the ones the non-vnet builder makes
     assert bytes(l4) == bytes(wire.tcp_segment(family, src, dst, 80, 40000, 1000, 2000, 0x18,
                                                512, opts, payload))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([4, 6]), st.integers(0, 40), st.integers(0, 2**32 - 1),
+       st.integers(0, 3000))
+def test_build_tcp_vnet_header_fields(family, olen, ident, n):
+    """What scapy reads in a GSO frame once the kernel finished it: options padded with zeros
+    to a 32-bit boundary (RFC 9293 3.1, data offset in words), IPv4 ID the low 16 bits of our
+    counter (RFC 791), DF, TOS 0 and TTL / hop limit 64 as libslirp sends (IPDEFTTL), and a
+    valid IPv4 header checksum whatever the ID."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    src, dst = (H4, G4) if family == 4 else (H6, G6)
+    opts = b"\x01" * olen
+    payload = bytes(i & 0xFF for i in range(n))
+    frame = wire.build_tcp_vnet(GUEST_MAC, b"\x52\x55\x0a\x00\x02\x02", family, src, dst, 80,
+                                40000, 1000, 2000, 0x18, 512, opts, payload, ident, 1460)
+    p = Ether(_kernel_finish(frame))
+    words = (olen + 3) // 4
+    if family == 4:
+        ip = p[IP]
+        assert (ip.ttl, ip.tos, ip.id, ip.flags.DF, ip.len) == (64, 0, ident & 0xFFFF, 1,
+                                                                20 + 20 + 4 * words + n)
+        assert wire.parse_ipv4_untrusted(memoryview(bytes(ip))) != "ipv4_bad_checksum"
+    else:
+        assert (p[IPv6].hlim, p[IPv6].plen, p[IPv6].nh) == (64, 20 + 4 * words + n, 6)
+    t = p[TCP]
+    raw = bytes(t)
+    assert t.dataofs == 5 + words
+    assert raw[20:20 + olen] == opts and raw[20 + olen:20 + 4 * words] == bytes(4 * words - olen)
+    assert raw[20 + 4 * words:] == payload
+    # the plain (non-GSO) builder makes the same segment, checksum included
+    assert raw == bytes(wire.tcp_segment(family, src, dst, 80, 40000, 1000, 2000, 0x18, 512, opts,
+                                         payload))
 
 
 # ------------------------------------------------------------------------------- stack boundary

@@ -29,16 +29,3 @@ def ones_sum(data, initial: int = 0) -> int:
 def checksum(data, initial: int = 0) -> int:
     """The value to put in a checksum field."""
     return (~ones_sum(data, initial)) & 0xFFFF
-
-
-def pseudo4(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    return ones_sum(bytes(src) + bytes(dst)) + proto + length
-
-
-def pseudo6(src: bytes, dst: bytes, proto: int, length: int) -> int:
-    return ones_sum(bytes(src) + bytes(dst)) + proto + length
-
-
-def verify(data, initial: int = 0) -> bool:
-    """True when data (including its checksum field) sums to 0xFFFF (or is all zero, invalid)."""
-    return ones_sum(data, initial) == 0xFFFF
