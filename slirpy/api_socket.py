@@ -150,7 +150,8 @@ def _add(api, args) -> bytes:
     if not _is_port(args.get("guest_port")):
         return _err(p + "bad arguments.guest_port")
     try:
-        fid = api.portfwd.add(proto, host_addr, args["host_port"], str(g), args["guest_port"], follow)
+        fid = api.portfwd.add(proto, host_addr, args["host_port"], str(g), args["guest_port"],
+                              follow)
     except ForwardError as e:
         log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")

@@ -293,10 +293,10 @@ class Daemon:
 
     async def _pump(self):
         """The hot path: one epoll set holds the tap and the components' hot fds (every host
-        socket of the TCP, UDP and ICMP NATs). Each round reads the tap ahead into the rx queues, gives the
-        stack up to RX_PER_ROUND frames and SYN_PER_ROUND SYNs, serves up to HOST_FDS_PER_ROUND
-        ready host sockets, oldest events first (the rest wait in the backlog: one busy guest's
-        thousands of flows cannot make a round long), then flushes. Busy rounds yield to trio
+        socket of the TCP, UDP and ICMP NATs). Each round reads the tap ahead into the rx
+        queues, gives the stack up to RX_PER_ROUND frames and SYN_PER_ROUND SYNs, serves up to
+        HOST_FDS_PER_ROUND ready host sockets, oldest events first (the rest wait in the
+        backlog: one busy guest's thousands of flows cannot make a round long), then flushes. Busy rounds yield to trio
         every MAX_HOT_ROUNDS rounds or BUSY_SLICE seconds, and at once when trio's fd is ready;
         past the slice a round takes one chunk of each kind and yields, so trio's tasks (the
         API) get a turn every few milliseconds under any flood. The pump also runs the stack's

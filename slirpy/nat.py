@@ -91,7 +91,7 @@ def _unreach(err: int, at_once: bool) -> str | None:
 
 class TcpNat:
     """needs: the daemon (stack, flush, hot fds), the address rules, the DNS forwarder (for
-    DNS over TCP at .3:53). offers: handlers() for the stack's TCP events, accept_inbound()
+    DNS over TCP at .3:53). offers: handlers() for the stack's TCP events, forward_inbound()
     for port forwards, compact()."""
 
     def __init__(self, daemon, addrs, dns):

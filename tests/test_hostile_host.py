@@ -4,6 +4,7 @@ resolver down. Each is a counted drop; existing flows keep working; nothing rais
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import resource
 import socket
@@ -22,7 +23,12 @@ G = "10.0.2.100"
 @contextlib.contextmanager
 def fds_exhausted():
     """Lower RLIMIT_NOFILE to what is open now and fill the holes below it, so the next
-    socket() fails with EMFILE; everything is given back on exit."""
+    socket() fails with EMFILE; everything is given back on exit. The garbage of earlier tests
+    (sockets, epoll objects in reference cycles) is collected first and the collector held off
+    meanwhile: one closing in the middle would open a hole that the next socket() takes."""
+    gc.collect()
+    gc_was = gc.isenabled()
+    gc.disable()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     top = max(int(n) for n in os.listdir("/proc/self/fd"))
     resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1, hard))
@@ -45,6 +51,8 @@ def fds_exhausted():
         for fd in filler:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if gc_was:
+            gc.enable()
 
 
 async def _echo(s, task_status=trio.TASK_STATUS_IGNORED):

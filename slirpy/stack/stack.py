@@ -585,11 +585,11 @@ class Stack:
             orig = wire.build_ipv6(b"\0" * 6, b"\0" * 6, s, d, wire.PROTO_UDP, dg)[14:]
             self._send_ip6(self.ll6, s, 58, wire.build_icmp6_error(self.ll6, s, 1, code, orig))
 
-
     def refuse_tcp(self, flow, unreach, reason, now):
         """Refuse the guest's pending SYN as libslirp does when its connect() fails other than
-        with ECONNREFUSED: ICMP destination unreachable (``unreach``, addrmap.UNREACH_CODES: "net":
-        net unreachable / ICMPv6 no route; "host": host / address unreachable) quoting the SYN, from the gateway
+        with ECONNREFUSED: ICMP destination unreachable (``unreach``, addrmap.UNREACH_CODES:
+        "net": net unreachable / ICMPv6 no route; "host": host / address unreachable; "admin":
+        administratively prohibited) quoting the SYN, from the gateway
         10.0.2.2 (IPv6: fe80::2, libslirp's source for ICMPv6 errors); the guest's connect()
         fails at once (ENETUNREACH / EHOSTUNREACH). ``unreach`` None: no answer at all (the
         guest times out). No RST either way. Counted as ``tcp_connect_<reason>``."""
