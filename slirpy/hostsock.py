@@ -27,6 +27,8 @@ from typing import Any, Callable, Hashable
 
 import trio
 
+from . import errors
+
 log = logging.getLogger(__name__)
 
 # Linux constants (not all exported by the socket module)
@@ -193,6 +195,8 @@ class SocketFlows:
         try:
             self.on_ready(flow, mask)
         except Exception:  # our bug: this flow goes, the pump and the other flows stay
+            if errors.STRICT:
+                raise
             log.exception("%s %r", self.name, flow.key)
             self.stats.drop(f"{self.name}_glue_error")
             self.table.remove(flow.key)

@@ -29,6 +29,7 @@ import struct
 
 import trio
 
+from . import errors
 from .logutil import RateLimited
 from .stack import addrmap
 from .stack.events import (TcpClosed, TcpConnected, TcpConnectRequest, TcpGuestEof, TcpReadable,
@@ -121,6 +122,8 @@ class TcpNat:
             try:
                 fn(ev)
             except Exception:
+                if errors.STRICT:
+                    raise
                 log.exception("tcp flow %d", ev.flow)
                 self.d.stack.stats.drop("tcp_glue_error")
                 self._fail(ev.flow)
@@ -146,6 +149,8 @@ class TcpNat:
         try:
             self._host_event(c, mask)
         except Exception:
+            if errors.STRICT:
+                raise
             log.exception("tcp flow %d", c.flow)
             self.d.stack.stats.drop("tcp_glue_error")
             self._fail(c.flow, c)
@@ -380,6 +385,8 @@ class TcpNat:
         try:
             v = self._map(ev)
         except Exception:  # our bug: refuse this flow (net unreachable), loudly in the counters
+            if errors.STRICT:
+                raise
             v = addrmap.refuse("map_error", "net")
         if v.kind == addrmap.REFUSE:  # ICMP, or silence for --disable-dns
             if not v.reason.startswith("policy_"):  # egress.log_denied logs those, per rule

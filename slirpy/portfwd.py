@@ -25,6 +25,7 @@ import logging
 import trio
 
 from .config import IPV6_PREFIX
+from . import errors
 from .errors import ForwardError, StartupError
 from .listeners import bind_forward, forward_conflict  # no trio: launch.run() binds before ready
 
@@ -188,6 +189,8 @@ class PortForwarder:
         try:
             await self.tcp_nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
         except Exception:  # a bridge failure must not take the forwarder down
+            if errors.STRICT:
+                raise
             log.exception("forward_inbound %s -> %s:%d", peer, gaddr, fwd.guest_port)
             conn.close()
 

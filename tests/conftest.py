@@ -4,8 +4,8 @@ In CI (CI=true) a skipped test fails the run: nothing may be silently skipped th
 Locally a skip prints its reason loudly in the summary (-ra in pyproject.toml).
 
 The TCP engine's catch-alls (a guest can never crash the daemon: our own bugs are counted as
-tcp_internal_error) re-raise in tests, so a bug cannot hide behind a counter and every
-"never raises" test can fail.
+tcp_internal_error) and the glue's (`<proto>_glue_error`) re-raise in tests run in this process,
+so a bug cannot hide behind a counter and every "never raises" test can fail.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import os
 
 import pytest
 
+from slirpy import errors
 from slirpy.stack import tcp
 
-# our own bugs are loud in tests: an exception inside the TCP engine is raised, not counted
+# our own bugs are loud in tests: an exception inside the TCP engine or a glue handler is
+# raised, not counted
 tcp.STRICT = True
+errors.STRICT = True
 
 _skipped: list[str] = []
 

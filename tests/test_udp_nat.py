@@ -217,3 +217,47 @@ async def test_ipv6_gateway_maps_to_ipv6_loopback():
         assert await wait_for(d.stack, lambda: d.stack.udp)
         assert d.stack.udp == [(6, "fd00::2", port, "fd00::100", 4242, b"xis")]
         n.cancel_scope.cancel()
+
+
+def test_socket_flows_catch_all_raises_under_tests_and_drops_the_flow_in_production(monkeypatch):
+    """A bug in a UDP/ICMP handler (ours, never the guest's bytes): under tests (errors.STRICT,
+    set by conftest) it raises; in the daemon that flow alone goes, counted as
+    `<name>_glue_error`, and the pump goes on."""
+    from slirpy import errors
+    from slirpy.hostsock import SocketFlows
+
+    class Daemon:
+        def __init__(self):
+            self.hot = {}
+
+        def add_hot_fd(self, fd, fn, mask):
+            self.hot[fd] = fn
+
+        def remove_hot_fd(self, fd):
+            self.hot.pop(fd, None)
+
+    class Flow:
+        key = "k"
+
+        def __init__(self):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+        def close(self):
+            self.sock.close()
+
+    def buggy(flow, mask):
+        raise ZeroDivisionError("planted")
+
+    d, st = Daemon(), Stats()
+    sf = SocketFlows(d, buggy, 8, st, "udp_flow")
+    f = Flow()
+    sf.add("k", f, 0.0, 60.0)
+    fd = f.sock.fileno()
+    assert errors.STRICT
+    with pytest.raises(ZeroDivisionError):
+        d.hot[fd](fd, 1)
+    assert "k" in sf.table
+    monkeypatch.setattr(errors, "STRICT", False)
+    d.hot[fd](fd, 1)
+    assert st.dropped["udp_flow_glue_error"] == 1 and "k" not in sf.table
+    f.sock.close()
