@@ -419,26 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     started = start(cfg)  # forks the helper before the heavy imports below
     if isinstance(started, int):
         return started
-    from .launch import run  # ready, then the loop (daemon.py) once trio is imported
+    from .launch import run, startup_error  # ready, then the loop (daemon.py) once trio is imported
     try:
         return run(started)
     except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)
-        msg = _startup_error(e)
+        msg = startup_error(e)
         if msg is None:
             raise
         return fail(msg)
-
-
-def _startup_error(e: BaseException) -> str | None:
-    from .errors import StartupError
-    if isinstance(e, StartupError):
-        return str(e)
-    if isinstance(e, BaseExceptionGroup):
-        for sub in e.exceptions:
-            m = _startup_error(sub)
-            if m is not None:
-                return m
-    return None
 
 
 if __name__ == "__main__":

@@ -244,6 +244,8 @@ def _test_pause() -> None:
 
 
 def startup_error(e: BaseException) -> str | None:
+    """The one line to print for a component's StartupError, found inside ExceptionGroups too;
+    None for anything else (which is re-raised)."""
     from .errors import StartupError
     if isinstance(e, StartupError):
         return str(e)
