@@ -213,15 +213,3 @@ def _busybox_rootfs_tar(path: str) -> None:
             ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
             t.addfile(ti)
 
-
-def _busybox_rootfs_tar(path: str) -> None:
-    with tarfile.open(path, "w") as t:
-        for d in ("bin", "etc", "tmp", "www", "out"):
-            ti = tarfile.TarInfo(d)
-            ti.type, ti.mode = tarfile.DIRTYPE, 0o1777 if d in ("tmp", "out") else 0o755
-            t.addfile(ti)
-        t.add(os.path.realpath(shutil.which("busybox")), arcname="bin/busybox")
-        for applet in ("sh", "httpd", "wget", "sha256sum", "sleep", "cat", "echo", "ls", "true"):
-            ti = tarfile.TarInfo(f"bin/{applet}")
-            ti.type, ti.linkname = tarfile.SYMTYPE, "busybox"
-            t.addfile(ti)

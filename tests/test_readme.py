@@ -85,8 +85,20 @@ def test_api_client_lines_work_against_a_daemon(shims):
     _, env = shims
     lines = [ln for ln in _block("slirpy-api -a").splitlines() if ln.startswith("slirpy-api")]
     assert len(lines) == 7
-    sock = os.path.join(tempfile.mkdtemp(prefix="readme-api-"), "slirpy.sock")
     port = 8080 if _free(8080) else free_port()  # the README's port, unless taken here
+    outs = _run_api_lines(lines, env, [("127.0.0.1:8080:80", f"127.0.0.1:{port}:80")])
+    assert json.loads(outs[0]) == {"return": {"id": 1}}
+    assert json.loads(outs[1])["entries"][0]["host_port"] == port
+    assert json.loads(outs[2]) == {"return": {}}
+    assert "frames" in outs[3]                       # stats: a table for people
+    assert isinstance(json.loads(outs[5])["flows"], list)
+    assert json.loads(outs[6]) == {"entries": []}    # raw list_hostfwd after the remove
+
+
+def _run_api_lines(lines, env, replace=()):
+    """Start `slirpy -a SOCK -- sleep 60`, run each README line with /run/slirpy.sock (and each
+    (old, new) of replace) substituted, assert each exits 0; -> their stdouts."""
+    sock = os.path.join(tempfile.mkdtemp(prefix="readme-api-"), "slirpy.sock")
     daemon = subprocess.Popen([sys.executable, "-m", "slirpy", "-a", sock, "--", "sleep", "60"],
                               env=dict(env, PYTHONPATH=REPO), start_new_session=True)
     try:
@@ -97,17 +109,13 @@ def test_api_client_lines_work_against_a_daemon(shims):
         outs = []
         for ln in lines:
             cmd = ln.split("#")[0].strip().replace("/run/slirpy.sock", sock)
-            cmd = cmd.replace("127.0.0.1:8080:80", f"127.0.0.1:{port}:80")
+            for old, new in replace:
+                cmd = cmd.replace(old, new)
             r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env=env,
                                timeout=20)
             assert r.returncode == 0, (cmd, r.stdout, r.stderr)
             outs.append(r.stdout)
-        assert json.loads(outs[0]) == {"return": {"id": 1}}
-        assert json.loads(outs[1])["entries"][0]["host_port"] == port
-        assert json.loads(outs[2]) == {"return": {}}
-        assert "frames" in outs[3]                       # stats: a table for people
-        assert isinstance(json.loads(outs[5])["flows"], list)
-        assert json.loads(outs[6]) == {"entries": []}    # raw list_hostfwd after the remove
+        return outs
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         daemon.wait(timeout=20)
@@ -158,27 +166,10 @@ def test_rules_client_lines_work_against_a_daemon(shims):
     lines = [ln for ln in _block("slirpy-api -a /run/slirpy.sock rules").splitlines()
              if ln.startswith("slirpy-api")]
     assert len(lines) == 4
-    sock = os.path.join(tempfile.mkdtemp(prefix="readme-rules-"), "slirpy.sock")
-    daemon = subprocess.Popen([sys.executable, "-m", "slirpy", "-a", sock, "--", "sleep", "60"],
-                              env=dict(env, PYTHONPATH=REPO), start_new_session=True)
-    try:
-        for _ in range(300):
-            if os.path.exists(sock):
-                break
-            subprocess.run(["sleep", "0.05"])
-        outs = []
-        for ln in lines:
-            cmd = ln.split("#")[0].strip().replace("/run/slirpy.sock", sock)
-            r = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, env=env,
-                               timeout=20)
-            assert r.returncode == 0, (cmd, r.stdout, r.stderr)
-            outs.append(r.stdout)
-        assert json.loads(outs[0]) == {"return": {"id": 1, "flows_reset":
-                                                  {"tcp": 0, "udp": 0, "icmp": 0}}}
-        assert json.loads(outs[1])["return"]["id"] == 2
-        assert [ln.split()[:3] for ln in outs[2].splitlines()[1:]] == [
-            ["2", "allow", "private"], ["1", "deny", "tcp:192.0.2.0/24:22"], ["-", "allow", "(default)"]]
-        assert json.loads(outs[3])["return"]["flows_reset"] == {"tcp": 0, "udp": 0, "icmp": 0}
-    finally:
-        os.killpg(daemon.pid, signal.SIGTERM)
-        daemon.wait(timeout=20)
+    outs = _run_api_lines(lines, env)
+    assert json.loads(outs[0]) == {"return": {"id": 1, "flows_reset":
+                                              {"tcp": 0, "udp": 0, "icmp": 0}}}
+    assert json.loads(outs[1])["return"]["id"] == 2
+    assert [ln.split()[:3] for ln in outs[2].splitlines()[1:]] == [
+        ["2", "allow", "private"], ["1", "deny", "tcp:192.0.2.0/24:22"], ["-", "allow", "(default)"]]
+    assert json.loads(outs[3])["return"]["flows_reset"] == {"tcp": 0, "udp": 0, "icmp": 0}
