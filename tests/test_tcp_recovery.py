@@ -262,3 +262,43 @@ def test_holes_across_the_wrap():
     retransmit_holes(r, una, 200, out)
     assert out.sent == [(una, 200), (seq.add(una, 200), 200), (seq.add(una, 400), 100)]
     assert r.rexmit_hi == seq.add(una, 500)
+
+
+def test_in_recovery_each_dupack_with_new_sack_information_resends():
+    # RFC 6675 5 (step C): during recovery every ACK that brings SACK news lets NextSeg send;
+    # the fourth duplicate ACK is the first one after the fast retransmit
+    r = Recovery()
+    for _ in range(3):
+        r.on_dupack(1000, 5000, False)
+    assert r.on_dupack(1000, 5000, True) is True
+
+
+def test_never_resend_below_snd_una():
+    # an ACK moved past what this recovery resent: the bytes below snd_una are acknowledged
+    r = Recovery()
+    r.rexmit_hi = 1000
+    r.sacked = ((3000, 4000),)
+    out = _Sender(10_000)
+    retransmit_holes(r, 2000, 1000, out)
+    assert out.sent == [(2000, 1000)]
+    assert r.rexmit_hi == 3000
+
+
+def test_sacked_bytes_are_not_resent_when_blocks_nest():
+    # RFC 2883 4: a D-SACK first block may lie inside a later block; bytes any block covers
+    # are never resent (RFC 6675 IsLost/NextSeg only pick unSACKed bytes)
+    r = Recovery()
+    r.sacked = ((2000, 3000), (1500, 5000))
+    out = _Sender(10_000)
+    retransmit_holes(r, 1000, 1000, out)
+    assert out.sent == [(1000, 500)]
+    assert r.rexmit_hi == 1500
+
+
+def test_the_budget_left_after_one_hole_goes_to_the_next():
+    r = Recovery()
+    r.sacked = ((200, 300), (400, 500))
+    out = _Sender(10_000)
+    retransmit_holes(r, 0, 100, out, budget=3)
+    assert out.sent == [(0, 100), (100, 100), (300, 100)]
+    assert r.rexmit_hi == 400
