@@ -668,3 +668,18 @@ def test_dhcp6_option_request_codes_are_16_bit_and_only_the_oros_own():
     assert P(_ir((6, b"\x00\x00\x17\x00")))[2] is False  # codes 0 and 0x1700, not 23
     # a client id ending in the bytes 00 17 is not a request for DNS
     assert P(_ir((1, b"\x00\x03\x00\x01\x00\x17"), (6, b"\x00\x18")))[2] is False
+
+
+def test_inform_without_ciaddr_is_answered_to_its_ip_source():
+    # RFC 2131 4.3.5 / 4.4.3: the client sends INFORM from its address; with ciaddr left 0 the
+    # ACK goes to the IP source (libslirp-era clients do that), unicast to its MAC
+    s = Stack(Config())
+    p = ask(s, MAC_A, [("message-type", "inform")], src="10.0.2.100", dst="10.0.2.2", xid=78)
+    assert p.dst == MAC_A and p[IP].dst == "10.0.2.100" and p[BOOTP].yiaddr == "0.0.0.0"
+
+
+def test_information_request_from_the_unspecified_address_is_dropped():
+    # RFC 8415 13.1 / 18.2.6: a client uses a link-local source; there is nowhere to answer ::
+    s = Stack(Config(enable_ipv6=True))
+    assert ask6(s, DHCP6_InfoRequest(trid=9) / DHCP6OptOptReq(reqopts=[23]), src="::") == []
+    assert s.stats.dropped["dhcp6_unspecified_source"] == 1
