@@ -683,3 +683,22 @@ def test_information_request_from_the_unspecified_address_is_dropped():
     s = Stack(Config(enable_ipv6=True))
     assert ask6(s, DHCP6_InfoRequest(trid=9) / DHCP6OptOptReq(reqopts=[23]), src="::") == []
     assert s.stats.dropped["dhcp6_unspecified_source"] == 1
+
+
+def test_dhcpv6_reply_goes_to_the_requests_link_layer_source():
+    """RFC 8415 18.3: the Reply goes to the client's source address; on the link that is the
+    sender of the frame (even one the stack has not taken as the guest), never a group MAC
+    (IEEE 802.3 3.2.3: a source address is an individual one)."""
+    s = Stack(Config(enable_ipv6=True))
+    ask6(s, DHCP6_InfoRequest(trid=1))  # the guest (MAC_A, fe80::aa) known
+    other = "02:ab:00:00:00:01"
+    s.receive_frame(bytes(Ether(src=other, dst="33:33:00:01:00:02")
+                          / IPv6(src="2001:db8::5", dst="ff02::1:2") / UDP(sport=546, dport=547)
+                          / DHCP6_InfoRequest(trid=2)), 1.0)
+    (p,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
+    assert p.dst == other and p[IPv6].dst == "2001:db8::5"
+    s.receive_frame(bytes(Ether(src="03:ab:00:00:00:01", dst="33:33:00:01:00:02")
+                          / IPv6(src="2001:db8::6", dst="ff02::1:2") / UDP(sport=546, dport=547)
+                          / DHCP6_InfoRequest(trid=3)), 1.0)
+    (p,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
+    assert p.dst == MAC_A and p[IPv6].dst == "2001:db8::6"
