@@ -702,3 +702,11 @@ def test_dhcpv6_reply_goes_to_the_requests_link_layer_source():
                           / DHCP6_InfoRequest(trid=3)), 1.0)
     (p,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
     assert p.dst == MAC_A and p[IPv6].dst == "2001:db8::6"
+
+
+def test_broadcast_inform_is_answered_unicast_to_ciaddr():
+    # RFC 2131 4.4.3 / 4.3.5: an INFORM may be broadcast; the ACK goes to ciaddr, unicast
+    s = Stack(Config())
+    p = ask(s, MAC_A, [("message-type", "inform")], ciaddr="10.0.2.100", src="10.0.2.100",
+            xid=79)
+    assert p.dst == MAC_A and p[IP].dst == "10.0.2.100"
