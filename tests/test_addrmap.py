@@ -104,3 +104,17 @@ def test_the_stack_uses_the_same_addresses():
     assert st.gw6 == ipaddress.ip_address("fd00::2").packed
     assert st.dns6 == ipaddress.ip_address("fd00::3").packed
     assert st.ll6 == ipaddress.ip_address("fe80::2").packed
+
+
+def test_gateway_and_dns_address_per_family():
+    a = AddressMap(Config())
+    assert (a.gateway(4), a.gateway(6)) == ("10.0.2.2", "fd00::2")
+    assert (a.dns(4), a.dns(6)) == ("10.0.2.3", "fd00::3")
+
+
+def test_icmp_to_the_dns_address_is_dropped_silently():
+    """The stack answers pings to the DNS address itself; one that got here anyway is not a
+    DNS query: refused without ICMP."""
+    a = AddressMap(Config())
+    for fam, dst in ((4, "10.0.2.3"), (6, "fd00::3")):
+        assert a.outbound("icmp", fam, dst, 53) == addrmap.refuse("dns_address", None)

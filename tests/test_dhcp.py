@@ -6,6 +6,7 @@ compares the two live), except where docs/dhcp.md lists a difference."""
 from __future__ import annotations
 
 import ipaddress
+import struct
 
 from hypothesis import given, settings, strategies as st
 from scapy.layers.dhcp import BOOTP, DHCP
@@ -435,3 +436,277 @@ def test_minus_c_guest_is_untouched():
     ev = s.next_event()
     assert isinstance(ev, events.UdpDatagram) and ev.dst == "198.51.100.7" and ev.dport == 67
     assert s.frames_to_send(1.0) == [] and s.guest_mac == bytes.fromhex("02000000000a")
+
+
+# ---- the server alone (DhcpServer), raw messages: RFC 2131 / RFC 2132 / RFC 8415 rules ------
+from slirpy.stack.stats import Stats  # noqa: E402
+
+MA, MB = bytes.fromhex("52540012340a"), bytes.fromhex("52540012340b")
+POOL0 = bytes([10, 0, 2, 15])  # the first pool address
+
+
+def _srv():
+    return dhcp.DhcpServer(Config(), Stats(), bytes(16))
+
+
+def _msg(mac, opts=b"", *, ciaddr=b"\0\0\0\0", cookie=True, xid=7, chaddr_tail=bytes(10),
+         vend=b""):
+    """A client's BOOTP message: op 1, htype 1, hlen 6; options after the magic cookie."""
+    hdr = struct.pack("!BBBBIHH4s4s4s4s16s", 1, 1, 6, 0, xid, 0, 0, ciaddr, bytes(4), bytes(4),
+                      bytes(4), mac + chaddr_tail) + bytes(192)  # sname, file
+    return hdr + bytes(64) + vend if not cookie else hdr + dhcp.COOKIE + opts
+
+
+def _t(typ, *more):
+    return bytes((53, 1, typ)) + b"".join(more) + b"\xff"
+
+
+def _req_addr(a):
+    return bytes((50, 4)) + a
+
+
+def _yi(reply):
+    return bytes(reply.payload[16:20])
+
+
+def test_header_only_bootp_is_a_request_and_one_byte_less_is_truncated():
+    # RFC 951: a BOOTP request; without the DHCP cookie it is plain BOOTP (answered as REQUEST)
+    m = dhcp.parse_bootp_untrusted(_msg(MA)[:236])
+    assert m[4] == 0 and m[3] == MA
+    assert dhcp.parse_bootp_untrusted(_msg(MA)[:235]) == "dhcp_truncated"
+
+
+def test_options_count_only_after_the_magic_cookie():
+    # RFC 2132 2: the vendor area holds options only when it starts with 99.130.83.99
+    m = dhcp.parse_bootp_untrusted(_msg(MA, cookie=False, vend=b"\x35\x01\x01\xff"))
+    assert m[4] == 0 and m[5] == {}
+
+
+def test_pad_options_are_skipped():
+    # RFC 2132 3.1: the pad option is one byte, no length
+    m = dhcp.parse_bootp_untrusted(_msg(MA, b"\0\0\0" + _t(1)))
+    assert m[4] == dhcp.DISCOVER
+
+
+def test_option_ending_exactly_at_the_datagram_end_without_end_option():
+    # libslirp (and RFC 2131 clients that omit END) stop at the datagram end: an option that
+    # fills the message exactly is whole, here a zero-length one (Rapid Commit, RFC 4039)
+    m = dhcp.parse_bootp_untrusted(_msg(MA, bytes((53, 1, 1, 80, 0))))
+    assert m[4] == dhcp.DISCOVER and m[5][80] == b""
+    m = dhcp.parse_bootp_untrusted(_msg(MA, bytes((53, 1, 1, 12, 3)) + b"abc"))
+    assert m[5][12] == b"abc"
+    assert dhcp.parse_bootp_untrusted(_msg(MA, bytes((53, 1, 1, 12)))) == "dhcp_option_truncated"
+    assert dhcp.parse_bootp_untrusted(_msg(MA, bytes((53, 1, 1, 12, 4)) + b"abc")) == \
+        "dhcp_option_truncated"
+
+
+def test_the_client_mac_is_the_first_hlen_bytes_of_chaddr():
+    # RFC 2131 2: chaddr is 16 bytes, the hardware address its first hlen (6) of them
+    s = _srv()
+    r = s.handle_untrusted(_msg(MA, _t(3), chaddr_tail=b"\xee" * 10), b"\0" * 4, MA, 1.0)
+    assert r.bound == (MA, POOL0)
+    assert bytes(r.payload[28:44]) == MA + bytes(10)
+
+
+def test_reply_header_fields_and_broadcast_destination():
+    # RFC 2131 table 3: the server's op 2, htype 1, hlen 6, hops 0, secs 0, xid of the client
+    s = _srv()
+    r = s.handle_untrusted(_msg(MA, _t(1), xid=0x01020304), b"\0" * 4, MA, 1.0)
+    p = bytes(r.payload)
+    assert p[:4] == b"\x02\x01\x06\x00" and p[4:8] == b"\x01\x02\x03\x04" and p[8:10] == b"\0\0"
+    assert r.dst_mac == b"\xff" * 6 and r.dst_ip == b"\xff" * 4
+    n = s.handle_untrusted(_msg(MA, _t(3, _req_addr(bytes([10, 0, 2, 99])))), b"\0" * 4, MA, 1.0)
+    assert n.dst_mac == b"\xff" * 6 and n.dst_ip == b"\xff" * 4 and bytes(n.payload[3:4]) == b"\0"
+
+
+def test_a_discover_does_not_shorten_a_held_lease():
+    # RFC 2131 4.3.1: the server offers the client its current binding; the binding itself
+    # (ACKed, 24 h) is not replaced by the 60 s hold of an offer
+    s = _srv()
+    ack = s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 1.0)
+    assert _yi(ack) == POOL0 and s.leased == {POOL0: MA}
+    off = s.handle_untrusted(_msg(MA, _t(1)), b"\0" * 4, MA, 2.0)
+    assert _yi(off) == POOL0
+    assert s.stats.dhcp["leases"] == 1 and s.leased == {POOL0: MA}
+    # long after the offer's hold, the address is still the client's: another gets a NAK
+    nak = s.handle_untrusted(_msg(MB, _t(3, _req_addr(POOL0))), b"\0" * 4, MB, 1000.0)
+    assert bytes(nak.payload[240:243]) == bytes((53, 1, dhcp.NAK))
+
+
+def test_an_expired_lease_offered_to_another_client_is_no_longer_the_first_ones():
+    s = _srv()
+    s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 1.0)
+    later = 1.0 + dhcp.LEASE_TIME + 1
+    off = s.handle_untrusted(_msg(MB, _t(1, _req_addr(POOL0))), b"\0" * 4, MB, later)
+    assert _yi(off) == POOL0
+    assert s.leased == {} and s.stats.dhcp["leases"] == 0  # offered, not bound
+
+
+def test_a_client_is_offered_the_address_it_holds_not_the_first_free_one():
+    s = _srv()
+    second = bytes([10, 0, 2, 16])
+    s.handle_untrusted(_msg(MA, _t(3, _req_addr(second))), b"\0" * 4, MA, 1.0)
+    off = s.handle_untrusted(_msg(MA, _t(1)), b"\0" * 4, MA, 2.0)
+    assert _yi(off) == second
+    ack = s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 3.0)  # REQUEST without address
+    assert _yi(ack) == second
+
+
+def test_a_declined_address_is_not_offered_even_when_asked_for():
+    # RFC 2131 4.3.3: on DHCPDECLINE the server MUST mark the address as not available
+    s = _srv()
+    s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 1.0)
+    assert s.handle_untrusted(_msg(MA, _t(4, _req_addr(POOL0))), b"\0" * 4, MA, 2.0) is None
+    off = s.handle_untrusted(_msg(MB, _t(1, _req_addr(POOL0))), b"\0" * 4, MB, 3.0)
+    assert _yi(off) == bytes([10, 0, 2, 16])
+    nak = s.handle_untrusted(_msg(MB, _t(3, _req_addr(POOL0))), b"\0" * 4, MB, 4.0)
+    assert bytes(nak.payload[240:243]) == bytes((53, 1, dhcp.NAK))
+
+
+def test_release_and_decline_of_what_the_client_does_not_hold_are_drops():
+    s = _srv()
+    outside = bytes([10, 0, 2, 200])
+    assert s.handle_untrusted(_msg(MA, _t(7), ciaddr=outside), b"\0" * 4, MA, 1.0) == \
+        "dhcp_release_not_leased"
+    assert s.handle_untrusted(_msg(MA, _t(7), ciaddr=POOL0), b"\0" * 4, MA, 1.0) == \
+        "dhcp_release_not_leased"
+    assert s.handle_untrusted(_msg(MA, _t(4, _req_addr(outside))), b"\0" * 4, MA, 1.0) == \
+        "dhcp_decline_not_leased"
+    assert s.handle_untrusted(_msg(MA, _t(4, _req_addr(POOL0))), b"\0" * 4, MA, 1.0) == \
+        "dhcp_decline_not_leased"
+
+
+def test_release_of_an_offered_address_frees_it():
+    # RFC 2131 4.3.4: DHCPRELEASE: the server marks the address as not allocated
+    s = _srv()
+    s.handle_untrusted(_msg(MA, _t(1)), b"\0" * 4, MA, 1.0)
+    assert s.handle_untrusted(_msg(MA, _t(7), ciaddr=POOL0), b"\0" * 4, MA, 2.0) is None
+    assert s.slots[0] is None and s.stats.dhcp["releases"] == 1
+
+
+def test_counters_count_every_message():
+    s = _srv()
+    for t in (1.0, 2.0):
+        s.handle_untrusted(_msg(MA, _t(1)), b"\0" * 4, MA, t)
+        s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, t)
+        s.handle_untrusted(_msg(MA, _t(8), ciaddr=POOL0), POOL0, MA, t)
+    s.handle_untrusted(_msg(MA, _t(7), ciaddr=POOL0), b"\0" * 4, MA, 3.0)
+    s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 4.0)
+    s.handle_untrusted(_msg(MA, _t(7), ciaddr=POOL0), b"\0" * 4, MA, 5.0)
+    s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 6.0)
+    s.handle_untrusted(_msg(MA, _t(4, _req_addr(POOL0))), b"\0" * 4, MA, 7.0)
+    s.handle_untrusted(_msg(MA, _t(3)), b"\0" * 4, MA, 8.0)
+    s.handle_untrusted(_msg(MA, _t(4, _req_addr(bytes([10, 0, 2, 16])))), b"\0" * 4, MA, 9.0)
+    c = s.stats.dhcp
+    # an INFORM's ACK counts as an inform, "acks" are the lease ACKs
+    assert (c["discovers"], c["offers"], c["requests"], c["acks"], c["informs"]) == \
+        (2, 2, 5, 5, 2)
+    assert (c["releases"], c["declines"], c["naks"]) == (2, 2, 0)
+
+
+def test_a_request_from_the_17th_client_without_address_finds_the_pool_exhausted():
+    s = _srv()
+    for i in range(dhcp.POOL_SIZE):
+        mac = bytes([0x52, 0x54, 0, 0, 1, i])
+        assert s.handle_untrusted(_msg(mac, _t(3)), b"\0" * 4, mac, 1.0).bound[0] == mac
+    mac = bytes([0x52, 0x54, 0, 0, 2, 0])
+    assert s.handle_untrusted(_msg(mac, _t(3)), b"\0" * 4, mac, 1.0) == "dhcp_pool_exhausted"
+    assert s.handle_untrusted(_msg(mac, _t(1)), b"\0" * 4, mac, 1.0) == "dhcp_pool_exhausted"
+
+
+def test_a_unicast_mac_is_bound_whatever_its_other_bytes():
+    # the I/G bit is the lowest bit of the FIRST octet (IEEE 802): 02:03:... is unicast
+    s = _srv()
+    mac = bytes.fromhex("020300000001")
+    assert s.handle_untrusted(_msg(mac, _t(3)), b"\0" * 4, mac, 1.0).bound == (mac, POOL0)
+    group = bytes.fromhex("030000000001")
+    assert s.handle_untrusted(_msg(group, _t(3)), b"\0" * 4, group, 1.0).bound is None
+
+
+def test_inform_ack_goes_to_ciaddr_or_the_source():
+    # RFC 2131 4.3.5: DHCPACK to the address in ciaddr (unicast), no lease, yiaddr 0
+    s = _srv()
+    here = bytes([10, 0, 2, 100])
+    r = s.handle_untrusted(_msg(MA, _t(8), ciaddr=here), bytes([10, 0, 2, 101]), MA, 1.0)
+    assert (r.dst_ip, r.dst_mac, _yi(r)) == (here, MA, b"\0" * 4)
+    assert bytes(r.payload[12:16]) == here
+    r = s.handle_untrusted(_msg(MA, _t(8)), here, MA, 1.0)  # no ciaddr: the IP source
+    assert (r.dst_ip, r.dst_mac) == (here, MA)
+    r = s.handle_untrusted(_msg(MA, _t(8)), b"\0" * 4, MA, 1.0)  # nothing known: broadcast
+    assert (r.dst_ip, r.dst_mac) == (b"\xff" * 4, b"\xff" * 6)
+    odd2 = bytes.fromhex("020300000001")  # unicast source MAC with an odd second byte
+    r = s.handle_untrusted(_msg(odd2, _t(8), ciaddr=here), here, odd2, 1.0)
+    assert r.dst_mac == odd2
+
+
+# ---- DHCPv6 Information-Request (RFC 8415) ------------------------------------------------
+def _ir(*opts):
+    return bytes((11, 1, 2, 3)) + b"".join(struct.pack("!HH", c, len(v)) + v for c, v in opts)
+
+
+def test_dhcp6_option_framing():
+    P = dhcp.parse_dhcp6_info_request_untrusted
+    # RFC 8415 21.1: code and length, 2 bytes each; a zero-length option (Rapid Commit, 14) at
+    # the very end is whole
+    assert P(_ir((14, b""))) == (b"\1\2\3", None, False)
+    for tail in (b"\0", b"\0\0", b"\0\0\0"):
+        assert P(_ir() + tail) == "dhcp6_option_truncated"
+    assert P(_ir() + b"\0\1\0\5ab") == "dhcp6_option_truncated"
+    assert P(_ir(*[(14, b"")] * (dhcp.MAX_OPTIONS + 1))) == "dhcp6_too_many_options"
+
+
+def test_dhcp6_client_id_up_to_256_bytes():
+    P = dhcp.parse_dhcp6_info_request_untrusted
+    assert P(_ir((1, b"d" * 256)))[1] == b"d" * 256
+    assert P(_ir((1, b"d" * 257))) == "dhcp6_client_id_too_long"
+
+
+def test_dhcp6_option_request_codes_are_16_bit_and_only_the_oros_own():
+    # RFC 8415 21.7: the ORO is a list of 16-bit option codes
+    P = dhcp.parse_dhcp6_info_request_untrusted
+    assert P(_ir((6, b"\x00\x18\x00\x17")))[2] is True  # DNS (23) as the second code
+    assert P(_ir((6, b"\x00\x00\x17\x00")))[2] is False  # codes 0 and 0x1700, not 23
+    # a client id ending in the bytes 00 17 is not a request for DNS
+    assert P(_ir((1, b"\x00\x03\x00\x01\x00\x17"), (6, b"\x00\x18")))[2] is False
+
+
+def test_inform_without_ciaddr_is_answered_to_its_ip_source():
+    # RFC 2131 4.3.5 / 4.4.3: the client sends INFORM from its address; with ciaddr left 0 the
+    # ACK goes to the IP source (libslirp-era clients do that), unicast to its MAC
+    s = Stack(Config())
+    p = ask(s, MAC_A, [("message-type", "inform")], src="10.0.2.100", dst="10.0.2.2", xid=78)
+    assert p.dst == MAC_A and p[IP].dst == "10.0.2.100" and p[BOOTP].yiaddr == "0.0.0.0"
+
+
+def test_information_request_from_the_unspecified_address_is_dropped():
+    # RFC 8415 13.1 / 18.2.6: a client uses a link-local source; there is nowhere to answer ::
+    s = Stack(Config(enable_ipv6=True))
+    assert ask6(s, DHCP6_InfoRequest(trid=9) / DHCP6OptOptReq(reqopts=[23]), src="::") == []
+    assert s.stats.dropped["dhcp6_unspecified_source"] == 1
+
+
+def test_dhcpv6_reply_goes_to_the_requests_link_layer_source():
+    """RFC 8415 18.3: the Reply goes to the client's source address; on the link that is the
+    sender of the frame (even one the stack has not taken as the guest), never a group MAC
+    (IEEE 802.3 3.2.3: a source address is an individual one)."""
+    s = Stack(Config(enable_ipv6=True))
+    ask6(s, DHCP6_InfoRequest(trid=1))  # the guest (MAC_A, fe80::aa) known
+    other = "02:ab:00:00:00:01"
+    s.receive_frame(bytes(Ether(src=other, dst="33:33:00:01:00:02")
+                          / IPv6(src="2001:db8::5", dst="ff02::1:2") / UDP(sport=546, dport=547)
+                          / DHCP6_InfoRequest(trid=2)), 1.0)
+    (p,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
+    assert p.dst == other and p[IPv6].dst == "2001:db8::5"
+    s.receive_frame(bytes(Ether(src="03:ab:00:00:00:01", dst="33:33:00:01:00:02")
+                          / IPv6(src="2001:db8::6", dst="ff02::1:2") / UDP(sport=546, dport=547)
+                          / DHCP6_InfoRequest(trid=3)), 1.0)
+    (p,) = [Ether(bytes(f)) for f in s.frames_to_send(1.0)]
+    assert p.dst == MAC_A and p[IPv6].dst == "2001:db8::6"
+
+
+def test_broadcast_inform_is_answered_unicast_to_ciaddr():
+    # RFC 2131 4.4.3 / 4.3.5: an INFORM may be broadcast; the ACK goes to ciaddr, unicast
+    s = Stack(Config())
+    p = ask(s, MAC_A, [("message-type", "inform")], ciaddr="10.0.2.100", src="10.0.2.100",
+            xid=79)
+    assert p.dst == MAC_A and p[IP].dst == "10.0.2.100"

@@ -236,3 +236,154 @@ def test_udp_and_icmp_nats_check_only_new_flows(monkeypatch):
     assert pol.calls == 2
     for sk in socks:
         sk.close()
+
+
+# ---- the rule grammar's edges and its one-line errors (README "Egress policy", issue #23) ---
+@pytest.mark.parametrize("text, message", [
+    # the README's own example of an API error: the rule, then why
+    ("10.0.0.0/40", "10.0.0.0/40: prefix length 40 out of range 0..32"),
+    ("", ": empty rule"),
+    ("tcp:", "tcp:: no address (ADDR, [IPV6], or one of private, any, host-loopback, dns)"),
+    ("1.2.3.4:0", "1.2.3.4:0: port 0 out of range 1..65535"),
+    ("1.2.3.4:65536", "1.2.3.4:65536: port 65536 out of range 1..65535"),
+    ("1.2.3.4:80-65536", "1.2.3.4:80-65536: port 65536 out of range 1..65535"),
+    ("1.2.3.4:0-80", "1.2.3.4:0-80: port 0 out of range 1..65535"),
+    ("1.2.3.4:80-x", "1.2.3.4:80-x: port 'x' is not a number"),
+    ("1.2.3.4:000080", "1.2.3.4:000080: port '000080' is not a number"),  # at most 5 digits
+    ("1.2.3.4:90-80", "1.2.3.4:90-80: port range 90-80 is empty (the first port is larger)"),
+    ("1.2.3.4/x", "1.2.3.4/x: prefix length 'x' is not a number"),
+    ("[2001:db8::1", "[2001:db8::1: no ']' after the IPv6 address"),
+    ("[]:80", "[]:80: '' is not an IPv6 address"),
+    ("[2001:db8::1]]", "[2001:db8::1]]: expected /PREFIX or :PORT after ']'"),
+    ("[2001:db8::/32]/1", "[2001:db8::/32]/1: two prefix lengths"),
+    ("[2001:db8::]/32:1:2", "[2001:db8::]/32:1:2: port '1:2' is not a number"),
+    ("[fe80::1%eth0]", "[fe80::1%eth0]: 'fe80::1%eth0' is not an IPv6 address"),
+    ("fe80::1", "fe80::1: IPv6 addresses go in brackets: [ADDR]/PREFIX:PORT"),
+    ("300.1.1.1", "300.1.1.1: '300.1.1.1' is not an IPv4 address, [IPv6] or one of private, any, "
+                  "host-loopback, dns"),
+    ("private/8", "private/8: the named set private takes no /PREFIX"),
+    ("icmp:1.2.3.4:80", "icmp:1.2.3.4:80: icmp rules take no port (ICMP echo has none)"),
+    ("127.0.0.1:80", "127.0.0.1:80: the guest's own loopback never reaches slirpy; the host's "
+                     "loopback is host-loopback (the gateway address, e.g. 10.0.2.2)"),
+    # not printable ASCII: shown as a Python literal, escaped, so the line stays one line
+    ("a b", "'a b': only printable ASCII without spaces"),
+    ("a\tb", "'a\\tb': only printable ASCII without spaces"),
+    ("café", "'caf\\xe9': only printable ASCII without spaces"),
+])
+def test_bad_rules_exact_messages(text, message):
+    with pytest.raises(RuleError) as e:
+        parse_rule(text)
+    assert str(e.value) == message
+
+
+def test_a_long_rule_is_shown_cut_at_60_characters():
+    with pytest.raises(RuleError) as e:
+        parse_rule("x" * 60)
+    assert str(e.value).startswith("x" * 60 + ": 'xxx")
+    with pytest.raises(RuleError) as e:
+        parse_rule("x" * 61)
+    assert str(e.value).startswith("x" * 57 + "...: 'xxx")
+
+
+def test_rule_length_cap_is_200_characters():
+    # 200 characters are still parsed (here: not an address), 201 are refused by length
+    with pytest.raises(RuleError) as e:
+        parse_rule("x" * 200)
+    assert "is not an IPv4 address" in str(e.value)
+    with pytest.raises(RuleError) as e:
+        parse_rule("x" * 201)
+    assert str(e.value) == "x" * 57 + "...: rule longer than 200 characters"
+
+
+def test_non_strings_are_one_message():
+    with pytest.raises(RuleError) as e:
+        parse_rule(None)
+    assert str(e.value) == "a rule is a string"
+
+
+def test_port_and_prefix_bounds_are_inclusive():
+    assert parse_rule("1.2.3.4:1").ports == (1, 1)
+    assert parse_rule("1.2.3.4:65535").ports == (65535, 65535)
+    assert parse_rule("1.2.3.4:1-65535").ports == (1, 65535)
+    assert parse_rule("1.2.3.4:00080").ports == (80, 80)  # five digits are still a port
+    assert parse_rule("1.2.3.4/32").net.prefixlen == 32 and str(parse_rule("1.2.3.4/32")) == \
+        "1.2.3.4"
+    assert parse_rule("0.0.0.0/0").net.prefixlen == 0
+    assert parse_rule("[2001:db8::1]/128").net.prefixlen == 128
+
+
+def test_a_named_set_has_no_network():
+    r = parse_rule("tcp:private:443")
+    assert (r.proto, r.name, r.net, r.ports) == ("tcp", "private", None, (443, 443))
+
+
+# ---- the table as the API shows it (README: list_rules) -----------------------------------
+def test_stats_and_rules_have_the_readme_shape():
+    p = Policy(Config())
+    assert p.stats() == {"default": "allow", "default_hits": 0, "rules": [], "max_rules": 256,
+                         "refused": 0}
+    p.add("deny", "tcp:192.0.2.0/24:22")
+    p.check("tcp", 4, "192.0.2.9", 22)
+    assert p.stats() == {"default": "allow", "default_hits": 0, "max_rules": 256, "refused": 0,
+                         "rules": [{"id": 1, "action": "deny", "rule": "tcp:192.0.2.0/24:22",
+                                    "hits": 1}]}
+    assert Policy(Config(), default_deny=True).stats()["default"] == "deny"
+
+
+def test_insert_at_the_end_by_index_and_remove_names_the_id():
+    p = _p(("deny", "192.0.2.1"))
+    assert p.add("allow", "192.0.2.2", index=1) == 2  # index == len: append
+    assert [r["rule"] for r in p.rules()] == ["192.0.2.1", "192.0.2.2"]
+    with pytest.raises(KeyError) as e:
+        p.remove(99)
+    assert e.value.args == (99,)
+
+
+# ---- the default (no rule matched) and what counts as DNS --------------------------------
+def test_default_deny_without_any_rule_denies_and_counts():
+    seen = []
+    p = Policy(Config(), default_deny=True, on_deny=lambda *a: seen.append(a))
+    v = p.check("tcp", 4, "192.0.2.9", 80)
+    assert (v.kind, v.reason, v.unreach) == (addrmap.REFUSE, "policy_default_deny", "admin")
+    assert seen == [(None, "default", "tcp", 4, "192.0.2.9", 80)]
+    assert p.check("udp", 4, "10.0.2.3", 53) is None  # DNS: never the default's
+    assert p.stats()["default_hits"] == 1
+    assert p.denies("tcp", 4, "192.0.2.9", 80) and not p.denies("udp", 4, "10.0.2.3", 53)
+    assert not p.denies("tcp", 6, "fd00::3", 53)
+    assert p.denies("udp", 4, "10.0.2.3", 54) and p.denies("icmp", 4, "10.0.2.3", 53)
+
+
+def test_default_hits_count_every_unmatched_flow_but_dns():
+    p = Policy(Config())  # no rules, default allow
+    for _ in range(3):
+        assert p.check("tcp", 4, "192.0.2.9", 80) is None
+    assert p.check("udp", 4, "10.0.2.3", 53) is None
+    assert p.check("tcp", 6, "fd00::3", 53) is None
+    assert p.stats()["default_hits"] == 3
+    assert p.check("icmp", 4, "10.0.2.3", 53) is None  # ICMP is never DNS, whatever its id
+    assert p.stats()["default_hits"] == 4
+    q = _p(("deny", "192.0.2.1"))
+    for _ in range(2):
+        q.check("udp", 4, "198.51.100.1", 53)
+    q.check("icmp", 4, "10.0.2.3", 53)
+    q.check("udp", 4, "10.0.2.3", 53)
+    assert q.stats()["default_hits"] == 3
+
+
+def test_icmp_is_never_dns_and_never_meets_a_port_rule():
+    """DNS is TCP and UDP to the DNS address port 53; an ICMP flow (whatever number it carries
+    as its 'port') is decided by address rules, and rules with ports never cover ICMP."""
+    p = _p(("deny", "10.0.2.3"), ("deny", "192.0.2.0/24:1-65535"))
+    assert p.check("icmp", 4, "10.0.2.3", 53).reason == "policy_rule_1"
+    assert p.check("udp", 4, "10.0.2.3", 53) is None
+    for port in (0, 1, 53, 1000, 65535):
+        assert p.check("icmp", 4, "192.0.2.1", port) is None
+    assert p.check("tcp", 4, "192.0.2.1", 1).reason == "policy_rule_2"
+
+
+def test_a_dns_rule_with_a_port_range_covers_port_53():
+    p = _p(("deny", "udp:dns:50-60"), default_deny=True)
+    assert p.check("udp", 4, "10.0.2.3", 53).reason == "policy_rule_1"
+    assert p.check("tcp", 4, "10.0.2.3", 53) is None
+    q = _p(("deny", "dns:54-60"))
+    assert q.check("udp", 4, "10.0.2.3", 53) is None

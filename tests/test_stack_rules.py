@@ -546,6 +546,38 @@ def test_interleaved_fragmented_datagrams_are_kept_apart():
     assert sorted(e.payload for e in drain(s)) == [b"a" * 100, b"b" * 100]
 
 
+def test_interleaved_ipv6_fragmented_datagrams_are_kept_apart():
+    """RFC 8200 4.5: fragments belong together by source, destination and Identification."""
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+    s = learned(Stack(Config(enable_ipv6=True)), v6=True)
+    a = fragment6(IPv6(src="fd00::100", dst="2001:db8::7") / IPv6ExtHdrFragment(id=1)
+                  / UDP(sport=1, dport=2) / (b"a" * 2000), 1280)
+    b = fragment6(IPv6(src="fd00::100", dst="2001:db8::7") / IPv6ExtHdrFragment(id=2)
+                  / UDP(sport=1, dport=2) / (b"b" * 2000), 1280)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        s.receive_frame(eth(x), 0.0)
+        s.receive_frame(eth(y), 0.0)
+    assert sorted(e.payload for e in drain(s) if isinstance(e, events.UdpDatagram)) == \
+        [b"a" * 2000, b"b" * 2000]
+
+
+def test_ipv6_multicast_destinations_open_nothing():
+    """RFC 1122 4.2.3.10: a SYN addressed to a multicast address is silently discarded; UDP to a
+    multicast group is not NATed either (slirp4netns forwards no multicast). The one exception,
+    DHCPv6 to ff02::1:2 port 547, is the only multicast datagram answered."""
+    s = learned(Stack(Config(enable_ipv6=True)), v6=True)
+    for dst in ("ff02::1", "ff02::1:2", "ff0e::1"):
+        s.receive_frame(eth(IPv6(src="fd00::100", dst=dst) / TCP(sport=1000, dport=80,
+                                                                 flags="S")), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="ff02::1:2") / UDP(sport=5353, dport=5353)
+                        / b"x"), 0.0)
+    s.receive_frame(eth(IPv6(src="fd00::100", dst="ff0e::1") / UDP(sport=1, dport=2) / b"x"),
+                    0.0)
+    assert frames(s) == [] and drain(s) == []
+    assert s.stats.dropped["ipv6_multicast"] == 5
+
+
 def test_ipv4_ids_differ_between_datagrams():
     """RFC 6864 4.2: datagrams that may be fragmented need IDs unique per source, destination
     and protocol for a while; consecutive datagrams never share one."""

@@ -207,6 +207,19 @@ def test_ipv4_fragmentation_roundtrip_scapy():
     assert len(whole) == 1 and bytes(whole[0][UDP].payload) == pl
 
 
+def test_ipv4_fragments_carry_the_datagrams_tos():
+    """RFC 791 3.2 (fragmentation procedure): every fragment copies the original header, its
+    type of service included; the default TOS is 0 (routine, RFC 2474 default DSCP)."""
+    s, d = bytes([10, 0, 2, 2]), bytes([10, 0, 2, 15])
+    frames = wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s, d, 17, b"u" * 1000, 5, 576, tos=0x10)
+    assert len(frames) == 2
+    assert [Ether(bytes(f))[IP].tos for f in frames] == [0x10, 0x10]
+    frames = wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s, d, 17, b"u" * 1000, 5, 576)
+    assert [Ether(bytes(f))[IP].tos for f in frames] == [0, 0]
+    one = wire.fragment_ipv4(b"\1" * 6, b"\2" * 6, s, d, 17, b"u" * 100, 5, 576)
+    assert [Ether(bytes(f))[IP].tos for f in one] == [0]
+
+
 def test_ipv6_fragment_header_parsed():
     s = ipaddress.IPv6Address("fd00::100").packed
     d = ipaddress.IPv6Address("fd00::2").packed
