@@ -19,6 +19,7 @@ from scapy.layers.l2 import Ether
 from slirpy.config import Config
 from slirpy.stack import dhcp, events, wire
 from slirpy.stack.stack import Stack
+from slirpy.stack.stats import Stats
 
 ROUTER_MAC = "52:55:0a:00:02:02"
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"
@@ -439,8 +440,6 @@ def test_minus_c_guest_is_untouched():
 
 
 # ---- the server alone (DhcpServer), raw messages: RFC 2131 / RFC 2132 / RFC 8415 rules ------
-from slirpy.stack.stats import Stats  # noqa: E402
-
 MA, MB = bytes.fromhex("52540012340a"), bytes.fromhex("52540012340b")
 POOL0 = bytes([10, 0, 2, 15])  # the first pool address
 

@@ -610,3 +610,16 @@ def test_stats_as_the_api_reports_them():
     assert (d["frames_in"], d["frames_out"], d["bytes_out"]) == (4, 1, 14 + 20 + 8 + 1)
     assert d["bytes_in"] == 42 + 5 + 42 + 5
     assert list(d["dropped"].items()) == [("eth_truncated", 2), ("ipv4_dst_martian", 1)]
+
+
+def test_arp_for_an_unknown_guest_mac_asks_for_an_address_the_guest_answers():
+    """RFC 826: a host answers a request only for its own protocol address. With the guest's MAC
+    unknown, a datagram for any in-subnet address but a leased one is held and the request asks
+    for the guest's configured address (10.0.2.100), whose reply then releases it."""
+    s = Stack(Config())
+    s.send_udp(4, "198.51.100.7", 1, "10.0.2.50", 2, b"x", 0.0)
+    (req,) = frames(s)
+    assert req[ARP].op == 1 and req[ARP].pdst == "10.0.2.100" and req[ARP].psrc == "10.0.2.2"
+    s.receive_frame(eth(ARP(op=2, hwsrc=GUEST_MAC, psrc="10.0.2.100", pdst="10.0.2.2")), 0.1)
+    (p,) = frames(s)
+    assert p.dst == GUEST_MAC and p[IP].dst == "10.0.2.50" and bytes(p[UDP].payload) == b"x"
