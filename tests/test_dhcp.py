@@ -682,6 +682,7 @@ def test_information_request_from_the_unspecified_address_is_dropped():
     s = Stack(Config(enable_ipv6=True))
     assert ask6(s, DHCP6_InfoRequest(trid=9) / DHCP6OptOptReq(reqopts=[23]), src="::") == []
     assert s.stats.dropped["dhcp6_unspecified_source"] == 1
+    assert s.stats.dhcp["v6_replies"] == 0  # nothing was answered, so nothing is counted
 
 
 def test_dhcpv6_reply_goes_to_the_requests_link_layer_source():

@@ -387,12 +387,12 @@ class Stack:
         return None
 
     def _dhcp6_untrusted(self, src, sport, smac, payload):
+        src = bytes(src)
+        if not any(src):  # before the server counts a reply that could never be sent
+            return "dhcp6_unspecified_source"
         r = self.dhcp.handle6_untrusted(payload)
         if type(r) is str:
             return r
-        src = bytes(src)
-        if not any(src):
-            return "dhcp6_unspecified_source"
         mac = bytes(smac) if smac[0] & 1 == 0 else None
         self._send_ip6(self.gw6, src, wire.PROTO_UDP,
                        wire.udp_datagram(6, self.gw6, src, dhcp.DHCP6_SERVER_PORT, sport, r),
