@@ -228,21 +228,26 @@ def in_ns(ns_pid: int, *cmd: str) -> list[str]:
     return ["nsenter", "-t", str(ns_pid), "-U", "-n", "--preserve-credentials", *cmd]
 
 
+def iperf_client(prefix: list[str], host: str, port: int, seconds: float, reverse: bool) -> float:
+    """Gb/s an iperf3 client (run behind prefix, e.g. in_ns(...)) measured to host:port;
+    reverse: the server sends (-R)."""
+    args = ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-J"]
+    if reverse:
+        args.append("-R")
+    out = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=seconds + 30)
+    data = json.loads(out.stdout)
+    if "error" in data:
+        raise RuntimeError(data["error"])
+    return data["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
 def iperf(ns_pid: int, seconds: float, reverse: bool) -> float:
     port = free_port()
     srv = subprocess.Popen(["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.2)
-        args = ["iperf3", "-c", "10.0.2.2", "-p", str(port), "-t", str(seconds), "-J"]
-        if reverse:
-            args.append("-R")
-        out = subprocess.run(in_ns(ns_pid, *args), capture_output=True, text=True,
-                             timeout=seconds + 30)
-        data = json.loads(out.stdout)
-        if "error" in data:
-            raise RuntimeError(data["error"])
-        return data["end"]["sum_received"]["bits_per_second"] / 1e9
+        return iperf_client(in_ns(ns_pid), "10.0.2.2", port, seconds, reverse)
     finally:
         srv.kill()
         srv.wait()
@@ -256,14 +261,7 @@ def iperf_fwd(impl, mtu: int, seconds: float, reverse: bool) -> float:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(0.3)
-            args = ["iperf3", "-c", "127.0.0.1", "-p", str(host_port), "-t", str(seconds), "-J"]
-            if reverse:
-                args.append("-R")
-            out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
-            data = json.loads(out.stdout)
-            if "error" in data:
-                raise RuntimeError(data["error"])
-            return data["end"]["sum_received"]["bits_per_second"] / 1e9
+            return iperf_client([], "127.0.0.1", host_port, seconds, reverse)
         finally:
             srv.kill()
             srv.wait()
