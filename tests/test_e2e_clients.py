@@ -295,20 +295,27 @@ s.serve_forever()
 """
 
 
+def _host_netns(holder) -> str:
+    """The netns of holder (an `unshare -n` process) once it exists, with lo up and 192.0.2.1 on
+    it: a "host" with a non-loopback address, made by the test."""
+    netns = f"/proc/{holder.pid}/ns/net"
+    deadline = time.monotonic() + 10
+    while os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"]):
+        r = _run(["nsenter", f"--net={netns}", *cmd])
+        assert r.returncode == 0, r.stderr
+    return netns
+
+
 def test_podman_default_network_outbound(rootless, podman):
     ipv6 = True  # Podman's default: -6
     network = _network()
     holder = subprocess.Popen(["unshare", "-n", "sleep", "300"])
     srv = None
     try:
-        netns = f"/proc/{holder.pid}/ns/net"
-        deadline = time.monotonic() + 10
-        while os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"]):
-            r = _run(["nsenter", f"--net={netns}", *cmd])
-            assert r.returncode == 0, r.stderr
+        netns = _host_netns(holder)
         # a "host" server on a non-loopback address of the test's namespace, and one on its
         # loopback that --disable-host-loopback must keep out of reach
         srv = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c", SERVER_IN_NETNS,
@@ -350,14 +357,7 @@ def test_podman_egress_policy_through_a_network_cmd_path_wrapper(rootless, podma
     holder = subprocess.Popen(["unshare", "-n", "sleep", "300"])
     servers = []
     try:
-        netns = f"/proc/{holder.pid}/ns/net"
-        deadline = time.monotonic() + 10
-        while os.stat(netns).st_ino == os.stat("/proc/self/ns/net").st_ino:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "192.0.2.1/32", "dev", "lo"]):
-            r = _run(["nsenter", f"--net={netns}", *cmd])
-            assert r.returncode == 0, r.stderr
+        netns = _host_netns(holder)
         ports = []
         for addr in ("127.0.0.1", "192.0.2.1"):
             srv = subprocess.Popen(["nsenter", f"--net={netns}", sys.executable, "-c",
