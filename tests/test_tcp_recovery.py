@@ -273,6 +273,21 @@ def test_in_recovery_each_dupack_with_new_sack_information_resends():
     assert r.on_dupack(1000, 5000, True) is True
 
 
+def test_after_a_partial_ack_the_first_dupack_with_sack_news_resends():
+    # RFC 6675 5 step C: in recovery, every ACK that brings SACK news lets NextSeg send; a
+    # partial ACK (RFC 6582) restarts the duplicate count but not the recovery, so the next
+    # duplicate ACKs that reveal holes do not wait for a "third" again
+    r = Recovery()
+    for _ in range(3):
+        r.on_dupack(1000, 5000, False)
+    assert r.on_new_ack(2000) is True  # partial: the recovery goes on
+    assert r.dupacks == 0 and r.recover == 5000
+    assert r.on_dupack(2000, 5000, False) is False  # no news: nothing to send
+    assert r.on_dupack(2000, 5000, True) is True
+    assert r.on_dupack(2000, 5000, True) is True  # the third after the partial ACK: news again
+    assert r.recover == 5000  # the same recovery, not restarted
+
+
 def test_never_resend_below_snd_una():
     # an ACK moved past what this recovery resent: the bytes below snd_una are acknowledged
     r = Recovery()

@@ -59,15 +59,16 @@ class Recovery:
 
     def on_dupack(self, snd_una, snd_max, sack_news):
         """One more duplicate ACK; True when holes are to be resent now: at the third (a
-        recovery starts, lasting until snd_max is acknowledged) and, within a recovery, when
-        new SACK blocks reveal more of them."""
+        recovery starts, lasting until snd_max is acknowledged) and, within a recovery, at
+        every one whose SACK blocks reveal more of them (RFC 6675 5 step C: each ACK in
+        recovery lets NextSeg send; after a partial ACK too, when the count starts over)."""
         self.dupacks += 1
         if self.dupacks == 3 and self.recover is None:
             self.recover = snd_max
             self.rexmit_hi = snd_una
             self.rtt_seq = None
             return True
-        return self.dupacks > 3 and self.recover is not None and sack_news
+        return self.recover is not None and sack_news
 
     def on_new_ack(self, ackno):
         """An ACK of new data; True when a recovery goes on (a partial ACK, RFC 6582: the next
