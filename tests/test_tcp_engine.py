@@ -867,3 +867,327 @@ def test_plausible_garbage_never_raises():
         h.e.handle_timer(i * 0.01)
     assert "tcp_internal_error" not in h.stats.dropped
     assert opened > 5 and got > 0  # flows were reset and reopened; guest data got through
+
+
+# ------------------------------------------------------------------ the glue's calls, one rule each
+# nat.py moves bytes with peek_tcp/consume_tcp (guest -> host) and send_room/send_tcp (host ->
+# guest); get_stats reads tally(). These tests state what each promises the glue.
+
+def _to_time_wait(h, sport=40000, gisn=1000):
+    """A flow closed both ways, the host first: TIME_WAIT."""
+    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=True), sport=sport)
+    fl = h.ev[-1].flow
+    h.pop()
+    h.e.accept_tcp(fl, 0.0)
+    (sa,) = h.pop()
+    s = seq.add(sa.seq, 1)
+    h.seg(gisn + 1, s, ACK, window=1000, sport=sport)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.seg(gisn + 1, seq.add(s, 1), ACK | FIN, window=1000, sport=sport)
+    h.pop()
+    assert _state(h, fl).name == "TIME_WAIT"
+    return fl
+
+
+def test_peek_shows_the_in_order_bytes_and_consume_frees_exactly_what_the_host_took():
+    h = H()
+    fl, s = est(h)
+    assert h.e.peek_tcp(fl) is None and h.e.peek_tcp(fl + 99) is None  # nothing yet / no flow
+    h.seg(1001, s, ACK | PSH, b"hello ")
+    h.seg(1012, s, ACK | PSH, b"!")  # out of order: not shown until the gap is filled
+    assert bytes(h.e.peek_tcp(fl)) == b"hello "
+    h.seg(1007, s, ACK | PSH, b"world")
+    view = h.e.peek_tcp(fl)
+    assert bytes(view) == b"hello world!"
+    view.release()
+    assert h.e.mem_bytes == 12 == h.e.mem_recount()
+    h.e.consume_tcp(fl, 0, 0.0)  # nothing taken: nothing changes
+    h.e.consume_tcp(fl, -3, 0.0)
+    h.e.consume_tcp(fl + 99, 5, 0.0)  # a flow gone: ignored
+    assert bytes(h.e.peek_tcp(fl)) == b"hello world!" and h.e.mem_bytes == 12
+    h.e.consume_tcp(fl, 6, 0.0)
+    assert bytes(h.e.peek_tcp(fl)) == b"world!"
+    assert h.e.mem_bytes == 6 == h.e.mem_recount()
+    h.seg(1013, s, ACK | FIN)  # the guest's EOF: the host hears it after the last byte only
+    assert E.TcpGuestEof(fl) not in h.ev
+    h.e.consume_tcp(fl, 100, 0.0)  # more than held: all of it
+    assert h.e.peek_tcp(fl) is None and h.e.mem_bytes == 0 == h.e.mem_recount()
+    assert h.ev[-1] == E.TcpGuestEof(fl) and h.ev.count(E.TcpGuestEof(fl)) == 1
+    h.e.consume_tcp(fl, 1, 0.0)  # nothing held: no second EOF
+    assert h.ev.count(E.TcpGuestEof(fl)) == 1
+
+
+def test_consume_opens_the_window_the_unread_bytes_had_closed():
+    """RFC 9293 3.8.6.2.2 (receiver SWS avoidance): when the host takes bytes that had closed
+    the window to less than a segment, a window update goes to the guest at once."""
+    h = H()
+    h.e = TcpEngine(Config(tcp_rcvbuf=4000), lambda seg: h.out.append(seg), h.ev.append, h.stats)
+    h.e.isn = lambda: 5
+    fl, s = est(h)
+    assert h.e._my_ws == 0
+    h.seg(1001, s, ACK, b"a" * 1460)
+    h.seg(2461, s, ACK, b"b" * 1460)
+    h.seg(3921, s, ACK, b"c" * 1079)
+    h.e.flush_pending(1.0)
+    last = h.pop()[-1]
+    assert last.ack == 5000 and last.window == 1  # 3999 of 4000 held
+    h.e.consume_tcp(fl, 2920, 1.0)
+    (upd,) = h.pop()
+    assert upd.flags == ACK and upd.ack == 5000 and upd.window == 2921
+    assert bytes(h.e.peek_tcp(fl)) == b"c" * 1079
+
+
+def test_send_room_is_the_free_send_buffer_and_what_send_tcp_then_takes():
+    h = H()
+    h.e.sndbuf = 8000
+    fl, s = est(h)
+    assert h.e.send_room(fl) == 8000 and h.e.send_room(fl + 99) == 0
+    h.seg(1001, s, ACK, window=0)  # the guest's window shuts: bytes stay in the buffer
+    assert h.e.send_tcp(fl, b"x" * 1000, 0.0) == 1000
+    assert h.e.send_room(fl) == 7000
+    assert h.e.send_tcp(fl, b"y" * 6999, 0.0) == 6999
+    assert h.e.send_room(fl) == 1  # one byte of room is room
+    assert h.e.send_tcp(fl, b"z" * 100, 0.0) == 1
+    h.ev.clear()
+    f = h.e._flows[fl]
+    f.snd.want_writable = False
+    assert h.e.send_room(fl) == 0  # full: 0, and TcpWritable comes when there is room again
+    assert f.snd.want_writable is True
+    h.seg(1001, s, ACK, window=1000)  # the window opens: data goes out ...
+    h.e.flush_pending(0.0)
+    sent = h.pop()
+    end = max(seq.add(x.seq, len(x.payload)) for x in sent)
+    h.seg(1001, end, ACK, window=1000)  # ... and is acknowledged: room again
+    assert E.TcpWritable(fl) in h.ev and h.e.send_room(fl) == 8000 - (8000 - seq.sub(end, s))
+
+
+def test_send_room_is_zero_once_the_host_side_is_closed_or_its_close_is_queued():
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)  # FIN_WAIT_1: nothing more from the host
+    assert h.e.send_room(fl) == 0 and h.e.send_tcp(fl, b"x", 0.0) == 0
+    c = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40001, 0.0)  # SYN_SENT: may send ...
+    assert h.e.send_room(c) == h.e.sndbuf
+    h.e.shutdown_tcp(c, 0.0)  # ... until its close is queued behind the handshake
+    assert h.e._flows[c].close_queued and h.e.send_room(c) == 0
+    assert h.e.send_tcp(c, b"x", 0.0) == 0
+
+
+def test_tally_counts_flows_per_shown_state_and_bytes_per_buffer():
+    h = H(isn=5000)
+    fl, s = est(h)
+    h.seg(1001, s, ACK, b"r" * 300, window=0)  # 300 unread
+    h.seg(1501, s, ACK, b"o" * 200, window=0)  # 200 out of order
+    assert h.e.send_tcp(fl, b"s" * 700, 0.0) == 700  # 700 unsent (zero window)
+    h.seg(7000, 0, SYN, sport=40001)  # pending
+    h.seg(3000, 0, SYN, options=build_tcp_options(mss=1460), sport=40002)
+    f3 = h.ev[-1].flow
+    h.e.accept_tcp(f3, 0.0)
+    (sa,) = [x for x in h.pop() if x.flags == SYN | ACK]
+    h.seg(3001, seq.add(sa.seq, 1), ACK, b"q" * 50, sport=40002)  # 50 unread on another flow
+    assert h.e.send_tcp(f3, b"t" * 40, 0.0) == 40
+    h.e.shutdown_tcp(f3, 0.0)  # FIN_WAIT_1: shown as ESTABLISHED
+    _to_time_wait(h, sport=40003, gisn=4000)
+    states, sbuf, rbuf, ooo = h.e.tally()
+    assert states == {"ESTABLISHED": 2, "SYN_PENDING": 1, "TIME_WAIT": 1}
+    assert (sbuf, rbuf, ooo) == (740, 350, 200)
+    assert sbuf + rbuf + ooo == h.e.mem_bytes
+
+
+def test_internal_error_reset_fits_each_state(monkeypatch):
+    """Production (not STRICT): the flow a bug of ours hit is reset as RFC 9293 3.10.7 would
+    for its state -- a SYN still pending gets RST|ACK acknowledging it (we chose no sequence
+    number yet), our own unanswered SYN a bare RST at its end, a flow in TIME_WAIT nothing (its
+    connection is over: no RST, no events) -- and every buffered byte goes back to the budget."""
+    from slirpy.stack import tcp
+    monkeypatch.setattr(tcp, "STRICT", False)
+    h = H()
+    fl, s = est(h)
+    h.seg(7000, 0, SYN, sport=40001)  # SYN_PENDING
+    pend = h.ev[-1].flow
+    c = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40002, 0.0)  # SYN_SENT, ISN 5
+    tw = _to_time_wait(h, sport=40003, gisn=4000)
+    h.seg(1001, s, ACK, b"held" * 100, window=0)  # 400 bytes the host has not read
+    assert h.e.send_tcp(fl, b"unsent" * 50, 0.0) == 300
+    h.pop()
+    h.ev.clear()
+    monkeypatch.setattr(h.e, "_on_segment", _planted_bug)
+    h.seg(7000, 0, SYN, sport=40001)
+    assert h.pop() == [(4, R, 80, G, 40001, 0, 7001, RST | ACK, 0, b"", b"")]
+    assert h.ev == [E.InternalError("tcp", pend, "ZeroDivisionError: planted"), E.TcpReset(pend),
+                    E.TcpClosed(pend)]
+    h.ev.clear()
+    h.e.on_segment(4, G, 40002, R, 80, 9000, 6, SYN | ACK, 1000, b"", memoryview(b""), 0.0)
+    (rst,) = h.pop()
+    assert (rst.dport, rst.seq, rst.ack, rst.flags) == (40002, 6, 0, RST)
+    assert h.ev == [E.InternalError("tcp", c, "ZeroDivisionError: planted"), E.TcpReset(c),
+                    E.TcpClosed(c)]
+    h.ev.clear()
+    h.seg(4002, 0, ACK, sport=40003)
+    assert h.pop() == []  # TIME_WAIT: nothing to reset
+    assert h.ev == [E.InternalError("tcp", tw, "ZeroDivisionError: planted")]
+    h.ev.clear()
+    assert h.e.mem_bytes == 700
+    h.seg(1001, s, ACK)
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == s
+    assert h.ev[1:] == [E.TcpReset(fl), E.TcpClosed(fl)]
+    assert h.e.flows() == [] and h.e.mem_bytes == 0 == h.e.mem_recount()
+    assert h.stats.dropped["tcp_internal_error"] == 4
+    h.ev.clear()
+    h.seg(1, 0, ACK, sport=40999)  # a bug hit no flow at all: counted and reported, nothing sent
+    assert h.pop() == [] and h.ev == [E.InternalError("tcp", None, "ZeroDivisionError: planted")]
+    assert h.stats.dropped["tcp_internal_error"] == 5
+
+
+def test_internal_error_after_the_flow_was_removed_resets_nothing_twice(monkeypatch):
+    """A bug raised after the flow was already reset and removed: counted and reported, and no
+    second RST or TcpReset for a flow the glue was told is closed."""
+    from slirpy.stack import tcp
+    monkeypatch.setattr(tcp, "STRICT", False)
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"x", 0.0) == 1  # a retransmission timer runs
+    h.pop()
+    h.ev.clear()
+
+    def reset_then_bug(*a):
+        h.e.reset_tcp(fl, 0.0)
+        raise ZeroDivisionError("planted")
+
+    monkeypatch.setattr(h.e, "_fire", reset_then_bug)
+    h.e.handle_timer(h.e.get_timer())
+    assert [x.flags for x in h.pop()] == [RST | ACK]
+    assert h.ev == [E.TcpClosed(fl), E.InternalError("tcp", fl, "ZeroDivisionError: planted")]
+
+
+def test_internal_error_when_even_removing_the_flow_fails_leaves_no_trace(monkeypatch):
+    """The last resort: if removing the flow raises too, the flow is still taken out of every
+    table (no timer, budget wait or lookup can reach it again) and the glue told, except for a
+    flow in TIME_WAIT, whose connection the glue already saw closed."""
+    from slirpy.stack import tcp
+    monkeypatch.setattr(tcp, "STRICT", False)
+    h = H(rcvbuf=1 << 20)
+    fl, s = est(h)
+    tw = _to_time_wait(h, sport=40003, gisn=4000)
+    f = h.e._flows[fl]
+    h.e._rwait[fl] = h.e._swait[fl] = h.e._half_open[fl] = h.e._ack_set[fl] = f
+    h.e._rwait[tw] = h.e._swait[tw] = h.e._half_open[tw] = h.e._ack_set[tw] = h.e._flows[tw]
+    key, twkey = f.key, h.e._flows[tw].key
+    h.pop()
+    h.ev.clear()
+    monkeypatch.setattr(h.e, "_on_segment", _planted_bug)
+    monkeypatch.setattr(h.e, "_remove", _planted_bug)
+    h.seg(1001, s, ACK)
+    assert h.ev == [E.InternalError("tcp", fl, "ZeroDivisionError: planted"), E.TcpReset(fl),
+                    E.TcpClosed(fl)]
+    h.ev.clear()
+    h.seg(4002, 0, ACK, sport=40003)
+    assert h.ev == [E.InternalError("tcp", tw, "ZeroDivisionError: planted")]
+    for d in (h.e._flows, h.e._ack_set, h.e._half_open, h.e._rwait, h.e._swait):
+        assert fl not in d and tw not in d
+    assert key not in h.e._by_key and twkey not in h.e._by_key
+
+
+def test_connect_tcp_flow_cap_is_exact_and_segments_follow_the_family_mss():
+    """A forwarded connection (connect_tcp) counts against max_flows like a guest's: the
+    max_flows-th is served, the next refused (counted); its segments are cut at the MSS of its
+    family (RFC 9293 3.7.1: the smaller of ours and the guest's)."""
+    h = H(max_flows=2)
+    a = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40001, 0.0)
+    b = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40002, 0.0)
+    assert a is not None and b is not None
+    assert h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40003, 0.0) is None
+    assert h.stats.dropped["tcp_flow_cap"] == 1 and len(h.e.flows()) == 2
+    h.pop()
+    # the guest offers a huge MSS: ours (MTU 1500 - 40) bounds the segments
+    h.e.on_segment(4, G, 40001, R, 80, 9000, 6, SYN | ACK, 65535,
+                   build_tcp_options(mss=9000), memoryview(b""), 0.0)
+    assert h.ev[-1] == E.TcpConnected(a)
+    h.pop()
+    assert h.e.send_tcp(a, b"m" * 3000, 0.0) == 3000
+    assert [len(x.payload) for x in h.pop()] == [1460, 1460, 80]
+    cfg = Config()
+    h6 = H()
+    c = h6.e.connect_tcp(6, "fd00::2", 80, "fd00::100", 40001, 0.0)
+    h6.pop()
+    h6.e.on_segment(6, bytes.fromhex("fd00" + "00" * 12 + "0100"), 40001,
+                    bytes.fromhex("fd00" + "00" * 13 + "02"), 80, 9000, 6, SYN | ACK, 65535,
+                    build_tcp_options(mss=9000), memoryview(b""), 0.0)
+    assert h6.ev[-1] == E.TcpConnected(c)
+    h6.pop()
+    assert h6.e.send_tcp(c, b"m" * 3000, 0.0) == 3000
+    assert [len(x.payload) for x in h6.pop()] == [cfg.mss6, cfg.mss6, 3000 - 2 * cfg.mss6]
+    assert cfg.mss6 == cfg.mss - 20
+
+
+def test_a_stale_forwarded_handshake_makes_room_for_a_guest_syn_at_the_half_open_cap():
+    """Our own SYNs (forwarded connections) are half-open flows too: at the cap a guest's SYN
+    evicts the oldest once it is HALF_OPEN_STALE old, and is deferred while it is younger."""
+    h = H(max_half_open=1)
+    c = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", 40001, 10.0)
+    h.pop()
+    h.seg(7000, 0, SYN, sport=40002, now=10.0 + HALF_OPEN_STALE - 0.5)
+    assert h.pop() == [] and h.stats.dropped["tcp_syn_deferred"] == 1 and c in h.e._flows
+    h.seg(7000, 0, SYN, sport=40002, now=10.0 + HALF_OPEN_STALE)
+    (rst,) = h.pop()
+    assert rst.flags == RST and rst.dport == 40001 and rst.seq == 6  # our SYN's end
+    assert h.stats.dropped["tcp_half_open_evicted"] == 1 and c not in h.e._flows
+    assert isinstance(h.ev[-1], E.TcpConnectRequest) and h.ev[-1].sport == 40002
+    assert E.TcpClosed(c) in h.ev
+
+
+def test_forget_syn_past_the_handshake_resets_and_counts_the_reason():
+    """forget_syn is for a SYN still pending; a flow past it is reset as reject_tcp does, with
+    the glue's reason counted."""
+    h = H()
+    fl, s = est(h)
+    h.pop()
+    assert h.e.forget_syn(fl, "policy", 0.0) is None
+    (rst,) = h.pop()
+    assert rst.flags == RST | ACK and rst.seq == s
+    assert h.stats.dropped["tcp_connect_policy"] == 1 and h.e.flows() == []
+    h.seg(7000, 0, SYN, sport=40001)
+    p = h.ev[-1].flow
+    assert h.e.forget_syn(p, "net", 0.0) == (4, G, 40001, R, 80, 7000)
+    assert h.pop() == [] and h.stats.dropped["tcp_connect_net"] == 1
+    assert h.e.forget_syn(p, "net", 0.0) is None  # gone already
+
+
+def test_a_lost_fin_alone_is_resent_on_the_third_duplicate_ack():
+    """RFC 5681 3.2 with RFC 9293 3.10.4: all data acknowledged, our FIN lost; the guest's
+    duplicate ACKs (at the FIN's sequence number) bring the FIN back at once, alone, as FIN|ACK
+    at its own sequence number -- not a data segment, not an empty PSH."""
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"d" * 2000, 0.0) == 2000
+    h.e.shutdown_tcp(fl, 0.0)
+    out = h.pop()
+    assert out[-1].flags & FIN
+    fin_seq = seq.add(s, 2000)
+    h.seg(1001, seq.add(s, 1000), ACK, window=1000)  # some data acked: new, not a dupack
+    h.seg(1001, fin_seq, ACK, window=1000)  # the rest acked, the FIN not (lost)
+    assert h.e._flows[fl].snd.buf in (None, bytearray())
+    h.pop()
+    for _ in range(2):
+        h.seg(1001, fin_seq, ACK, window=1000, now=0.01)
+        assert h.pop() == []
+    h.seg(1001, fin_seq, ACK, window=1000, now=0.01)
+    (again,) = h.pop()
+    assert again.flags == FIN | ACK and again.seq == fin_seq and bytes(again.payload) == b""
+
+
+def test_fast_retransmit_of_the_first_segment_does_not_carry_the_queued_fin():
+    """The FIN goes with the last data byte only (RFC 9293 3.10.4): the hole resent at the
+    front of the stream is plain data although the FIN is queued behind it."""
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"e" * 4380, 0.0) == 4380
+    h.e.shutdown_tcp(fl, 0.0)
+    out = h.pop()
+    assert [len(x.payload) for x in out] == [1460, 1460, 1460, 0] and out[-1].flags & FIN
+    sack = build_tcp_options(sack_blocks=[(seq.add(s, 1460), seq.add(s, 4380))])
+    for i in range(3):
+        h.seg(1001, s, ACK, window=1000, options=sack, now=0.01)
+    (hole,) = h.pop()
+    assert hole.seq == s and bytes(hole.payload) == b"e" * 1460 and hole.flags == ACK | PSH
