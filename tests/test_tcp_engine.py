@@ -1191,3 +1191,97 @@ def test_fast_retransmit_of_the_first_segment_does_not_carry_the_queued_fin():
         h.seg(1001, s, ACK, window=1000, options=sack, now=0.01)
     (hole,) = h.pop()
     assert hole.seq == s and bytes(hole.payload) == b"e" * 1460 and hole.flags == ACK | PSH
+
+
+def test_retransmission_gives_up_after_exactly_max_retries_resends_with_doubling_timeouts():
+    """RFC 6298 5.5 (the timer doubles each time) and RFC 9293 3.8.3 (R2: give up after a
+    bounded number of retransmissions): MAX_RETRIES resends of the unacknowledged segment, then
+    the flow is reset and the glue told."""
+    from slirpy.stack.tcp_recovery import INIT_RTO, MAX_RETRIES
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"a" * 100, 0.0)
+    h.pop()
+    times, resends = [], 0
+    for _ in range(MAX_RETRIES + 5):
+        t = h.e.get_timer()
+        if t is None:
+            break
+        times.append(t)
+        h.e.handle_timer(t)
+        out = h.pop()
+        resends += sum(1 for x in out if bytes(x.payload) == b"a" * 100 and x.seq == s)
+        if any(x.flags & RST for x in out):
+            break
+    assert resends == MAX_RETRIES
+    gaps = [b - a for a, b in zip([0.0] + times, times)]
+    assert abs(gaps[0] - INIT_RTO) < 1e-9 and abs(gaps[1] - 2 * INIT_RTO) < 1e-9
+    assert h.ev[-2:] == [E.TcpReset(fl), E.TcpClosed(fl)]
+    assert h.stats.dropped["tcp_retransmit_timeout"] == 1
+
+
+def test_a_window_shut_with_data_in_flight_keeps_a_timer_and_delivers_when_it_opens():
+    """RFC 9293 3.8.6.1: with the guest's window at zero the sender keeps its timer (probing or
+    retransmitting) -- never a flow that waits forever -- and never gives up while the window
+    is zero; once the window opens every byte arrives."""
+    h = H()
+    fl, s = est(h)
+    data = bytes(range(256)) * 12  # 3072 bytes: three segments in flight
+    assert h.e.send_tcp(fl, data, 0.0) == len(data)
+    h.pop()
+    h.seg(1001, s, ACK, window=0)  # nothing acknowledged, and the window shuts
+    for _ in range(20):  # far more timeouts than MAX_RETRIES: a zero window is not a dead peer
+        t = h.e.get_timer()
+        assert t is not None, "a zero window left the flow without a timer"
+        h.e.handle_timer(t)
+        h.pop()
+    assert fl in h.e._flows and h.stats.dropped["tcp_retransmit_timeout"] == 0
+    h.seg(1001, s, ACK, window=1000, now=t)  # the window opens
+    h.e.flush_pending(t)
+    got = {}
+    for _ in range(5):
+        for x in h.pop():
+            if x.payload:
+                got[x.seq] = bytes(x.payload)
+        tt = h.e.get_timer()
+        if tt is None:
+            break
+        h.e.handle_timer(tt)
+    stream = b""
+    cur = s
+    while cur in got:
+        stream += got[cur]
+        cur = seq.add(cur, len(got[cur]))
+    assert stream[:len(data)] == data
+
+
+def test_a_pure_ack_after_the_guests_fin_is_not_answered():
+    """RFC 9293 3.10.7.4: a segment that carries neither data nor FIN is not acknowledged (no
+    ACK for an ACK); after the guest's FIN, data or a FIN again are answered with an ACK."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | FIN)
+    h.e.flush_pending(1.0)
+    h.pop()
+    assert h.e.send_tcp(fl, b"x", 1.0) == 1
+    h.pop()
+    h.seg(1002, seq.add(s, 1), ACK, now=1.0)  # acknowledges our byte: nothing to answer
+    h.e.flush_pending(2.0)
+    assert h.pop() == []
+    h.seg(1001, seq.add(s, 1), ACK | FIN, now=2.0)  # the FIN again (our ACK was lost)
+    (ack,) = h.pop()
+    assert ack.flags == ACK and ack.ack == 1002
+
+
+def test_past_its_floor_a_flow_gets_not_even_one_byte_beyond_the_budget():
+    """send_tcp obeys the budget for every size, one byte included: once the other flows hold
+    the budget and this one its floor, a single byte is refused and counted."""
+    h = H()
+    h.e = TcpEngine(Config(tcp_mem_budget=64 * 1024), lambda seg: h.out.append(seg), h.ev.append,
+                    h.stats)
+    h.e.isn = lambda: 5
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=0)
+    assert h.e.send_tcp(fl, b"f" * 100_000, 0.0) == 48 * 1024  # 3/4 of the budget
+    assert h.e.send_tcp(fl, b"1", 0.0) == 0
+    assert h.stats.dropped["tcp_mem_cap_send"] == 1 and h.e.mem_bytes == 48 * 1024  # counted once per wait
