@@ -420,6 +420,9 @@ def test_room_left_unused_by_a_woken_flow_reaches_the_next_one_after_a_retry():
     assert list(n.e._swait) == [b.flow]
     t = n.e.get_timer()
     assert t is not None and abs(t - 0.2) < 1e-9
+    n.e.flush_pending(0.1)  # nothing freed since: no pass before the retry
+    n.pump()
+    assert n.writable() == set() and list(n.e._swait) == [b.flow]
     n.e.handle_timer(0.2)  # a's glue took nothing: the retry hands the room to b
     n.pump()
     assert n.writable() == {b.flow} and not n.e._swait
@@ -482,3 +485,49 @@ def test_full_flows_stay_within_budget_then_all_progress_small():
     assert all(n.read[m.flow] > before_in[m.port] for m in flows), "a flow got no guest data through"
     assert all(m.taken >= before_out[m.port] + 16 * KIB for m in flows), "a flow took no more host data"
     assert all(m.got >= before_out[m.port] for m in flows)
+
+
+def test_one_pass_serves_every_waiting_sender_while_the_room_lasts_then_no_retry():
+    """Freed room goes to all the flows waiting for it in one pass (not one flow per freed
+    batch of bytes) while it lasts; when none is left waiting there is no retry pass."""
+    n = Net(1 << 20)
+    cs = [n.open(30001 + i) for i in range(3)]
+    a, b = n.open(30010), n.open(30011)
+    for c in cs:
+        assert n.host_send(c, 256 * KIB) == 256 * KIB  # 768 KiB: 3/4 of the budget
+    assert n.host_send(a, 300 * KIB) == n.host_send(b, 300 * KIB) == 16 * KIB  # floors
+    assert list(n.e._swait) == [a.flow, b.flow] and not n.e._rwait
+    for c in cs:
+        h0 = c.hrx
+        c.wnd = 65535
+        n.seg(c, c.snd_nxt, h0, ACK)  # c's window opens: its data goes out
+        n.seg(c, c.snd_nxt, seq.add(h0, 256 * KIB), ACK)  # and is all acknowledged
+    n.e.flush_pending(0.0)
+    n.pump()
+    assert n.writable() == {a.flow, b.flow} and not n.e._swait
+    assert n.e._wake_at is None  # nobody waits: no retry pass
+    assert n.host_send(a, 300 * KIB) == n.host_send(b, 300 * KIB) == 240 * KIB
+
+
+def test_a_waiting_flow_whose_guest_closed_leaves_the_queue_and_the_next_one_is_served():
+    """A flow the budget held to a zero window whose guest then sent its FIN needs no window
+    any more: the wake pass drops it from the queue and goes on to the next waiting flow,
+    whose update names our next sequence number and the guest's next byte."""
+    n = Net(256 * KIB)
+    a = n.open(30001)
+    for _ in range(4):
+        n.fill(a)
+    assert n.e.mem_bytes == 192 * KIB
+    b, c = n.open(30002), n.open(30003)
+    assert n.fill(b) == 16 * KIB and n.fill(c) == 16 * KIB
+    assert list(n.e._rwait) == [a.flow, b.flow, c.flow]
+    n.seg(b, b.snd_nxt, b.hrx, ACK | FIN)  # b's guest is done sending
+    assert n.e._flows[b.flow].state.name == "CLOSE_WAIT"
+    n.out.clear()
+    n.host_read(a, 40 * KIB)
+    n.e.flush_pending(0.0)
+    upd = [x for x in n.out if x.dport == c.port]
+    assert len(upd) == 1 and upd[0].flags == ACK
+    fc = n.e._flows[c.flow]
+    assert upd[0].seq == fc.snd.nxt and upd[0].ack == fc.rcv.nxt and upd[0].window > 0
+    assert b.flow not in n.e._rwait and not n.e._flows[b.flow].rcv.limited
