@@ -531,3 +531,79 @@ def test_a_waiting_flow_whose_guest_closed_leaves_the_queue_and_the_next_one_is_
     fc = n.e._flows[c.flow]
     assert upd[0].seq == fc.snd.nxt and upd[0].ack == fc.rcv.nxt and upd[0].window > 0
     assert b.flow not in n.e._rwait and not n.e._flows[b.flow].rcv.limited
+
+
+def test_the_recount_catches_each_kind_of_drift():
+    """mem_recount is what every budget test leans on: it must fail, with a message that names
+    the fault, on a wrong out-of-order count, a wait flag out of step with its queue (either
+    side), and a removed flow left in a queue."""
+    import pytest
+    n = Net(1 << 20)
+    a, b = n.open(30001), n.open(30002)
+    fa = n.e._flows[a.flow]
+    assert n.e.mem_recount() == 0
+    fa.rcv.ooo_bytes = 5
+    with pytest.raises(AssertionError, match=f"flow {a.flow}: ooo_bytes 5 != 0"):
+        n.e.mem_recount()
+    fa.rcv.ooo_bytes = 0
+    fa.rcv.limited = True
+    with pytest.raises(AssertionError, match="budget wait flags out of step"):
+        n.e.mem_recount()
+    fa.rcv.limited = False
+    fa.snd.limited = True
+    with pytest.raises(AssertionError, match="budget wait flags out of step"):
+        n.e.mem_recount()
+    fa.snd.limited = False
+    n.e._swait[999] = fa
+    with pytest.raises(AssertionError, match="^a removed flow is still waiting for the budget$"):
+        n.e.mem_recount()
+    del n.e._swait[999]
+    n.e._rwait[999] = fa
+    with pytest.raises(AssertionError, match="^a removed flow is still waiting for the budget$"):
+        n.e.mem_recount()
+
+
+def test_a_reset_flow_leaves_every_queue_and_timer():
+    """Flows reset while they waited for the budget (both ways) or owed a delayed ACK leave
+    no trace: not in the wait queues, no delayed-ACK timer, bytes back to the budget."""
+    n = Net(256 * KIB)
+    d = n.open(30003)  # offered its window while the budget was free
+    a = n.open(30001)
+    for _ in range(4):
+        n.fill(a)
+    b = n.open(30002)
+    n.fill(b)  # b's window: cut by the budget
+    assert n.host_send(b, 100 * KIB) < 100 * KIB  # b's sending: cut too
+    fb, fd = n.e._flows[b.flow], n.e._flows[d.flow]
+    assert fb.rcv.limited and fb.snd.limited
+    n.seg(d, d.snd_nxt, d.hrx, ACK | PSH, b"x" * 100)  # a lone segment: its ACK is delayed
+    assert list(n.e._ack_set) == [d.flow]
+    for m in (b, d, a):
+        n.e.reset_tcp(m.flow, 0.0)
+    n.pump()
+    assert not n.e._rwait and not n.e._swait and not n.e._ack_set
+    assert n.e.get_timer() is None
+    assert n.e.mem_bytes == 0 == n.e.mem_recount()
+    assert not fb.snd.limited and not fb.rcv.limited
+
+
+def test_a_flow_whose_guest_closed_is_not_held_to_the_budget_window():
+    """After the guest's FIN no more data will come: the window we advertise is not cut by the
+    budget any more (nor is the flow queued for a window update, or counted as cut)."""
+    n = Net(256 * KIB)
+    a = n.open(30001)
+    for _ in range(4):
+        n.fill(a)
+    b = n.open(30002)
+    n.fill(b)
+    assert n.e._flows[b.flow].rcv.limited
+    cut = n.stats.dropped["tcp_mem_cap_window"]
+    n.seg(b, b.snd_nxt, b.hrx, ACK | FIN)
+    fb = n.e._flows[b.flow]
+    n.e._rwnd(fb)
+    assert fb.state.name == "CLOSE_WAIT" and n.stats.dropped["tcp_mem_cap_window"] == cut
+    n.e.flush_pending(0.0)
+    n.pump()
+    c = n.open(30003)  # the budget is still spent: c's window is cut, b's is not
+    assert n.e._rwnd(fb) == n.e.rcvbuf - len(fb.rcv.buf)
+    assert n.e._flows[c.flow].rcv.limited
