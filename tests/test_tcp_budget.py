@@ -607,3 +607,44 @@ def test_a_flow_whose_guest_closed_is_not_held_to_the_budget_window():
     c = n.open(30003)  # the budget is still spent: c's window is cut, b's is not
     assert n.e._rwnd(fb) == n.e.rcvbuf - len(fb.rcv.buf)
     assert n.e._flows[c.flow].rcv.limited
+
+
+def _queue_behind_closed(closed):
+    """`closed` send-waiting flows whose host side then closed (nothing to wake them for), and
+    behind them one flow that can use freed room; then 64 KiB of room is freed."""
+    n = Net(256 * KIB)
+    c = n.open(30001)
+    fl = [n.open(30010 + i) for i in range(4)]
+    dead = [n.open(30100 + i) for i in range(closed)]
+    x = n.open(30200)
+    assert n.host_send(c, 192 * KIB) == 192 * KIB
+    for m in fl:
+        assert n.host_send(m, 16 * KIB) == 16 * KIB  # floors: the budget is spent
+    for m in dead + [x]:
+        assert n.host_send(m, 50 * KIB) == 0
+    assert list(n.e._swait) == [m.flow for m in dead + [x]]
+    for m in dead:
+        n.e.shutdown_tcp(m.flow, 0.0)
+    h0 = c.hrx
+    c.wnd = 65535
+    n.seg(c, c.snd_nxt, h0, ACK)
+    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)
+    n.e.flush_pending(0.0)
+    n.pump()
+    return n, x
+
+
+def test_a_wake_pass_gives_up_after_wake_misses_flows_it_could_not_help():
+    """A pass costs O(flows woken + WAKE_MISSES): WAKE_MISSES - 1 flows that cannot use room
+    do not keep the one behind them from being woken in the same pass; WAKE_MISSES of them end
+    the pass, and the retry pass (WAKE_RETRY later) wakes it."""
+    from slirpy.stack.tcp import WAKE_MISSES, WAKE_RETRY
+    n, x = _queue_behind_closed(WAKE_MISSES - 1)
+    assert n.writable() == {x.flow} and not n.e._swait
+    n, x = _queue_behind_closed(WAKE_MISSES)
+    assert n.writable() == set() and list(n.e._swait) == [x.flow]
+    assert n.e._wake_at == WAKE_RETRY
+    n.e.handle_timer(WAKE_RETRY)
+    n.pump()
+    assert n.writable() == {x.flow} and not n.e._swait
+    assert n.host_send(x, 50 * KIB) == 16 * KIB  # its floor, from the last quarter
