@@ -12,6 +12,7 @@ from slirpy.stack.stats import Stats
 from slirpy.stack.tcp import ACK, FIN, PSH, RST, SYN, TcpEngine
 from slirpy.stack.tcp_options import build_tcp_options
 from slirpy.stack.tcp_state import CONNECTED, TcpState
+from test_tcp_engine import well_formed
 
 G = bytes([10, 0, 2, 100])
 R = bytes([127, 0, 0, 9])
@@ -46,7 +47,8 @@ class Net:
     def __init__(self, budget=1 << 20, isn=7000):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(tcp_mem_budget=budget), lambda seg: self.out.append(seg),
+        self.e = TcpEngine(Config(tcp_mem_budget=budget),
+                           lambda seg: self.out.append(well_formed(seg)),
                            self.ev.append, self.stats)
         self.e.isn = lambda: isn
         self.e.delack = 0.0  # `now` stays 0 here: ACKs owed go out at the next flush_pending

@@ -5,18 +5,32 @@ from slirpy.config import Config
 from slirpy.stack import events as E
 from slirpy.stack import seq
 from slirpy.stack.stats import Stats
-from slirpy.stack.tcp import ACK, DELACK, FIN, HALF_OPEN_STALE, PSH, RST, SYN, TcpEngine
+from slirpy.stack.tcp import ACK, DELACK, FIN, HALF_OPEN_STALE, PSH, RST, SYN, TcpEngine, TcpSegment
 from slirpy.stack.tcp_options import build_tcp_options, parse_tcp_options_untrusted
 
 G = bytes([10, 0, 2, 100])
 R = bytes([127, 0, 0, 9])
 
 
+def well_formed(seg):
+    """RFC 9293 3.1: what the engine emits must fit a TCP header -- 32-bit sequence and
+    acknowledgment numbers, a 16-bit window, flag bits only -- and a flow's own ports."""
+    assert isinstance(seg, TcpSegment), seg
+    for name, top in (("seq", seq.MASK), ("ack", seq.MASK), ("window", 0xFFFF),
+                      ("flags", 0xFF), ("sport", 0xFFFF), ("dport", 0xFFFF)):
+        v = getattr(seg, name)
+        assert type(v) is int and 0 <= v <= top, f"{name}={v!r} in {seg}"
+    assert seg.family in (4, 6) and isinstance(seg.payload, (bytes, bytearray, memoryview))
+    assert isinstance(seg.options, (bytes, bytearray)) and len(seg.options) <= 40
+    return seg
+
+
 class H:
     def __init__(self, isn=5, **kw):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(), lambda seg: self.out.append(seg), self.ev.append, self.stats)
+        self.e = TcpEngine(Config(), lambda seg: self.out.append(well_formed(seg)), self.ev.append,
+                           self.stats)
         self.e.isn = lambda: isn
         for k, v in kw.items():
             setattr(self.e, k, v)
@@ -921,7 +935,7 @@ def test_consume_opens_the_window_the_unread_bytes_had_closed():
     """RFC 9293 3.8.6.2.2 (receiver SWS avoidance): when the host takes bytes that had closed
     the window to less than a segment, a window update goes to the guest at once."""
     h = H()
-    h.e = TcpEngine(Config(tcp_rcvbuf=4000), lambda seg: h.out.append(seg), h.ev.append, h.stats)
+    h.e = TcpEngine(Config(tcp_rcvbuf=4000), lambda seg: h.out.append(well_formed(seg)), h.ev.append, h.stats)
     h.e.isn = lambda: 5
     fl, s = est(h)
     assert h.e._my_ws == 0
@@ -1277,7 +1291,7 @@ def test_past_its_floor_a_flow_gets_not_even_one_byte_beyond_the_budget():
     """send_tcp obeys the budget for every size, one byte included: once the other flows hold
     the budget and this one its floor, a single byte is refused and counted."""
     h = H()
-    h.e = TcpEngine(Config(tcp_mem_budget=64 * 1024), lambda seg: h.out.append(seg), h.ev.append,
+    h.e = TcpEngine(Config(tcp_mem_budget=64 * 1024), lambda seg: h.out.append(well_formed(seg)), h.ev.append,
                     h.stats)
     h.e.isn = lambda: 5
     fl, s = est(h)
