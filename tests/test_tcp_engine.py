@@ -1299,3 +1299,157 @@ def test_past_its_floor_a_flow_gets_not_even_one_byte_beyond_the_budget():
     assert h.e.send_tcp(fl, b"f" * 100_000, 0.0) == 48 * 1024  # 3/4 of the budget
     assert h.e.send_tcp(fl, b"1", 0.0) == 0
     assert h.stats.dropped["tcp_mem_cap_send"] == 1 and h.e.mem_bytes == 48 * 1024  # counted once per wait
+
+
+def _small(rcvbuf=4000, **cfg):
+    """An engine with a small receive buffer (window scale 0), so window edges are exact."""
+    h = H()
+    h.e = TcpEngine(Config(tcp_rcvbuf=rcvbuf, **cfg), lambda seg: h.out.append(well_formed(seg)),
+                    h.ev.append, h.stats)
+    h.e.isn = lambda: 5
+    fl, s = est(h)
+    h.pop()
+    return h, fl, s
+
+
+def _three_in_flight_then_dupacks(sack_perm, options):
+    h = H()
+    h.seg(1000, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=sack_perm))
+    fl = h.ev[-1].flow
+    h.e.accept_tcp(fl, 0.0)
+    (sa,) = h.pop()
+    s = seq.add(sa.seq, 1)
+    h.seg(1001, s, ACK, window=1000)
+    assert h.e.send_tcp(fl, b"p" * 5840, 0.0) == 5840  # four segments
+    h.pop()
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=1000, options=options(s), now=0.01)
+    return h, s
+
+
+def test_sack_blocks_are_ignored_without_sack_permitted_and_when_invalid():
+    """RFC 2018 section 8 / RFC 9293: SACK information counts only on a connection whose SYN
+    carried SACK-permitted, and only blocks that lie above the cumulative ACK and within what
+    was sent; otherwise the third duplicate ACK resends the one segment at snd_una (RFC 5681)."""
+    valid = lambda s: build_tcp_options(sack_blocks=[(seq.add(s, 4380), seq.add(s, 5840))])
+    h, s = _three_in_flight_then_dupacks(True, valid)
+    assert [(x.seq, len(x.payload)) for x in h.pop()] == [(s, 1460), (seq.add(s, 1460), 1460),
+                                                          (seq.add(s, 2920), 1460)]
+    h, s = _three_in_flight_then_dupacks(False, valid)  # not negotiated
+    assert [(x.seq, len(x.payload)) for x in h.pop()] == [(s, 1460)]
+    for bad in (lambda s: build_tcp_options(sack_blocks=[(seq.add(s, 6000), seq.add(s, 7000))]),
+                lambda s: build_tcp_options(sack_blocks=[(seq.add(s, -1000), seq.add(s, 2920))]),
+                lambda s: build_tcp_options(sack_blocks=[(seq.add(s, 4380), seq.add(s, 2920))]),
+                lambda s: bytes([5, 10]) + b"\x00" * 4):  # a truncated SACK option
+        h, s = _three_in_flight_then_dupacks(True, bad)
+        assert [(x.seq, len(x.payload)) for x in h.pop()] == [(s, 1460)]
+
+
+def test_a_duplicate_segment_is_acknowledged_at_once():
+    """RFC 9293 3.10.7.4: a segment wholly below RCV.NXT is not acceptable; an ACK goes at once
+    (it tells a guest whose ACK was lost where we are), not after the delayed-ACK time."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"12345", now=1.0)
+    h.e.flush_pending(1.0 + DELACK)
+    h.pop()
+    h.seg(1001, s, ACK | PSH, b"12345", now=2.0)  # the same again
+    (ack,) = h.pop()
+    assert ack.flags == ACK and ack.ack == 1006
+    assert h.e.recv_tcp(fl, 100, 2.0) == b"12345"
+
+
+def test_window_edges_for_out_of_order_and_in_order_data_are_exact():
+    """RFC 9293 3.10.7.4: data is acceptable up to RCV.NXT + RCV.WND; past it, out of order, it
+    is dropped and counted; in order, what fits is taken and a FIN riding on the last byte of
+    the window still counts."""
+    h, fl, s = _small(rcvbuf=4000)
+    h.seg(1001 + 1000, s, ACK, b"x" * 3001)  # ends one byte past the window
+    assert h.stats.dropped["tcp_beyond_window"] == 1 and h.e._flows[fl].rcv.ooo is None
+    h.seg(1001 + 1000, s, ACK, b"x" * 3000)  # ends at the window's edge
+    assert h.stats.dropped["tcp_beyond_window"] == 1 and h.e._flows[fl].rcv.ooo_bytes == 3000
+    h2, fl2, s2 = _small(rcvbuf=4000)
+    h2.seg(1001, s2, ACK | FIN, b"y" * 4000)  # fills the window exactly, FIN on its last byte
+    assert h2.stats.dropped["tcp_beyond_window"] == 0
+    assert h2.e._flows[fl2].state.name == "CLOSE_WAIT"
+    h3, fl3, s3 = _small(rcvbuf=4000)
+    h3.seg(1001, s3, ACK | FIN, b"z" * 4001)  # one byte too many: trimmed, the FIN not taken
+    assert h3.stats.dropped["tcp_beyond_window"] == 1
+    assert h3.e._flows[fl3].state.name == "ESTABLISHED" and len(h3.e._flows[fl3].rcv.buf) == 4000
+
+
+def test_out_of_order_copies_are_counted_once_and_the_longest_kept():
+    """A repeated out-of-order segment does not count twice against the budget, and a longer
+    copy at the same sequence number replaces the shorter (its bytes counted once)."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1101, s, ACK, b"a" * 100)
+    h.seg(1101, s, ACK, b"a" * 100)
+    f = h.e._flows[fl]
+    assert f.rcv.ooo_bytes == 100 and h.e.mem_bytes == 100 == h.e.mem_recount()
+    h.seg(1101, s, ACK, b"b" * 250)
+    assert f.rcv.ooo_bytes == 250 and h.e.mem_bytes == 250 == h.e.mem_recount()
+    h.seg(1101, s, ACK, b"c" * 50)  # shorter: kept out
+    assert f.rcv.ooo_bytes == 250 and h.e.mem_bytes == 250
+    h.seg(1001, s, ACK, b"i" * 100)
+    assert h.e.recv_tcp(fl, 10**6, 0.0) == b"i" * 100 + b"b" * 250
+
+
+def test_out_of_order_queue_caps_are_exact():
+    """MAX_OOO segments are queued, the next one dropped and counted; out-of-order bytes up to
+    the receive buffer are queued, one more is not."""
+    from slirpy.stack.tcp import MAX_OOO
+    h = H()
+    fl, s = est(h)
+    for i in range(MAX_OOO + 1):
+        h.seg(1001 + 10 + 2 * i, s, ACK, b"o")
+    f = h.e._flows[fl]
+    assert len(f.rcv.ooo) == MAX_OOO and h.stats.dropped["tcp_ooo_cap"] == 1
+    h2, fl2, s2 = _small(rcvbuf=4000)
+    h2.seg(1001 + 10, s2, ACK, b"a" * 1990)
+    h2.seg(1001 + 2000, s2, ACK, b"b" * 2000)  # overlapping copies would pass 4000
+    f2 = h2.e._flows[fl2]
+    assert h2.stats.dropped["tcp_ooo_cap"] == 0 and f2.rcv.ooo_bytes == 3990
+    h2.seg(1001 + 1000, s2, ACK, b"c" * 11)  # 4001 bytes queued: no
+    assert h2.stats.dropped["tcp_ooo_cap"] == 1 and f2.rcv.ooo_bytes == 3990
+    h2.seg(1001 + 1000, s2, ACK, b"c" * 10)  # exactly 4000: yes
+    assert h2.stats.dropped["tcp_ooo_cap"] == 1 and f2.rcv.ooo_bytes == 4000
+
+
+def test_a_queued_segment_straddling_rcv_nxt_delivers_its_new_bytes():
+    """RFC 9293 3.10.7.4: the part of a queued segment beyond RCV.NXT is delivered once the gap
+    fills, even when the segment started below it; the host hears TcpReadable and the guest
+    gets its ACK."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001 + 50, s, ACK, bytes(range(100)))  # bytes 50..149 of the stream, out of order
+    h.pop()
+    h.ev.clear()
+    h.seg(1001, s, ACK, b"\xff" * 80)  # 0..79: overlaps the queued segment
+    assert h.ev == [E.TcpReadable(fl)]
+    assert h.e.recv_tcp(fl, 1000, 0.0) == b"\xff" * 80 + bytes(range(30, 100))
+    h.e.flush_pending(1.0)
+    assert h.pop()[-1].ack == 1001 + 150
+
+
+def test_a_queued_fin_that_exactly_fills_the_buffer_is_taken():
+    """An out-of-order segment with FIN whose bytes exactly fill the receive buffer once the gap
+    closes: the FIN is within the window (RFC 9293 3.10.7.4) and is taken."""
+    h, fl, s = _small(rcvbuf=4000)
+    h.seg(1001 + 1000, s, ACK | FIN, b"t" * 3000)
+    h.seg(1001, s, ACK, b"h" * 1000)
+    assert h.e._flows[fl].state.name == "CLOSE_WAIT"
+    assert h.e.recv_tcp(fl, 10**6, 0.0) == b"h" * 1000 + b"t" * 3000
+
+
+def test_guest_bytes_past_the_budget_are_dropped_and_counted():
+    """In order or out of order, guest bytes beyond what the budget lets the flow hold are not
+    taken (the guest resends them), and each cut is counted as tcp_mem_drop."""
+    h, fl, s = _small(rcvbuf=64 * 1024, tcp_mem_budget=64 * 1024)  # soft limit 48 KiB
+    h.seg(1001, s, ACK, b"a" * 40000)
+    assert h.stats.dropped["tcp_mem_drop"] == 0
+    h.seg(1001 + 40000, s, ACK, b"b" * 10000)  # 50000 > 48 KiB: cut to what is allowed
+    f = h.e._flows[fl]
+    assert h.stats.dropped["tcp_mem_drop"] == 1 and len(f.rcv.buf) == 48 * 1024
+    h.seg(1001 + 60000, s, ACK, b"c" * 100)  # out of order, nothing allowed: dropped
+    assert h.stats.dropped["tcp_mem_drop"] == 2 and f.rcv.ooo is None
