@@ -1234,23 +1234,32 @@ def test_retransmission_gives_up_after_exactly_max_retries_resends_with_doubling
     assert h.stats.dropped["tcp_retransmit_timeout"] == 1
 
 
-def test_a_window_shut_with_data_in_flight_keeps_a_timer_and_delivers_when_it_opens():
-    """RFC 9293 3.8.6.1: with the guest's window at zero the sender keeps its timer (probing or
-    retransmitting) -- never a flow that waits forever -- and never gives up while the window
-    is zero; once the window opens every byte arrives."""
+def test_a_window_shut_with_data_in_flight_is_probed_until_it_opens():
+    """RFC 9293 3.8.6.1: with the guest's window at zero the sender keeps retransmitting -- a
+    one-byte probe at snd_una each timeout, never giving up while the window is zero -- so a
+    lost window update cannot stall the flow: the probe's ACK reopens it and every byte
+    arrives. (Found by mutation testing: with more than one byte in flight the engine used to
+    wait silently for the guest's own update.)"""
     h = H()
     fl, s = est(h)
     data = bytes(range(256)) * 12  # 3072 bytes: three segments in flight
     assert h.e.send_tcp(fl, data, 0.0) == len(data)
     h.pop()
     h.seg(1001, s, ACK, window=0)  # nothing acknowledged, and the window shuts
+    probes = 0
     for _ in range(20):  # far more timeouts than MAX_RETRIES: a zero window is not a dead peer
         t = h.e.get_timer()
         assert t is not None, "a zero window left the flow without a timer"
         h.e.handle_timer(t)
-        h.pop()
-    assert fl in h.e._flows and h.stats.dropped["tcp_retransmit_timeout"] == 0
-    h.seg(1001, s, ACK, window=1000, now=t)  # the window opens
+        out = h.pop()
+        assert [(x.seq, bytes(x.payload)) for x in out] == [(s, data[:1])]
+        probes += 1
+        h.seg(1001, s, ACK, window=0, now=t)  # the guest drops the byte: window still zero
+    assert fl in h.e._flows and h.stats.dropped["tcp_retransmit_timeout"] == 0 and probes == 20
+    t = h.e.get_timer()
+    h.e.handle_timer(t)
+    h.pop()
+    h.seg(1001, s, ACK, window=1000, now=t)  # the answer to a probe: the window is open
     h.e.flush_pending(t)
     got = {}
     for _ in range(5):
@@ -1261,8 +1270,7 @@ def test_a_window_shut_with_data_in_flight_keeps_a_timer_and_delivers_when_it_op
         if tt is None:
             break
         h.e.handle_timer(tt)
-    stream = b""
-    cur = s
+    stream, cur = b"", s
     while cur in got:
         stream += got[cur]
         cur = seq.add(cur, len(got[cur]))

@@ -879,6 +879,14 @@ class TcpEngine:
         # go back N: resend from snd_una (the guest's ACKs move snd_nxt past what it holds)
         snd.nxt = snd.una
         self._arm(f, None)
+        if snd.wnd == 0 and snd.buf:
+            # the window shut with data in flight: _output would send nothing, so probe with
+            # the first byte (RFC 9293 3.8.6.1: keep retransmitting while the window is zero;
+            # the probe's ACK brings the window back if the guest's own update was lost)
+            self._send(f, snd.una, ACK, bytes(snd.buf[:1]))
+            snd.nxt = seq.add(snd.una, 1)
+            self._arm(f, now + rec.rto)
+            return
         self._output(f, now)
         if f.deadline is None:
             self._arm(f, now + rec.rto)
