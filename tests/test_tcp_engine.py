@@ -1461,3 +1461,28 @@ def test_guest_bytes_past_the_budget_are_dropped_and_counted():
     assert h.stats.dropped["tcp_mem_drop"] == 1 and len(f.rcv.buf) == 48 * 1024
     h.seg(1001 + 60000, s, ACK, b"c" * 100)  # out of order, nothing allowed: dropped
     assert h.stats.dropped["tcp_mem_drop"] == 2 and f.rcv.ooo is None
+
+
+def test_reading_every_byte_of_an_open_flow_is_not_an_eof():
+    """TcpGuestEof means the guest's FIN was reached, nothing else: the host draining the
+    receive buffer of a flow whose guest still sends (peek/consume or recv) signals nothing."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"abc")
+    h.e.consume_tcp(fl, 3, 0.0)
+    h.seg(1004, s, ACK | PSH, b"def")
+    assert h.e.recv_tcp(fl, 100, 0.0) == b"def"
+    assert not any(isinstance(ev, E.TcpGuestEof) for ev in h.ev)
+
+
+def test_the_rtt_is_measured_on_the_first_segment_timed_not_restarted_by_later_ones():
+    """RFC 6298 3 (with Karn): one segment is timed at a time, from its sending to the ACK that
+    covers it; segments sent meanwhile do not restart the measurement."""
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"1" * 100, 0.0) == 100
+    assert h.e.send_tcp(fl, b"2" * 100, 0.1) == 100
+    h.pop()
+    rec = h.e._flows[fl].rec
+    h.seg(1001, seq.add(s, 100), ACK, window=1000, now=0.3)
+    assert rec.srtt is not None and abs(rec.srtt - 0.3) < 1e-9
