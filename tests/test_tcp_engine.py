@@ -1486,3 +1486,46 @@ def test_the_rtt_is_measured_on_the_first_segment_timed_not_restarted_by_later_o
     rec = h.e._flows[fl].rec
     h.seg(1001, seq.add(s, 100), ACK, window=1000, now=0.3)
     assert rec.srtt is not None and abs(rec.srtt - 0.3) < 1e-9
+
+
+def test_a_fin_riding_on_data_is_an_ack_too_and_its_ack_ends_the_sending():
+    """RFC 9293 3.10.7: every segment after the handshake carries ACK, the FIN on the last data
+    byte included; the FIN takes one sequence number, so the guest's ACK of it (last byte + 2)
+    leaves nothing in flight: FIN_WAIT_2, no timer."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK, window=0)
+    assert h.e.send_tcp(fl, b"w" * 100, 0.0) == 100
+    h.e.shutdown_tcp(fl, 0.0)
+    h.pop()
+    h.seg(1001, s, ACK, window=1000)
+    (seg,) = [x for x in h.pop() if x.payload]
+    assert seg.flags == ACK | PSH | FIN and seg.seq == s and len(seg.payload) == 100
+    h.seg(1001, seq.add(s, 101), ACK, window=1000)
+    assert _state(h, fl).name == "FIN_WAIT_2" and h.e.get_timer() is None
+
+
+def test_karn_no_rtt_sample_from_a_retransmitted_segment():
+    """RFC 6298 3 (Karn's algorithm): an ACK for data that was retransmitted gives no RTT
+    sample (it cannot tell which copy it acknowledges)."""
+    h = H()
+    fl, s = est(h)
+    assert h.e.send_tcp(fl, b"k" * 100, 0.0) == 100
+    h.pop()
+    t = h.e.get_timer()
+    h.e.handle_timer(t)  # the retransmission
+    assert [bytes(x.payload) for x in h.pop()] == [b"k" * 100]
+    rec = h.e._flows[fl].rec
+    h.seg(1001, seq.add(s, 100), ACK, window=1000, now=t + 0.05)
+    assert rec.srtt is None
+
+
+def test_list_flows_counts_every_byte_each_way_once():
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, s, ACK | PSH, b"a" * 300)
+    h.seg(1301, s, ACK | PSH, b"b" * 200)
+    h.seg(1301, s, ACK | PSH, b"b" * 200)  # a duplicate: not counted again
+    h.e.send_tcp(fl, b"c" * 700, 0.0)
+    (row,) = h.e.flows()
+    assert (row["bytes_in"], row["bytes_out"]) == (500, 700)
