@@ -1529,3 +1529,32 @@ def test_list_flows_counts_every_byte_each_way_once():
     h.e.send_tcp(fl, b"c" * 700, 0.0)
     (row,) = h.e.flows()
     assert (row["bytes_in"], row["bytes_out"]) == (500, 700)
+
+
+def test_our_window_scale_is_the_smallest_that_fits_and_at_most_14():
+    """RFC 7323 2.2-2.3: the shift is the smallest that makes the receive buffer fit the 16-bit
+    field, and never more than 14."""
+    def ws(rcvbuf):
+        return TcpEngine(Config(tcp_rcvbuf=rcvbuf), lambda s: None, lambda e: None, Stats())._my_ws
+    assert ws(0xFFFF) == 0 and ws(0x10000) == 1 and ws(256 * 1024) == 3
+    assert ws(2**30) == 14 and ws(2**31) == 14
+
+
+def test_the_window_field_is_the_free_buffer_shifted_and_the_edge_never_moves_back():
+    """RFC 7323 2.3: the window field is the receive window shifted right by our scale; RFC 9293
+    3.8.6 / RFC 7323 2.4: rounding never moves the right edge back -- with 7 unread bytes the
+    free 262137 bytes are not a multiple of 8, and the field rounds up to keep the edge."""
+    h = H()
+    fl, s = est(h)
+    ws = h.e._my_ws
+    assert ws == 3
+    h.seg(1001, s, ACK | PSH, b"8" * 8, now=1.0)
+    assert h.e.recv_tcp(fl, 100, 1.0) == b"8" * 8
+    h.e.flush_pending(1.0 + DELACK)
+    (ack,) = h.pop()
+    assert ack.ack == 1009 and ack.window == (256 * 1024) >> ws  # all free: edge 1009 + 256 KiB
+    h.seg(1009, s, ACK | PSH, b"1234567", now=2.0)
+    h.e.flush_pending(2.0 + DELACK)
+    (ack,) = h.pop()
+    assert ack.ack == 1016 and ack.window == (256 * 1024) >> ws  # 262137 >> 3 rounded up
+    assert seq.add(ack.ack, ack.window << ws) == seq.add(1009, 256 * 1024) + 7
