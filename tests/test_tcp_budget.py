@@ -654,3 +654,60 @@ def test_a_wake_pass_gives_up_after_wake_misses_flows_it_could_not_help():
     n.pump()
     assert n.writable() == {x.flow} and not n.e._swait
     assert n.host_send(x, 50 * KIB) == 50 * KIB
+
+
+def test_the_budget_rule_at_its_edges():
+    """The rule of _allow as send_tcp sees it: past 3/4 of the budget a flow at its floor may
+    take exactly what is left under 3/4 (down to a single byte); a flow below its floor may
+    fill up to its floor from the last quarter -- the floor minus what it holds, never more."""
+    n = Net(256 * KIB)
+    a = n.open(30001)
+    c = n.open(30002)
+    assert n.host_send(a, 16 * KIB) == 16 * KIB  # a at its floor
+    assert n.host_send(c, 192 * KIB - 16 * KIB - 1) == 192 * KIB - 16 * KIB - 1
+    assert n.host_send(a, 100) == 1  # one byte left under 3/4
+    assert n.host_send(a, 100) == 0
+    n2 = Net(256 * KIB)
+    a2, c2 = n2.open(30001), n2.open(30002)
+    others = [n2.open(30003 + i) for i in range(3)]
+    assert n2.host_send(a2, 10 * KIB) == 10 * KIB  # a2 below its floor
+    assert n2.host_send(c2, 182 * KIB) == 182 * KIB  # 3/4 reached
+    for m, k in zip(others, (16, 16, 12)):
+        assert n2.host_send(m, k * KIB) == k * KIB  # floors from the last quarter
+    assert n2.e.mem_bytes == 236 * KIB  # 20 KiB left under the budget
+    assert n2.host_send(a2, 100 * KIB) == 6 * KIB  # its floor (16) minus what it holds (10)
+
+
+def test_a_wake_pass_hands_a_flow_only_the_room_its_buffer_has():
+    """A waiting flow whose own buffer has little room left is offered that room, not more, so
+    the rest of the freed bytes reach the next waiting flow in the same pass."""
+    n = Net(1 << 20)
+    a, b = n.open(30001), n.open(30002)
+    cs = [n.open(30003 + i) for i in range(3)]
+    assert n.host_send(a, 246 * KIB) == 246 * KIB  # 10 KiB of room left in a's buffer
+    for c in cs[:2]:
+        assert n.host_send(c, 256 * KIB) == 256 * KIB
+    assert n.host_send(cs[2], 10 * KIB) == 10 * KIB  # 768 KiB held: 3/4 of the budget
+    assert n.host_send(b, 16 * KIB) == 16 * KIB  # b's floor
+    assert n.host_send(a, 20 * KIB) == 0  # a waits (past its floor) ...
+    assert n.host_send(b, 100 * KIB) == 0  # ... then b
+    assert list(n.e._swait) == [a.flow, b.flow]
+    c = cs[0]
+    h0 = c.hrx
+    c.wnd = 65535
+    n.seg(c, c.snd_nxt, h0, ACK)
+    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)  # 64 KiB freed
+    n.e.flush_pending(0.0)
+    n.pump()
+    assert n.writable() == {a.flow, b.flow}
+    assert n.host_send(a, 20 * KIB) == 10 * KIB
+    assert n.host_send(b, 100 * KIB) == 48 * KIB - 10 * KIB
+
+
+def test_a_guest_reset_leaves_no_delayed_ack_timer_behind():
+    n = Net(1 << 20)
+    d = n.open(30001)
+    n.seg(d, d.snd_nxt, d.hrx, ACK | PSH, b"x" * 100)  # a lone segment: its ACK is delayed
+    assert list(n.e._ack_set) == [d.flow]
+    n.seg(d, seq.add(d.snd_nxt, 100), d.hrx, RST)
+    assert d.flow not in n.e._flows and not n.e._ack_set and n.e.get_timer() is None

@@ -1558,3 +1558,251 @@ def test_the_window_field_is_the_free_buffer_shifted_and_the_edge_never_moves_ba
     (ack,) = h.pop()
     assert ack.ack == 1016 and ack.window == (256 * 1024) >> ws  # 262137 >> 3 rounded up
     assert seq.add(ack.ack, ack.window << ws) == seq.add(1009, 256 * 1024) + 7
+
+
+# ------------------------------------------------------------------ RFC 9293 3.10.7, state by state
+
+def _connecting(h, port=40001):
+    """A forwarded connection (connect_tcp): our SYN out, SYN_SENT. -> (flow, our ISN + 1)."""
+    c = h.e.connect_tcp(4, "127.0.0.9", 80, "10.0.2.100", port, 0.0)
+    (syn,) = h.pop()
+    return c, seq.add(syn.seq, 1)
+
+
+def _syn_ack(h, port, ackno, options=b"", seqno=9000, window=1000, flags=SYN | ACK, now=0.0):
+    h.e.on_segment(4, G, port, R, 80, seqno, ackno, flags, window, options, memoryview(b""), now)
+
+
+def test_time_wait_acknowledges_a_retransmitted_fin_and_nothing_else():
+    """RFC 9293 3.10.7.4 (TIME-WAIT): the only thing that can arrive is a retransmission of the
+    remote FIN: acknowledge it. Anything else -- an ACK, data above, an old SYN -- gets no
+    answer and leaves the flow in TIME_WAIT."""
+    h = H()
+    tw = _to_time_wait(h, sport=40003, gisn=4000)
+    f = h.e._flows[tw]
+    h.seg(4001, f.snd.nxt, ACK | FIN, sport=40003)
+    (ack,) = h.pop()
+    assert (ack.flags, ack.seq, ack.ack, ack.dport) == (ACK, f.snd.nxt, 4002, 40003)
+    h.seg(4002, f.snd.nxt, ACK, sport=40003)
+    h.seg(4100, f.snd.nxt, ACK | PSH, b"late", sport=40003)
+    h.seg(3000, 0, SYN, sport=40003)  # an old SYN (below RCV.NXT): not a new incarnation
+    assert h.pop() == [] and _state(h, tw).name == "TIME_WAIT"
+    assert h.stats.dropped["tcp_no_flow"] == 0
+
+
+def test_a_new_syn_in_time_wait_is_a_whole_new_connection():
+    """RFC 9293 3.10.7.4 / RFC 6191: a SYN above RCV.NXT in TIME_WAIT opens a new incarnation of
+    the 4-tuple, handled as any first SYN: its own addresses, ports, options and age."""
+    h = H()
+    tw = _to_time_wait(h, sport=40003, gisn=4000)
+    h.ev.clear()
+    h.seg(90000, 0, SYN, options=build_tcp_options(mss=1000, sack_perm=True), sport=40003,
+          window=5000, now=7.0)
+    (req,) = h.ev
+    assert req == E.TcpConnectRequest(req.flow, 4, "10.0.2.100", 40003, "127.0.0.9", 80)
+    assert req.flow != tw and h.e._flows[req.flow].born == 7.0
+    h.e.accept_tcp(req.flow, 7.0)
+    (sa,) = h.pop()
+    assert sa.flags == SYN | ACK and sa.ack == 90001 and sa.dport == 40003 and sa.family == 4
+    opts = parse_tcp_options_untrusted(bytes(sa.options))
+    assert opts.wscale is None  # the new SYN asked for no scaling
+    h.seg(90001, seq.add(sa.seq, 1), ACK, sport=40003, window=5000, now=7.0)
+    assert h.e.send_tcp(req.flow, b"n" * 2500, 7.0) == 2500
+    assert [len(x.payload) for x in h.pop()] == [1000, 1000, 500]  # its MSS, its window
+
+
+def test_a_syn_on_a_synchronized_connection_gets_a_challenge_ack():
+    """RFC 5961 4.2 / RFC 9293 3.10.7.4: a SYN on an established connection is answered with an
+    ACK (our SND.NXT, our RCV.NXT), not a SYN-ACK and not a reset; in SYN_RCVD only the guest's
+    own SYN repeated (same ISN, no ACK) brings the SYN-ACK again."""
+    h = H()
+    fl, s = est(h)
+    for seqno in (5000, 1000):
+        h.seg(seqno, 0, SYN)
+        (ack,) = h.pop()
+        assert (ack.flags, ack.seq, ack.ack) == (ACK, s, 1001)
+    h.seg(7000, 0, SYN, sport=40001)
+    p = h.ev[-1].flow
+    h.e.accept_tcp(p, 0.0)
+    (sa,) = h.pop()
+    h.seg(7500, 0, SYN, sport=40001)  # a different ISN: challenge ACK
+    (ack,) = h.pop()
+    assert ack.flags == ACK and ack.ack == 7001
+    h.seg(7000, 0, SYN | ACK, sport=40001)  # the same ISN but with ACK: challenge ACK
+    (ack,) = h.pop()
+    assert ack.flags == ACK
+    h.seg(7000, 0, SYN, sport=40001)  # the same SYN again: our SYN-ACK was lost
+    (again,) = h.pop()
+    assert again.flags == SYN | ACK and again.seq == sa.seq and again.options == sa.options
+
+
+def test_a_repeated_syn_ack_keeps_window_scaling_when_the_guest_offered_scale_zero():
+    """RFC 7323 2.2: a guest offering window scale 0 still enables scaling (ours applies); the
+    SYN-ACK sent again after a lost one must carry the same Window Scale option."""
+    h = H()
+    h.seg(7000, 0, SYN, options=build_tcp_options(mss=1460, wscale=0), sport=40001)
+    p = h.ev[-1].flow
+    h.e.accept_tcp(p, 0.0)
+    (sa,) = h.pop()
+    assert parse_tcp_options_untrusted(bytes(sa.options)).wscale == h.e._my_ws
+    h.seg(7000, 0, SYN, options=build_tcp_options(mss=1460, wscale=0), sport=40001)
+    (again,) = h.pop()
+    assert again.options == sa.options
+
+
+def test_syn_sent_takes_only_a_syn_ack_that_acknowledges_our_syn():
+    """RFC 9293 3.10.7.3: in SYN-SENT a bare ACK (even of our SYN) or a bare SYN (simultaneous
+    open, not supported: ignored) does not establish the connection; no reset for the SYN."""
+    h = H()
+    c, iss1 = _connecting(h)
+    _syn_ack(h, 40001, iss1, flags=ACK)
+    _syn_ack(h, 40001, 0, flags=SYN)
+    assert h.pop() == [] and _state(h, c).name == "SYN_SENT" and E.TcpConnected(c) not in h.ev
+    _syn_ack(h, 40001, iss1)
+    assert _state(h, c).name == "ESTABLISHED" and h.ev[-1] == E.TcpConnected(c)
+
+
+def test_syn_ack_options_decide_mss_scaling_and_sack_with_rfc_defaults():
+    """RFC 9293 3.7.1 (no MSS option: 536), RFC 7323 (scaling only when both sides asked),
+    RFC 2018 (SACK only when permitted); unreadable options count as none at all."""
+    def connected(options, window=1000):
+        h = H()
+        c, iss1 = _connecting(h)
+        _syn_ack(h, 40001, iss1, options=options, window=window)
+        assert h.ev[-1] == E.TcpConnected(c)
+        h.pop()
+        return h, c, iss1
+
+    for opts in (b"", b"XXXX", bytes([2, 4, 5])):  # none, garbage, a truncated MSS
+        h, c, _ = connected(opts, window=3000)
+        assert h.e.send_tcp(c, b"m" * 3000, 0.0) == 3000
+        assert [len(x.payload) for x in h.pop()] == [536] * 5 + [320]
+    for opts, allowed in ((build_tcp_options(mss=1460), 1000),  # no scaling: 1000 bytes
+                          (build_tcp_options(mss=1460, wscale=2), 4000)):  # 1000 << 2
+        h, c, iss1 = connected(opts)
+        _syn_ack(h, 40001, iss1, seqno=9001, flags=ACK, window=1000)  # scaled from here on
+        h.e.send_tcp(c, b"m" * 5000, 0.0)
+        assert sum(len(x.payload) for x in h.pop()) == allowed
+    for perm in (False, True):
+        h, c, _ = connected(build_tcp_options(mss=1460, sack_perm=perm))
+        h.e.on_segment(4, G, 40001, R, 80, 9001 + 500, h.e._flows[c].snd.nxt, ACK, 1000, b"",
+                       memoryview(b"o" * 10), 0.0)
+        (ack,) = h.pop()
+        blocks = parse_tcp_options_untrusted(bytes(ack.options)).sack_blocks if ack.options else ()
+        assert blocks == (((9501, 9511),) if perm else ())
+
+
+def test_sack_blocks_go_only_to_a_guest_that_permitted_them():
+    """RFC 2018 section 2: SACK options only on a connection whose SYN carried SACK-permitted."""
+    for perm in (False, True):
+        h = H()
+        h.seg(1000, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=perm))
+        fl = h.ev[-1].flow
+        h.e.accept_tcp(fl, 0.0)
+        (sa,) = h.pop()
+        s = seq.add(sa.seq, 1)
+        h.seg(1001, s, ACK, window=1000)
+        h.seg(1101, s, ACK, b"o" * 10)
+        (ack,) = h.pop()
+        blocks = parse_tcp_options_untrusted(bytes(ack.options)).sack_blocks if ack.options else ()
+        assert blocks == (((1101, 1111),) if perm else ())
+
+
+def test_an_established_forward_is_no_longer_half_open():
+    """Once its SYN-ACK came, a forwarded connection is not a handshake any more: a guest's SYN
+    at the half-open cap cannot evict it, however old it is."""
+    h = H(max_half_open=1)
+    c, iss1 = _connecting(h)
+    _syn_ack(h, 40001, iss1)
+    h.pop()
+    h.seg(7000, 0, SYN, sport=40002, now=100.0)
+    assert isinstance(h.ev[-1], E.TcpConnectRequest) and h.ev[-1].sport == 40002
+    assert _state(h, c).name == "ESTABLISHED" and h.stats.dropped["tcp_half_open_evicted"] == 0
+
+
+def test_a_syn_with_unreadable_options_is_dropped_and_counted_by_its_fault():
+    h = H()
+    h.seg(1000, 0, SYN, options=bytes([2, 4, 5]))  # MSS option cut short
+    assert h.ev == [] and h.pop() == [] and h.e.flows() == []
+    assert h.stats.dropped["tcp_option_truncated"] + h.stats.dropped["tcp_option_bad_length"] == 1
+
+
+def test_a_segment_without_ack_on_an_established_connection_is_dropped():
+    """RFC 9293 3.10.7.4 (fifth check): if the ACK bit is off, drop the segment."""
+    h = H()
+    fl, s = est(h)
+    h.seg(1001, 0, PSH, b"no ack bit")
+    h.seg(1001, 0, FIN)
+    assert h.e.peek_tcp(fl) is None and _state(h, fl).name == "ESTABLISHED" and h.pop() == []
+
+
+def test_a_timeout_of_an_established_forward_retransmits_and_gives_up_as_any_flow():
+    """The retry count of our own SYN does not carry into the connection: after the SYN-ACK a
+    forwarded flow gets MAX_RETRIES resends of its data like any other."""
+    from slirpy.stack.tcp_recovery import MAX_RETRIES
+    h = H()
+    c, iss1 = _connecting(h)
+    h.e.handle_timer(h.e.get_timer())  # our SYN once more
+    h.pop()
+    _syn_ack(h, 40001, iss1, now=3.0)
+    h.pop()
+    h.e.send_tcp(c, b"r" * 10, 3.0)
+    h.pop()
+    resends = 0
+    while (t := h.e.get_timer()) is not None:
+        h.e.handle_timer(t)
+        out = h.pop()
+        resends += sum(1 for x in out if bytes(x.payload) == b"r" * 10)
+        if any(x.flags & RST for x in out):
+            break
+    assert resends == MAX_RETRIES
+
+
+def test_accept_arms_the_syn_ack_timer_at_the_initial_rto():
+    """RFC 6298 2.1: before any RTT sample the timeout is 1 s (the SYN-ACK is resent then)."""
+    from slirpy.stack.tcp_recovery import INIT_RTO
+    h = H()
+    h.seg(1000, 0, SYN)
+    h.e.accept_tcp(h.ev[-1].flow, 10.0)
+    h.pop()
+    assert h.e.get_timer() == 10.0 + INIT_RTO
+    h.e.handle_timer(10.0 + INIT_RTO - 0.01)
+    assert h.pop() == []
+    h.e.handle_timer(10.0 + INIT_RTO)
+    assert [x.flags for x in h.pop()] == [SYN | ACK]
+
+
+def test_consuming_the_last_bytes_after_both_fins_starts_time_wait():
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    h.seg(1001, seq.add(s, 1), ACK | FIN, b"tail")
+    assert _state(h, fl).name == "DRAINING"
+    h.e.consume_tcp(fl, 1, 5.0)  # one byte: a single byte is taken too
+    assert bytes(h.e.peek_tcp(fl)) == b"ail"
+    h.e.consume_tcp(fl, 3, 5.0)
+    assert _state(h, fl).name == "TIME_WAIT" and h.e.get_timer() == 5.0 + 2.0
+
+
+def test_a_lone_fin_with_no_data_ever_sent_is_resent_on_the_third_duplicate_ack():
+    h = H()
+    fl, s = est(h)
+    h.e.shutdown_tcp(fl, 0.0)
+    (fin,) = h.pop()
+    assert fin.flags == FIN | ACK and fin.seq == s
+    for _ in range(3):
+        h.seg(1001, s, ACK, window=1000, now=0.01)
+    (again,) = h.pop()
+    assert again.flags == FIN | ACK and again.seq == s and not again.payload
+
+
+def test_new_data_does_not_restart_a_running_retransmission_timer():
+    """RFC 6298 5.1: start the timer when a segment is sent if it is not running; sending more
+    data while it runs must not push the retransmission of the first segment later."""
+    from slirpy.stack.tcp_recovery import INIT_RTO
+    h = H()
+    fl, s = est(h)
+    h.e.send_tcp(fl, b"1" * 10, 0.0)
+    h.e.send_tcp(fl, b"2" * 10, 0.5)
+    h.pop()
+    assert h.e.get_timer() == INIT_RTO
