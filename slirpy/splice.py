@@ -53,6 +53,9 @@ REPLY_TIMEOUT = 5.0  # the connector answers in microseconds; past this it is ta
 # but while it is pending the client is looked at this often: one that hung up (reset, or EOF
 # with nothing sent) ends the attempt, as on the tap path (nat.py's "tcp_host_gone_early")
 CLIENT_CHECK = 0.25
+# a direction that never has to wait (a steady stream) yields to trio after this many splices
+# into its destination (each at most a pipe's capacity)
+BUSY_SPLICES = 8
 _LINGER0 = struct.pack("ii", 1, 0)
 
 
@@ -354,6 +357,7 @@ class Splicer:
         wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
         checkpoint = trio.lowlevel.checkpoint
         held = 0
+        busy = 0
         eof = False
         while True:
             if not eof and held < size:
@@ -384,7 +388,10 @@ class Splicer:
                 else:
                     c.from_guest += m
                     self.bytes_from_guest += m
-                await checkpoint()  # a steady stream: trio's other tasks (and the pump) too
+                busy += 1
+                if busy >= BUSY_SPLICES:  # a steady stream: trio's other tasks (the pump) too
+                    busy = 0
+                    await checkpoint()
                 continue
             if eof:
                 try:
