@@ -154,7 +154,7 @@ def _add(api, args) -> bytes:
         return _err(p + "bad arguments.splice")
     try:
         fid = api.portfwd.add(proto, host_addr, args["host_port"], str(g), args["guest_port"],
-                              follow, splice=splice)
+                              follow, **({} if splice else {"splice": False}))
     except ForwardError as e:
         log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")
