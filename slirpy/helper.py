@@ -4,9 +4,11 @@ configures it, and hands the fd back over a socketpair (SCM_RIGHTS). The parent 
 Protocol on the socketpair: the child sends one message, either b"OK" with the tap fd attached,
 or b"ERR <one line>". Without forward splicing (splice_wanted(config) false) it then _exit()s.
 
-With it, the same child stays, locked down (lockdown()), as the connector of spliced port forwards
-(slirpy/splice.py, docs/forwarding.md): it sends b"READY <what it kept>" (or b"LOCKDOWN <why>",
-and exits) and then serves requests, one SEQPACKET message each, until the socketpair's EOF:
+With it, the same child stays as the connector of spliced port forwards (slirpy/splice.py,
+docs/forwarding.md): it closes every other fd at once, waits for the daemon's b"GO" (sent once
+its loop runs, after the ready byte), locks itself down (_lockdown()), sends b"READY <what it
+kept>" (or b"LOCKDOWN <why>", and exits) and then serves requests, one SEQPACKET message each,
+until the socketpair's EOF:
     request  REQ.pack(id, family 4|6, guest address (16 bytes, IPv4 in the first 4), guest port)
     reply    REP.pack(id, errno): 0 with the fd of a non-blocking TCP socket, bound to the guest
              address (port 0), whose connect() to guest:port has been started; else the errno
@@ -345,9 +347,12 @@ def _drop_all_caps() -> None:
 
 def _lockdown(config, sock: socket.socket, ppid: int) -> str:
     """Lock the connector down (docs/lockdown.md); returns what it kept, for the parent's log.
-    Raises _LockdownFailed (or OSError) when a step fails: the connector then exits."""
+    Raises _LockdownFailed (or OSError) when a step fails: the connector then exits.
+    The fds were closed already (_connector); this waits for the daemon's GO, sent once its
+    loop runs (after the ready byte): the start-up's CPU is not shared with this work."""
     import fcntl  # noqa: F401 - _lo_up's, loaded while there are files
-    _close_other_fds(sock.fileno())
+    if sock.recv(16) != b"GO":
+        raise _LockdownFailed("the daemon is gone")
     done = ["fds: the socketpair only"]
     filt = None
     if config.enable_seccomp:
@@ -425,6 +430,7 @@ def _connect(req: bytes) -> tuple[int, int, socket.socket | None]:
 
 def _connector(config, sock: socket.socket, ppid: int) -> None:
     try:
+        _close_other_fds(sock.fileno())  # at once: the ready fd's copy, the caller's stdio
         kept = _lockdown(config, sock, ppid)
     except Exception as e:  # noqa: BLE001 - any step: one line to the parent, then exit
         try:

@@ -153,6 +153,10 @@ class Splicer:
             async with trio.open_nursery() as nursery:
                 if pidfd is not None:
                     nursery.start_soon(self._watch, pidfd)
+                try:
+                    self.sock.send(b"GO")  # its lockdown, now that the start-up is done
+                except OSError:
+                    pass  # gone: _hello reads the EOF
                 await self._hello()
                 await trio.sleep_forever()
         finally:

@@ -204,6 +204,10 @@ def test_reset_each_way(tmp_path):
             c = connect(hp)
             c.sendall(b"wait 0\n" + b"x" * 1000)
             splice_stats(path, lambda s: s["bytes_to_guest"] >= 1007)
+            flows = api(path, {"execute": "list_flows"})["return"]["flows"]
+            assert [(f["state"], f["forward"], f["client"], f["dst"], f["dport"], f["bytes_out"])
+                    for f in flows if f["proto"] == "tcp"] == [
+                ("SPLICED", 1, "127.0.0.1:%d" % c.getsockname()[1], "10.0.2.100", 8000, 1007)]
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close()
             assert g.said() == "wait reset"
