@@ -92,11 +92,11 @@ class _Pipe:
 
 class _Spliced:
     """One spliced connection (list_flows)."""
-    __slots__ = ("fwd", "client", "family", "guest", "gport", "to_guest", "from_guest",
+    __slots__ = ("fwd", "peer", "family", "guest", "gport", "to_guest", "from_guest",
                  "abort_client", "abort_inner")
 
-    def __init__(self, fwd, client, family, guest, gport):
-        self.fwd, self.client, self.family, self.guest, self.gport = fwd, client, family, guest, gport
+    def __init__(self, fwd, peer, family, guest, gport):
+        self.fwd, self.peer, self.family, self.guest, self.gport = fwd, peer, family, guest, gport
         self.to_guest = self.from_guest = 0
         self.abort_client = self.abort_inner = False
 
@@ -131,9 +131,11 @@ class Splicer:
                 "fallbacks": dict(sorted(self.fallbacks.items())), "max": MAX_SPLICED}
 
     def flows(self) -> list[dict]:
-        return [{"proto": "tcp", "family": c.family, "src": c.guest, "sport": None,
-                 "dst": c.guest, "dport": c.gport, "state": "SPLICED", "forward": c.fwd,
-                 "client": c.client, "bytes_in": c.from_guest, "bytes_out": c.to_guest}
+        """As list_flows' UDP forward mappings: the guest (the server) is src, the client dst."""
+        return [{"proto": "tcp", "family": c.family, "src": c.guest, "sport": c.gport,
+                 "dst": c.peer[0], "dport": c.peer[1], "state": "SPLICED", "forward": c.fwd,
+                 "client": f"{c.peer[0]}:{c.peer[1]}", "bytes_in": c.from_guest,
+                 "bytes_out": c.to_guest}
                 for c in list(self._conns)]
 
     # ------------------------------------------------------------------------ the connector
@@ -306,7 +308,7 @@ class Splicer:
             if err:
                 return self._fallback("connect_" + errno.errorcode.get(err, "error").lower())
             client = socket.socket(fileno=conn.detach())
-            c = _Spliced(fwd_id, f"{peer[0]}:{peer[1]}", family, gaddr, gport)
+            c = _Spliced(fwd_id, peer[:2], family, gaddr, gport)
             self.total += 1
             self._conns.add(c)
             try:

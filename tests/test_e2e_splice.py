@@ -205,9 +205,10 @@ def test_reset_each_way(tmp_path):
             c.sendall(b"wait 0\n" + b"x" * 1000)
             splice_stats(path, lambda s: s["bytes_to_guest"] >= 1007)
             flows = api(path, {"execute": "list_flows"})["return"]["flows"]
-            assert [(f["state"], f["forward"], f["client"], f["dst"], f["dport"], f["bytes_out"])
-                    for f in flows if f["proto"] == "tcp"] == [
-                ("SPLICED", 1, "127.0.0.1:%d" % c.getsockname()[1], "10.0.2.100", 8000, 1007)]
+            assert [(f["state"], f["forward"], f["client"], f["src"], f["sport"], f["dst"],
+                     f["dport"], f["bytes_out"]) for f in flows if f["proto"] == "tcp"] == [
+                ("SPLICED", 1, "127.0.0.1:%d" % c.getsockname()[1], "10.0.2.100", 8000,
+                 "127.0.0.1", c.getsockname()[1], 1007)]
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             c.close()
             assert g.said() == "wait reset"
@@ -369,3 +370,19 @@ def test_no_connector_without_tcp_forwards():
                 break
             time.sleep(0.05)
         assert children == set()
+
+
+def test_stats_table_shows_the_splice_line():
+    """slirpy-api stats: one `splice` line with the counters and the fallbacks by reason."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from slirpy.api_client import format_stats
+    from slirpy.splice import is_loopback
+    text = format_stats({"forward_splice": {
+        "enabled": True, "helper_alive": False, "active": 1, "total": 3, "bytes_to_guest": 2048,
+        "bytes_from_guest": 10, "fallbacks": {"helper_dead": 2}}})
+    assert ("splice      active=1 total=3 to_guest=2.0 KiB from_guest=10 B helper=gone "
+            "fallbacks helper_dead=2\n") in text
+    assert "splice" not in format_stats({"forward_splice": {"enabled": False, "total": 0}})
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.9.8.7", "::1", "::ffff:127.0.0.1",
+                                     "10.0.2.2", "::ffff:10.0.0.1", "192.0.2.127", "::")] == \
+        [True] * 4 + [False] * 4
