@@ -164,6 +164,7 @@ class Splicer:
         finally:
             if pidfd is not None:
                 os.close(pidfd)
+            trio.lowlevel.notify_closing(self.sock)  # a request still waiting on it ends
             self.sock.close()  # the connector's EOF: it exits
 
     async def _hello(self):
@@ -229,7 +230,10 @@ class Splicer:
                     try:
                         msg, fds, _flags, _addr = socket.recv_fds(self.sock, 64, 1)
                     except BlockingIOError:
-                        await trio.lowlevel.wait_readable(self.sock)
+                        try:
+                            await trio.lowlevel.wait_readable(self.sock)
+                        except trio.ClosedResourceError:  # the daemon is ending (serve)
+                            raise _Unavailable from None
                         continue
                     except OSError as e:
                         self._dead(f"is gone ({os.strerror(e.errno or errno.EIO)})")
