@@ -5,10 +5,9 @@ Protocol on the socketpair: the child sends one message, either b"OK" with the t
 or b"ERR <one line>". Without forward splicing (splice_wanted(config) false) it then _exit()s.
 
 With it, the same child stays as the connector of spliced port forwards (slirpy/splice.py,
-docs/forwarding.md): it closes every other fd at once, waits for the daemon's b"GO" (sent once
-its loop runs, after the ready byte), locks itself down (_lockdown()), sends b"READY <what it
-kept>" (or b"LOCKDOWN <why>", and exits) and then serves requests, one SEQPACKET message each,
-until the socketpair's EOF:
+docs/forwarding.md): it closes every other fd, locks itself down (_lockdown()), sends
+b"READY <what it kept>" (or b"LOCKDOWN <why>", and exits) and then serves requests, one
+SEQPACKET message each, until the socketpair's EOF:
     request  REQ.pack(id, family 4|6, guest address (16 bytes, IPv4 in the first 4), guest port)
     reply    REP.pack(id, errno): 0 with the fd of a non-blocking TCP socket, bound to the guest
              address (port 0), whose connect() to guest:port has been started; else the errno
@@ -341,18 +340,20 @@ def _drop_all_caps() -> None:
             if ctypes.get_errno() == errno.EINVAL:
                 break  # past the last capability this kernel knows
             raise _LockdownFailed(f"PR_CAPBSET_DROP {cap}: {os.strerror(ctypes.get_errno())}")
-    from .sandbox import set_caps
-    set_caps(0, 0, 0)
+    # capset(v3, this thread): every set empty (sandbox.set_caps, without importing sandbox.py)
+    hdr = struct.pack("Ii", 0x20080522, 0)
+    data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}
+    if _libc.capset(hdr, data) != 0:
+        raise _LockdownFailed(f"capset: {os.strerror(ctypes.get_errno())}")
 
 
 def _lockdown(config, sock: socket.socket, ppid: int) -> str:
     """Lock the connector down (docs/lockdown.md); returns what it kept, for the parent's log.
     Raises _LockdownFailed (or OSError) when a step fails: the connector then exits.
-    The fds were closed already (_connector); this waits for the daemon's GO, sent once its
-    loop runs (after the ready byte): the start-up's CPU is not shared with this work."""
+    It runs right after the tap fd went, beside the daemon's own start-up (about a millisecond
+    without the flags), so that the connector is READY when the loop takes its first client:
+    a forward's first connection is not later than on the tap path."""
     import fcntl  # noqa: F401 - _lo_up's, loaded while there are files
-    if sock.recv(16) != b"GO":
-        raise _LockdownFailed("the daemon is gone")
     done = ["fds: the socketpair only"]
     filt = None
     if config.enable_seccomp:
@@ -430,7 +431,7 @@ def _connect(req: bytes) -> tuple[int, int, socket.socket | None]:
 
 def _connector(config, sock: socket.socket, ppid: int) -> None:
     try:
-        _close_other_fds(sock.fileno())  # at once: the ready fd's copy, the caller's stdio
+        _close_other_fds(sock.fileno())  # the ready fd's copy, the caller's stdio
         kept = _lockdown(config, sock, ppid)
     except Exception as e:  # noqa: BLE001 - any step: one line to the parent, then exit
         try:

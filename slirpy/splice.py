@@ -155,10 +155,6 @@ class Splicer:
             async with trio.open_nursery() as nursery:
                 if pidfd is not None:
                     nursery.start_soon(self._watch, pidfd)
-                try:
-                    self.sock.send(b"GO")  # its lockdown, now that the start-up is done
-                except OSError:
-                    pass  # gone: _hello reads the EOF
                 await self._hello()
                 await trio.sleep_forever()
         finally:
@@ -375,7 +371,9 @@ class Splicer:
                     n = splice(sfd, pw, size - held, flags=_FLAGS)
                 except BlockingIOError:
                     n = -1
-                except OSError:  # src failed: dst gets the RST
+                except OSError as e:  # src failed: dst gets the RST
+                    log.debug("forward splice %s: %s side: %s", c.peer,
+                              "client" if to_guest else "guest", e)
                     self._reset(c, abort_client=not to_guest, abort=abort)
                     return
                 if n == 0:
@@ -388,7 +386,9 @@ class Splicer:
                 except BlockingIOError:
                     await wait_writable(dfd)
                     continue
-                except OSError:  # dst failed: src gets the RST
+                except OSError as e:  # dst failed: src gets the RST
+                    log.debug("forward splice %s: %s side: %s", c.peer,
+                              "guest" if to_guest else "client", e)
                     self._reset(c, abort_client=to_guest, abort=abort)
                     return
                 held -= m
