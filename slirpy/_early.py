@@ -63,7 +63,8 @@ class EarlyConfig:
 
     def __init__(self, target, tap_name, netns_type, userns_path, configure, mtu, macaddress,
                  net: int, prefixlen: int, enable_ipv6, enable_sandbox=False,
-                 enable_seccomp=False, api_socket=None, disable_dns=False):
+                 enable_seccomp=False, api_socket=None, disable_dns=False,
+                 disable_forward_splice=False):
         self.target, self.tap_name, self.netns_type = target, tap_name, netns_type
         self.userns_path, self.configure, self.mtu = userns_path, configure, mtu
         self.macaddress, self.enable_ipv6, self.prefixlen = macaddress, enable_ipv6, prefixlen
@@ -72,6 +73,7 @@ class EarlyConfig:
         # what _probe.LockdownProbe (sandbox.plan) reads; --dns-upstream never gets here
         self.enable_sandbox, self.enable_seccomp = enable_sandbox, enable_seccomp
         self.api_socket, self.disable_dns, self.dns_upstreams = api_socket, disable_dns, ()
+        self.disable_forward_splice = disable_forward_splice  # helper.splice_wanted reads it
 
     def probe_key(self) -> tuple:
         return (self.enable_sandbox, self.enable_seccomp, self.api_socket, self.disable_dns, ())
@@ -79,7 +81,13 @@ class EarlyConfig:
     def key(self) -> tuple:
         return (self.target, self.tap_name, self.netns_type, self.userns_path, self.configure,
                 self.mtu, self.macaddress, f"{_Addr(self.net)}/{self.prefixlen}",
-                self.enable_ipv6)
+                self.enable_ipv6, _stays(self))
+
+
+def _stays(config) -> bool:
+    """Whether the helper stays as the forward splice connector (helper.splice_wanted)."""
+    from .helper import splice_wanted
+    return splice_wanted(config)
 
 
 def probe_key(config) -> tuple:
@@ -90,7 +98,8 @@ def probe_key(config) -> tuple:
 def config_key(config) -> tuple:
     """The same key of a full Config."""
     return (config.target, config.tap_name, config.netns_type, config.userns_path,
-            config.configure, config.mtu, config.macaddress, str(config.cidr), config.enable_ipv6)
+            config.configure, config.mtu, config.macaddress, str(config.cidr), config.enable_ipv6,
+            _stays(config))
 
 
 def _cidr(text: str) -> tuple[int, int] | None:
@@ -219,7 +228,8 @@ def parse(argv: list[str]) -> EarlyConfig | None:
             return None
     return EarlyConfig(target, tap, netns_type, seen.get("userns-path"), "configure" in seen,
                        mtu, mac, net, plen, ipv6, "enable-sandbox" in seen,
-                       "enable-seccomp" in seen, seen.get("api-socket"), "disable-dns" in seen)
+                       "enable-seccomp" in seen, seen.get("api-socket"), "disable-dns" in seen,
+                       "disable-forward-splice" in seen)
 
 
 def early_helper(argv: list[str]):

@@ -38,6 +38,7 @@ User-mode networking for unprivileged network namespaces.
 --allow=RULE             egress policy: let the guest reach RULE's destinations (repeatable, first match wins)
 --deny=RULE              egress policy: refuse RULE's destinations (ICMP administratively prohibited)
 --default-deny           egress policy: refuse what no rule allows (DNS at base+3 and forwards stay)
+--disable-forward-splice  forwarded TCP from host loopback clients through the tap too (as slirp4netns), not spliced in the kernel
 --log-level=LEVEL        logging level (DEBUG, INFO, WARNING, ERROR; default=ERROR)
 -h, --help               show this help and exit
 -v, --version            show version and exit

@@ -181,6 +181,15 @@ def format_stats(s: dict) -> str:
     if isinstance(fw, dict):
         out.append(f"\nforwards    tcp={fw.get('tcp', 0)} udp={fw.get('udp', 0)} "
                    f"udp_mappings={fw.get('udp_mappings', 0)}\n")
+    sp = s.get("forward_splice")
+    if isinstance(sp, dict) and (sp.get("enabled") or sp.get("total")):
+        fb = sp.get("fallbacks") or {}
+        out.append(f"splice      active={sp.get('active', 0)} total={sp.get('total', 0)} "
+                   f"to_guest={_fmt_bytes(sp.get('bytes_to_guest', 0))} "
+                   f"from_guest={_fmt_bytes(sp.get('bytes_from_guest', 0))} "
+                   f"helper={'alive' if sp.get('helper_alive') else 'gone'}"
+                   + (" fallbacks " + " ".join(f"{k}={v}" for k, v in fb.items())
+                      if isinstance(fb, dict) and fb else "") + "\n")
     r = s.get("reassembly")
     if isinstance(r, dict):
         out.append(f"reassembly  {r.get('entries', 0)}/{r.get('max_entries')} datagrams, "

@@ -149,9 +149,12 @@ def _add(api, args) -> bytes:
         return _err(p + "bad arguments.guest_addr")
     if not _is_port(args.get("guest_port")):
         return _err(p + "bad arguments.guest_port")
+    splice = args.get("splice", True)  # slirpy's own: false = loopback clients via the tap too
+    if not isinstance(splice, bool):
+        return _err(p + "bad arguments.splice")
     try:
         fid = api.portfwd.add(proto, host_addr, args["host_port"], str(g), args["guest_port"],
-                              follow)
+                              follow, **({} if splice else {"splice": False}))
     except ForwardError as e:
         log.warning("add_hostfwd refused: %s", e)
         return _err(p + "slirp_add_hostfwd failed")

@@ -44,6 +44,7 @@ _LONG = {
     "port": (True, "p"), "dns-upstream": (True, "dns-upstream"), "pcap": (True, "pcap"),
     "pcap-max-bytes": (True, "pcap-max-bytes"), "log-level": (True, "log-level"),
     "allow": (True, "allow"), "deny": (True, "deny"), "default-deny": (False, "default-deny"),
+    "disable-forward-splice": (False, "disable-forward-splice"),
 }
 _DEPRECATED = {"no-host-loopback": ("dhl", "--disable-host-loopback"),
                "create-sandbox": ("sandbox", "--enable-sandbox")}
@@ -388,7 +389,8 @@ def parse_args(argv: list[str], warnings: list[str] | None = None) -> Config | s
         disable_dns="disable-dns" in o, ports=tuple(parsed_ports),
         dns_upstreams=tuple(_dns_upstream(d) for d in upstreams), pcap=pcap,
         pcap_max_bytes=pcap_max, log_level=level, egress_rules=egress,
-        default_deny="default-deny" in o, **kw)
+        default_deny="default-deny" in o,
+        disable_forward_splice="disable-forward-splice" in o, **kw)
 
 
 def fail(msg: str) -> int:

@@ -71,6 +71,9 @@ class Config:
     # (action, policy.Rule) pairs; --default-deny
     egress_rules: tuple = ()
     default_deny: bool = False
+    # --disable-forward-splice: loopback clients of TCP forwards take the tap path too
+    # (slirp4netns's semantics: the guest sees the gateway), not the kernel splice (splice.py)
+    disable_forward_splice: bool = False
     # all TCP flows' buffered bytes together (stack/tcp.py); no flag: the environment variable
     # SLIRPY_TCP_MEM_BUDGET (bytes) sets it, so slirp4netns's command line stays as it is
     tcp_mem_budget: int = 128 * 1024 * 1024

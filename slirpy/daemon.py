@@ -45,6 +45,7 @@ from .nat import TcpNat
 from .observe import Observer
 from .pcap import PcapWriter
 from .portfwd import PortForwarder
+from .splice import Splicer
 from .stack.addrmap import AddressMap
 from .stack.events import IcmpEchoRequest, InternalError, TcpConnectRequest, UdpDatagram
 from .stack.policy import Policy
@@ -92,7 +93,9 @@ def wire(d: Daemon) -> list:
     addrs = AddressMap(cfg, policy=policy.check)
     dns = DnsForwarder(d)  # UDP at .3:53 -> the upstreams
     tcp = TcpNat(d, addrs, dns)  # TCP flows <-> host sockets (hot fds of the pump)
-    portfwd = PortForwarder(d, addrs, tcp, pre)  # host listeners -> tcp.forward_inbound, UDP
+    # loopback clients of TCP forwards: spliced in the kernel through the helper (splice.py)
+    splicer = Splicer(d, d.connector)
+    portfwd = PortForwarder(d, addrs, tcp, pre, splicer)  # listeners -> splicer or tcp, UDP
     udp = UdpNat(d, addrs, dns, intercept=portfwd.intercept_udp)  # UDP flows <-> host sockets
     icmp = IcmpNat(d, addrs)  # echo requests <-> ping sockets
     pcap = PcapWriter(cfg, pre, on_stop=d.stop_capture)
@@ -106,7 +109,7 @@ def wire(d: Daemon) -> list:
     d.add_handler(UdpDatagram, udp.handle)
     d.add_handler(IcmpEchoRequest, icmp.handle)
     d.pcap = pcap if pcap.active else None  # sees every frame
-    return [observer, tcp, udp, icmp, portfwd, api, pcap]
+    return [observer, tcp, udp, icmp, splicer, portfwd, api, pcap]
 
 
 class Daemon:
@@ -140,6 +143,7 @@ class Daemon:
         self.target_pidfd: int | None = None  # PID form: the target's pidfd, opened before ready
         self.exit_fd_handoff = None  # launch: ends its SIGIO watch of the exit fd
         self.sandbox_paths = None  # sandbox.lockdown: what the sandbox holds (DNS's messages)
+        self.connector = None  # (pid, socket): the helper as the splice connector (launch.run)
 
     # -------------------------------------------------------------------------- contract
     def now(self) -> float:  # main() replaces it with the running clock's bound method
@@ -501,7 +505,7 @@ def _write_ready(fd: int) -> None:
 
 
 def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
-             target_pidfd: int | None = None, exit_fd_handoff=None) -> int:
+             target_pidfd: int | None = None, exit_fd_handoff=None, connector=None) -> int:
     """The loop, once launch.run() has the tap fd, has opened the host sockets (``prebound``,
     listeners.Prebound) and has written the ready byte. -> exit status."""
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
@@ -510,6 +514,7 @@ def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
     d.prebound = prebound
     d.target_pidfd = target_pidfd
     d.exit_fd_handoff = exit_fd_handoff
+    d.connector = connector
     code = trio.run(d.main, child_pid, None, True)
     prebound.close()  # whatever no component took
     if d.exit_message:

@@ -2,7 +2,17 @@
 configures it, and hands the fd back over a socketpair (SCM_RIGHTS). The parent never setns()es.
 
 Protocol on the socketpair: the child sends one message, either b"OK" with the tap fd attached,
-or b"ERR <one line>". Then it _exit()s.
+or b"ERR <one line>". Without forward splicing (splice_wanted(config) false) it then _exit()s.
+
+With it, the same child stays as the connector of spliced port forwards (slirpy/splice.py,
+docs/forwarding.md): it closes every other fd, locks itself down (_lockdown()), sends
+b"READY <what it kept>" (or b"LOCKDOWN <why>", and exits) and then serves requests, one
+SEQPACKET message each, until the socketpair's EOF:
+    request  REQ.pack(id, family 4|6, guest address (16 bytes, IPv4 in the first 4), guest port)
+    reply    REP.pack(id, errno): 0 with the fd of a non-blocking TCP socket, bound to the guest
+             address (port 0), whose connect() to guest:port has been started; else the errno
+             of bind()/connect() and no fd.
+It never blocks on the network: the parent waits for the connect to complete.
 """
 
 from __future__ import annotations
@@ -220,7 +230,16 @@ def _configure(config, nl) -> None:
         raise HelperError(f"configuring {tap}: {e.strerror}") from None
 
 
-def _child(config, sock: socket.socket) -> None:
+def splice_wanted(config) -> bool:
+    """Whether the helper stays as the forward splice connector: TCP forwards can exist (-p
+    with a TCP forward, or an API socket that may add some) and --disable-forward-splice is off."""
+    if getattr(config, "disable_forward_splice", False):
+        return False
+    return bool(config.api_socket) or any(p.proto == "tcp" for p in getattr(config, "ports", ()))
+
+
+def _child(config, sock: socket.socket, ppid: int = 0) -> None:
+    fd = -1
     try:
         userns, netns = _ns_paths(config)
         if userns:
@@ -235,26 +254,231 @@ def _child(config, sock: socket.socket) -> None:
             _configure(config, nl)
             nl.close()
         socket.send_fds(sock, [b"OK %d" % offload], [fd])
+        os.close(fd)  # the parent's copy is the tap's only one from here on
+        fd = -1
+        if ppid and splice_wanted(config):
+            _connector(config, sock, ppid)
     except HelperError as e:
         sock.sendall(b"ERR " + str(e).replace("\n", " ").encode(errors="replace"))
     except BaseException as e:  # noqa: BLE001 - anything else still becomes one line
         sock.sendall(f"ERR helper: {type(e).__name__}: {e}".replace("\n", " ").encode(errors="replace"))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------- the splice connector
+REQ = struct.Struct("!IB16sH")  # id, family (4 or 6), guest address, guest port
+REP = struct.Struct("!Ii")  # id, errno (0: the fd is attached)
+PR_SET_PDEATHSIG = 1
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP = 24
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+class _LockdownFailed(Exception):
+    pass
+
+
+def _prctl(what: str, *args) -> None:
+    args = tuple(args) + (0,) * (5 - len(args))
+    if _libc.prctl(*[ctypes.c_ulong(a) for a in args]) != 0:
+        e = ctypes.get_errno()
+        raise _LockdownFailed(f"{what}: {os.strerror(e)}")
+
+
+def _close_other_fds(keep: int) -> None:
+    """Every fd but ``keep``: the fork inherited the parent's (its ready and exit fds, stdio
+    pipes a caller may read to EOF); stdin/stdout/stderr become /dev/null."""
+    null = os.open("/dev/null", os.O_RDWR)
+    for i in range(3):
+        if i != null:
+            os.dup2(null, i)
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        n = int(name)
+        if n > 2 and n != keep:
+            fds.append(n)
+    for n in fds:
+        try:
+            os.close(n)
+        except OSError:
+            pass  # the directory's own fd, gone already
+
+
+def _empty_root() -> None:
+    """--enable-sandbox: a mount namespace of its own whose root is an empty read-only tmpfs
+    (the connector opens no file: sockets only)."""
+    from . import sandbox
+    sandbox._new_mount_ns()  # CAP_SYS_ADMIN in the container's user namespace, else a new one
+    sandbox._mount(None, b"/", None, sandbox.MS_REC | sandbox.MS_SLAVE, None, "making / a slave")
+    stage = b"/tmp" if os.path.isdir("/tmp") else b"/mnt"
+    sandbox._mount(b"tmpfs", stage, b"tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV |
+                   sandbox.MS_NOEXEC, b"size=4k,nr_inodes=4,mode=0555", "mounting a tmpfs")
+    os.chdir(stage)
+    import platform
+    nr = sandbox.SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise _LockdownFailed(f"pivot_root: unknown on {platform.machine()}")
+    sandbox._check(_libc.syscall(nr, b".", b"."), "pivot_root")
+    sandbox._check(_libc.umount2(b".", sandbox.MNT_DETACH), "detaching the old root")
+    os.chdir("/")
+    sandbox._mount(None, b"/", None, sandbox.MS_REMOUNT | sandbox.MS_BIND | sandbox.MS_RDONLY |
+                   sandbox.MS_NOSUID | sandbox.MS_NODEV | sandbox.MS_NOEXEC, None,
+                   "remounting the root read-only")
+
+
+def _drop_all_caps() -> None:
+    """No capability left in any set (bounding, ambient, inheritable, effective, permitted)."""
+    try:
+        _prctl("PR_CAP_AMBIENT_CLEAR_ALL", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except _LockdownFailed:
+        pass  # a kernel without ambient capabilities
+    for cap in range(64):
+        if _libc.prctl(ctypes.c_ulong(PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+            if ctypes.get_errno() == errno.EINVAL:
+                break  # past the last capability this kernel knows
+            raise _LockdownFailed(f"PR_CAPBSET_DROP {cap}: {os.strerror(ctypes.get_errno())}")
+    # capset(v3, this thread): every set empty (sandbox.set_caps, without importing sandbox.py)
+    hdr = struct.pack("Ii", 0x20080522, 0)
+    data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}
+    if _libc.capset(hdr, data) != 0:
+        raise _LockdownFailed(f"capset: {os.strerror(ctypes.get_errno())}")
+
+
+def _lockdown(config, sock: socket.socket, ppid: int) -> str:
+    """Lock the connector down (docs/lockdown.md); returns what it kept, for the parent's log.
+    Raises _LockdownFailed (or OSError) when a step fails: the connector then exits.
+    It runs right after the tap fd went, beside the daemon's own start-up (about a millisecond
+    without the flags), so that the connector is READY when the loop takes its first client:
+    a forward's first connection is not later than on the tap path."""
+    import fcntl  # noqa: F401 - _lo_up's, loaded while there are files
+    done = ["fds: the socketpair only"]
+    filt = None
+    if config.enable_seccomp:
+        from . import seccomp
+        try:
+            filt = seccomp.build()  # libseccomp is loaded now, before the root is emptied
+        except seccomp.SeccompError as e:
+            raise _LockdownFailed(f"seccomp: {e}") from None
+    if config.enable_sandbox:
+        try:
+            _empty_root()
+        except Exception as e:  # noqa: BLE001 - SandboxError, OSError: one line
+            raise _LockdownFailed(f"empty root: {e}") from None
+        done.append("root: an empty read-only tmpfs")
+    _drop_all_caps()
+    _prctl("PR_SET_NO_NEW_PRIVS", PR_SET_NO_NEW_PRIVS, 1)
+    done.append("no capabilities, no_new_privs")
+    if filt is not None:
+        from . import seccomp
+        try:
+            filt.load()
+        except seccomp.SeccompError as e:
+            raise _LockdownFailed(f"seccomp: {e}") from None
+        done.append(f"seccomp ({filt.rules} rules)")
+    # last: a credential change (setns into the user namespace, capset) clears it
+    _prctl("PR_SET_PDEATHSIG", PR_SET_PDEATHSIG, 9)
+    if os.getppid() != ppid:
+        raise _LockdownFailed("the daemon is gone")
+    return ", ".join(done)
+
+
+SIOCGIFFLAGS, IFF_UP = 0x8913, 0x1
+
+
+def _lo_up() -> bool:
+    """A connection to the namespace's own address goes through lo: with lo down its SYN is
+    dropped and connect() hangs (the tap path still works then)."""
+    import fcntl  # loaded already (_create_tap)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        flags = struct.unpack_from("H", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0)), 16)[0]
+        return bool(flags & IFF_UP)
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def _connect(req: bytes) -> tuple[int, int, socket.socket | None]:
+    """One request -> (id, errno, socket or None)."""
+    rid, fam, addr, port = REQ.unpack(req)
+    if not _lo_up():
+        return rid, errno.ENETDOWN, None
+    if fam == 4:
+        af, host = socket.AF_INET, socket.inet_ntop(socket.AF_INET, addr[:4])
+    else:
+        af, host = socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, addr)
+    try:
+        s = socket.socket(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    except OSError as e:
+        return rid, e.errno or errno.EIO, None
+    try:
+        # the guest sees the connection come from its own address: "from inside this namespace,
+        # through slirpy's forwarder", never from 127.0.0.1 (docs/forwarding.md)
+        s.bind((host, 0))
+        err = s.connect_ex((host, port))
+    except OSError as e:
+        s.close()
+        return rid, e.errno or errno.EIO, None
+    if err not in (0, errno.EINPROGRESS):
+        s.close()
+        return rid, err, None
+    return rid, 0, s
+
+
+def _connector(config, sock: socket.socket, ppid: int) -> None:
+    try:
+        _close_other_fds(sock.fileno())  # the ready fd's copy, the caller's stdio
+        kept = _lockdown(config, sock, ppid)
+    except Exception as e:  # noqa: BLE001 - any step: one line to the parent, then exit
+        try:
+            sock.send(b"LOCKDOWN " + str(e).replace("\n", " ").encode(errors="replace")[:500])
+        except OSError:
+            pass
+        return
+    try:
+        sock.send(b"READY " + kept.encode())
+        while True:
+            req = sock.recv(64)
+            if len(req) != REQ.size:
+                return  # EOF (the daemon closed its end, or is gone), or not our protocol
+            rid, err, s = _connect(req)
+            if s is None:
+                sock.send(REP.pack(rid, err))
+                continue
+            try:
+                socket.send_fds(sock, [REP.pack(rid, 0)], [s.fileno()])
+            finally:
+                s.close()
+    except OSError:
+        return  # the daemon's end is gone
 
 
 class PendingTap:
     """A forked helper at work; wait() returns (tap fd (non-blocking), offload flags or -1 for
     no virtio-net header) or raises HelperError with one line."""
 
-    def __init__(self, pid: int, sock: socket.socket):
-        self.pid, self.sock = pid, sock
+    def __init__(self, pid: int, sock: socket.socket, stays: bool = False):
+        self.pid, self.sock, self.stays = pid, sock, stays
+        self.connector: tuple[int, socket.socket] | None = None
 
     def wait(self) -> tuple[int, int]:
+        """When the helper stays as the splice connector (splice_wanted), ``self.connector``
+        is (its pid, the socketpair's end) afterwards: the daemon's (slirpy/splice.py)."""
+        ok = False
         try:
             msg, fds, _flags, _addr = socket.recv_fds(self.sock, 4096, 4)
+            ok = msg.startswith(b"OK") and len(fds) == 1
         finally:
-            self.sock.close()
-            os.waitpid(self.pid, 0)
-        if msg.startswith(b"OK") and len(fds) == 1:
+            if ok and self.stays:
+                self.connector = (self.pid, self.sock)
+            else:
+                self.sock.close()
+                os.waitpid(self.pid, 0)
+        if ok:
             os.set_blocking(fds[0], False)
             try:
                 offload = int(msg[3:] or b"-1")
@@ -281,22 +505,33 @@ class PendingTap:
             os.waitpid(self.pid, 0)
 
 
+    def close_connector(self) -> None:
+        """Start-up failed after the tap came: the connector ends at the socketpair's EOF."""
+        if self.connector is not None:
+            pid, sock = self.connector
+            self.connector = None
+            sock.close()
+            os.waitpid(pid, 0)
+
+
 def start_helper(config) -> PendingTap:
     """Fork the helper and return at once, so the parent can do its own start-up work (imports,
     the stack) on the other core while the child joins the namespaces and configures the tap."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ppid = os.getpid()
+    stays = splice_wanted(config)
     pid = os.fork()
     if pid == 0:
         code = 0
         try:
             parent.close()
-            _child(config, child)
+            _child(config, child, ppid)
         except BaseException:  # noqa: BLE001
             code = 1
         finally:
             os._exit(code)
     child.close()
-    return PendingTap(pid, parent)
+    return PendingTap(pid, parent, stays)
 
 
 def open_tap(config) -> tuple[int, int]:

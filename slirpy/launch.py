@@ -199,6 +199,7 @@ def run(started) -> int:
         return start_failed(e, child_pid, go_fd)
     refused = probe.wait() if probe is not None else ""
     if refused:
+        pending.close_connector()
         os.close(tap_fd)
         pre.close()
         return start_failed(refused, child_pid, go_fd)
@@ -221,7 +222,8 @@ def run(started) -> int:
     if exit_fd_closed(config.exit_fd):
         early.exit()
     try:
-        code = daemon.run_loop(config, tap_fd, offload, pre, child_pid, target_pidfd, handoff)
+        code = daemon.run_loop(config, tap_fd, offload, pre, child_pid, target_pidfd, handoff,
+                               connector=pending.connector)
     except BaseException as e:  # a component's startup error (maybe inside an ExceptionGroup)
         msg = startup_error(e)
         if msg is None:

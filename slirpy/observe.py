@@ -58,6 +58,8 @@ def collect_stats(obs: "Observer") -> dict:
     out["forwards"] = {"tcp": sum(1 for f in fwds if f.proto == "tcp"),
                        "udp": sum(1 for f in fwds if f.proto == "udp"),
                        "udp_mappings": sum(len(f.by_client) for f in fwds)}
+    sp = getattr(obs.portfwd, "splicer", None)  # loopback TCP clients spliced (splice.py)
+    out["forward_splice"] = sp.status() if sp is not None else None
 
     reass = stack._reass
     out["reassembly"] = {"entries": len(reass), "bytes": reass.bytes_held,
@@ -112,6 +114,9 @@ def collect_flows(obs: "Observer") -> list[dict]:
                         "bytes_in": v.bytes_in, "bytes_out": v.bytes_out,
                         "idle": round(max(0.0, now - (deadline - timeout)), 3),
                         "expires_in": round(max(0.0, deadline - now), 3)})
+    sp = getattr(obs.portfwd, "splicer", None)
+    if sp is not None:
+        out += sp.flows()  # spliced forwarded connections: the kernel carries their bytes
     for fwd in list(obs.portfwd.forwards.values()):
         if fwd.proto != "udp":
             continue

@@ -6,7 +6,10 @@ guest-side source port; the guest's replies come back through intercept_udp (the
 it first).
 
 Source address seen by the guest (stack/addrmap.py): a client on the host loopback appears as
-the gateway (CIDR base + 2, or fd00::2); any other client keeps its own address.
+the gateway (CIDR base + 2, or fd00::2); any other client keeps its own address. But a TCP
+client on the host loopback is normally spliced (splice.py, docs/forwarding.md): the guest sees
+it come from its own address, through a socket the helper opened in its namespace; the tap path
+above is for the rest, for --disable-forward-splice and for add_hostfwd's "splice": false.
 
 Guest address: IPv4 forwards go to CIDR base + 100 unless told otherwise. With -6, a forward
 on an IPv6 host address (`[::]:P:G`, `[::1]:P:G`, API host_addr "::"/"::1") without an explicit
@@ -50,8 +53,9 @@ class _UdpMap:
 
 class Forward:
     def __init__(self, fid, proto, host_addr, host_port, guest_addr, guest_port, sock,
-                 default_guest=False):
+                 default_guest=False, splice=True):
         self.id = fid
+        self.splice = splice  # loopback clients spliced (splice.py); False: the tap path
         self.default_guest = default_guest  # an IPv6 default: follow the guest's address
         self.proto = proto
         self.host_addr = host_addr
@@ -75,8 +79,9 @@ class PortForwarder:
     accepted connections), ``prebound`` (listeners.Prebound: the -p sockets bound before ready,
     or None). offers: add/remove/list (the API), intercept_udp (the UDP NAT), the table."""
 
-    def __init__(self, daemon, addrs, tcp_nat, prebound=None):
+    def __init__(self, daemon, addrs, tcp_nat, prebound=None, splicer=None):
         self.daemon = daemon
+        self.splicer = splicer  # splice.Splicer: loopback TCP clients, in the kernel
         self.addrs = addrs
         self.tcp_nat = tcp_nat
         self.prebound = prebound
@@ -106,7 +111,7 @@ class PortForwarder:
         return str(cfg.guest), False
 
     def add(self, proto, host_addr, host_port, guest_addr, guest_port,
-            default_guest=False, sock=None) -> int:
+            default_guest=False, sock=None, splice=True) -> int:
         """sock: the forward's socket when it was bound before ready (listeners.Prebound)."""
         if proto not in ("tcp", "udp"):
             raise ForwardError(f"bad proto {proto!r}")
@@ -116,7 +121,7 @@ class PortForwarder:
         if sock is None:
             sock = self._bind(proto, host_addr, host_port)
         fwd = Forward(self._next_id, proto, host_addr, host_port, str(guest_addr), guest_port, sock,
-                      default_guest)
+                      default_guest, splice)
         self._next_id += 1
         self.forwards[fwd.id] = fwd
         if self._nursery is not None:
@@ -184,8 +189,20 @@ class PortForwarder:
 
     async def _inbound(self, fwd, conn, peer):
         gfamily = 6 if ":" in fwd.guest_addr else 4
-        src = self.addrs.guest_visible_source(gfamily, peer[0])
         gaddr = self.guest_for(fwd)
+        sp = self.splicer
+        if fwd.splice and sp is not None and sp.wants(peer[0]):
+            try:
+                if await sp.take(conn, gfamily, gaddr, fwd.guest_port, fwd.id, peer):
+                    return
+            except Exception:  # a bug: the tap path still serves the client
+                if errors.STRICT:
+                    raise
+                log.exception("forward splice %s -> %s:%d", peer, gaddr, fwd.guest_port)
+                sp.fallbacks["internal_error"] += 1
+                if conn.fileno() < 0:
+                    return
+        src = self.addrs.guest_visible_source(gfamily, peer[0])
         try:
             await self.tcp_nat.forward_inbound(conn, gfamily, src, peer[1], gaddr, fwd.guest_port)
         except Exception:  # a bridge failure must not take the forwarder down

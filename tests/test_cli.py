@@ -126,6 +126,9 @@ def test_own_flags():
     assert c.cidr == ipaddress.IPv4Network("192.168.5.0/24") and str(c.guest) == "192.168.5.100"
     assert c.macaddress == "02:00:00:00:00:01" and c.pcap == "/tmp/a.pcap"
     assert c.pcap_max_bytes == 1000 and c.log_level == "DEBUG"
+    assert not c.disable_forward_splice
+    assert cli.parse_args(["--disable-forward-splice", "7"]).disable_forward_splice
+    assert cli.parse_args(["--disable-forward", "7"]).disable_forward_splice  # getopt's prefix
 
 
 def test_egress_flags_keep_their_order_across_allow_and_deny():

@@ -334,8 +334,9 @@ def test_ipv6_port_forwards_cli_and_api(tmp_path):
                 break
             buf += b
         c.close()
-        # the guest saw the host client as fd00::2 and was reached on fd00::100
-        assert buf == b"HELLO FORWARD fd00::2 fd00::100"
+        # the loopback client was spliced (issue #24): the guest saw the connection come from its
+        # own address, and was reached on fd00::100
+        assert buf == b"HELLO FORWARD fd00::100 fd00::100"
         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         u.settimeout(10)
         u.sendto(b"ping6", ("::1", hudp))
@@ -518,7 +519,8 @@ def test_path_form_without_configure_forward_follows_the_learned_address():
             c.settimeout(10)
             got = c.recv(200).decode()
             c.close()
-            assert got == f"fd00::2 {addr}"
+            # spliced from the address the forward follows, to that address (issue #24)
+            assert got == f"{addr} {addr}"
             assert srv.wait(timeout=10) == 0
         finally:
             if srv.poll() is None:

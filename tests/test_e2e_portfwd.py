@@ -155,9 +155,11 @@ while True:
 
 
 def test_tcp_forward_50mb_each_way_and_100_concurrent():
+    """The tap path (the user-space TCP engine) under a bulk transfer and a crowd: loopback
+    clients are spliced in the kernel by default (test_e2e_splice.py), so this one opts out."""
     require_netns()
     hp = free_port()
-    with Slirpy("--port", f"127.0.0.1:{hp}:8000") as sl:
+    with Slirpy("--port", f"127.0.0.1:{hp}:8000", "--disable-forward-splice") as sl:
         srv = guest_bg(sl, TCP_SERVER, 8000)
         try:
             n = 50 * 1024 * 1024
@@ -271,9 +273,10 @@ for src in sys.argv[2:]:
 
 def test_tcp_forward_keeps_world_source_address():
     """As the UDP test: a TCP client in the world netns is seen by the guest server with its real
-    address (192.0.2.2); a loopback client as the gateway 10.0.2.2."""
+    address (192.0.2.2: the tap path); a loopback client is spliced in the kernel (issue #24) and
+    comes from the guest's own address 10.0.2.100, never from a loopback one."""
     lines, err = forward_from_world("0.0.0.0:40124:9000", TCP_WHO, WORLD_TCP_CLIENT, 40124)
-    assert lines == ["peer:192.0.2.2:hi", "peer:10.0.2.2:hi"], err
+    assert lines == ["peer:192.0.2.2:hi", "peer:10.0.2.100:hi"], err
 
 
 GUEST_LATE_ACCEPT = r"""
@@ -314,11 +317,13 @@ def test_forward_clients_that_hang_up_before_the_guest_answers_are_forgotten(tmp
     """Issue #20 (4): host clients connect through a forward while the guest does not answer
     SYNs (its accept queue is full) and give up (close, or reset). Their flows used to go on
     retrying SYNs for a minute, and the guest, once it accepted, got those dead connections
-    first. Now a host hang-up while the forward waits for the guest resets the flow at once."""
+    first. Now a host hang-up while the forward waits for the guest resets the flow at once.
+    (The tap path's engine: loopback clients are spliced unless --disable-forward-splice.)"""
     require_netns()
     hp, gp, dead_n, live_n = free_port(), 8011, 30, 5
     api_path = str(tmp_path / "api.sock")
-    with Slirpy("--port", f"127.0.0.1:{hp}:{gp}", f"--api-socket={api_path}") as sl:
+    with Slirpy("--port", f"127.0.0.1:{hp}:{gp}", f"--api-socket={api_path}",
+                "--disable-forward-splice") as sl:
         g = subprocess.Popen(["nsenter", "-t", str(sl.ns.pid), "-U", "-n", "--preserve-credentials",
                               sys.executable, "-c", GUEST_LATE_ACCEPT, str(gp), str(live_n + 1)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -237,6 +237,10 @@ EARLY_ARGV = [
     # the egress policy: --default-deny is read (a flag), a rule is the full parser's
     "--default-deny -c 5", "-c --default-deny --default-deny 5", "--allow=tcp:10.0.2.2:80 -c 5",
     "--default-deny --deny=private -c 5", "--deny=bogus -c 5", "--allow 10.0.0.1/33 5",
+    # the splice connector: the helper stays only with an API socket (or a -p TCP forward, which
+    # the early parse leaves to the full one) and without --disable-forward-splice
+    "-c -a /tmp/api.sock --disable-forward-splice 5", "--disable-forward-splice -c 5",
+    "-c --disable-forward-splice --disable-forward-splice 5",
 ]
 
 

@@ -199,18 +199,24 @@ def _check_features(p1, p2, ctx, err):
     assert ctx["resolver_hits"] == (1 + ("dns6" in p1), 1)
     assert ctx["fwd"] == (len(GUEST_BLOB), hashlib.sha256(GUEST_BLOB).hexdigest())
     assert ctx["api_fwd"] == ctx["fwd"]
+    sp = ctx["splice"]  # the -p one spliced under the lockdown, the API one through the tap
+    assert sp["helper_alive"] and sp["total"] == 1 and sp["fallbacks"] == {}, sp
     assert "late import" not in err and "Traceback" not in err, err
     assert not os.path.exists(ctx["api"]), "API socket not removed at exit"
 
 
 def _exercise_forwards(ctx):
-    """-p forward, then an API forward added (a listener bound inside), listed and removed."""
+    """-p forward (its loopback client spliced by the locked-down connector), then an API
+    forward added (a listener bound inside; "splice": false: through the tap), listed and
+    removed."""
     ctx["fwd"] = _fetch(ctx["hp"])
     hp2 = free_port()
     r = api(ctx["api"], {"execute": "add_hostfwd", "arguments": {
-        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hp2, "guest_port": 8000}}, timeout=5)
+        "proto": "tcp", "host_addr": "127.0.0.1", "host_port": hp2, "guest_port": 8000,
+        "splice": False}}, timeout=5)
     assert "return" in r, r
     ctx["api_fwd"] = _fetch(hp2)
+    ctx["splice"] = api(ctx["api"], {"execute": "get_stats"}, timeout=5)["return"]["forward_splice"]
     entries = api(ctx["api"], {"execute": "list_hostfwd"}, timeout=5)["entries"]
     assert [(e["host_port"], e["guest_addr"], e["guest_port"]) for e in entries] == \
         [(ctx["hp"], "10.0.2.100", 8000), (hp2, "10.0.2.100", 8000)]
