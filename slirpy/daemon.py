@@ -80,6 +80,11 @@ RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest
 # (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
 # that established traffic needs
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
+# Within a round the tap is read again (after each chunk fed, after HOST_CHUNK host sockets) only
+# once this long has passed since a read found it empty: the re-read exists for long rounds (a
+# burst), and in a short one (a request/response) it was a read that failed with EAGAIN, an
+# exception, every time. The tap's own queue (500 frames) outlasts this at any rate a guest sends.
+TAP_REREAD = 0.0005
 
 
 def wire(d: Daemon) -> list:
@@ -127,6 +132,7 @@ class Daemon:
         self._rx: collections.deque = collections.deque()  # frames read, not yet given the stack
         self._rx_syn: collections.deque = collections.deque()  # ... of them, the guest's SYNs
         self._rx_bytes = 0
+        self._tap_dry_at = -math.inf  # when a read last found the tap empty (EAGAIN)
         self.hot_ep = select.epoll()
         self._flushing = False
         self._wait: PumpWait | None = None  # the pump's idle wait (_triowait.py)
@@ -242,8 +248,15 @@ class Daemon:
                 else:
                     q.append(f)
                 self._rx_bytes += len(f)
-            if len(frames) < MAX_READ_BATCH:
-                break
+            if len(frames) < MAX_READ_BATCH:  # EAGAIN: empty
+                self._tap_dry_at = self.now()
+                return
+        self._tap_dry_at = -math.inf  # stopped at our caps: frames wait in the tap
+
+    def _reread_tap(self) -> None:
+        """The tap again within a round, unless it was found empty a moment ago (TAP_REREAD)."""
+        if self.now() - self._tap_dry_at >= TAP_REREAD:
+            self._drain_tap()
 
     def _read_tap(self, deadline: float = math.inf) -> None:
         """One round's share of the rx queues to the stack, RX_CHUNK frames at a time, each
@@ -276,7 +289,7 @@ class Daemon:
         for f in frames:
             stack.receive_frame(f, now)
         self.flush()
-        self._drain_tap()
+        self._reread_tap()
         return True
 
     def _timer_due(self) -> float | None:
@@ -317,19 +330,27 @@ class Daemon:
         log.info("pump: %s", "sleeps in its own epoll set" if waiter.fast else
                  "waits through trio (no trio runner with an epoll backend at hand)")
         timer_due, now = self._timer_due, self.now
-        read_tap, drain_tap = self._read_tap, self._drain_tap
+        read_tap, drain_tap, reread_tap = self._read_tap, self._drain_tap, self._reread_tap
         backlog, rx, rx_syn = self._backlog, self._rx, self._rx_syn
         popitem = backlog.popitem
         rounds = 0
         slice_end = now() + BUSY_SLICE
+        woke = False  # this round began with the idle wait
         try:
             while True:
-                events = poll(0)
+                # after a round that the idle wait's events began (a request/response), the
+                # wait itself looks: it returns at once when something is ready, and a poll(0)
+                # first would find nothing, a syscall every round; busy rounds (the poll found
+                # work) poll. (A wait that returned [] (a timeout, trio's turn; plain mode
+                # always) is followed by a poll.)
+                events = [] if woke and not backlog and not rx and not rx_syn else poll(0)
+                woke = False
                 if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
                     events = await wait(timer_due())
                     if not events:
                         continue
+                    woke = True
                     slice_end = now() + BUSY_SLICE
                 trio_ready = tap_ready = False
                 for fd, mask in events:
@@ -343,6 +364,7 @@ class Daemon:
                     drain_tap()
                 if rx or rx_syn:
                     read_tap(slice_end)  # a burst of the guest's ACKs, then one answer
+                served = False  # a host socket's handler ran since the last flush
                 for i in range(HOST_FDS_PER_ROUND):
                     if not backlog:
                         break
@@ -350,12 +372,15 @@ class Daemon:
                     fn = hot.get(fd)
                     if fn is not None:
                         fn(fd, mask)
+                        served = True
                     if i % HOST_CHUNK == HOST_CHUNK - 1:
                         self.flush()
-                        drain_tap()
+                        served = False
+                        reread_tap()
                         if now() >= slice_end:  # the slice is spent: trio's turn
                             break
-                self.flush()
+                if served:  # (the rx chunks flushed themselves)
+                    self.flush()
                 rounds += 1
                 if trio_ready or rounds >= MAX_HOT_ROUNDS or pending() or now() >= slice_end:
                     rounds = 0
