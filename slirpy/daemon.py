@@ -9,7 +9,7 @@ daemon (its `daemon` argument):
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
-    daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
+    daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd, closing=False)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
                                              it with daemon.hot_ep.modify); HOST_FDS_PER_ROUND
                                              per round, the others in later rounds, in order
@@ -158,9 +158,11 @@ class Daemon:
         self.hot_ep.register(fd, mask)
         self._hot[fd] = fn
 
-    def remove_hot_fd(self, fd: int) -> None:
+    def remove_hot_fd(self, fd: int, closing: bool = False) -> None:
+        """closing: the caller closes the fd next, its only one, which takes it out of the
+        epoll set by itself (an epoll_ctl saved per connection)."""
         self._backlog.pop(fd, None)  # the number may come back for another socket
-        if self._hot.pop(fd, None) is not None:
+        if self._hot.pop(fd, None) is not None and not closing:
             try:
                 self.hot_ep.unregister(fd)
             except (OSError, ValueError):
