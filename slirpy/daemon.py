@@ -337,22 +337,17 @@ class Daemon:
         popitem = backlog.popitem
         rounds = 0
         slice_end = now() + BUSY_SLICE
-        woke = False  # this round began with the idle wait
         try:
             while True:
-                # after a round that the idle wait's events began (a request/response), the
-                # wait itself looks: it returns at once when something is ready, and a poll(0)
-                # first would find nothing, a syscall every round; busy rounds (the poll found
-                # work) poll. (A wait that returned [] (a timeout, trio's turn; plain mode
-                # always) is followed by a poll.)
-                events = [] if woke and not backlog and not rx and not rx_syn else poll(0)
-                woke = False
+                # (a poll(0) first, not the idle wait at once: on a request/response the
+                # answer is mostly there already, and the wait's bookkeeping, the stack's timer
+                # and trio's deadlines, costs more than the syscall)
+                events = poll(0)
                 if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
                     events = await wait(timer_due())
                     if not events:
                         continue
-                    woke = True
                     slice_end = now() + BUSY_SLICE
                 trio_ready = tap_ready = False
                 for fd, mask in events:
