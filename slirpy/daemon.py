@@ -268,8 +268,9 @@ class Daemon:
         for q, chunks in ((self._rx, RX_PER_ROUND // RX_CHUNK),
                           (self._rx_syn, SYN_PER_ROUND // RX_CHUNK)):
             for k in range(chunks):
-                if (k and now() >= deadline) or not self._feed(q):
+                if not q or (k and now() >= deadline):
                     break
+                self._feed(q)
 
     def _feed(self, q) -> bool:
         """RX_CHUNK frames (or fewer) of q to the stack, flushed, the tap read again."""
