@@ -80,6 +80,11 @@ RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest
 # (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
 # that established traffic needs
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
+# glibc gives the top of the heap back to the kernel once more than 128 KiB is free there, and
+# every tap read of a 64 KiB frame (a fresh bytes object, freed a moment later) moved it across
+# that line: a brk() to shrink the heap and one to grow it again, and fresh pages the kernel
+# zeroes, for one guest->host frame in two. The daemon keeps this much free at the top instead.
+HEAP_TRIM = 4 << 20
 # Within a round the tap is read again (after each chunk fed, after HOST_CHUNK host sockets) only
 # once this long has passed since a read found it empty: the re-read exists for long rounds (a
 # burst), and in a short one (a request/response) it was a read that failed with EAGAIN, an
@@ -523,12 +528,22 @@ def _write_ready(fd: int) -> None:
     write_ready(fd)
 
 
+def _keep_heap_top() -> bool:
+    """mallopt(M_TRIM_THRESHOLD, HEAP_TRIM) (glibc; elsewhere nothing changes). -> done."""
+    import ctypes  # imported already (_lazy.known_libraries)
+    try:
+        return ctypes.CDLL(None).mallopt(-1, HEAP_TRIM) == 1  # -1: M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
              target_pidfd: int | None = None, exit_fd_handoff=None) -> int:
     """The loop, once launch.run() has the tap fd, has opened the host sockets (``prebound``,
     listeners.Prebound) and has written the ready byte. -> exit status."""
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
              f"virtio-net header, offload flags {offload:#x}")
+    _keep_heap_top()
     d = Daemon(config, tap_fd, offload=offload)
     d.prebound = prebound
     d.target_pidfd = target_pidfd
