@@ -44,6 +44,7 @@ class Stack:
         self.config = config
         self.vnet = offload >= 0
         self.vnet_hdr_len = wire.VNET_LEN if self.vnet else 0
+        self._gso4, self._gso6 = config.mss, config.mss6  # GSO segment sizes (properties: once)
         self._csum_trusted = False  # the frame being parsed had NEEDS_CSUM or DATA_VALID
         self.stats = Stats()
         self._out = collections.deque()
@@ -158,7 +159,7 @@ class Stack:
         out = list(self._out)
         self._out.clear()
         self.stats.frames_out += len(out)
-        self.stats.bytes_out += sum(len(f) for f in out) - self.vnet_hdr_len * len(out)
+        self.stats.bytes_out += sum(map(len, out)) - self.vnet_hdr_len * len(out)
         return out
 
     def next_event(self):
@@ -570,10 +571,10 @@ class Stack:
     def _emit_tcp(self, seg):
         family, src, sport, dst, dport, seqno, ackno, flags, window, options, payload = seg
         if self.vnet and self.guest_mac is not wire.BROADCAST:
-            cfg = self.config
+            self._ident = ident = (self._ident + 1) & 0xFFFFFFFF  # (_next_ident, inlined)
             frame = wire.build_tcp_vnet(self.guest_mac, self.router_mac, family, src, dst, sport,
                                         dport, seqno, ackno, flags, window, options, payload,
-                                        self._next_ident(), cfg.mss if family == 4 else cfg.mss6)
+                                        ident, self._gso4 if family == 4 else self._gso6)
             if len(self._out) >= MAX_OUT_FRAMES:
                 self._out.popleft()
                 self.stats.drop("out_queue_full")
