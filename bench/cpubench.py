@@ -7,8 +7,9 @@ Each run starts `slirpy -c -- python GUEST` (a fresh user+net namespace); the gu
 echo servers on this host's loopback through the gateway 10.0.2.2 and reports its own CPU time;
 the daemon's is every reaped child's CPU time (slirpy, its helper, the guest) less the guest's.
 Workloads: tcp (12000 request/responses of 64 bytes on one connection, 400 connect/request/
-close), udp (4000 request/responses on one flow, 400 new flows of one request each). A run's
-start-up (~0.2 s of CPU) is in every figure alike.
+close), udp (4000 request/responses on one flow, 400 new flows of one request each), h2g (the
+guest receives 1 GiB from a host server: host->guest bulk), g2h (the guest sends 1 GiB to a host
+server). A run's start-up (~0.2 s of CPU) is in every figure alike.
 
 Traffic goes only to loopback and to the namespace made here.
 """
@@ -29,8 +30,11 @@ import threading
 HERE = pathlib.Path(__file__).resolve().parent
 TREE = HERE.parent
 
-GUEST = """
+BULK = 1 << 30  # bytes per bulk run
+
+GUEST = f"""
 import resource, socket, sys
+BULK = {BULK}
 mode, tp, up = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if mode == "tcp":
     s = socket.create_connection(("10.0.2.2", tp), timeout=5)
@@ -44,6 +48,21 @@ if mode == "tcp":
         c.sendall(b"y")
         c.recv(100)
         c.close()
+elif mode in ("h2g", "g2h"):
+    s = socket.create_connection(("10.0.2.2", tp), timeout=30)
+    s.sendall(b"r" if mode == "h2g" else b"s")
+    if mode == "h2g":
+        n = 0
+        while b := s.recv(1 << 18):
+            n += len(b)
+        assert n == BULK, n
+    else:
+        chunk = bytes(1 << 18)
+        for _ in range(BULK // len(chunk)):
+            s.sendall(chunk)
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(16) == str(BULK).encode()
+    s.close()
 else:
     u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     u.settimeout(2)
@@ -73,8 +92,21 @@ def _echo_servers() -> tuple[int, int]:
 
     def conn(c):
         with c:
-            while d := c.recv(4096):
+            d = c.recv(1)  # the first byte: the bulk commands, or the first of an echo
+            if d == b"r":  # bulk to the guest
+                chunk = bytes(1 << 18)
+                for _ in range(BULK // len(chunk)):
+                    c.sendall(chunk)
+                return
+            if d == b"s":  # bulk from the guest
+                n = 0
+                while b := c.recv(1 << 18):
+                    n += len(b)
+                c.sendall(str(n).encode())
+                return
+            while d:
                 c.sendall(d)
+                d = c.recv(4096)
 
     def accept():
         while True:

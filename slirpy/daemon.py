@@ -9,7 +9,7 @@ daemon (its `daemon` argument):
     daemon.flush()                           after ANY call into the stack: write frames,
                                              dispatch events, re-arm the timer (re-entrant-safe)
     daemon.add_handler(event_type, fn)       fn(ev) synchronous
-    daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd)   fn(fd, events) runs in the pump when
+    daemon.add_hot_fd(fd, fn, mask) / remove_hot_fd(fd, closing=False)   fn(fd, events) runs in the pump when
                                              epoll reports fd (mask as for epoll.register; change
                                              it with daemon.hot_ep.modify); HOST_FDS_PER_ROUND
                                              per round, the others in later rounds, in order
@@ -81,6 +81,16 @@ RX_SYN_QUEUE = 8192  # SYNs waiting beyond this are dropped (counted), the guest
 # (a second later, then 3, 7, ...: each drop costs a connect seconds); they never fill the queue
 # that established traffic needs
 BUSY_SLICE = 0.01  # busy rounds yield to trio's tasks (the API, DNS, UDP) at least this often (s)
+# glibc gives the top of the heap back to the kernel once more than 128 KiB is free there, and
+# every tap read of a 64 KiB frame (a fresh bytes object, freed a moment later) moved it across
+# that line: a brk() to shrink the heap and one to grow it again, and fresh pages the kernel
+# zeroes, for one guest->host frame in two. The daemon keeps this much free at the top instead.
+HEAP_TRIM = 4 << 20
+# Within a round the tap is read again (after each chunk fed, after HOST_CHUNK host sockets) only
+# once this long has passed since a read found it empty: the re-read exists for long rounds (a
+# burst), and in a short one (a request/response) it was a read that failed with EAGAIN, an
+# exception, every time. The tap's own queue (500 frames) outlasts this at any rate a guest sends.
+TAP_REREAD = 0.0005
 
 
 def wire(d: Daemon) -> list:
@@ -130,6 +140,7 @@ class Daemon:
         self._rx: collections.deque = collections.deque()  # frames read, not yet given the stack
         self._rx_syn: collections.deque = collections.deque()  # ... of them, the guest's SYNs
         self._rx_bytes = 0
+        self._tap_dry_at = -math.inf  # when a read last found the tap empty (EAGAIN)
         self.hot_ep = select.epoll()
         self._flushing = False
         self._wait: PumpWait | None = None  # the pump's idle wait (_triowait.py)
@@ -156,9 +167,11 @@ class Daemon:
         self.hot_ep.register(fd, mask)
         self._hot[fd] = fn
 
-    def remove_hot_fd(self, fd: int) -> None:
+    def remove_hot_fd(self, fd: int, closing: bool = False) -> None:
+        """closing: the caller closes the fd next, its only one, which takes it out of the
+        epoll set by itself (an epoll_ctl saved per connection)."""
         self._backlog.pop(fd, None)  # the number may come back for another socket
-        if self._hot.pop(fd, None) is not None:
+        if self._hot.pop(fd, None) is not None and not closing:
             try:
                 self.hot_ep.unregister(fd)
             except (OSError, ValueError):
@@ -246,8 +259,15 @@ class Daemon:
                 else:
                     q.append(f)
                 self._rx_bytes += len(f)
-            if len(frames) < MAX_READ_BATCH:
-                break
+            if len(frames) < MAX_READ_BATCH:  # EAGAIN: empty
+                self._tap_dry_at = self.now()
+                return
+        self._tap_dry_at = -math.inf  # stopped at our caps: frames wait in the tap
+
+    def _reread_tap(self) -> None:
+        """The tap again within a round, unless it was found empty a moment ago (TAP_REREAD)."""
+        if self.now() - self._tap_dry_at >= TAP_REREAD:
+            self._drain_tap()
 
     def _read_tap(self, deadline: float = math.inf) -> None:
         """One round's share of the rx queues to the stack, RX_CHUNK frames at a time, each
@@ -257,8 +277,9 @@ class Daemon:
         for q, chunks in ((self._rx, RX_PER_ROUND // RX_CHUNK),
                           (self._rx_syn, SYN_PER_ROUND // RX_CHUNK)):
             for k in range(chunks):
-                if (k and now() >= deadline) or not self._feed(q):
+                if not q or (k and now() >= deadline):
                     break
+                self._feed(q)
 
     def _feed(self, q) -> bool:
         """RX_CHUNK frames (or fewer) of q to the stack, flushed, the tap read again."""
@@ -280,7 +301,7 @@ class Daemon:
         for f in frames:
             stack.receive_frame(f, now)
         self.flush()
-        self._drain_tap()
+        self._reread_tap()
         return True
 
     def _timer_due(self) -> float | None:
@@ -321,13 +342,16 @@ class Daemon:
         log.info("pump: %s", "sleeps in its own epoll set" if waiter.fast else
                  "waits through trio (no trio runner with an epoll backend at hand)")
         timer_due, now = self._timer_due, self.now
-        read_tap, drain_tap = self._read_tap, self._drain_tap
+        read_tap, drain_tap, reread_tap = self._read_tap, self._drain_tap, self._reread_tap
         backlog, rx, rx_syn = self._backlog, self._rx, self._rx_syn
         popitem = backlog.popitem
         rounds = 0
         slice_end = now() + BUSY_SLICE
         try:
             while True:
+                # (a poll(0) first, not the idle wait at once: on a request/response the
+                # answer is mostly there already, and the wait's bookkeeping, the stack's timer
+                # and trio's deadlines, costs more than the syscall)
                 events = poll(0)
                 if not events and not backlog and not rx and not rx_syn:
                     rounds = 0
@@ -347,6 +371,7 @@ class Daemon:
                     drain_tap()
                 if rx or rx_syn:
                     read_tap(slice_end)  # a burst of the guest's ACKs, then one answer
+                served = False  # a host socket's handler ran since the last flush
                 for i in range(HOST_FDS_PER_ROUND):
                     if not backlog:
                         break
@@ -354,12 +379,15 @@ class Daemon:
                     fn = hot.get(fd)
                     if fn is not None:
                         fn(fd, mask)
+                        served = True
                     if i % HOST_CHUNK == HOST_CHUNK - 1:
                         self.flush()
-                        drain_tap()
+                        served = False
+                        reread_tap()
                         if now() >= slice_end:  # the slice is spent: trio's turn
                             break
-                self.flush()
+                if served:  # (the rx chunks flushed themselves)
+                    self.flush()
                 rounds += 1
                 if trio_ready or rounds >= MAX_HOT_ROUNDS or pending() or now() >= slice_end:
                     rounds = 0
@@ -504,12 +532,22 @@ def _write_ready(fd: int) -> None:
     write_ready(fd)
 
 
+def _keep_heap_top() -> bool:
+    """mallopt(M_TRIM_THRESHOLD, HEAP_TRIM) (glibc; elsewhere nothing changes). -> done."""
+    import ctypes  # imported already (_lazy.known_libraries)
+    try:
+        return ctypes.CDLL(None).mallopt(-1, HEAP_TRIM) == 1  # -1: M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def run_loop(config, tap_fd: int, offload: int, prebound, child_pid: int | None,
              target_pidfd: int | None = None, exit_fd_handoff=None, connector=None) -> int:
     """The loop, once launch.run() has the tap fd, has opened the host sockets (``prebound``,
     listeners.Prebound) and has written the ready byte. -> exit status."""
     log.info("tap %s: %s", config.tap_name, "plain frames" if offload < 0 else
              f"virtio-net header, offload flags {offload:#x}")
+    _keep_heap_top()
     d = Daemon(config, tap_fd, offload=offload)
     d.prebound = prebound
     d.target_pidfd = target_pidfd

@@ -310,7 +310,7 @@ class TcpNat:
         if self.conns.get(c.flow) is c:
             del self.conns[c.flow]
         self._by_fd.pop(c.fd, None)
-        self.d.remove_hot_fd(c.fd)
+        self.d.remove_hot_fd(c.fd, True)  # closed below: the close leaves the epoll set
         if linger0:
             try:
                 c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER0)

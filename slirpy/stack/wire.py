@@ -63,7 +63,7 @@ def build_tcp_vnet(dst_mac, src_mac, family, src, dst, sport, dport, seq, ack, f
     l4len = hl + n
     iphl = 20 if family == 4 else 40
     l4off = VNET_LEN + 14 + iphl
-    out = bytearray(l4off + l4len)
+    out = bytearray(l4off + hl)  # the headers; the payload is joined on (one copy, no zero-fill)
     gso = n > gso_size
     if family == 4:
         VNET.pack_into(out, 0, VNET_F_NEEDS_CSUM, VNET_GSO_TCPV4 if gso else VNET_GSO_NONE,
@@ -83,8 +83,7 @@ def build_tcp_vnet(dst_mac, src_mac, family, src, dst, sport, dport, seq, ack, f
                   0)
     if olen:
         out[l4off + 20:l4off + hl] = options
-    out[l4off + hl:] = payload
-    return out
+    return out + payload if n else out
 
 
 # ---------------------------------------------------------------------------------- parsers
