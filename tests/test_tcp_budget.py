@@ -711,3 +711,66 @@ def test_a_guest_reset_leaves_no_delayed_ack_timer_behind():
     assert list(n.e._ack_set) == [d.flow]
     n.seg(d, seq.add(d.snd_nxt, 100), d.hrx, RST)
     assert d.flow not in n.e._flows and not n.e._ack_set and n.e.get_timer() is None
+
+
+def test_send_room_says_what_the_budget_lets_the_host_side_take():
+    """send_room (what the glue may read from a host socket) under the budget: past 3/4, what is
+    left there when that is at least a segment -- exactly one segment included -- or 0 when it
+    is less (the flow then waits, counted once, and is woken when room returns, even a flow that
+    never held a byte); a flow below its floor gets its floor's worth even past 3/4."""
+    n = Net(256 * KIB)
+    a, c = n.open(30001), n.open(30002)
+    fresh = n.open(30003)
+    assert n.host_send(a, 16 * KIB) == 16 * KIB  # a at its floor
+    mss = n.e._flows[a.flow].mss
+    assert n.host_send(c, 192 * KIB - 16 * KIB - mss) == 192 * KIB - 16 * KIB - mss
+    assert n.e.send_room(a.flow) == mss  # exactly one segment: offered
+    assert n.host_send(c, 1) == 1
+    cut = n.stats.dropped["tcp_mem_cap_send"]
+    assert n.e.send_room(a.flow) == 0  # one byte short of a segment: 0, and a waits
+    assert n.e.send_room(a.flow) == 0
+    assert list(n.e._swait) == [a.flow] and n.e._flows[a.flow].snd.limited
+    assert n.stats.dropped["tcp_mem_cap_send"] == cut + 1  # counted once per wait
+    assert n.e.send_room(fresh.flow) == 16 * KIB  # below its floor: the floor, from the last quarter
+    assert n.host_send(fresh, 16 * KIB) == 16 * KIB
+    assert n.e.send_room(fresh.flow) == 0 and list(n.e._swait) == [a.flow, fresh.flow]
+    h0 = c.hrx
+    c.wnd = 65535
+    n.seg(c, c.snd_nxt, h0, ACK)
+    n.seg(c, c.snd_nxt, seq.add(h0, 192 * KIB - 16 * KIB - mss + 1), ACK)  # all of c's bytes
+    n.e.flush_pending(0.0)
+    n.pump()
+    assert a.flow in n.writable()  # the room goes to the longest waiting first
+    n2 = Net(1 << 20)
+    full = n2.open(30001)
+    others = [n2.open(30002 + i) for i in range(2)]
+    assert n2.host_send(full, 256 * KIB - 1) == 256 * KIB - 1  # one byte of buffer room left
+    for m in others:
+        assert n2.host_send(m, 256 * KIB) == 256 * KIB
+    last = n2.open(30010)
+    assert n2.host_send(last, 1) == 1  # 768 KiB: exactly 3/4 of the budget
+    assert n2.e.send_room(full.flow) == 0  # that one byte is past 3/4: not offered
+    n3 = Net(256 * KIB)
+    big, low = n3.open(30001), n3.open(30002)
+    assert n3.host_send(big, 100 * KIB) == 100 * KIB
+    assert n3.e.send_room(low.flow) == 92 * KIB  # under 3/4 but less than its buffer's room
+
+
+def test_a_flow_cut_before_it_ever_held_a_byte_is_woken_too():
+    """The glue asks send_room before it reads anything: a flow the budget cut then (no send
+    buffer yet) is woken like any other when bytes are freed."""
+    n = Net(256 * KIB)
+    c = n.open(30001)
+    assert n.host_send(c, 192 * KIB) == 192 * KIB
+    fl = [n.open(30002 + i) for i in range(4)]
+    for m in fl:
+        assert n.host_send(m, 16 * KIB) == 16 * KIB  # the whole budget held
+    fresh = n.open(30010)
+    assert n.e.send_room(fresh.flow) == 0 and n.e._flows[fresh.flow].snd.buf is None
+    h0 = c.hrx
+    c.wnd = 65535
+    n.seg(c, c.snd_nxt, h0, ACK)
+    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)
+    n.e.flush_pending(0.0)
+    n.pump()
+    assert fresh.flow in n.writable() and n.e.send_room(fresh.flow) > 0

@@ -1261,6 +1261,8 @@ def test_a_window_shut_with_data_in_flight_is_probed_until_it_opens():
     h.pop()
     h.seg(1001, s, ACK, window=1000, now=t)  # the answer to a probe: the window is open
     h.e.flush_pending(t)
+    first = [x for x in h.out if x.payload][0]
+    assert first.seq == seq.add(s, 1)  # right after the probe byte: nothing skipped
     got = {}
     for _ in range(5):
         for x in h.pop():
@@ -1806,3 +1808,19 @@ def test_new_data_does_not_restart_a_running_retransmission_timer():
     h.e.send_tcp(fl, b"2" * 10, 0.5)
     h.pop()
     assert h.e.get_timer() == INIT_RTO
+
+
+def test_a_syn_ack_sent_again_by_the_timer_keeps_the_options_of_the_first():
+    """RFC 7323 2.2: no Window Scale option in a SYN-ACK unless the SYN had one -- the SYN-ACK
+    resent after a timeout included."""
+    from slirpy.stack.tcp_recovery import INIT_RTO
+    for ws in (None, 7):
+        h = H()
+        h.seg(1000, 0, SYN, options=build_tcp_options(mss=1460, wscale=ws))
+        h.e.accept_tcp(h.ev[-1].flow, 0.0)
+        (sa,) = h.pop()
+        h.e.handle_timer(INIT_RTO)
+        (again,) = h.pop()
+        assert again.flags == SYN | ACK and again.options == sa.options
+        assert parse_tcp_options_untrusted(bytes(again.options)).wscale == (None if ws is None
+                                                                            else h.e._my_ws)
