@@ -144,6 +144,13 @@ class Net:
         m.wnd = wnd
         self.seg(m, m.snd_nxt, m.hrx, ACK)
 
+    def release(self, m, nbytes):
+        """m's guest opens its window, takes what m sent and acknowledges nbytes of it."""
+        h0 = m.hrx
+        m.wnd = 65535
+        self.seg(m, m.snd_nxt, h0, ACK)
+        self.seg(m, m.snd_nxt, seq.add(h0, nbytes), ACK)
+
     def writable(self):
         ws = {ev.flow for ev in self.ev if isinstance(ev, E.TcpWritable)}
         self.ev[:] = [ev for ev in self.ev if not isinstance(ev, E.TcpWritable)]
@@ -411,11 +418,8 @@ def test_room_left_unused_by_a_woken_flow_reaches_the_next_one_after_a_retry():
     a, b = n.open(30002), n.open(30003)
     assert n.host_send(a, 100 * KIB) == n.host_send(b, 100 * KIB) == 16 * KIB  # floors
     assert list(n.e._swait) == [a.flow, b.flow]
-    h0 = c.hrx
-    c.wnd = 65535
-    n.seg(c, c.snd_nxt, h0, ACK)  # c's window opens: its data goes out
+    n.release(c, 64 * KIB)  # 64 KiB acknowledged: 32 KiB under 3/4
     assert c.got == 192 * KIB
-    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)  # 64 KiB acknowledged: 32 KiB under 3/4
     n.e.flush_pending(0.0)
     n.pump()
     assert n.writable() == {a.flow}  # the room goes to a only (a's turn: it waited longest)
@@ -500,10 +504,7 @@ def test_one_pass_serves_every_waiting_sender_while_the_room_lasts_then_no_retry
     assert n.host_send(a, 300 * KIB) == n.host_send(b, 300 * KIB) == 16 * KIB  # floors
     assert list(n.e._swait) == [a.flow, b.flow] and not n.e._rwait
     for c in cs:
-        h0 = c.hrx
-        c.wnd = 65535
-        n.seg(c, c.snd_nxt, h0, ACK)  # c's window opens: its data goes out
-        n.seg(c, c.snd_nxt, seq.add(h0, 256 * KIB), ACK)  # and is all acknowledged
+        n.release(c, 256 * KIB)
     n.e.flush_pending(0.0)
     n.pump()
     assert n.writable() == {a.flow, b.flow} and not n.e._swait
@@ -627,10 +628,7 @@ def _queue_behind_closed(closed):
     assert list(n.e._swait) == [m.flow for m in dead + [x]]
     for m in dead:
         n.e.shutdown_tcp(m.flow, 0.0)
-    h0 = c.hrx
-    c.wnd = 65535
-    n.seg(c, c.snd_nxt, h0, ACK)
-    n.seg(c, c.snd_nxt, seq.add(h0, 192 * KIB), ACK)
+    n.release(c, 192 * KIB)
     n.e.flush_pending(0.0)
     n.pump()
     return n, x
@@ -693,10 +691,7 @@ def test_a_wake_pass_hands_a_flow_only_the_room_its_buffer_has():
     assert n.host_send(b, 100 * KIB) == 0  # ... then b
     assert list(n.e._swait) == [a.flow, b.flow]
     c = cs[0]
-    h0 = c.hrx
-    c.wnd = 65535
-    n.seg(c, c.snd_nxt, h0, ACK)
-    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)  # 64 KiB freed
+    n.release(c, 64 * KIB)
     n.e.flush_pending(0.0)
     n.pump()
     assert n.writable() == {a.flow, b.flow}
@@ -734,10 +729,7 @@ def test_send_room_says_what_the_budget_lets_the_host_side_take():
     assert n.e.send_room(fresh.flow) == 16 * KIB  # below its floor: the floor, from the last quarter
     assert n.host_send(fresh, 16 * KIB) == 16 * KIB
     assert n.e.send_room(fresh.flow) == 0 and list(n.e._swait) == [a.flow, fresh.flow]
-    h0 = c.hrx
-    c.wnd = 65535
-    n.seg(c, c.snd_nxt, h0, ACK)
-    n.seg(c, c.snd_nxt, seq.add(h0, 192 * KIB - 16 * KIB - mss + 1), ACK)  # all of c's bytes
+    n.release(c, 192 * KIB - 16 * KIB - mss + 1)
     n.e.flush_pending(0.0)
     n.pump()
     assert a.flow in n.writable()  # the room goes to the longest waiting first
@@ -767,10 +759,7 @@ def test_a_flow_cut_before_it_ever_held_a_byte_is_woken_too():
         assert n.host_send(m, 16 * KIB) == 16 * KIB  # the whole budget held
     fresh = n.open(30010)
     assert n.e.send_room(fresh.flow) == 0 and n.e._flows[fresh.flow].snd.buf is None
-    h0 = c.hrx
-    c.wnd = 65535
-    n.seg(c, c.snd_nxt, h0, ACK)
-    n.seg(c, c.snd_nxt, seq.add(h0, 64 * KIB), ACK)
+    n.release(c, 64 * KIB)
     n.e.flush_pending(0.0)
     n.pump()
     assert fresh.flow in n.writable() and n.e.send_room(fresh.flow) > 0

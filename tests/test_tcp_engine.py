@@ -44,8 +44,8 @@ class H:
         return o
 
 
-def est(h, gisn=1000):
-    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=True))
+def est(h, gisn=1000, sack_perm=True):
+    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=sack_perm))
     (req,) = h.ev
     assert isinstance(req, E.TcpConnectRequest) and req.dst == "127.0.0.9" and req.dport == 80
     h.ev.clear()
@@ -1324,12 +1324,7 @@ def _small(rcvbuf=4000, **cfg):
 
 def _three_in_flight_then_dupacks(sack_perm, options):
     h = H()
-    h.seg(1000, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=sack_perm))
-    fl = h.ev[-1].flow
-    h.e.accept_tcp(fl, 0.0)
-    (sa,) = h.pop()
-    s = seq.add(sa.seq, 1)
-    h.seg(1001, s, ACK, window=1000)
+    fl, s = est(h, sack_perm=sack_perm)
     assert h.e.send_tcp(fl, b"p" * 5840, 0.0) == 5840  # four segments
     h.pop()
     for _ in range(3):
@@ -1698,12 +1693,7 @@ def test_sack_blocks_go_only_to_a_guest_that_permitted_them():
     """RFC 2018 section 2: SACK options only on a connection whose SYN carried SACK-permitted."""
     for perm in (False, True):
         h = H()
-        h.seg(1000, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=perm))
-        fl = h.ev[-1].flow
-        h.e.accept_tcp(fl, 0.0)
-        (sa,) = h.pop()
-        s = seq.add(sa.seq, 1)
-        h.seg(1001, s, ACK, window=1000)
+        fl, s = est(h, sack_perm=perm)
         h.seg(1101, s, ACK, b"o" * 10)
         (ack,) = h.pop()
         blocks = parse_tcp_options_untrusted(bytes(ack.options)).sack_blocks if ack.options else ()
