@@ -385,22 +385,25 @@ def _through(frame, vnet, fast):
 def test_tcp4_fast_path_does_what_the_general_path_does():
     """Stack._tcp4_fast takes the common IPv4 TCP frame in one unpack and leaves everything else
     to the general path: every byte of the Ethernet, IPv4 and TCP headers of a data segment,
-    changed three ways (IPv4 checksum kept right, and not), and truncations, give the same
-    engine input, drops, frames and events both ways, with and without the virtio-net header
-    (which makes the TCP checksum the kernel's)."""
+    changed eight ways (IPv4 checksum kept right, and not; a fragment among them), and
+    truncations, give the same engine input, drops, frames and events both ways, with and
+    without the virtio-net header (which makes the TCP checksum the kernel's)."""
     base = eth(IP(src="10.0.2.100", dst="10.0.2.2", flags="DF") / TCP(
         sport=40000, dport=80, flags="PA", seq=1000, ack=1, options=[("NOP", None)] * 4)
         / b"hello")
     variants = [base, base[:60], base[:40], base[:54], base + b"\0" * 7]
     for pos in range(58):
-        for x in (0x01, 0x80, 0xFF, 0x100, 0x140, 0x17F, 0x1FF):  # xor; 0x1nn: set to nn
+        for x in (0x01, 0x80, 0xFF, 0x100, 0x120, 0x140, 0x17F, 0x1FF):  # xor; 0x1nn: set to nn
             f = bytearray(base)
             f[pos] = x & 0xFF if x > 0xFF else f[pos] ^ x
             variants.append(bytes(f))
             if 14 <= pos < 34:
                 _fix_ip4_checksum(f, 14)
                 variants.append(bytes(f))
-    for dst in ("198.51.100.255", "127.0.0.1", "224.0.0.1", "10.0.2.255", "10.0.2.77"):
+    # martians, broadcast, multicast, an address of the virtual network the stack does not own,
+    # and a plain destination (a SYN without any option: the engine must see none)
+    for dst in ("198.51.100.255", "127.0.0.1", "224.0.0.1", "10.0.2.255", "10.0.2.77",
+                "0.1.2.3", "198.51.100.7"):
         variants.append(eth(IP(src="10.0.2.100", dst=dst) / TCP(sport=1, dport=80, flags="S")))
     fast_taken = 0
     for vnet in (False, True):
