@@ -157,25 +157,27 @@ class Net:
         return ws
 
 
-def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
-    """200 flows, nobody reads on the host and the guest never opens its window: without the
-    budget they would hold 200 x 512 KiB = 100 MiB; with a 1 MiB budget the total never exceeds
-    1 MiB (checked after every segment against a recount). Then the readers drain and every
-    flow moves again, both ways."""
-    budget = 1 << 20
-    n = Net(budget)
-    flows = [n.open(30000 + i) for i in range(200)]
+def _flood(n, flows, each):
+    """Nobody reads on the host and the guest never opens its window: each round the host
+    offers each flow `each` bytes and the guest fills what it was promised. The total stays
+    within the budget (Net.check, after every segment) and comes near it; windows and send_tcp
+    are cut."""
     for rnd in range(3):
         for m in flows:
-            n.host_send(m, 300 * KIB)
+            n.host_send(m, each)
             n.fill(m)
+    budget = n.e.mem_budget
     assert n.peak >= budget * 3 // 4 and n.e.mem_bytes <= budget
     d = n.stats.dropped
-    assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0 and d["tcp_mem_drop"] > 0
-    assert n.e.mem_stats()["tcp_mem_bytes"] == n.e.mem_bytes
+    assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0
+
+
+def _drain_and_all_progress(n, flows, more):
+    """The readers drain (the host reads everything, the guest opens its window and acks):
+    every flow moves again both ways, woken by the engine -- each gets guest bytes through and
+    takes `more` host bytes beyond what it held."""
     before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rcv.buf or b"") for m in flows}
     before_out = {m.port: m.taken for m in flows}
-    # the readers drain: the host reads everything, the guest opens its window and acks
     for rnd in range(40):
         for m in flows:
             n.host_read(m)
@@ -184,17 +186,30 @@ def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
         n.pump()
         for fid in n.writable():
             m = n.by_flow[fid]
-            if m.taken < before_out[m.port] + 64 * KIB:
-                n.host_send(m, 64 * KIB)
-        if all(m.taken >= before_out[m.port] + 64 * KIB for m in flows):
+            if m.taken < before_out[m.port] + more:
+                n.host_send(m, more)
+        if all(m.taken >= before_out[m.port] + more for m in flows):
             break
     for m in flows:
         n.fill(m)
         n.host_read(m)
     assert n.e.mem_bytes == n.e.mem_recount()
     assert all(n.read[m.flow] > before_in[m.port] for m in flows), "a flow got no guest data through"
-    assert all(m.taken >= before_out[m.port] + 64 * KIB for m in flows), "a flow took no more host data"
+    assert all(m.taken >= before_out[m.port] + more for m in flows), "a flow took no more host data"
     assert all(m.got >= before_out[m.port] for m in flows)
+
+
+def test_hostile_guest_many_full_flows_stay_within_budget_then_all_progress():
+    """200 flows, nobody reads on the host and the guest never opens its window: without the
+    budget they would hold 200 x 512 KiB = 100 MiB; with a 1 MiB budget the total never exceeds
+    1 MiB (checked after every segment against a recount). Then the readers drain and every
+    flow moves again, both ways."""
+    n = Net(1 << 20)
+    flows = [n.open(30000 + i) for i in range(200)]
+    _flood(n, flows, 300 * KIB)
+    assert n.stats.dropped["tcp_mem_drop"] > 0
+    assert n.e.mem_stats()["tcp_mem_bytes"] == n.e.mem_bytes
+    _drain_and_all_progress(n, flows, 64 * KIB)
 
 
 def test_budget_limited_window_opens_when_others_drain():
@@ -458,39 +473,12 @@ def test_compact_keeps_live_timers_and_tables_drops_the_rest():
 def test_full_flows_stay_within_budget_then_all_progress_small():
     """The 200-flow test above at a twentieth of the size (the mutation runner leaves the big
     one out): 12 flows against a 96 KiB budget, nobody reads; the total never passes the
-    budget, windows and send_tcp are cut and guest data dropped; once the readers drain, every
-    flow moves again both ways (woken by the engine, not by being asked)."""
-    budget = 96 * KIB
-    n = Net(budget)
+    budget, windows and send_tcp are cut; once the readers drain, every flow moves again both
+    ways (woken by the engine, not by being asked)."""
+    n = Net(96 * KIB)
     flows = [n.open(31000 + i) for i in range(12)]
-    for rnd in range(3):
-        for m in flows:
-            n.host_send(m, 48 * KIB)
-            n.fill(m)
-    assert n.peak >= budget * 3 // 4 and n.e.mem_bytes <= budget
-    d = n.stats.dropped
-    assert d["tcp_mem_cap_window"] > 0 and d["tcp_mem_cap_send"] > 0
-    before_in = {m.port: n.read[m.flow] + len(n.e._flows[m.flow].rcv.buf or b"") for m in flows}
-    before_out = {m.port: m.taken for m in flows}
-    for rnd in range(40):
-        for m in flows:
-            n.host_read(m)
-            n.guest_ack(m)
-        n.e.flush_pending(0.0)
-        n.pump()
-        for fid in n.writable():
-            m = n.by_flow[fid]
-            if m.taken < before_out[m.port] + 16 * KIB:
-                n.host_send(m, 16 * KIB)
-        if all(m.taken >= before_out[m.port] + 16 * KIB for m in flows):
-            break
-    for m in flows:
-        n.fill(m)
-        n.host_read(m)
-    assert n.e.mem_bytes == n.e.mem_recount()
-    assert all(n.read[m.flow] > before_in[m.port] for m in flows), "a flow got no guest data through"
-    assert all(m.taken >= before_out[m.port] + 16 * KIB for m in flows), "a flow took no more host data"
-    assert all(m.got >= before_out[m.port] for m in flows)
+    _flood(n, flows, 48 * KIB)
+    _drain_and_all_progress(n, flows, 16 * KIB)
 
 
 def test_one_pass_serves_every_waiting_sender_while_the_room_lasts_then_no_retry():
