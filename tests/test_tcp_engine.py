@@ -26,11 +26,14 @@ def well_formed(seg):
 
 
 class H:
-    def __init__(self, isn=5, **kw):
+    """The engine with fake emit/push: ``config`` for tuning set at construction (buffer sizes,
+    the budget: the window scale follows them), ``kw`` for engine attributes set after it."""
+
+    def __init__(self, isn=5, config=None, **kw):
         self.out, self.ev = [], []
         self.stats = Stats()
-        self.e = TcpEngine(Config(), lambda seg: self.out.append(well_formed(seg)), self.ev.append,
-                           self.stats)
+        self.e = TcpEngine(config or Config(), lambda seg: self.out.append(well_formed(seg)),
+                           self.ev.append, self.stats)
         self.e.isn = lambda: isn
         for k, v in kw.items():
             setattr(self.e, k, v)
@@ -44,17 +47,21 @@ class H:
         return o
 
 
-def est(h, gisn=1000, sack_perm=True):
-    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=sack_perm))
-    (req,) = h.ev
+def est(h, gisn=1000, sack_perm=True, sport=40000):
+    """A guest connection on `sport`, established. Events and segments of other flows from
+    before are left alone (the segments are popped)."""
+    n0, o0 = len(h.ev), len(h.out)
+    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=sack_perm),
+          sport=sport)
+    (req,) = h.ev[n0:]
     assert isinstance(req, E.TcpConnectRequest) and req.dst == "127.0.0.9" and req.dport == 80
-    h.ev.clear()
-    h.seg(gisn, 0, SYN)  # retransmitted SYN absorbed while pending
-    assert h.out == []
+    del h.ev[n0:]
+    h.seg(gisn, 0, SYN, sport=sport)  # retransmitted SYN absorbed while pending
+    assert h.out[o0:] == []
     h.e.accept_tcp(req.flow, 0.0)
-    (sa,) = h.pop()
+    (sa,) = h.pop()[o0:]
     assert sa.flags == SYN | ACK and sa.ack == gisn + 1
-    h.seg(gisn + 1, seq.add(sa.seq, 1), ACK, window=1000)
+    h.seg(gisn + 1, seq.add(sa.seq, 1), ACK, window=1000, sport=sport)
     return req.flow, seq.add(sa.seq, 1)
 
 
@@ -889,13 +896,7 @@ def test_plausible_garbage_never_raises():
 
 def _to_time_wait(h, sport=40000, gisn=1000):
     """A flow closed both ways, the host first: TIME_WAIT."""
-    h.seg(gisn, 0, SYN, options=build_tcp_options(mss=1460, wscale=7, sack_perm=True), sport=sport)
-    fl = h.ev[-1].flow
-    h.pop()
-    h.e.accept_tcp(fl, 0.0)
-    (sa,) = h.pop()
-    s = seq.add(sa.seq, 1)
-    h.seg(gisn + 1, s, ACK, window=1000, sport=sport)
+    fl, s = est(h, gisn, sport=sport)
     h.e.shutdown_tcp(fl, 0.0)
     h.seg(gisn + 1, seq.add(s, 1), ACK | FIN, window=1000, sport=sport)
     h.pop()
@@ -934,9 +935,7 @@ def test_peek_shows_the_in_order_bytes_and_consume_frees_exactly_what_the_host_t
 def test_consume_opens_the_window_the_unread_bytes_had_closed():
     """RFC 9293 3.8.6.2.2 (receiver SWS avoidance): when the host takes bytes that had closed
     the window to less than a segment, a window update goes to the guest at once."""
-    h = H()
-    h.e = TcpEngine(Config(tcp_rcvbuf=4000), lambda seg: h.out.append(well_formed(seg)), h.ev.append, h.stats)
-    h.e.isn = lambda: 5
+    h = H(config=Config(tcp_rcvbuf=4000))
     fl, s = est(h)
     assert h.e._my_ws == 0
     h.seg(1001, s, ACK, b"a" * 1460)
@@ -1300,10 +1299,7 @@ def test_a_pure_ack_after_the_guests_fin_is_not_answered():
 def test_past_its_floor_a_flow_gets_not_even_one_byte_beyond_the_budget():
     """send_tcp obeys the budget for every size, one byte included: once the other flows hold
     the budget and this one its floor, a single byte is refused and counted."""
-    h = H()
-    h.e = TcpEngine(Config(tcp_mem_budget=64 * 1024), lambda seg: h.out.append(well_formed(seg)), h.ev.append,
-                    h.stats)
-    h.e.isn = lambda: 5
+    h = H(config=Config(tcp_mem_budget=64 * 1024))
     fl, s = est(h)
     h.seg(1001, s, ACK, window=0)
     assert h.e.send_tcp(fl, b"f" * 100_000, 0.0) == 48 * 1024  # 3/4 of the budget
@@ -1313,10 +1309,7 @@ def test_past_its_floor_a_flow_gets_not_even_one_byte_beyond_the_budget():
 
 def _small(rcvbuf=4000, **cfg):
     """An engine with a small receive buffer (window scale 0), so window edges are exact."""
-    h = H()
-    h.e = TcpEngine(Config(tcp_rcvbuf=rcvbuf, **cfg), lambda seg: h.out.append(well_formed(seg)),
-                    h.ev.append, h.stats)
-    h.e.isn = lambda: 5
+    h = H(config=Config(tcp_rcvbuf=rcvbuf, **cfg))
     fl, s = est(h)
     h.pop()
     return h, fl, s
@@ -1532,7 +1525,7 @@ def test_our_window_scale_is_the_smallest_that_fits_and_at_most_14():
     """RFC 7323 2.2-2.3: the shift is the smallest that makes the receive buffer fit the 16-bit
     field, and never more than 14."""
     def ws(rcvbuf):
-        return TcpEngine(Config(tcp_rcvbuf=rcvbuf), lambda s: None, lambda e: None, Stats())._my_ws
+        return H(config=Config(tcp_rcvbuf=rcvbuf)).e._my_ws
     assert ws(0xFFFF) == 0 and ws(0x10000) == 1 and ws(256 * 1024) == 3
     assert ws(2**30) == 14 and ws(2**31) == 14
 
