@@ -17,5 +17,10 @@ class StartupError(Exception):
     pcap file, the lockdown): the CLI prints it as one line, `slirpy: error: ...`, and exits 1."""
 
 
+class SandboxError(StartupError):
+    """A lockdown step (sandbox.py, caps.py) failed: one line, what could not be done and why
+    (the CLI prints it and exits 1)."""
+
+
 class ForwardError(Exception):
     """A port forward's add()/remove() refused; str(e) says why."""

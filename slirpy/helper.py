@@ -271,9 +271,6 @@ def _child(config, sock: socket.socket, ppid: int = 0) -> None:
 REQ = struct.Struct("!IB16sH")  # id, family (4 or 6), guest address, guest port
 REP = struct.Struct("!Ii")  # id, errno (0: the fd is attached)
 PR_SET_PDEATHSIG = 1
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAPBSET_DROP = 24
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 
 
 class _LockdownFailed(Exception):
@@ -328,25 +325,6 @@ def _empty_root() -> None:
                    "remounting the root read-only")
 
 
-def _drop_all_caps() -> None:
-    """No capability left in any set (bounding, ambient, inheritable, effective, permitted)."""
-    try:
-        _prctl("PR_CAP_AMBIENT_CLEAR_ALL", PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
-    except _LockdownFailed:
-        pass  # a kernel without ambient capabilities
-    for cap in range(64):
-        if _libc.prctl(ctypes.c_ulong(PR_CAPBSET_DROP), ctypes.c_ulong(cap), ctypes.c_ulong(0),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
-            if ctypes.get_errno() == errno.EINVAL:
-                break  # past the last capability this kernel knows
-            raise _LockdownFailed(f"PR_CAPBSET_DROP {cap}: {os.strerror(ctypes.get_errno())}")
-    # capset(v3, this thread): every set empty (sandbox.set_caps, without importing sandbox.py)
-    hdr = struct.pack("Ii", 0x20080522, 0)
-    data = bytes(24)  # two struct __user_cap_data_struct {effective, permitted, inheritable}
-    if _libc.capset(hdr, data) != 0:
-        raise _LockdownFailed(f"capset: {os.strerror(ctypes.get_errno())}")
-
-
 def _lockdown(config, sock: socket.socket, ppid: int) -> str:
     """Lock the connector down (docs/lockdown.md); returns what it kept, for the parent's log.
     Raises _LockdownFailed (or OSError) when a step fails: the connector then exits.
@@ -368,8 +346,8 @@ def _lockdown(config, sock: socket.socket, ppid: int) -> str:
         except Exception as e:  # noqa: BLE001 - SandboxError, OSError: one line
             raise _LockdownFailed(f"empty root: {e}") from None
         done.append("root: an empty read-only tmpfs")
-    _drop_all_caps()
-    _prctl("PR_SET_NO_NEW_PRIVS", PR_SET_NO_NEW_PRIVS, 1)
+    from .caps import drop_caps
+    drop_caps(0, keep_bounding=0)  # every set empty, no_new_privs
     done.append("no capabilities, no_new_privs")
     if filt is not None:
         from . import seccomp

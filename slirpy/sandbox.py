@@ -27,7 +27,6 @@ All through ctypes on libc: no shelling out, nothing installed.
 from __future__ import annotations
 
 import ctypes
-import errno
 import importlib
 import logging
 import os
@@ -36,7 +35,9 @@ import platform
 import stat
 import sys
 
-from .errors import StartupError
+from .caps import CAP_NET_BIND_SERVICE, CAP_SYS_ADMIN, drop_caps, get_caps
+from .caps import check as _check
+from .errors import SandboxError
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +58,6 @@ AT_RECURSIVE = 0x8000
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 1, 2, 4, 8
 SYS_MOUNT_SETATTR = 442  # the same on every architecture (added after the syscall tables merged)
 
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-CAP_SYS_ADMIN = 21
-CAP_NET_BIND_SERVICE = 10
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217,
                   "i686": 217, "armv7l": 218}
 
@@ -78,27 +70,6 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
                         ctypes.c_void_p)
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
-_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                        ctypes.c_ulong)
-
-
-class SandboxError(StartupError):
-    """One line: what could not be done and why (the CLI prints it and exits 1)."""
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        e = ctypes.get_errno()
-        raise SandboxError(f"{what}: {os.strerror(e)}")
 
 
 def _b(path: str) -> bytes:
@@ -107,47 +78,6 @@ def _b(path: str) -> bytes:
 
 def _mount(src, dst, fstype, flags: int, data, what: str) -> None:
     _check(_libc.mount(src, dst, fstype, flags, data), what)
-
-
-# ------------------------------------------------------------------------------- capabilities
-def get_caps() -> tuple[int, int, int]:
-    """(effective, permitted, inheritable) as 64-bit masks."""
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(hdr), data), "capget")
-    eff, prm, inh = (getattr(data[0], f) | (getattr(data[1], f) << 32)
-                     for f in ("effective", "permitted", "inheritable"))
-    return eff, prm, inh
-
-
-def set_caps(effective: int, permitted: int, inheritable: int) -> None:
-    hdr = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    for i in (0, 1):
-        sh = 32 * i
-        data[i].effective = (effective >> sh) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> sh) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> sh) & 0xFFFFFFFF
-    _check(_libc.capset(ctypes.byref(hdr), data), "capset")
-
-
-def drop_caps(keep: int) -> None:
-    """Keep only the capabilities in mask `keep` (effective and permitted); empty the bounding,
-    ambient and inheritable sets; set no_new_privs."""
-    if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
-        e = ctypes.get_errno()
-        if e != errno.EINVAL:  # EINVAL: kernel without ambient capabilities
-            raise SandboxError(f"prctl(PR_CAP_AMBIENT_CLEAR_ALL): {os.strerror(e)}")
-    for cap in range(64):
-        if cap == CAP_NET_BIND_SERVICE:
-            continue
-        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            e = ctypes.get_errno()
-            if e == errno.EINVAL:  # past the last capability this kernel knows
-                break
-            raise SandboxError(f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(e)}")
-    set_caps(keep, keep, 0)
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 # ---------------------------------------------------------------------------------- imports

@@ -484,9 +484,11 @@ def test_sandbox_refused_is_one_error_line(tmp_path):
 
 def test_sandbox_imports_no_port_forwarding_and_no_trio():
     """launch's lockdown probe imports sandbox.py before ready: its StartupError comes from
-    slirpy.errors, not from the port forwarder (which imports trio)."""
+    slirpy.errors, not from the port forwarder (which imports trio); its capability calls from
+    slirpy.caps (shared with the splice connector), which imports nothing else."""
     r = subprocess.run([sys.executable, "-c", "import sys, slirpy.sandbox; print(sorted(m for m "
                         "in sys.modules if m.startswith('slirpy') or m == 'trio'))"],
                        capture_output=True, text=True, timeout=30,
                        env=dict(os.environ, PYTHONPATH=REPO))
-    assert r.stdout.strip() == "['slirpy', 'slirpy.errors', 'slirpy.sandbox']", r.stderr
+    assert r.stdout.strip() == "['slirpy', 'slirpy.caps', 'slirpy.errors', 'slirpy.sandbox']", \
+        r.stderr
